@@ -1,0 +1,54 @@
+"""The exception hierarchy of ledger-cluster.
+
+Lower-layer errors (lmdb, grpc, pysyncobj) are translated into these at the module boundary
+that owns the library, so callers catch one tree::
+
+    LedgerError
+    ├── InvalidIdError            a malformed account or transaction id
+    ├── ConfigError               a cluster config that is missing, unreadable or inconsistent
+    ├── StorageError              the LMDB environment failed
+    │   ├── StorageLayoutError    a data directory that belongs to other shard bounds
+    │   └── SnapshotError         a snapshot that cannot be written or read
+    │       └── SnapshotCorruptError   bad magic, truncated, or checksum mismatch
+    └── ReplicaBrokenError        state that must never happen; the process stops
+        └── InvariantViolationError  a balance invariant failed after an apply
+
+Domain outcomes (account not found, insufficient funds, ...) are never exceptions: the core
+returns them as data.
+"""
+
+
+class LedgerError(Exception):
+    """Root of every exception raised by ledger-cluster."""
+
+
+class InvalidIdError(LedgerError, ValueError):
+    """An account or transaction id that is not the fixed-width lowercase hex form."""
+
+
+class ConfigError(LedgerError):
+    """A cluster config that cannot be used."""
+
+
+class StorageError(LedgerError):
+    """The storage layer failed."""
+
+
+class StorageLayoutError(StorageError):
+    """A data directory opened with shard bounds other than the ones it was created with."""
+
+
+class SnapshotError(StorageError):
+    """A snapshot could not be written or restored."""
+
+
+class SnapshotCorruptError(SnapshotError):
+    """A snapshot file is truncated, has a bad header, or fails its checksum."""
+
+
+class ReplicaBrokenError(LedgerError):
+    """The replica reached a state that must never happen; it has to stop."""
+
+
+class InvariantViolationError(ReplicaBrokenError):
+    """A balance invariant did not hold after an apply or a restore."""

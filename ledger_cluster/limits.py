@@ -1,0 +1,9 @@
+"""Every bound of the public contract in one place (API.md); exceeding one is an explicit
+error, never a silent truncation (the one documented exception: page_size is clamped)."""
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+DESCRIPTION_BYTES_MAX = 1024
+REQUEST_ID_BYTES_MAX = 128
+PAGE_SIZE_DEFAULT = 100
+PAGE_SIZE_MAX = 1000

@@ -1,0 +1,17 @@
+"""The shard key of an account. Pinned by a golden test: if it changed, every stored account
+would belong to another shard."""
+
+import hashlib
+
+SHARD_KEY_MAX = 2**32 - 1
+
+
+def shard_key(account_id: int) -> int:
+    """First 4 bytes (big-endian) of sha256 of the account id as 8 big-endian bytes."""
+    digest = hashlib.sha256(account_id.to_bytes(8, "big")).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def shard_key_of_account_bytes(account_id_bytes: bytes) -> int:
+    digest = hashlib.sha256(account_id_bytes).digest()
+    return int.from_bytes(digest[:4], "big")

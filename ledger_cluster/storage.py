@@ -1,0 +1,384 @@
+"""LMDB storage of one replica, and the snapshot stream. The only module that imports lmdb.
+
+One environment per replica holds named tables. Only one thread writes (the replica's apply
+thread, or the standalone shard lock holder); any number of threads read. The map grows on
+MapFullError: the failed write transaction is aborted, the map doubled while no transaction of
+this process is open, and the whole write is run again (writes are deterministic functions of
+their input, so running one again is safe).
+
+Snapshot stream (format version 1; big-endian)::
+
+    header   magic "LEDGSNAP" | u16 format version | u32 shard lower bound
+             | u32 shard upper bound | u64 applied index | u64 record count
+    record   u8 table id | u16 key length | u32 value length | key | value   (record count times)
+    trailer  magic "LEDGEND!" | sha256 of every byte before the trailer
+
+Records carry no shard prefix, so a snapshot of one shard can be restored into another layout:
+restore keeps only the rows its caller accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+import lmdb
+
+from ledger_cluster.errors import SnapshotCorruptError, SnapshotError, StorageError
+
+T = TypeVar("T")
+
+INITIAL_MAP_SIZE_BYTES = 256 * 1024 * 1024
+MAP_SIZE_MAX_BYTES = 1024 * 1024 * 1024 * 1024
+MAP_GROWTH_ATTEMPTS_MAX = 12
+TABLES_MAX = 16
+READERS_MAX = 512
+DIRECTORY_MODE = 0o700
+
+SNAPSHOT_MAGIC = b"LEDGSNAP"
+SNAPSHOT_TRAILER_MAGIC = b"LEDGEND!"
+SNAPSHOT_FORMAT_VERSION = 1
+SNAPSHOT_BUFFER_BYTES = 1024 * 1024
+_HEADER = struct.Struct(">8sHIIQQ")
+_RECORD = struct.Struct(">BHI")
+_DIGEST_BYTES = 32
+KEY_BYTES_MAX = 511  # LMDB's compiled-in maximum key size
+
+
+@dataclass(frozen=True)
+class SnapshotHeader:
+    format_version: int
+    shard_lower_bound: int
+    shard_upper_bound: int
+    applied_index: int
+    record_count: int
+
+
+class ReadTransaction:
+    """A consistent view of every table at one moment."""
+
+    def __init__(self, transaction: lmdb.Transaction[bytes], tables: Mapping[str, lmdb._Database]):
+        self._transaction = transaction
+        self._tables = tables
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        return self._transaction.get(key, db=self._tables[table])
+
+    def scan(self, table: str, start_key: bytes, prefix: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` records whose key starts with `prefix`, from `start_key` on, in key order."""
+        records: list[tuple[bytes, bytes]] = []
+        with self._transaction.cursor(db=self._tables[table]) as cursor:
+            if not cursor.set_range(start_key):
+                return records
+            for key, value in cursor:
+                if not key.startswith(prefix) or len(records) >= limit:
+                    break
+                records.append((key, value))
+        return records
+
+    def iterate(self, table: str) -> Iterator[tuple[bytes, bytes]]:
+        with self._transaction.cursor(db=self._tables[table]) as cursor:
+            yield from cursor
+
+    def count(self, table: str) -> int:
+        return int(self._transaction.stat(self._tables[table])["entries"])
+
+
+class WriteTransaction(ReadTransaction):
+    def put(self, table: str, key: bytes, value: bytes) -> None:
+        self._transaction.put(key, value, db=self._tables[table])
+
+    def delete(self, table: str, key: bytes) -> None:
+        self._transaction.delete(key, db=self._tables[table])
+
+    def clear(self, table: str) -> None:
+        self._transaction.drop(self._tables[table], delete=False)
+
+
+class _ResizeGate:
+    """Lets transactions run concurrently but holds them all off while the map is resized,
+    because LMDB forbids set_mapsize while any transaction of the process is open."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._open_transactions = 0
+        self._resizing = False
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._condition:
+            while self._resizing:
+                self._condition.wait()
+            self._open_transactions += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._open_transactions -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._condition:
+            while self._resizing:
+                self._condition.wait()
+            self._resizing = True
+            while self._open_transactions:
+                self._condition.wait()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._resizing = False
+                self._condition.notify_all()
+
+
+class Storage:
+    """The LMDB environment of one replica under `directory`, with the given named tables."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        table_names: Sequence[str],
+        map_size_bytes: int = INITIAL_MAP_SIZE_BYTES,
+        sync: bool = True,
+    ) -> None:
+        if len(table_names) > TABLES_MAX:
+            raise StorageError(f"at most {TABLES_MAX} tables, got {len(table_names)}")
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        self._gate = _ResizeGate()
+        self._write_lock = threading.Lock()
+        try:
+            self._environment = lmdb.open(
+                str(self.directory),
+                map_size=map_size_bytes,
+                subdir=True,
+                max_dbs=TABLES_MAX,
+                max_readers=READERS_MAX,
+                # sync + metasync: a committed write survives power loss, not only kill -9.
+                sync=sync,
+                metasync=sync,
+                # Random access to a large map: read-ahead only wastes page cache.
+                readahead=False,
+                mode=DIRECTORY_MODE,
+                lock=True,
+            )
+            with self._environment.begin(write=True) as transaction:
+                self._tables = {
+                    name: self._environment.open_db(name.encode(), txn=transaction, create=True)
+                    for name in table_names
+                }
+        except lmdb.Error as error:
+            raise StorageError(f"cannot open LMDB environment in {self.directory}: {error}") from error
+
+    def close(self) -> None:
+        with self._gate.exclusive():
+            self._environment.close()
+
+    @property
+    def map_size_bytes(self) -> int:
+        return int(self._environment.info()["map_size"])
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[ReadTransaction]:
+        with self._gate.transaction(), self._environment.begin(write=False) as transaction:
+            yield ReadTransaction(transaction, self._tables)
+
+    def write(self, operation: Callable[[WriteTransaction], T], commit: bool = True) -> T:
+        """Run `operation` in one write transaction and commit it (or abort, with commit=False).
+
+        An exception from `operation` aborts the transaction and propagates."""
+        with self._write_lock:
+            for _ in range(MAP_GROWTH_ATTEMPTS_MAX):
+                try:
+                    return self._write_once(operation, commit)
+                except lmdb.MapFullError:
+                    self._grow_map()
+            raise StorageError(f"write still does not fit after {MAP_GROWTH_ATTEMPTS_MAX} map growths")
+
+    def _write_once(self, operation: Callable[[WriteTransaction], T], commit: bool) -> T:
+        with self._gate.transaction():
+            transaction = self._environment.begin(write=True)
+            try:
+                result = operation(WriteTransaction(transaction, self._tables))
+            except BaseException:
+                transaction.abort()
+                raise
+            try:
+                if commit:
+                    transaction.commit()
+                else:
+                    transaction.abort()
+            except lmdb.MapFullError:
+                raise
+            except lmdb.Error as error:
+                raise StorageError(f"commit failed in {self.directory}: {error}") from error
+            return result
+
+    def _grow_map(self) -> None:
+        with self._gate.exclusive():
+            new_size = self.map_size_bytes * 2
+            if new_size > MAP_SIZE_MAX_BYTES:
+                raise StorageError(f"map of {self.directory} would exceed {MAP_SIZE_MAX_BYTES} bytes")
+            self._environment.set_mapsize(new_size)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def write_snapshot(
+        self,
+        path: str | os.PathLike[str],
+        tables: Mapping[int, str],
+        header_of: Callable[[ReadTransaction, int], SnapshotHeader],
+    ) -> SnapshotHeader:
+        """Write every record of `tables` (id -> name) from one read transaction, then fsync and
+        atomically rename into place. `header_of(view, record_count)` supplies the header from
+        the same view, so the applied index matches the records exactly."""
+        target = Path(path)
+        temporary = target.with_name(target.name + ".partial")
+        with self.read() as view:
+            record_count = sum(view.count(name) for name in tables.values())
+            header = header_of(view, record_count)
+            try:
+                with open(temporary, "wb", buffering=SNAPSHOT_BUFFER_BYTES) as file:
+                    _write_stream(file, view, tables, header)
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as error:
+                temporary.unlink(missing_ok=True)
+                raise SnapshotError(f"cannot write snapshot {target}: {error}") from error
+        os.replace(temporary, target)
+        _fsync_directory(target.parent)
+        return header
+
+    def restore_snapshot(
+        self,
+        path: str | os.PathLike[str],
+        tables: Mapping[int, str],
+        keep: Callable[[str, bytes], bool],
+        finish: Callable[[WriteTransaction, SnapshotHeader], None],
+    ) -> SnapshotHeader:
+        """Replace the contents of `tables` with the snapshot's records that `keep` accepts, in
+        one write transaction. `finish` runs in the same transaction after the checksum was
+        verified (to set metadata, check invariants); if anything fails, nothing changes."""
+
+        def restore(transaction: WriteTransaction) -> SnapshotHeader:
+            for name in tables.values():
+                transaction.clear(name)
+            try:
+                with open(path, "rb", buffering=SNAPSHOT_BUFFER_BYTES) as file:
+                    header = _read_stream(file, tables, keep, transaction)
+            except OSError as error:
+                raise SnapshotError(f"cannot read snapshot {path}: {error}") from error
+            finish(transaction, header)
+            return header
+
+        return self.write(restore)
+
+
+def read_snapshot_header(path: str | os.PathLike[str]) -> SnapshotHeader:
+    """The header alone, without checking the records (restore checks everything)."""
+    try:
+        with open(path, "rb") as file:
+            return _parse_header(_read_exactly(file, _HEADER.size, "header"))
+    except OSError as error:
+        raise SnapshotError(f"cannot read snapshot {path}: {error}") from error
+
+
+class _HashingWriter:
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self._file.write(data)
+
+
+def _write_stream(
+    file: BinaryIO, view: ReadTransaction, tables: Mapping[int, str], header: SnapshotHeader
+) -> None:
+    writer = _HashingWriter(file)
+    writer.write(
+        _HEADER.pack(
+            SNAPSHOT_MAGIC,
+            header.format_version,
+            header.shard_lower_bound,
+            header.shard_upper_bound,
+            header.applied_index,
+            header.record_count,
+        )
+    )
+    written = 0
+    for table_id in sorted(tables):
+        for key, value in view.iterate(tables[table_id]):
+            writer.write(_RECORD.pack(table_id, len(key), len(value)))
+            writer.write(key)
+            writer.write(value)
+            written += 1
+    if written != header.record_count:
+        raise SnapshotError(f"wrote {written} records but the header says {header.record_count}")
+    file.write(SNAPSHOT_TRAILER_MAGIC + writer.digest.digest())
+
+
+def _read_exactly(file: BinaryIO, size: int, what: str) -> bytes:
+    data = file.read(size)
+    if len(data) != size:
+        raise SnapshotCorruptError(f"snapshot is truncated: {what} cut short")
+    return data
+
+
+def _parse_header(data: bytes) -> SnapshotHeader:
+    magic, version, lower, upper, applied_index, record_count = _HEADER.unpack(data)
+    if magic != SNAPSHOT_MAGIC:
+        raise SnapshotCorruptError("not a ledger-cluster snapshot (bad magic)")
+    if version != SNAPSHOT_FORMAT_VERSION:
+        raise SnapshotCorruptError(f"unsupported snapshot format version {version}")
+    return SnapshotHeader(version, lower, upper, applied_index, record_count)
+
+
+def _read_stream(
+    file: BinaryIO,
+    tables: Mapping[int, str],
+    keep: Callable[[str, bytes], bool],
+    transaction: WriteTransaction,
+) -> SnapshotHeader:
+    digest = hashlib.sha256()
+    header_bytes = _read_exactly(file, _HEADER.size, "header")
+    digest.update(header_bytes)
+    header = _parse_header(header_bytes)
+    for index in range(header.record_count):
+        record_header = _read_exactly(file, _RECORD.size, f"record {index}")
+        table_id, key_length, value_length = _RECORD.unpack(record_header)
+        if table_id not in tables or not 0 < key_length <= KEY_BYTES_MAX:
+            raise SnapshotCorruptError(f"record {index} has table {table_id}, key length {key_length}")
+        body = _read_exactly(file, key_length + value_length, f"record {index}")
+        digest.update(record_header)
+        digest.update(body)
+        key = body[:key_length]
+        table = tables[table_id]
+        if keep(table, key):
+            transaction.put(table, key, body[key_length:])
+    trailer = _read_exactly(file, len(SNAPSHOT_TRAILER_MAGIC) + _DIGEST_BYTES, "trailer")
+    if trailer[: len(SNAPSHOT_TRAILER_MAGIC)] != SNAPSHOT_TRAILER_MAGIC:
+        raise SnapshotCorruptError("snapshot trailer is missing or damaged")
+    if trailer[len(SNAPSHOT_TRAILER_MAGIC) :] != digest.digest():
+        raise SnapshotCorruptError("snapshot checksum mismatch")
+    if file.read(1):
+        raise SnapshotCorruptError("snapshot has bytes after its trailer")
+    return header
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
