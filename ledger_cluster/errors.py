@@ -10,8 +10,10 @@ that owns the library, so callers catch one tree::
     │   ├── StorageLayoutError    a data directory that belongs to other shard bounds
     │   └── SnapshotError         a snapshot that cannot be written or read
     │       └── SnapshotCorruptError   bad magic, truncated, or checksum mismatch
-    └── ReplicaBrokenError        state that must never happen; the process stops
-        └── InvariantViolationError  a balance invariant failed after an apply
+    ├── ReplicaBrokenError        state that must never happen; the process stops
+    │   └── InvariantViolationError  a balance invariant failed after an apply
+    ├── BackendUnavailableError   the owning shard cannot take the request now (retry)
+    └── BackendTimeoutError       the deadline passed before the shard took the request
 
 Domain outcomes (account not found, insufficient funds, ...) are never exceptions: the core
 returns them as data.
@@ -52,3 +54,12 @@ class ReplicaBrokenError(LedgerError):
 
 class InvariantViolationError(ReplicaBrokenError):
     """A balance invariant did not hold after an apply or a restore."""
+
+
+class BackendUnavailableError(LedgerError):
+    """The shard that owns a request cannot answer now (no leader, overloaded, shutting down).
+    Nothing was applied; the same request may be retried."""
+
+
+class BackendTimeoutError(LedgerError):
+    """The request's deadline passed before the shard accepted it. Nothing was applied."""

@@ -1,0 +1,1 @@
+"""Command-line entry points: ledger-standalone, ledger-node, ledger-gateway, ledger-dev."""

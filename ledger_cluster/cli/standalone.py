@@ -1,0 +1,77 @@
+"""ledger-standalone: the whole ledger in one process, no Raft (development, small installs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from ledger_cluster.cli.common import (
+    CONTEXT_SETTINGS,
+    config_option,
+    load_config,
+    log_level_option,
+    setup_logging,
+    version_option,
+)
+from ledger_cluster.errors import StorageError
+from ledger_cluster.gateway import StandaloneBackend
+from ledger_cluster.server import LedgerServer, run_until_signal
+
+logger = logging.getLogger("ledger_cluster.standalone")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="LEDGER_HOST",
+    help="Address to listen on (env LEDGER_HOST).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    envvar="LEDGER_PORT",
+    help="gRPC port; 0 picks a free one (env LEDGER_PORT).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default="./data/standalone",
+    show_default=True,
+    envvar="LEDGER_DATA_DIR",
+    help="Where the shards' LMDB files live (env LEDGER_DATA_DIR).",
+)
+@config_option
+@log_level_option
+@version_option("ledger-standalone")
+def main(host: str, port: int, data_dir: str, config_path: str, log_level: str) -> None:
+    """Serve ledger_cluster.api.v1.LedgerService from one process: every shard of the config,
+    one LMDB environment each, every write synced before it is acknowledged."""
+    setup_logging(log_level)
+    config = load_config(config_path)
+    try:
+        backend = StandaloneBackend(config, data_dir)
+    except StorageError as error:
+        raise click.ClickException(str(error)) from error
+    try:
+        server = LedgerServer(backend, f"{host}:{port}")
+    except (OSError, RuntimeError) as error:
+        backend.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {error}") from error
+    logger.info(
+        "serving LedgerService on %s:%d (standalone, %d shards, data in %s)",
+        host,
+        server.port,
+        len(config.shards),
+        Path(data_dir).resolve(),
+    )
+    run_until_signal(server)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+"""The public `LedgerService` and the `CoreApi` it stands on.
+
+The gateway is the edge: it validates every request (so the core sees only well-formed
+commands), stamps `now` and every new id before the first attempt (so retries re-send the same
+bytes), routes by account id, and turns domain outcomes into precise gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn, Protocol, TypeVar
+
+import grpc
+
+from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc
+from ledger_cluster.config import ClusterConfig
+from ledger_cluster.core import TABLE_NAMES, AccountsCore
+from ledger_cluster.errors import (
+    BackendTimeoutError,
+    BackendUnavailableError,
+    InvalidIdError,
+)
+from ledger_cluster.ids import (
+    TransactionId,
+    format_account_id,
+    format_transaction_id,
+    parse_account_id,
+    parse_transaction_id,
+)
+from ledger_cluster.limits import (
+    DESCRIPTION_BYTES_MAX,
+    PAGE_SIZE_DEFAULT,
+    PAGE_SIZE_MAX,
+    REQUEST_ID_BYTES_MAX,
+)
+from ledger_cluster.status import ApiError
+from ledger_cluster.storage import Storage
+
+logger = logging.getLogger(__name__)
+Response = TypeVar("Response")
+
+DEFAULT_TIMEOUT_SECONDS = 5.0
+# A random 64-bit id meets an existing one about once in 2**64 draws; a few attempts suffice,
+# and the bound keeps a broken id source from looping forever.
+ID_ATTEMPTS_MAX = 4
+PAGE_TOKEN_VERSION = 1
+_PAGE_TOKEN_MAC_BYTES = 8
+_PAGE_TOKEN_BYTES = 1 + 8 + 8 + _PAGE_TOKEN_MAC_BYTES
+_PAGE_TOKEN_CONTEXT = b"ledger-cluster/page-token/v1"
+_ACCOUNT_REQUEST_CONTEXT = b"ledger-cluster/account-request-id/v1"
+EXIT_CODE_REPLICA_BROKEN = 70
+
+
+class CoreApi(Protocol):
+    """The layer below the gateway: one shard's core, reached by account id."""
+
+    def update(self, account_id: int, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
+        """Apply `command` on the shard owning `account_id`. Raises BackendUnavailableError
+        or BackendTimeoutError when the outcome is known to be "not applied"."""
+        ...
+
+    def read(
+        self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, timeout_seconds: float
+    ) -> core_pb2.ReadResult: ...
+
+    def is_ready(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def stop_broken_process(error: BaseException) -> NoReturn:
+    """DESIGN §2 rule 2: an exception inside apply means the replica is broken. Stop at once,
+    without running more requests against state we no longer trust."""
+    logger.critical("replica broken, stopping the process: %r", error, exc_info=error)
+    logging.shutdown()
+    os._exit(EXIT_CODE_REPLICA_BROKEN)
+
+
+class _StandaloneShard:
+    def __init__(self, core: AccountsCore, storage: Storage) -> None:
+        self.core = core
+        self.storage = storage
+        # One writer per shard: the lock orders applies and hands out log indices.
+        self.lock = threading.Lock()
+        self.next_index = core.applied_index() + 1
+
+
+class StandaloneBackend:
+    """Every shard of a config in this process: one LMDB environment and one lock per shard,
+    no Raft. Each update is one synced LMDB write transaction, so an acknowledged write
+    survives kill -9 (and power loss)."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        data_dir: str | os.PathLike[str],
+        on_broken: Callable[[BaseException], NoReturn] = stop_broken_process,
+    ) -> None:
+        self._config = config
+        self._on_broken = on_broken
+        replicas_dir = Path(data_dir) / "replicas"
+        self._shards: dict[str, _StandaloneShard] = {}
+        try:
+            for shard in config.shards:
+                storage = Storage(replicas_dir / shard.shard_id, TABLE_NAMES)
+                core = AccountsCore(storage, shard.lower_bound, shard.upper_bound)
+                self._shards[shard.shard_id] = _StandaloneShard(core, storage)
+        except BaseException:
+            self.close()
+            raise
+        self._closed = False
+
+    def _shard_of(self, account_id: int) -> _StandaloneShard:
+        return self._shards[self._config.shard_for_account(account_id).shard_id]
+
+    def update(self, account_id: int, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
+        shard = self._shard_of(account_id)
+        if not shard.lock.acquire(timeout=max(timeout_seconds, 0.0)):
+            raise BackendTimeoutError("shard busy past the request deadline; nothing applied")
+        try:
+            if self._closed:
+                raise BackendUnavailableError("server is shutting down; nothing applied")
+            try:
+                result = shard.core.apply(command, shard.next_index)
+            except Exception as error:  # any exception from apply: the replica is broken
+                self._on_broken(error)
+            shard.next_index += 1
+            return result
+        finally:
+            shard.lock.release()
+
+    def read(
+        self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, timeout_seconds: float
+    ) -> core_pb2.ReadResult:
+        # One process, synced commits before acknowledgement: every read is linearizable,
+        # so `consistent` needs no extra step here.
+        return self._shard_of(account_id).core.read(query)
+
+    def is_ready(self) -> bool:
+        return not self._closed
+
+    def close(self) -> None:
+        self._closed = True
+        for shard in self._shards.values():
+            with shard.lock:
+                shard.storage.close()
+        self._shards.clear()
+
+    def cores(self) -> dict[str, AccountsCore]:
+        return {shard_id: shard.core for shard_id, shard in self._shards.items()}
+
+
+# -- request validation ------------------------------------------------------------------------
+
+
+def _invalid(reason: str, message: str, **metadata: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, metadata)
+
+
+def _parse_account_id(text: str) -> int:
+    try:
+        return parse_account_id(text)
+    except InvalidIdError as error:
+        raise _invalid("INVALID_ACCOUNT_ID", str(error), account_id=text[:64]) from None
+
+
+def _parse_transaction_id(text: str) -> TransactionId:
+    try:
+        return parse_transaction_id(text)
+    except InvalidIdError as error:
+        raise _invalid("INVALID_TRANSACTION_ID", str(error), transaction_id=text[:64]) from None
+
+
+def _check_request_id(request_id: str) -> None:
+    size = len(request_id.encode())
+    if size > REQUEST_ID_BYTES_MAX:
+        raise _invalid(
+            "REQUEST_ID_TOO_LONG",
+            f"request_id is {size} UTF-8 bytes; at most {REQUEST_ID_BYTES_MAX}",
+        )
+
+
+def _check_create_transaction(request: ledger_pb2.CreateTransactionRequest) -> None:
+    if request.amount == 0:
+        raise _invalid("INVALID_AMOUNT", "amount must not be zero: > 0 is a top-up, < 0 a purchase")
+    size = len(request.description.encode())
+    if size > DESCRIPTION_BYTES_MAX:
+        raise _invalid(
+            "DESCRIPTION_TOO_LONG",
+            f"description is {size} UTF-8 bytes; at most {DESCRIPTION_BYTES_MAX}",
+        )
+    _check_request_id(request.request_id)
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise _invalid("INVALID_PAGE_SIZE", f"page_size must not be negative, got {requested}")
+    if requested == 0:
+        return PAGE_SIZE_DEFAULT
+    return min(requested, PAGE_SIZE_MAX)
+
+
+def _page_token_mac(body: bytes) -> bytes:
+    return hashlib.sha256(_PAGE_TOKEN_CONTEXT + body).digest()[:_PAGE_TOKEN_MAC_BYTES]
+
+
+def encode_page_token(account_id: int, sequence: int) -> str:
+    body = bytes([PAGE_TOKEN_VERSION]) + account_id.to_bytes(8, "big") + sequence.to_bytes(8, "big")
+    return base64.urlsafe_b64encode(body + _page_token_mac(body)).decode().rstrip("=")
+
+
+def decode_page_token(token: str, account_id: int) -> int:
+    """The start sequence a token encodes, if it was issued for this account's listing."""
+    bad = _invalid("INVALID_PAGE_TOKEN", "page_token was not issued for this account's listing")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (ValueError, TypeError):
+        raise bad from None
+    if len(raw) != _PAGE_TOKEN_BYTES or raw[0] != PAGE_TOKEN_VERSION:
+        raise bad
+    body, mac = raw[:-_PAGE_TOKEN_MAC_BYTES], raw[-_PAGE_TOKEN_MAC_BYTES:]
+    if mac != _page_token_mac(body) or int.from_bytes(body[1:9], "big") != account_id:
+        raise bad
+    return int.from_bytes(body[9:17], "big")
+
+
+def account_id_for_request(request_id: str) -> int:
+    """A CreateAccount request_id is global: deriving the account id from it sends every
+    repeat to the same shard, where the account itself remembers the request_id."""
+    digest = hashlib.sha256(_ACCOUNT_REQUEST_CONTEXT + request_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+# -- outcomes to statuses ----------------------------------------------------------------------
+
+_OUTCOME_STATUS: dict[int, tuple[grpc.StatusCode, str]] = {
+    core_pb2.OUTCOME_ACCOUNT_NOT_FOUND: (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+    core_pb2.OUTCOME_TRANSACTION_NOT_FOUND: (grpc.StatusCode.NOT_FOUND, "TRANSACTION_NOT_FOUND"),
+    core_pb2.OUTCOME_TRANSACTION_NOT_PENDING: (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "TRANSACTION_NOT_PENDING",
+    ),
+    core_pb2.OUTCOME_REQUEST_ID_REUSED: (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"),
+    core_pb2.OUTCOME_BALANCE_OVERFLOW: (grpc.StatusCode.OUT_OF_RANGE, "BALANCE_OVERFLOW"),
+    core_pb2.OUTCOME_INVALID_PAGE_TOKEN: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN"),
+    core_pb2.OUTCOME_INVALID_COMMAND: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_COMMAND"),
+    core_pb2.OUTCOME_ACCOUNT_ID_COLLISION: (grpc.StatusCode.ABORTED, "ID_COLLISION"),
+    core_pb2.OUTCOME_TRANSACTION_ID_COLLISION: (grpc.StatusCode.ABORTED, "ID_COLLISION"),
+    core_pb2.OUTCOME_SHARD_MISMATCH: (grpc.StatusCode.UNAVAILABLE, "SHARD_MISMATCH"),
+}
+
+
+def _raise_for_outcome(outcome: core_pb2.Outcome.ValueType, message: str, **metadata: str) -> None:
+    if outcome == core_pb2.OUTCOME_OK:
+        return
+    code, reason = _OUTCOME_STATUS.get(outcome, (grpc.StatusCode.INTERNAL, "INTERNAL"))
+    raise ApiError(code, reason, message, metadata)
+
+
+def _envelope(kind: core_pb2.CommandType.ValueType, now: int, payload: bytes) -> bytes:
+    return core_pb2.CommandEnvelope(type=kind, now=now, payload=payload).SerializeToString()
+
+
+class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
+    """`ledger_cluster.api.v1.LedgerService` over a CoreApi."""
+
+    def __init__(
+        self,
+        backend: CoreApi,
+        clock_ns: Callable[[], int] = time.time_ns,
+        new_id: Callable[[], int] = lambda: secrets.randbits(64),
+    ) -> None:
+        self._backend = backend
+        self._clock_ns = clock_ns
+        self._new_id = new_id
+
+    # -- plumbing --
+
+    @staticmethod
+    def _timeout_seconds(context: grpc.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return DEFAULT_TIMEOUT_SECONDS if remaining is None else min(remaining, 3600.0)
+
+    def _update(
+        self, account_id: int, command: bytes, context: grpc.ServicerContext
+    ) -> core_pb2.CommandResult:
+        try:
+            return self._backend.update(account_id, command, self._timeout_seconds(context))
+        except BackendUnavailableError as error:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "SHARD_UNAVAILABLE", str(error)) from None
+        except BackendTimeoutError as error:
+            raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", str(error)) from None
+
+    def _read(
+        self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, context: grpc.ServicerContext
+    ) -> core_pb2.ReadResult:
+        try:
+            return self._backend.read(account_id, query, consistent, self._timeout_seconds(context))
+        except BackendUnavailableError as error:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "SHARD_UNAVAILABLE", str(error)) from None
+        except BackendTimeoutError as error:
+            raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", str(error)) from None
+
+    # -- rpcs --
+
+    def CreateAccount(
+        self, request: ledger_pb2.CreateAccountRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.CreateAccountResponse:
+        return _serve(context, lambda: self._create_account(request, context))
+
+    def _create_account(
+        self, request: ledger_pb2.CreateAccountRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.CreateAccountResponse:
+        _check_request_id(request.request_id)
+        now = self._clock_ns()
+        for _ in range(ID_ATTEMPTS_MAX):
+            account_id = account_id_for_request(request.request_id) if request.request_id else self._new_id()
+            payload = core_pb2.CreateAccountCommand(account_id=account_id, request_id=request.request_id)
+            command = _envelope(core_pb2.COMMAND_TYPE_CREATE_ACCOUNT, now, payload.SerializeToString())
+            result = self._update(account_id, command, context)
+            if result.outcome != core_pb2.OUTCOME_ACCOUNT_ID_COLLISION or request.request_id:
+                break
+        _raise_for_outcome(result.outcome, result.message)
+        return ledger_pb2.CreateAccountResponse(account=result.account)
+
+    def GetAccount(
+        self, request: ledger_pb2.GetAccountRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.GetAccountResponse:
+        def run() -> ledger_pb2.GetAccountResponse:
+            account_id = _parse_account_id(request.account_id)
+            query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id))
+            result = self._read(account_id, query, request.consistent, context)
+            _raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
+            return ledger_pb2.GetAccountResponse(account=result.account)
+
+        return _serve(context, run)
+
+    def CreateTransaction(
+        self, request: ledger_pb2.CreateTransactionRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.CreateTransactionResponse:
+        return _serve(context, lambda: self._create_transaction(request, context))
+
+    def _create_transaction(
+        self, request: ledger_pb2.CreateTransactionRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.CreateTransactionResponse:
+        account_id = _parse_account_id(request.account_id)
+        _check_create_transaction(request)
+        now = self._clock_ns()
+        for _ in range(ID_ATTEMPTS_MAX):
+            payload = core_pb2.CreateTransactionCommand(
+                account_id=account_id,
+                transaction_number=self._new_id(),
+                amount=request.amount,
+                description=request.description,
+                settled=request.settled,
+                request_id=request.request_id,
+            )
+            command = _envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSACTION, now, payload.SerializeToString())
+            result = self._update(account_id, command, context)
+            if result.outcome != core_pb2.OUTCOME_TRANSACTION_ID_COLLISION:
+                break
+        _raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
+        return ledger_pb2.CreateTransactionResponse(transaction=result.transaction)
+
+    def GetTransaction(
+        self, request: ledger_pb2.GetTransactionRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.GetTransactionResponse:
+        def run() -> ledger_pb2.GetTransactionResponse:
+            wanted = _parse_transaction_id(request.transaction_id)
+            query = core_pb2.ReadQuery(
+                get_transaction=core_pb2.GetTransactionQuery(
+                    account_id=wanted.account_id, transaction_number=wanted.transaction_number
+                )
+            )
+            result = self._read(wanted.account_id, query, request.consistent, context)
+            _raise_for_outcome(result.outcome, result.message, transaction_id=request.transaction_id)
+            return ledger_pb2.GetTransactionResponse(transaction=result.transaction)
+
+        return _serve(context, run)
+
+    def ListTransactions(
+        self, request: ledger_pb2.ListTransactionsRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.ListTransactionsResponse:
+        def run() -> ledger_pb2.ListTransactionsResponse:
+            account_id = _parse_account_id(request.account_id)
+            page_size = _page_size(request.page_size)
+            start = decode_page_token(request.page_token, account_id) if request.page_token else 0
+            query = core_pb2.ReadQuery(
+                list_transactions=core_pb2.ListTransactionsQuery(
+                    account_id=account_id, start_sequence=start, limit=page_size
+                )
+            )
+            result = self._read(account_id, query, request.consistent, context)
+            _raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
+            token = encode_page_token(account_id, result.next_sequence) if result.next_sequence else ""
+            return ledger_pb2.ListTransactionsResponse(
+                transactions=result.transactions, next_page_token=token
+            )
+
+        return _serve(context, run)
+
+    def SettleTransaction(
+        self, request: ledger_pb2.SettleTransactionRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.SettleTransactionResponse:
+        def run() -> ledger_pb2.SettleTransactionResponse:
+            transaction = self._finish(
+                request.transaction_id, core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION, context
+            )
+            return ledger_pb2.SettleTransactionResponse(transaction=transaction)
+
+        return _serve(context, run)
+
+    def CancelTransaction(
+        self, request: ledger_pb2.CancelTransactionRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.CancelTransactionResponse:
+        def run() -> ledger_pb2.CancelTransactionResponse:
+            transaction = self._finish(
+                request.transaction_id, core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION, context
+            )
+            return ledger_pb2.CancelTransactionResponse(transaction=transaction)
+
+        return _serve(context, run)
+
+    def _finish(
+        self, transaction_id: str, kind: core_pb2.CommandType.ValueType, context: grpc.ServicerContext
+    ) -> ledger_pb2.Transaction:
+        wanted = _parse_transaction_id(transaction_id)
+        # Settle and cancel carry the same fields; one message shape serves both.
+        payload_type = (
+            core_pb2.SettleTransactionCommand
+            if kind == core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION
+            else core_pb2.CancelTransactionCommand
+        )
+        payload = payload_type(account_id=wanted.account_id, transaction_number=wanted.transaction_number)
+        command = _envelope(kind, self._clock_ns(), payload.SerializeToString())
+        result = self._update(wanted.account_id, command, context)
+        _raise_for_outcome(result.outcome, result.message, transaction_id=transaction_id)
+        return result.transaction
+
+
+def _serve(context: grpc.ServicerContext, handler: Callable[[], Response]) -> Response:
+    try:
+        return handler()
+    except ApiError as error:
+        context.abort_with_status(error.to_grpc_status())
+        raise  # abort_with_status always raises; this line only satisfies the type checker
+
+
+__all__ = [
+    "CoreApi",
+    "LedgerGateway",
+    "StandaloneBackend",
+    "account_id_for_request",
+    "decode_page_token",
+    "encode_page_token",
+    "format_account_id",
+    "format_transaction_id",
+]
