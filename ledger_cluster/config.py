@@ -266,7 +266,9 @@ def generate(
     grpc_port_base: int = DEFAULT_NODE_GRPC_PORT_BASE,
     raft_port_base: int = DEFAULT_RAFT_PORT_BASE,
 ) -> ClusterConfig:
-    """Equal key ranges; replica j of shard i on node (i + j) mod N spreads leaders and load."""
+    """Equal key ranges; each shard's replicas go to the least-loaded nodes, ties broken by
+    rotating from node i for shard i, so every node holds the same number of replicas (+-1)
+    and the first replica of each shard (the likely first leader) rotates too."""
     _require(1 <= replica_count <= node_count, "replicas must be between 1 and the node count")
     nodes = tuple(
         NodeConfig(
@@ -277,11 +279,16 @@ def generate(
         for index in range(node_count)
     )
     key_space = SHARD_KEY_MAX + 1
+    replica_load = [0] * node_count
     shards = []
     for shard_index in range(shard_count):
+        chosen = sorted(
+            range(node_count),
+            key=lambda node_index: (replica_load[node_index], (node_index - shard_index) % node_count),
+        )[:replica_count]
         replicas = []
-        for replica_index in range(replica_count):
-            node_index = (shard_index + replica_index) % node_count
+        for node_index in chosen:
+            replica_load[node_index] += 1
             replicas.append(
                 ReplicaConfig(
                     node_id=nodes[node_index].node_id,

@@ -1,0 +1,144 @@
+"""Snapshot stream: round trip, replace semantics, bounds filtering, corruption rejected."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ledger_cluster.core import SNAPSHOT_TABLES
+from ledger_cluster.errors import SnapshotCorruptError
+from ledger_cluster.sharding import shard_key
+from ledger_cluster.storage import read_snapshot_header
+from tests.core_ledger import Ledger
+
+ACCOUNTS = [0x10 + index for index in range(12)]
+
+
+def all_records(ledger: Ledger) -> dict[str, list[tuple[bytes, bytes]]]:
+    with ledger.storage.read() as view:
+        return {name: list(view.iterate(name)) for name in SNAPSHOT_TABLES.values()}
+
+
+def populate(ledger: Ledger) -> None:
+    now = 1_000
+    for account in ACCOUNTS:
+        now += 1
+        ledger.create_account(now=now, account_id=account)
+        ledger.create(now=now, number=1, amount=500, settled=True, account_id=account, request_id="seed")
+        ledger.create(now=now, number=2, amount=-70, settled=False, account_id=account)
+        ledger.create(now=now, number=3, amount=30, settled=False, account_id=account, description="é" * 100)
+        ledger.create(now=now, number=4, amount=-9_999, settled=True, account_id=account)
+        ledger.settle(now=now + 1, number=2, account_id=account)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    ledger = Ledger(tmp_path / "source")
+    populate(ledger)
+    yield ledger
+    ledger.storage.close()
+
+
+def test_round_trip_restores_every_table(ledger: Ledger, tmp_path: Path) -> None:
+    snapshot = tmp_path / "shard.snapshot"
+    records_before = all_records(ledger)
+    digest_before = ledger.core.state_digest()
+    header = ledger.core.write_snapshot(snapshot)
+    assert header.applied_index == len(ledger.log)
+    assert header.record_count == sum(len(rows) for rows in records_before.values())
+    assert read_snapshot_header(snapshot) == header
+
+    # Mutate after the snapshot: new rows, changed rows.
+    ledger.cancel(now=5_000, number=3, account_id=ACCOUNTS[0])
+    ledger.create_account(now=5_001, account_id=0xFFFF)
+    assert ledger.core.state_digest() != digest_before
+
+    restored = ledger.core.restore_snapshot(snapshot)
+    assert restored == header
+    assert all_records(ledger) == records_before
+    assert ledger.core.state_digest() == digest_before
+    assert ledger.core.applied_index() == header.applied_index
+    assert ledger.core.verify() == []
+
+
+def test_restore_into_a_fresh_replica(ledger: Ledger, tmp_path: Path) -> None:
+    snapshot = tmp_path / "shard.snapshot"
+    ledger.core.write_snapshot(snapshot)
+    fresh = Ledger(tmp_path / "fresh")
+    try:
+        fresh.core.restore_snapshot(snapshot)
+        assert fresh.core.state_digest() == ledger.core.state_digest()
+        assert all_records(fresh) == all_records(ledger)
+    finally:
+        fresh.storage.close()
+
+
+def test_restore_keeps_only_rows_inside_the_shard_bounds(ledger: Ledger, tmp_path: Path) -> None:
+    snapshot = tmp_path / "shard.snapshot"
+    ledger.core.write_snapshot(snapshot)
+    middle = 2**31
+    lower = Ledger(tmp_path / "lower-half", bounds=(0, middle - 1))
+    try:
+        core = lower.core
+        core.restore_snapshot(snapshot, applied_index=lambda header: 0)
+        kept_accounts = {int.from_bytes(key, "big") for key, _ in all_records(lower)["accounts"]}
+        expected = {account for account in ACCOUNTS if shard_key(account) < middle}
+        assert kept_accounts == expected
+        assert 0 < len(expected) < len(ACCOUNTS)
+        for rows in all_records(lower).values():
+            assert all(shard_key(int.from_bytes(key[:8], "big")) < middle for key, _ in rows)
+        assert core.applied_index() == 0
+        assert core.verify() == []
+    finally:
+        lower.storage.close()
+
+
+def corrupt_copies(snapshot: Path, directory: Path) -> Iterator[tuple[str, Path]]:
+    data = snapshot.read_bytes()
+    cases = {
+        "flipped byte in a record": len(data) // 2,
+        "flipped byte in the header": 20,
+        "flipped byte in the checksum": len(data) - 1,
+        "flipped magic": 0,
+    }
+    for name, offset in cases.items():
+        damaged = bytearray(data)
+        damaged[offset] ^= 0x01
+        path = directory / name.replace(" ", "-")
+        path.write_bytes(bytes(damaged))
+        yield name, path
+    for name, length in {"cut short": len(data) - 7, "cut to header": 30, "empty": 0}.items():
+        path = directory / name.replace(" ", "-")
+        path.write_bytes(data[:length])
+        yield name, path
+    path = directory / "trailing-bytes"
+    path.write_bytes(data + b"\x00")
+    yield "trailing bytes", path
+
+
+def test_corrupt_or_truncated_snapshots_are_rejected_and_change_nothing(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    snapshot = tmp_path / "shard.snapshot"
+    ledger.core.write_snapshot(snapshot)
+    ledger.create_account(now=9_000, account_id=0xABCDEF)  # state now differs from the snapshot
+    state_before = ledger.core.state_digest()
+    damaged_directory = tmp_path / "damaged"
+    damaged_directory.mkdir()
+    rejected = []
+    for name, path in corrupt_copies(snapshot, damaged_directory):
+        with pytest.raises(SnapshotCorruptError):
+            ledger.core.restore_snapshot(path)
+        assert ledger.core.state_digest() == state_before, name
+        rejected.append(name)
+    assert len(rejected) == 8
+    ledger.core.restore_snapshot(snapshot)  # the undamaged one still restores
+    assert ledger.core.verify() == []
+
+
+def test_snapshot_write_is_atomic(ledger: Ledger, tmp_path: Path) -> None:
+    snapshot = tmp_path / "shard.snapshot"
+    ledger.core.write_snapshot(snapshot)
+    assert sorted(path.name for path in tmp_path.iterdir() if path.is_file()) == ["shard.snapshot"]
