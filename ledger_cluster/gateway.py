@@ -42,7 +42,7 @@ from ledger_cluster.limits import (
     REQUEST_ID_BYTES_MAX,
 )
 from ledger_cluster.status import ApiError
-from ledger_cluster.storage import Storage
+from ledger_cluster.storage import Storage, make_private_directory
 
 logger = logging.getLogger(__name__)
 Response = TypeVar("Response")
@@ -106,6 +106,7 @@ class StandaloneBackend:
     ) -> None:
         self._config = config
         self._on_broken = on_broken
+        make_private_directory(Path(data_dir))
         replicas_dir = Path(data_dir) / "replicas"
         self._shards: dict[str, _StandaloneShard] = {}
         try:
@@ -153,9 +154,6 @@ class StandaloneBackend:
             with shard.lock:
                 shard.storage.close()
         self._shards.clear()
-
-    def cores(self) -> dict[str, AccountsCore]:
-        return {shard_id: shard.core for shard_id, shard in self._shards.items()}
 
 
 # -- request validation ------------------------------------------------------------------------

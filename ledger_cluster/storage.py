@@ -41,6 +41,7 @@ MAP_GROWTH_ATTEMPTS_MAX = 12
 TABLES_MAX = 16
 READERS_MAX = 512
 DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
 
 SNAPSHOT_MAGIC = b"LEDGSNAP"
 SNAPSHOT_TRAILER_MAGIC = b"LEDGEND!"
@@ -153,7 +154,7 @@ class Storage:
         if len(table_names) > TABLES_MAX:
             raise StorageError(f"at most {TABLES_MAX} tables, got {len(table_names)}")
         self.directory = Path(directory)
-        self.directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        make_private_directory(self.directory)
         self._gate = _ResizeGate()
         self._write_lock = threading.Lock()
         try:
@@ -168,7 +169,7 @@ class Storage:
                 metasync=sync,
                 # Random access to a large map: read-ahead only wastes page cache.
                 readahead=False,
-                mode=DIRECTORY_MODE,
+                mode=FILE_MODE,
                 lock=True,
             )
             with self._environment.begin(write=True) as transaction:
@@ -281,6 +282,18 @@ class Storage:
             return header
 
         return self.write(restore)
+
+
+def make_private_directory(directory: Path) -> None:
+    """Create `directory` and any missing parents readable by this user only: ledger data
+    (balances, descriptions) is nobody else's business."""
+    missing = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        path.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
 
 
 def read_snapshot_header(path: str | os.PathLike[str]) -> SnapshotHeader:
