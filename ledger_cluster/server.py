@@ -68,8 +68,9 @@ class LedgerServer:
         self.backend.close()
 
 
-def run_until_signal(server: LedgerServer) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+def install_stop_signals() -> threading.Event:
+    """Turn SIGTERM and SIGINT into an event. Installed first thing at start-up, so a signal
+    that arrives while the process is still starting stops it cleanly too."""
     stop_requested = threading.Event()
 
     def request_stop(signal_number: int, frame: FrameType | None) -> None:
@@ -78,6 +79,11 @@ def run_until_signal(server: LedgerServer) -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    return stop_requested
+
+
+def run_until(server: LedgerServer, stop_requested: threading.Event) -> None:
+    """Serve until `stop_requested` is set, then stop gracefully."""
     server.start()
     stop_requested.wait()
     server.stop()

@@ -17,7 +17,7 @@ from ledger_cluster.cli.common import (
 )
 from ledger_cluster.errors import StorageError
 from ledger_cluster.gateway import StandaloneBackend
-from ledger_cluster.server import LedgerServer, run_until_signal
+from ledger_cluster.server import LedgerServer, install_stop_signals, run_until
 
 logger = logging.getLogger("ledger_cluster.standalone")
 
@@ -52,6 +52,7 @@ logger = logging.getLogger("ledger_cluster.standalone")
 def main(host: str, port: int, data_dir: str, config_path: str, log_level: str) -> None:
     """Serve ledger_cluster.api.v1.LedgerService from one process: every shard of the config,
     one LMDB environment each, every write synced before it is acknowledged."""
+    stop_requested = install_stop_signals()
     setup_logging(log_level)
     config = load_config(config_path)
     try:
@@ -70,7 +71,7 @@ def main(host: str, port: int, data_dir: str, config_path: str, log_level: str) 
         len(config.shards),
         Path(data_dir).resolve(),
     )
-    run_until_signal(server)
+    run_until(server, stop_requested)
 
 
 if __name__ == "__main__":
