@@ -8,13 +8,14 @@ bytes), routes by account id, and turns domain outcomes into precise gRPC status
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
 
@@ -263,6 +264,17 @@ def _raise_for_outcome(outcome: core_pb2.Outcome.ValueType, message: str, **meta
     raise ApiError(code, reason, message, metadata)
 
 
+@contextlib.contextmanager
+def _backend_errors() -> Iterator[None]:
+    """Both mean "not applied, try again": UNAVAILABLE and DEADLINE_EXCEEDED say so to clients."""
+    try:
+        yield
+    except BackendUnavailableError as error:
+        raise ApiError(grpc.StatusCode.UNAVAILABLE, "SHARD_UNAVAILABLE", str(error)) from None
+    except BackendTimeoutError as error:
+        raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", str(error)) from None
+
+
 def _envelope(kind: core_pb2.CommandType.ValueType, now: int, payload: bytes) -> bytes:
     return core_pb2.CommandEnvelope(type=kind, now=now, payload=payload).SerializeToString()
 
@@ -290,22 +302,14 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
     def _update(
         self, account_id: int, command: bytes, context: grpc.ServicerContext
     ) -> core_pb2.CommandResult:
-        try:
+        with _backend_errors():
             return self._backend.update(account_id, command, self._timeout_seconds(context))
-        except BackendUnavailableError as error:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, "SHARD_UNAVAILABLE", str(error)) from None
-        except BackendTimeoutError as error:
-            raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", str(error)) from None
 
     def _read(
         self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, context: grpc.ServicerContext
     ) -> core_pb2.ReadResult:
-        try:
+        with _backend_errors():
             return self._backend.read(account_id, query, consistent, self._timeout_seconds(context))
-        except BackendUnavailableError as error:
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, "SHARD_UNAVAILABLE", str(error)) from None
-        except BackendTimeoutError as error:
-            raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", str(error)) from None
 
     # -- rpcs --
 
