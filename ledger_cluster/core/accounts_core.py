@@ -560,7 +560,11 @@ class AccountsCore:
 
         An entry at or below the stored applied index was applied before (PySyncObj replays its
         journal after every restart): it is evaluated against the current state and rolled
-        back, which returns what a repeat of it returns, and changes nothing."""
+        back, so it changes nothing and answers what a repeat of it answers now. That answer is
+        the original one for every entry that stored something (ids make repeats return the
+        stored object); an entry that originally failed without storing anything may answer
+        differently. No caller waits on a replayed entry, and keeping every entry's result
+        instead would grow without bound."""
         if log_index <= 0:
             raise ReplicaBrokenError(f"log index must be positive, got {log_index}")
         already_applied = log_index <= self.applied_index()
