@@ -10,6 +10,8 @@ Snapshot stream (format version 1; big-endian)::
 
     header   magic "LEDGSNAP" | u16 format version | u32 shard lower bound
              | u32 shard upper bound | u64 applied index | u64 record count
+             | u32 metadata length | metadata (opaque to storage: the replica keeps its Raft
+             position there)
     record   u8 table id | u16 key length | u32 value length | key | value   (record count times)
     trailer  magic "LEDGEND!" | sha256 of every byte before the trailer
 
@@ -47,7 +49,8 @@ SNAPSHOT_MAGIC = b"LEDGSNAP"
 SNAPSHOT_TRAILER_MAGIC = b"LEDGEND!"
 SNAPSHOT_FORMAT_VERSION = 1
 SNAPSHOT_BUFFER_BYTES = 1024 * 1024
-_HEADER = struct.Struct(">8sHIIQQ")
+_HEADER = struct.Struct(">8sHIIQQI")
+METADATA_BYTES_MAX = 1024 * 1024
 _RECORD = struct.Struct(">BHI")
 _DIGEST_BYTES = 32
 KEY_BYTES_MAX = 511  # LMDB's compiled-in maximum key size
@@ -60,6 +63,7 @@ class SnapshotHeader:
     shard_upper_bound: int
     applied_index: int
     record_count: int
+    metadata: bytes = b""
 
 
 class ReadTransaction:
@@ -300,7 +304,7 @@ def read_snapshot_header(path: str | os.PathLike[str]) -> SnapshotHeader:
     """The header alone, without checking the records (restore checks everything)."""
     try:
         with open(path, "rb") as file:
-            return _parse_header(_read_exactly(file, _HEADER.size, "header"))
+            return _read_header(file, hashlib.sha256())
     except OSError as error:
         raise SnapshotError(f"cannot read snapshot {path}: {error}") from error
 
@@ -327,7 +331,9 @@ def _write_stream(
             header.shard_upper_bound,
             header.applied_index,
             header.record_count,
+            len(header.metadata),
         )
+        + header.metadata
     )
     written = 0
     for table_id in sorted(tables):
@@ -348,13 +354,19 @@ def _read_exactly(file: BinaryIO, size: int, what: str) -> bytes:
     return data
 
 
-def _parse_header(data: bytes) -> SnapshotHeader:
-    magic, version, lower, upper, applied_index, record_count = _HEADER.unpack(data)
+def _read_header(file: BinaryIO, digest: hashlib._Hash) -> SnapshotHeader:
+    data = _read_exactly(file, _HEADER.size, "header")
+    digest.update(data)
+    magic, version, lower, upper, applied_index, record_count, metadata_length = _HEADER.unpack(data)
     if magic != SNAPSHOT_MAGIC:
         raise SnapshotCorruptError("not a ledger-cluster snapshot (bad magic)")
     if version != SNAPSHOT_FORMAT_VERSION:
         raise SnapshotCorruptError(f"unsupported snapshot format version {version}")
-    return SnapshotHeader(version, lower, upper, applied_index, record_count)
+    if metadata_length > METADATA_BYTES_MAX:
+        raise SnapshotCorruptError(f"snapshot metadata of {metadata_length} bytes is implausible")
+    metadata = _read_exactly(file, metadata_length, "metadata")
+    digest.update(metadata)
+    return SnapshotHeader(version, lower, upper, applied_index, record_count, metadata)
 
 
 def _read_stream(
@@ -364,9 +376,7 @@ def _read_stream(
     transaction: WriteTransaction,
 ) -> SnapshotHeader:
     digest = hashlib.sha256()
-    header_bytes = _read_exactly(file, _HEADER.size, "header")
-    digest.update(header_bytes)
-    header = _parse_header(header_bytes)
+    header = _read_header(file, digest)
     for index in range(header.record_count):
         record_header = _read_exactly(file, _RECORD.size, f"record {index}")
         table_id, key_length, value_length = _RECORD.unpack(record_header)

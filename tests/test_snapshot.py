@@ -45,7 +45,8 @@ def test_round_trip_restores_every_table(ledger: Ledger, tmp_path: Path) -> None
     snapshot = tmp_path / "shard.snapshot"
     records_before = all_records(ledger)
     digest_before = ledger.core.state_digest()
-    header = ledger.core.write_snapshot(snapshot)
+    header = ledger.core.write_snapshot(snapshot, metadata=b"raft position")
+    assert header.metadata == b"raft position"
     assert header.applied_index == len(ledger.log)
     assert header.record_count == sum(len(rows) for rows in records_before.values())
     assert read_snapshot_header(snapshot) == header

@@ -603,7 +603,9 @@ class AccountsCore:
                     digest.update(len(value).to_bytes(4, "big") + value)
         return applied_index, digest.hexdigest()
 
-    def write_snapshot(self, path: str | Path) -> SnapshotHeader:
+    def write_snapshot(self, path: str | Path, metadata: bytes = b"") -> SnapshotHeader:
+        """Snapshot of this shard at its applied index; `metadata` travels along, checksummed."""
+
         def header_of(view: ReadTransaction, record_count: int) -> SnapshotHeader:
             return SnapshotHeader(
                 format_version=SNAPSHOT_FORMAT_VERSION,
@@ -611,6 +613,7 @@ class AccountsCore:
                 shard_upper_bound=self.upper_bound,
                 applied_index=self._applied_index_in(view),
                 record_count=record_count,
+                metadata=metadata,
             )
 
         return self._storage.write_snapshot(path, tables.SNAPSHOT_TABLES, header_of)
