@@ -13,7 +13,9 @@ that owns the library, so callers catch one tree::
     ├── ReplicaBrokenError        state that must never happen; the process stops
     │   └── InvariantViolationError  a balance invariant failed after an apply
     ├── BackendUnavailableError   the owning shard cannot take the request now (retry)
-    └── BackendTimeoutError       the deadline passed before the shard took the request
+    │   └── NotLeaderError        this replica does not lead its shard; carries a leader hint
+    ├── BackendTimeoutError       the deadline passed before the shard took the request
+    └── UnknownOutcomeError       the command may or may not commit later; retry the same bytes
 
 Domain outcomes (account not found, insufficient funds, ...) are never exceptions: the core
 returns them as data.
@@ -63,3 +65,16 @@ class BackendUnavailableError(LedgerError):
 
 class BackendTimeoutError(LedgerError):
     """The request's deadline passed before the shard accepted it. Nothing was applied."""
+
+
+class NotLeaderError(BackendUnavailableError):
+    """This replica does not lead its shard, so it did not take the command."""
+
+    def __init__(self, message: str, leader_node_id: str | None) -> None:
+        super().__init__(message)
+        self.leader_node_id = leader_node_id
+
+
+class UnknownOutcomeError(LedgerError):
+    """The command was proposed but its fate is unknown (timeout, leader change, discarded
+    entry): it may still commit. Never a failure of the operation; retry with the same bytes."""

@@ -42,6 +42,7 @@ from ledger_cluster.limits import (
     PAGE_SIZE_MAX,
     REQUEST_ID_BYTES_MAX,
 )
+from ledger_cluster.process import stop_broken_process
 from ledger_cluster.status import ApiError
 from ledger_cluster.storage import Storage, make_private_directory
 
@@ -57,7 +58,6 @@ _PAGE_TOKEN_MAC_BYTES = 8
 _PAGE_TOKEN_BYTES = 1 + 8 + 8 + _PAGE_TOKEN_MAC_BYTES
 _PAGE_TOKEN_CONTEXT = b"ledger-cluster/page-token/v1"
 _ACCOUNT_REQUEST_CONTEXT = b"ledger-cluster/account-request-id/v1"
-EXIT_CODE_REPLICA_BROKEN = 70
 
 
 class CoreApi(Protocol):
@@ -75,14 +75,6 @@ class CoreApi(Protocol):
     def is_ready(self) -> bool: ...
 
     def close(self) -> None: ...
-
-
-def stop_broken_process(error: BaseException) -> NoReturn:
-    """DESIGN §2 rule 2: an exception inside apply means the replica is broken. Stop at once,
-    without running more requests against state we no longer trust."""
-    logger.critical("replica broken, stopping the process: %r", error, exc_info=error)
-    logging.shutdown()
-    os._exit(EXIT_CODE_REPLICA_BROKEN)
 
 
 class _StandaloneShard:

@@ -11,6 +11,7 @@ from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.core import TABLE_NAMES, AccountsCore
 from ledger_cluster.errors import StorageLayoutError
 from ledger_cluster.limits import INT64_MAX, PAGE_SIZE_MAX
+from ledger_cluster.sharding import shard_key
 from ledger_cluster.storage import Storage
 from tests.core_ledger import (
     ACCOUNT,
@@ -332,3 +333,20 @@ def test_map_grows_when_full(tmp_path: Path) -> None:
         assert core.verify() == []
     finally:
         storage.close()
+
+
+def test_commands_and_reads_for_another_shard_are_refused(tmp_path: Path) -> None:
+    half = 2**31
+    ledger = Ledger(tmp_path / "lower", bounds=(0, half - 1))
+    try:
+        foreign = next(account for account in range(1, 100) if shard_key(account) >= half)
+        local = next(account for account in range(1, 100) if shard_key(account) < half)
+        assert ledger.create_account(now=1, account_id=foreign).outcome == core_pb2.OUTCOME_SHARD_MISMATCH
+        assert ledger.create_account(now=1, account_id=local).outcome == OK
+        query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=foreign))
+        assert ledger.core.read(query).outcome == core_pb2.OUTCOME_SHARD_MISMATCH
+        assert ledger.core.verify() == []
+        with ledger.storage.read() as view:
+            assert view.count("accounts") == 1
+    finally:
+        ledger.storage.close()

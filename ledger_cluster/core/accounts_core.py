@@ -29,7 +29,7 @@ from ledger_cluster.limits import (
     PAGE_SIZE_MAX,
     REQUEST_ID_BYTES_MAX,
 )
-from ledger_cluster.sharding import shard_key_of_account_bytes
+from ledger_cluster.sharding import shard_key, shard_key_of_account_bytes
 from ledger_cluster.storage import (
     SNAPSHOT_FORMAT_VERSION,
     ReadTransaction,
@@ -401,11 +401,37 @@ def _finish_pending(
     return _ok_transaction(transaction_view(after))
 
 
-def _execute(changes: _Changes, command_bytes: bytes) -> core_pb2.CommandResult:
+def _account_of(kind: core_pb2.CommandType.ValueType, payload: bytes) -> int | None:
+    message_type = _PAYLOAD_TYPES.get(kind)
+    return None if message_type is None else int(message_type.FromString(payload).account_id)
+
+
+_PAYLOAD_TYPES: dict[
+    int,
+    type[core_pb2.CreateAccountCommand]
+    | type[core_pb2.CreateTransactionCommand]
+    | type[core_pb2.SettleTransactionCommand]
+    | type[core_pb2.CancelTransactionCommand],
+] = {
+    core_pb2.COMMAND_TYPE_CREATE_ACCOUNT: core_pb2.CreateAccountCommand,
+    core_pb2.COMMAND_TYPE_CREATE_TRANSACTION: core_pb2.CreateTransactionCommand,
+    core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION: core_pb2.SettleTransactionCommand,
+    core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION: core_pb2.CancelTransactionCommand,
+}
+
+
+def _execute(
+    changes: _Changes, command_bytes: bytes, owns_account: Callable[[int], bool]
+) -> core_pb2.CommandResult:
     try:
         envelope = core_pb2.CommandEnvelope.FromString(command_bytes)
         kind = envelope.type
         now = envelope.now
+        account_id = _account_of(kind, envelope.payload)
+        if account_id is not None and not owns_account(account_id):
+            # A gateway with another config routed this here; storing it would strand the
+            # account in a shard that will never be asked for it.
+            return _failure(core_pb2.OUTCOME_SHARD_MISMATCH, "account belongs to another shard")
         if kind == core_pb2.COMMAND_TYPE_CREATE_ACCOUNT:
             create_account = core_pb2.CreateAccountCommand.FromString(envelope.payload)
             return _create_account(changes, create_account, now)
@@ -465,8 +491,12 @@ def _list_transactions(view: ReadTransaction, query: core_pb2.ListTransactionsQu
     return result
 
 
-def _read(view: ReadTransaction, query: core_pb2.ReadQuery) -> core_pb2.ReadResult:
+def _read(
+    view: ReadTransaction, query: core_pb2.ReadQuery, owns_account: Callable[[int], bool]
+) -> core_pb2.ReadResult:
     kind = query.WhichOneof("query")
+    if kind is not None and not owns_account(getattr(query, kind).account_id):
+        return _read_failure(core_pb2.OUTCOME_SHARD_MISMATCH, "account belongs to another shard")
     if kind == "get_account":
         account = _read_account(view, query.get_account.account_id)
         if account is None:
@@ -555,6 +585,9 @@ class AccountsCore:
     def owns_key(self, key: int) -> bool:
         return self.lower_bound <= key <= self.upper_bound
 
+    def owns_account(self, account_id: int) -> bool:
+        return self.owns_key(shard_key(account_id))
+
     def apply(self, command_bytes: bytes, log_index: int) -> core_pb2.CommandResult:
         """Apply log entry `log_index` exactly once.
 
@@ -571,7 +604,7 @@ class AccountsCore:
 
         def run(transaction: WriteTransaction) -> core_pb2.CommandResult:
             changes = _Changes(transaction)
-            result = _execute(changes, command_bytes)
+            result = _execute(changes, command_bytes, self.owns_account)
             changes.check()
             if not already_applied:
                 transaction.put(tables.META, tables.META_APPLIED_INDEX, tables.encode_u64(log_index))
@@ -582,7 +615,7 @@ class AccountsCore:
 
     def read(self, query: core_pb2.ReadQuery) -> core_pb2.ReadResult:
         with self._storage.read() as view:
-            result = _read(view, query)
+            result = _read(view, query, self.owns_account)
             result.applied_index = self._applied_index_in(view)
             return result
 
