@@ -22,12 +22,14 @@ from typing import NoReturn, Protocol, TypeVar
 import grpc
 
 from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc
+from ledger_cluster.client import ClusterClient
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.core import TABLE_NAMES, AccountsCore
 from ledger_cluster.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
     InvalidIdError,
+    UnknownOutcomeError,
 )
 from ledger_cluster.ids import (
     TransactionId,
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 Response = TypeVar("Response")
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
+LEADER_POLL_SECONDS = 1.0
 # A random 64-bit id meets an existing one about once in 2**64 draws; a few attempts suffice,
 # and the bound keeps a broken id source from looping forever.
 ID_ATTEMPTS_MAX = 4
@@ -147,6 +150,49 @@ class StandaloneBackend:
             with shard.lock:
                 shard.storage.close()
         self._shards.clear()
+
+
+class ClusterBackend:
+    """Every shard is a Raft group on the node processes; each call goes to the shard's leader
+    through the ClusterClient. A background poll of the nodes keeps the leader cache warm and
+    tells health whether every shard has a reachable leader."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self._client = ClusterClient(config)
+        self._shard_ids = {shard.shard_id for shard in config.shards}
+        self._ready = False
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll_leaders, name="leader-poll", daemon=True)
+        self._poller.start()
+
+    def _poll_leaders(self) -> None:
+        while not self._stop.is_set():
+            leaders = self._client.refresh_leaders()
+            ready = self._shard_ids.issubset(leaders)
+            if ready != self._ready:
+                missing = sorted(self._shard_ids - set(leaders))
+                if ready:
+                    logger.info("every shard has a leader")
+                else:
+                    logger.warning("shards without a leader: %s", ", ".join(missing))
+            self._ready = ready
+            self._stop.wait(LEADER_POLL_SECONDS)
+
+    def update(self, account_id: int, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
+        return self._client.update(account_id, command, timeout_seconds)
+
+    def read(
+        self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, timeout_seconds: float
+    ) -> core_pb2.ReadResult:
+        return self._client.read(account_id, query, consistent, timeout_seconds)
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poller.join()
+        self._client.close()
 
 
 # -- request validation ------------------------------------------------------------------------
@@ -265,6 +311,12 @@ def _backend_errors() -> Iterator[None]:
         raise ApiError(grpc.StatusCode.UNAVAILABLE, "SHARD_UNAVAILABLE", str(error)) from None
     except BackendTimeoutError as error:
         raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", str(error)) from None
+    except UnknownOutcomeError as error:
+        raise ApiError(
+            grpc.StatusCode.UNAVAILABLE,
+            "OUTCOME_UNKNOWN",
+            f"the write may or may not have been applied; retry with the same request_id: {error}",
+        ) from None
 
 
 def _envelope(kind: core_pb2.CommandType.ValueType, now: int, payload: bytes) -> bytes:
@@ -449,6 +501,7 @@ def _serve(context: grpc.ServicerContext, handler: Callable[[], Response]) -> Re
 
 
 __all__ = [
+    "ClusterBackend",
     "CoreApi",
     "LedgerGateway",
     "StandaloneBackend",

@@ -25,6 +25,7 @@ WORKER_THREADS = 16
 CONCURRENT_RPCS_MAX = 256
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 SHUTDOWN_GRACE_SECONDS = 5.0
+HEALTH_REFRESH_SECONDS = 0.5
 
 
 class LedgerServer:
@@ -49,20 +50,35 @@ class LedgerServer:
         self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+        self._stopping = threading.Event()
+        self._health_watcher = threading.Thread(target=self._watch_health, name="health", daemon=True)
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", LEDGER_SERVICE_NAME):
             self._health.set(service, status)
 
-    def start(self) -> None:
-        self._server.start()
+    def _refresh_health(self) -> None:
         serving = self.backend.is_ready()
         self._set_health(
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
 
+    def _watch_health(self) -> None:
+        # Health follows the backend: a cluster gateway is SERVING only while every shard has
+        # a reachable leader.
+        while not self._stopping.wait(HEALTH_REFRESH_SECONDS):
+            self._refresh_health()
+
+    def start(self) -> None:
+        self._server.start()
+        self._refresh_health()
+        self._health_watcher.start()
+
     def stop(self) -> None:
         """Stop taking RPCs, let those in flight finish, then close the backend."""
+        self._stopping.set()
+        if self._health_watcher.is_alive():
+            self._health_watcher.join()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.stop(SHUTDOWN_GRACE_SECONDS).wait()
         self.backend.close()

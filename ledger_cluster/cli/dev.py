@@ -10,8 +10,15 @@ import click
 import grpc
 
 from ledger_cluster import config as cluster_config
-from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
-from ledger_cluster.cli.common import CONTEXT_SETTINGS, describe_rpc_error, version_option
+from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc, node_pb2
+from ledger_cluster.cli.common import (
+    CONTEXT_SETTINGS,
+    config_option,
+    describe_rpc_error,
+    load_config,
+    version_option,
+)
+from ledger_cluster.client import ClusterClient
 from ledger_cluster.errors import ConfigError
 
 DEFAULT_GATEWAY = "localhost:8000"
@@ -152,6 +159,58 @@ def scenario_1(account_id: str, gateway: str, timeout_seconds: float) -> None:
         ).transaction
         printer.line("settle the purchase", settled)
         printer.create("purchase -1000", -1000, settled=True, description="scenario-1 large purchase")
+
+
+def _replica_health(replica: node_pb2.ReplicaStatus | None, node_error: str) -> str:
+    if node_error:
+        return f"down ({node_error})"
+    if replica is None:
+        return "missing"
+    if not replica.has_quorum:
+        return "no quorum"
+    lag = replica.commit_index - replica.last_applied
+    return f"lagging {lag}" if lag else "ok"
+
+
+@main.command("status")
+@config_option
+@timeout_option
+def status(config_path: str, timeout_seconds: float) -> None:
+    """Per shard: its leader, term, and each replica's commit and applied index and health.
+    Exits 1 when any shard has no leader."""
+    config = load_config(config_path)
+    client = ClusterClient(config)
+    try:
+        statuses = client.node_statuses(timeout_seconds)
+    finally:
+        client.close()
+    by_node = {status.node_id: status for status in statuses}
+    for node_status in statuses:
+        state = f"down ({node_status.error})" if node_status.error else "up"
+        click.echo(f"{node_status.node_id}  {node_status.address}  {state}")
+    click.echo(f"{'shard':10}  {'leader':8}  {'term':>5}  replicas (commit/applied health)")
+    leaderless = []
+    for shard in config.shards:
+        replicas = {}
+        for replica_config in shard.replicas:
+            node_status = by_node[replica_config.node_id]
+            replicas[replica_config.node_id] = next(
+                (r for r in node_status.replicas if r.shard_id == shard.shard_id), None
+            )
+        leaders = [r for r in replicas.values() if r is not None and r.is_leader]
+        leader = max(leaders, key=lambda r: r.term) if leaders else None
+        if leader is None:
+            leaderless.append(shard.shard_id)
+        term = max((r.term for r in replicas.values() if r is not None), default=0)
+        cells = []
+        for node_id, replica in replicas.items():
+            numbers = f"{replica.commit_index}/{replica.last_applied}" if replica else "-/-"
+            cells.append(f"{node_id} {numbers} {_replica_health(replica, by_node[node_id].error)}")
+        leader_name = leader.node_id if leader else "NONE"
+        click.echo(f"{shard.shard_id:10}  {leader_name:8}  {term:>5}  " + " | ".join(cells))
+    if leaderless:
+        click.echo(f"shards without a leader: {', '.join(leaderless)}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

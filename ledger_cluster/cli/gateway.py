@@ -1,26 +1,60 @@
-"""ledger-gateway: part of the replicated cluster (one Raft group per shard)."""
+"""ledger-gateway: the public LedgerService in front of a replicated cluster."""
 
 from __future__ import annotations
 
+import logging
+
 import click
 
-from ledger_cluster.cli.common import CONTEXT_SETTINGS, config_option, log_level_option, version_option
-
-CLUSTER_NOT_BUILT = (
-    "clustered mode is not built yet (issue 3, 'Replicated cluster'); "
-    "run the same API in one process with: ledger-standalone --port 8000 --data-dir ./data/standalone"
+from ledger_cluster.cli.common import (
+    CONTEXT_SETTINGS,
+    config_option,
+    load_config,
+    log_level_option,
+    setup_logging,
+    version_option,
 )
+from ledger_cluster.gateway import ClusterBackend
+from ledger_cluster.server import LedgerServer, install_stop_signals, run_until
+
+logger = logging.getLogger("ledger_cluster.gateway")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.option("--host", default="127.0.0.1", show_default=True, envvar="LEDGER_HOST")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, envvar="LEDGER_PORT")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, envvar="LEDGER_HOST", help="Address to listen on."
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    envvar="LEDGER_PORT",
+    help="gRPC port; 0 picks a free one (env LEDGER_PORT).",
+)
 @config_option
 @log_level_option
 @version_option("ledger-gateway")
 def main(host: str, port: int, config_path: str, log_level: str) -> None:
-    """Serve the public LedgerService, routing each request to its shard's leader."""
-    raise click.UsageError(CLUSTER_NOT_BUILT)
+    """Serve ledger_cluster.api.v1.LedgerService, routing each request by shard key to the
+    shard's leader. Health says SERVING only while every shard has a reachable leader."""
+    stop_requested = install_stop_signals()
+    setup_logging(log_level)
+    config = load_config(config_path)
+    backend = ClusterBackend(config)
+    try:
+        server = LedgerServer(backend, f"{host}:{port}")
+    except (OSError, RuntimeError) as error:
+        backend.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {error}") from error
+    logger.info(
+        "gateway serving LedgerService on %s:%d for %d shards on %d nodes",
+        host,
+        server.port,
+        len(config.shards),
+        len(config.nodes),
+    )
+    run_until(server, stop_requested)
 
 
 if __name__ == "__main__":

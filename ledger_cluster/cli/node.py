@@ -1,26 +1,101 @@
-"""ledger-node: part of the replicated cluster (one Raft group per shard)."""
+"""ledger-node: one node process of the replicated cluster."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import click
 
-from ledger_cluster.cli.common import CONTEXT_SETTINGS, config_option, log_level_option, version_option
-
-CLUSTER_NOT_BUILT = (
-    "clustered mode is not built yet (issue 3, 'Replicated cluster'); "
-    "run the same API in one process with: ledger-standalone --port 8000 --data-dir ./data/standalone"
+from ledger_cluster.cli.common import (
+    CONTEXT_SETTINGS,
+    config_option,
+    load_config,
+    log_level_option,
+    setup_logging,
+    version_option,
 )
+from ledger_cluster.errors import ConfigError, StorageError
+from ledger_cluster.node import NodeServer
+from ledger_cluster.replica import (
+    LOG_COMPACTION_MIN_ENTRIES_DEFAULT,
+    LOG_COMPACTION_MIN_SECONDS_DEFAULT,
+    RAFT_PASSWORD_ENVIRONMENT_VARIABLE,
+    ReplicaOptions,
+)
+from ledger_cluster.server import install_stop_signals
+
+logger = logging.getLogger("ledger_cluster.node")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.option("--node-id", required=True, envvar="LEDGER_NODE_ID", help="This node's id in the config.")
-@click.option("--data-dir", type=click.Path(file_okay=False), required=True, envvar="LEDGER_DATA_DIR")
+@click.option(
+    "--node-id",
+    required=True,
+    envvar="LEDGER_NODE_ID",
+    help="This node's id in the config (env LEDGER_NODE_ID).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    envvar="LEDGER_DATA_DIR",
+    help="Where this node keeps its replicas' LMDB files and Raft journals (env LEDGER_DATA_DIR).",
+)
+@click.option(
+    "--raft-password",
+    envvar=RAFT_PASSWORD_ENVIRONMENT_VARIABLE,
+    required=True,
+    show_envvar=True,
+    help="Shared secret that encrypts and authenticates Raft traffic between nodes.",
+)
+@click.option(
+    "--log-compaction-min-entries",
+    type=click.IntRange(min=2),
+    default=LOG_COMPACTION_MIN_ENTRIES_DEFAULT,
+    show_default=True,
+    envvar="LEDGER_LOG_COMPACTION_MIN_ENTRIES",
+    help="Snapshot and truncate a shard's Raft journal once it holds this many entries.",
+)
+@click.option(
+    "--log-compaction-min-seconds",
+    type=click.FloatRange(min=1.0),
+    default=LOG_COMPACTION_MIN_SECONDS_DEFAULT,
+    show_default=True,
+    envvar="LEDGER_LOG_COMPACTION_MIN_SECONDS",
+    help="... or once this long has passed since the last snapshot.",
+)
 @config_option
 @log_level_option
 @version_option("ledger-node")
-def main(node_id: str, data_dir: str, config_path: str, log_level: str) -> None:
-    """Host this node's shard replicas and serve the internal NodeService."""
-    raise click.UsageError(CLUSTER_NOT_BUILT)
+def main(
+    *,
+    node_id: str,
+    data_dir: str,
+    raft_password: str,
+    log_compaction_min_entries: int,
+    log_compaction_min_seconds: float,
+    config_path: str,
+    log_level: str,
+) -> None:
+    """Host this node's shard replicas (one PySyncObj Raft group member per shard) and serve
+    the internal NodeService on the node's configured address."""
+    stop_requested = install_stop_signals()
+    setup_logging(log_level)
+    config = load_config(config_path)
+    options = ReplicaOptions(
+        raft_password=raft_password,
+        log_compaction_min_entries=log_compaction_min_entries,
+        log_compaction_min_seconds=log_compaction_min_seconds,
+    )
+    try:
+        server = NodeServer(config, node_id, Path(data_dir), options)
+    except (ConfigError, StorageError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    server.start()
+    stop_requested.wait()
+    server.stop()
+    logger.info("node %s stopped", node_id)
 
 
 if __name__ == "__main__":

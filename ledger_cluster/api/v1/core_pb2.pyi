@@ -495,3 +495,59 @@ class TransactionRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TransactionRecord: _TypeAlias = TransactionRecord  # noqa: Y015
+
+@_typing.final
+class RaftEntry(_message.Message):
+    """A Raft log entry as PySyncObj keeps it, for the replica's log-compaction dump."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    command: _builtins.bytes
+    index: _builtins.int
+    term: _builtins.int
+    def __init__(
+        self,
+        *,
+        command: _builtins.bytes = ...,
+        index: _builtins.int = ...,
+        term: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "index", b"index", "term", b"term"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaftEntry: _TypeAlias = RaftEntry  # noqa: Y015
+
+@_typing.final
+class RaftPosition(_message.Message):
+    """Stored in a snapshot's metadata by the replica layer: where in the Raft log the dump stands."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_VERSION_FIELD_NUMBER: _builtins.int
+    LAST_ENTRY_FIELD_NUMBER: _builtins.int
+    PREVIOUS_ENTRY_FIELD_NUMBER: _builtins.int
+    format_version: _builtins.int
+    @_builtins.property
+    def last_entry(self) -> Global___RaftEntry: ...
+    @_builtins.property
+    def previous_entry(self) -> Global___RaftEntry: ...
+    def __init__(
+        self,
+        *,
+        format_version: _builtins.int = ...,
+        last_entry: Global___RaftEntry | None = ...,
+        previous_entry: Global___RaftEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_entry", b"last_entry", "previous_entry", b"previous_entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format_version", b"format_version", "last_entry", b"last_entry", "previous_entry", b"previous_entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaftPosition: _TypeAlias = RaftPosition  # noqa: Y015

@@ -1,0 +1,178 @@
+"""A node process: hosts the shard replicas its config assigns to it and serves the internal
+NodeService. A request for a shard this node does not lead is answered at once with a leader
+hint (FAILED_PRECONDITION NOT_LEADER); the ClusterClient follows the hint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
+from ledger_cluster.config import ClusterConfig
+from ledger_cluster.errors import (
+    BackendUnavailableError,
+    NotLeaderError,
+    UnknownOutcomeError,
+)
+from ledger_cluster.replica import ReplicaOptions, ShardReplica
+from ledger_cluster.status import ApiError
+from ledger_cluster.storage import make_private_directory
+
+logger = logging.getLogger(__name__)
+
+Response = TypeVar("Response")
+
+NODE_WORKER_THREADS = 32
+NODE_CONCURRENT_RPCS_MAX = 1024
+NODE_MESSAGE_BYTES_MAX = 16 * 1024 * 1024
+NODE_SHUTDOWN_GRACE_SECONDS = 3.0
+DEFAULT_NODE_TIMEOUT_SECONDS = 5.0
+NODE_SERVICE_NAME = "ledger_cluster.api.v1.NodeService"
+
+
+def _timeout_seconds(context: grpc.ServicerContext) -> float:
+    remaining = context.time_remaining()
+    return DEFAULT_NODE_TIMEOUT_SECONDS if remaining is None else max(min(remaining, 3600.0), 0.0)
+
+
+class NodeServicer(node_pb2_grpc.NodeServiceServicer):
+    def __init__(self, node_id: str, replicas: dict[str, ShardReplica]) -> None:
+        self._node_id = node_id
+        self._replicas = replicas
+
+    def _replica(self, shard_id: str) -> ShardReplica:
+        replica = self._replicas.get(shard_id)
+        if replica is None:
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND,
+                "SHARD_NOT_HOSTED",
+                f"node {self._node_id} hosts no replica of shard {shard_id!r}",
+                {"node_id": self._node_id},
+            )
+        return replica
+
+    def Update(
+        self, request: node_pb2.UpdateRequest, context: grpc.ServicerContext
+    ) -> node_pb2.UpdateResponse:
+        def run() -> node_pb2.UpdateResponse:
+            replica = self._replica(request.shard_id)
+            result = replica.submit(request.command, _timeout_seconds(context))
+            return node_pb2.UpdateResponse(result=result)
+
+        return _serve(context, run)
+
+    def Read(self, request: node_pb2.ReadRequest, context: grpc.ServicerContext) -> node_pb2.ReadResponse:
+        def run() -> node_pb2.ReadResponse:
+            replica = self._replica(request.shard_id)
+            result = replica.read(request.query, request.consistent, _timeout_seconds(context))
+            return node_pb2.ReadResponse(result=result)
+
+        return _serve(context, run)
+
+    def Status(
+        self, request: node_pb2.StatusRequest, context: grpc.ServicerContext
+    ) -> node_pb2.StatusResponse:
+        response = node_pb2.StatusResponse(node_id=self._node_id)
+        for shard_id in sorted(self._replicas):
+            status = self._replicas[shard_id].status()
+            response.replicas.append(
+                node_pb2.ReplicaStatus(
+                    shard_id=status.shard_id,
+                    node_id=status.node_id,
+                    is_leader=status.is_leader,
+                    leader_node_id=status.leader_node_id,
+                    term=status.term,
+                    commit_index=status.commit_index,
+                    last_applied=status.last_applied,
+                    core_applied_index=status.core_applied_index,
+                    has_quorum=status.has_quorum,
+                    log_entries=status.log_entries,
+                )
+            )
+        return response
+
+
+def _serve(context: grpc.ServicerContext, handler: Callable[[], Response]) -> Response:
+    try:
+        return handler()
+    except NotLeaderError as error:
+        leader = error.leader_node_id or ""
+        failure = ApiError(
+            grpc.StatusCode.FAILED_PRECONDITION if leader else grpc.StatusCode.UNAVAILABLE,
+            "NOT_LEADER" if leader else "NO_LEADER",
+            str(error),
+            {"leader_node_id": leader},
+        )
+    except BackendUnavailableError as error:
+        failure = ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", str(error))
+    except UnknownOutcomeError as error:
+        failure = ApiError(grpc.StatusCode.UNAVAILABLE, "OUTCOME_UNKNOWN", str(error))
+    except ApiError as error:
+        failure = error
+    context.abort_with_status(failure.to_grpc_status())
+    raise AssertionError("abort_with_status returned")  # it always raises
+
+
+class NodeServer:
+    """The replicas of one node plus the gRPC server in front of them."""
+
+    def __init__(self, config: ClusterConfig, node_id: str, data_dir: Path, options: ReplicaOptions) -> None:
+        self.node = config.node(node_id)
+        make_private_directory(data_dir)
+        self.replicas: dict[str, ShardReplica] = {}
+        try:
+            for shard in config.shards:
+                if any(replica.node_id == node_id for replica in shard.replicas):
+                    self.replicas[shard.shard_id] = ShardReplica(config, shard, node_id, data_dir, options)
+            for replica in self.replicas.values():
+                replica.wait_bound()
+        except BaseException:
+            self._close_replicas()
+            raise
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=NODE_WORKER_THREADS, thread_name_prefix="node-rpc"),
+            maximum_concurrent_rpcs=NODE_CONCURRENT_RPCS_MAX,
+            options=[
+                ("grpc.max_receive_message_length", NODE_MESSAGE_BYTES_MAX),
+                ("grpc.max_send_message_length", NODE_MESSAGE_BYTES_MAX),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(node_id, self.replicas), self._server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        try:
+            self.port = self._server.add_insecure_port(self.node.grpc_address)
+        except RuntimeError as error:
+            self._close_replicas()
+            raise OSError(f"cannot listen on {self.node.grpc_address}: {error}") from error
+
+    def start(self) -> None:
+        self._server.start()
+        for service in ("", NODE_SERVICE_NAME):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "node %s serving NodeService on %s with %d replicas (pid %d)",
+            self.node.node_id,
+            self.node.grpc_address,
+            len(self.replicas),
+            os.getpid(),
+        )
+
+    def stop(self) -> None:
+        for service in ("", NODE_SERVICE_NAME):
+            self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server.stop(NODE_SHUTDOWN_GRACE_SECONDS).wait()
+        self._close_replicas()
+
+    def _close_replicas(self) -> None:
+        for replica in self.replicas.values():
+            replica.close()
+        self.replicas.clear()

@@ -1,0 +1,312 @@
+"""One shard replica: a PySyncObj Raft group member driving an AccountsCore. The only module
+that imports pysyncobj.
+
+The replicated method takes one `bytes` argument, the encoded CommandEnvelope; the index of the
+entry being applied is `raftLastApplied + 1`, which the core stores with its effects, so the
+journal replay after every restart is skipped entry by entry (exactly once). Log compaction
+writes the core's snapshot stream (DESIGN §3) through our own serializer, with the Raft position
+(the last two log entries) in its checksummed metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+
+from ledger_cluster.api.v1 import core_pb2
+from ledger_cluster.config import ClusterConfig, ShardConfig
+from ledger_cluster.core import TABLE_NAMES, AccountsCore
+from ledger_cluster.errors import (
+    BackendUnavailableError,
+    NotLeaderError,
+    ReplicaBrokenError,
+    UnknownOutcomeError,
+)
+from ledger_cluster.process import stop_broken_process
+from ledger_cluster.storage import Storage, make_private_directory, read_snapshot_header
+
+logger = logging.getLogger(__name__)
+
+# Raft timing. Elections start after 0.4-1.4 s without a heartbeat (PySyncObj's defaults, which
+# it requires to exceed 3 heartbeat periods); heartbeats every 0.1 s.
+RAFT_MIN_TIMEOUT_SECONDS = 0.4
+RAFT_MAX_TIMEOUT_SECONDS = 1.4
+APPEND_ENTRIES_PERIOD_SECONDS = 0.1
+# A leader that hears from no majority for this long steps down, so a partitioned old leader
+# stops taking writes within seconds instead of the default 30 s.
+LEADER_FALLBACK_TIMEOUT_SECONDS = 3.0
+CONNECTION_TIMEOUT_SECONDS = 3.5
+CONNECTION_RETRY_SECONDS = 1.0
+AUTO_TICK_PERIOD_SECONDS = 0.05
+# Bounded queue of proposals waiting for the tick thread; beyond it, RESOURCE_EXHAUSTED.
+COMMANDS_QUEUE_SIZE_MAX = 10_000
+APPEND_ENTRIES_BATCH_BYTES_MAX = 2**16
+SNAPSHOT_TRANSFER_BATCH_BYTES = 2**20
+LOG_COMPACTION_MIN_ENTRIES_DEFAULT = 50_000
+LOG_COMPACTION_MIN_SECONDS_DEFAULT = 600.0
+BIND_RETRY_SECONDS = 0.5
+BIND_RETRIES_MAX = 20
+RAFT_PASSWORD_ENVIRONMENT_VARIABLE = "LEDGER_RAFT_PASSWORD"
+RAFT_POSITION_FORMAT_VERSION = 1
+
+_ANSWER_SUCCESS = FAIL_REASON.SUCCESS
+# Never appended to the log: the command is known not to be applied.
+_NOT_APPLIED = {
+    FAIL_REASON.QUEUE_FULL: "the shard's proposal queue is full",
+    FAIL_REASON.MISSING_LEADER: "the shard has no leader",
+    FAIL_REASON.NOT_LEADER: "this replica is not the leader",
+    FAIL_REASON.REQUEST_DENIED: "the proposal was denied",
+}
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    raft_password: str
+    # Off: each proposal is sent to followers at once (sub-millisecond sequential writes);
+    # on: proposals wait for the next heartbeat batch (~100 ms each). Measured in the README.
+    append_entries_use_batch: bool = False
+    log_compaction_min_entries: int = LOG_COMPACTION_MIN_ENTRIES_DEFAULT
+    log_compaction_min_seconds: float = LOG_COMPACTION_MIN_SECONDS_DEFAULT
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    shard_id: str
+    node_id: str
+    is_leader: bool
+    leader_node_id: str
+    term: int
+    commit_index: int
+    last_applied: int
+    core_applied_index: int
+    has_quorum: bool
+    log_entries: int
+
+
+def _encode_entry(entry: Any) -> core_pb2.RaftEntry:
+    command, index, term = entry
+    return core_pb2.RaftEntry(command=bytes(command), index=int(index), term=int(term))
+
+
+def _decode_entry(entry: core_pb2.RaftEntry) -> tuple[bytes, int, int]:
+    return (entry.command, entry.index, entry.term)
+
+
+class _LedgerSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no type information
+    def __init__(
+        self,
+        self_address: str,
+        partner_addresses: list[str],
+        conf: SyncObjConf,
+        core: AccountsCore,
+        on_broken: Callable[[BaseException], NoReturn],
+    ) -> None:
+        self._core = core
+        self._on_broken = on_broken
+        super().__init__(self_address, partner_addresses, conf)
+
+    @replicated  # type: ignore[untyped-decorator]
+    def apply_command(self, command: bytes) -> bytes:
+        # Runs on PySyncObj's tick thread for each committed entry, in log order.
+        try:
+            if not isinstance(command, bytes):
+                raise ReplicaBrokenError(f"log entry carries {type(command).__name__}, not bytes")
+            result: core_pb2.CommandResult = self._core.apply(command, self.raftLastApplied + 1)
+            return result.SerializeToString()
+        except BaseException as error:  # an apply that raises would be retried forever
+            self._on_broken(error)
+
+
+class ShardReplica:
+    """This node's replica of one shard: LMDB under <data>/replicas/<shard>/, the Raft journal
+    and dump under <data>/raft/<shard>/."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        shard: ShardConfig,
+        node_id: str,
+        data_dir: Path,
+        options: ReplicaOptions,
+        *,
+        on_broken: Callable[[BaseException], NoReturn] = stop_broken_process,
+    ) -> None:
+        self.shard = shard
+        self.node_id = node_id
+        self._address_to_node = {
+            f"{config.node(replica.node_id).raft_host}:{replica.raft_port}": replica.node_id
+            for replica in shard.replicas
+        }
+        self_address = next(address for address, owner in self._address_to_node.items() if owner == node_id)
+        partners = sorted(address for address in self._address_to_node if address != self_address)
+        self._storage = Storage(data_dir / "replicas" / shard.shard_id, TABLE_NAMES)
+        self.core = AccountsCore(self._storage, shard.lower_bound, shard.upper_bound)
+        raft_dir = data_dir / "raft" / shard.shard_id
+        make_private_directory(raft_dir)
+        conf = self._conf(raft_dir, self_address, options)
+        self._sync_obj = _LedgerSyncObj(self_address, partners, conf, self.core, on_broken)
+
+    def _conf(self, raft_dir: Path, self_address: str, options: ReplicaOptions) -> SyncObjConf:
+        return SyncObjConf(
+            password=options.raft_password,
+            autoTick=True,
+            autoTickPeriod=AUTO_TICK_PERIOD_SECONDS,
+            commandsQueueSize=COMMANDS_QUEUE_SIZE_MAX,
+            raftMinTimeout=RAFT_MIN_TIMEOUT_SECONDS,
+            raftMaxTimeout=RAFT_MAX_TIMEOUT_SECONDS,
+            appendEntriesPeriod=APPEND_ENTRIES_PERIOD_SECONDS,
+            connectionTimeout=CONNECTION_TIMEOUT_SECONDS,
+            connectionRetryTime=CONNECTION_RETRY_SECONDS,
+            leaderFallbackTimeout=LEADER_FALLBACK_TIMEOUT_SECONDS,
+            appendEntriesUseBatch=options.append_entries_use_batch,
+            appendEntriesBatchSizeBytes=APPEND_ENTRIES_BATCH_BYTES_MAX,
+            # Bind exactly the configured host:port, never a wildcard.
+            bindAddress=self_address,
+            preferredAddrType="ipv4",
+            logCompactionMinEntries=options.log_compaction_min_entries,
+            logCompactionMinTime=options.log_compaction_min_seconds,
+            logCompactionSplit=False,
+            logCompactionBatchSize=SNAPSHOT_TRANSFER_BATCH_BYTES,
+            # Without a leader, fail fast (UNAVAILABLE) instead of queueing writes unseen.
+            commandsWaitLeader=False,
+            journalFile=str(raft_dir / "journal"),
+            fullDumpFile=str(raft_dir / "dump"),
+            # Our own serializer also turns off PySyncObj's fork and its pickled dumps.
+            serializer=self._write_dump,
+            deserializer=self._read_dump,
+            serializeChecker=None,
+            useFork=False,
+            bindRetryTime=BIND_RETRY_SECONDS,
+            maxBindRetries=BIND_RETRIES_MAX,
+            dynamicMembershipChange=False,
+            onReady=None,
+            onStateChanged=None,
+            onCodeVersionChanged=None,
+        )
+
+    # -- log compaction ------------------------------------------------------------------------
+
+    def _write_dump(self, path: str, raft_data: Any) -> None:
+        last_entry, previous_entry, _cluster = raft_data
+        position = core_pb2.RaftPosition(
+            format_version=RAFT_POSITION_FORMAT_VERSION,
+            last_entry=_encode_entry(last_entry),
+            previous_entry=_encode_entry(previous_entry),
+        )
+        header = self.core.write_snapshot(path, metadata=position.SerializeToString())
+        logger.info(
+            "shard %s: snapshot at applied index %d, raft index %d, %d records",
+            self.shard.shard_id,
+            header.applied_index,
+            position.last_entry.index,
+            header.record_count,
+        )
+
+    def _read_dump(self, path: str) -> tuple[Any, Any, Any]:
+        """Called at start-up (our own dump) and when the leader sent a snapshot. Restores the
+        core only if the snapshot is ahead of it: the LMDB state is durable on its own, so at
+        start-up it is normally already at or past the dump."""
+        header = read_snapshot_header(path)
+        position = core_pb2.RaftPosition.FromString(header.metadata)
+        if position.format_version != RAFT_POSITION_FORMAT_VERSION:
+            raise ReplicaBrokenError(f"unknown raft position version {position.format_version}")
+        local_index = self.core.applied_index()
+        if local_index < header.applied_index:
+            self.core.restore_snapshot(path)
+            logger.info(
+                "shard %s: restored snapshot at applied index %d (was %d)",
+                self.shard.shard_id,
+                header.applied_index,
+                local_index,
+            )
+        return (_decode_entry(position.last_entry), _decode_entry(position.previous_entry), None)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def leader_node_id(self) -> str | None:
+        leader = self._sync_obj._getLeader()
+        return None if leader is None else self._address_to_node.get(str(leader.address))
+
+    def is_leader(self) -> bool:
+        return bool(self._sync_obj._isLeader())
+
+    def _require_leader(self) -> None:
+        if not self.is_leader():
+            leader = self.leader_node_id()
+            raise NotLeaderError(
+                f"node {self.node_id} does not lead shard {self.shard.shard_id}"
+                + (f"; node {leader} does" if leader else "; no leader is known"),
+                leader,
+            )
+
+    def submit(self, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
+        """Propose `command` and wait until this (leader) replica applied it.
+
+        Raises NotLeaderError / BackendUnavailableError when the command was not appended, and
+        UnknownOutcomeError when it was but its fate is unknown (it may still commit)."""
+        self._require_leader()
+        answered = threading.Event()
+        answer: list[Any] = []
+
+        def on_answer(result: Any, error: int) -> None:
+            answer.extend((result, error))
+            answered.set()
+
+        self._sync_obj.apply_command(command, callback=on_answer)
+        if not answered.wait(timeout_seconds):
+            raise UnknownOutcomeError(f"no answer within {timeout_seconds:.3f} s; it may still commit")
+        result, error = answer
+        if error == _ANSWER_SUCCESS:
+            return core_pb2.CommandResult.FromString(result)
+        if error in _NOT_APPLIED:
+            if error in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER):
+                raise NotLeaderError(_NOT_APPLIED[error], self.leader_node_id())
+            raise BackendUnavailableError(_NOT_APPLIED[error])
+        raise UnknownOutcomeError(f"proposal ended with PySyncObj reason {error}; it may still commit")
+
+    def read(
+        self, query: core_pb2.ReadQuery, consistent: bool, timeout_seconds: float
+    ) -> core_pb2.ReadResult:
+        self._require_leader()
+        if consistent:
+            # A no-op through the log: once it is applied here, so is every write acknowledged
+            # before this read started, and this replica was leader when it committed.
+            barrier = core_pb2.CommandEnvelope(type=core_pb2.COMMAND_TYPE_NOOP).SerializeToString()
+            self.submit(barrier, timeout_seconds)
+        return self.core.read(query)
+
+    def status(self) -> ReplicaStatus:
+        sync_obj = self._sync_obj
+        return ReplicaStatus(
+            shard_id=self.shard.shard_id,
+            node_id=self.node_id,
+            is_leader=self.is_leader(),
+            leader_node_id=self.leader_node_id() or "",
+            term=int(sync_obj.raftCurrentTerm),
+            commit_index=int(sync_obj.raftCommitIndex),
+            last_applied=int(sync_obj.raftLastApplied),
+            core_applied_index=self.core.applied_index(),
+            has_quorum=bool(sync_obj.hasQuorum),
+            log_entries=int(sync_obj._getRaftLogSize()),
+        )
+
+    def wait_bound(self) -> None:
+        self._sync_obj.waitBinded()
+
+    def force_log_compaction(self) -> None:
+        self._sync_obj.forceLogCompaction()
+
+    def close(self) -> None:
+        self._sync_obj.destroy_synchronous()
+        self._storage.close()
+
+
+def raft_password_from_environment() -> str | None:
+    return os.environ.get(RAFT_PASSWORD_ENVIRONMENT_VARIABLE) or None
