@@ -99,6 +99,16 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         return response
 
 
+    def Digest(
+        self, request: node_pb2.DigestRequest, context: grpc.ServicerContext
+    ) -> node_pb2.DigestResponse:
+        def run() -> node_pb2.DigestResponse:
+            applied_index, digest = self._replica(request.shard_id).core.state_digest()
+            return node_pb2.DigestResponse(applied_index=applied_index, digest=digest)
+
+        return _serve(context, run)
+
+
 def _serve(context: grpc.ServicerContext, handler: Callable[[], Response]) -> Response:
     try:
         return handler()

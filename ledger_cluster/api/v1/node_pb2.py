@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ledger_cluster.api.v1 import core_pb2 as ledger__cluster_dot_api_dot_v1_dot_core__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ledger_cluster/api/v1/node.proto\x12\x15ledger_cluster.api.v1\x1a ledger_cluster/api/v1/core.proto\"2\n\rUpdateRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\x0c\"F\n\x0eUpdateResponse\x12\x34\n\x06result\x18\x01 \x01(\x0b\x32$.ledger_cluster.api.v1.CommandResult\"d\n\x0bReadRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12/\n\x05query\x18\x02 \x01(\x0b\x32 .ledger_cluster.api.v1.ReadQuery\x12\x12\n\nconsistent\x18\x03 \x01(\x08\"A\n\x0cReadResponse\x12\x31\n\x06result\x18\x01 \x01(\x0b\x32!.ledger_cluster.api.v1.ReadResult\"\x0f\n\rStatusRequest\"\xdc\x01\n\rReplicaStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tis_leader\x18\x03 \x01(\x08\x12\x16\n\x0eleader_node_id\x18\x04 \x01(\t\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\x12\x14\n\x0clast_applied\x18\x07 \x01(\x04\x12\x1a\n\x12\x63ore_applied_index\x18\x08 \x01(\x04\x12\x12\n\nhas_quorum\x18\t \x01(\x08\x12\x13\n\x0blog_entries\x18\n \x01(\x04\"Y\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x36\n\x08replicas\x18\x02 \x03(\x0b\x32$.ledger_cluster.api.v1.ReplicaStatus2\x8c\x02\n\x0bNodeService\x12U\n\x06Update\x12$.ledger_cluster.api.v1.UpdateRequest\x1a%.ledger_cluster.api.v1.UpdateResponse\x12O\n\x04Read\x12\".ledger_cluster.api.v1.ReadRequest\x1a#.ledger_cluster.api.v1.ReadResponse\x12U\n\x06Status\x12$.ledger_cluster.api.v1.StatusRequest\x1a%.ledger_cluster.api.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ledger_cluster/api/v1/node.proto\x12\x15ledger_cluster.api.v1\x1a ledger_cluster/api/v1/core.proto\"2\n\rUpdateRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\x0c\"F\n\x0eUpdateResponse\x12\x34\n\x06result\x18\x01 \x01(\x0b\x32$.ledger_cluster.api.v1.CommandResult\"d\n\x0bReadRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12/\n\x05query\x18\x02 \x01(\x0b\x32 .ledger_cluster.api.v1.ReadQuery\x12\x12\n\nconsistent\x18\x03 \x01(\x08\"A\n\x0cReadResponse\x12\x31\n\x06result\x18\x01 \x01(\x0b\x32!.ledger_cluster.api.v1.ReadResult\"\x0f\n\rStatusRequest\"\xdc\x01\n\rReplicaStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tis_leader\x18\x03 \x01(\x08\x12\x16\n\x0eleader_node_id\x18\x04 \x01(\t\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\x12\x14\n\x0clast_applied\x18\x07 \x01(\x04\x12\x1a\n\x12\x63ore_applied_index\x18\x08 \x01(\x04\x12\x12\n\nhas_quorum\x18\t \x01(\x08\x12\x13\n\x0blog_entries\x18\n \x01(\x04\"Y\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x36\n\x08replicas\x18\x02 \x03(\x0b\x32$.ledger_cluster.api.v1.ReplicaStatus\"!\n\rDigestRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\"7\n\x0e\x44igestResponse\x12\x15\n\rapplied_index\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t2\xe3\x02\n\x0bNodeService\x12U\n\x06Update\x12$.ledger_cluster.api.v1.UpdateRequest\x1a%.ledger_cluster.api.v1.UpdateResponse\x12O\n\x04Read\x12\".ledger_cluster.api.v1.ReadRequest\x1a#.ledger_cluster.api.v1.ReadResponse\x12U\n\x06Status\x12$.ledger_cluster.api.v1.StatusRequest\x1a%.ledger_cluster.api.v1.StatusResponse\x12U\n\x06\x44igest\x12$.ledger_cluster.api.v1.DigestRequest\x1a%.ledger_cluster.api.v1.DigestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,6 +46,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICASTATUS']._serialized_end=624
   _globals['_STATUSRESPONSE']._serialized_start=626
   _globals['_STATUSRESPONSE']._serialized_end=715
-  _globals['_NODESERVICE']._serialized_start=718
-  _globals['_NODESERVICE']._serialized_end=986
+  _globals['_DIGESTREQUEST']._serialized_start=717
+  _globals['_DIGESTREQUEST']._serialized_end=750
+  _globals['_DIGESTRESPONSE']._serialized_start=752
+  _globals['_DIGESTRESPONSE']._serialized_end=807
+  _globals['_NODESERVICE']._serialized_start=810
+  _globals['_NODESERVICE']._serialized_end=1165
 # @@protoc_insertion_point(module_scope)

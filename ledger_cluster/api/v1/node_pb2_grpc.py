@@ -49,6 +49,11 @@ class NodeServiceStub:
                 request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusRequest.SerializeToString,
                 response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Digest = channel.unary_unary(
+                '/ledger_cluster.api.v1.NodeService/Digest',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -75,6 +80,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Digest(self, request, context):
+        """sha256 over every record of one replica's state, with the applied index it describes:
+        replicas that applied the same log prefix answer the same digest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusRequest.FromString,
                     response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusResponse.SerializeToString,
+            ),
+            'Digest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Digest,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class NodeService:
             '/ledger_cluster.api.v1.NodeService/Status',
             ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusRequest.SerializeToString,
             ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Digest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.NodeService/Digest',
+            ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,10 @@ class NodeServiceStub:
     """
     Read: _grpc.UnaryUnaryMultiCallable[_node_pb2.ReadRequest, _node_pb2.ReadResponse]
     Status: _grpc.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusResponse]
+    Digest: _grpc.UnaryUnaryMultiCallable[_node_pb2.DigestRequest, _node_pb2.DigestResponse]
+    """sha256 over every record of one replica's state, with the applied index it describes:
+    replicas that applied the same log prefix answer the same digest.
+    """
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -52,6 +56,10 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """
     Read: _aio.UnaryUnaryMultiCallable[_node_pb2.ReadRequest, _node_pb2.ReadResponse]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusResponse]  # type: ignore[assignment]
+    Digest: _aio.UnaryUnaryMultiCallable[_node_pb2.DigestRequest, _node_pb2.DigestResponse]  # type: ignore[assignment]
+    """sha256 over every record of one replica's state, with the applied index it describes:
+    replicas that applied the same log prefix answer the same digest.
+    """
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -78,5 +86,15 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.StatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.StatusResponse, _abc.Awaitable[_node_pb2.StatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Digest(
+        self,
+        request: _node_pb2.DigestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.DigestResponse, _abc.Awaitable[_node_pb2.DigestResponse]]:
+        """sha256 over every record of one replica's state, with the applied index it describes:
+        replicas that applied the same log prefix answer the same digest.
+        """
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
