@@ -8,6 +8,7 @@ that owns the library, so callers catch one tree::
     ├── ConfigError               a cluster config that is missing, unreadable or inconsistent
     ├── StorageError              the LMDB environment failed
     │   ├── StorageLayoutError    a data directory that belongs to other shard bounds
+    │   ├── DataDirectoryInUseError  another process holds the data directory
     │   └── SnapshotError         a snapshot that cannot be written or read
     │       └── SnapshotCorruptError   bad magic, truncated, or checksum mismatch
     ├── ReplicaBrokenError        state that must never happen; the process stops
@@ -40,6 +41,10 @@ class StorageError(LedgerError):
 
 class StorageLayoutError(StorageError):
     """A data directory opened with shard bounds other than the ones it was created with."""
+
+
+class DataDirectoryInUseError(StorageError):
+    """Another live process holds the data directory's lock."""
 
 
 class SnapshotError(StorageError):

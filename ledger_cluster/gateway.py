@@ -24,7 +24,7 @@ import grpc
 from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.client import ClusterClient
 from ledger_cluster.config import ClusterConfig
-from ledger_cluster.core import TABLE_NAMES, AccountsCore
+from ledger_cluster.core import AccountsCore
 from ledger_cluster.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
@@ -46,12 +46,15 @@ from ledger_cluster.limits import (
 )
 from ledger_cluster.process import stop_broken_process
 from ledger_cluster.status import ApiError
-from ledger_cluster.storage import Storage, make_private_directory
+from ledger_cluster.storage import DirectoryLock
 
 logger = logging.getLogger(__name__)
 Response = TypeVar("Response")
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
+TIMEOUT_SECONDS_MAX = 3600.0
+# How much of a malformed id an error echoes back.
+ECHOED_ID_CHARACTERS_MAX = 64
 LEADER_POLL_SECONDS = 1.0
 # A random 64-bit id meets an existing one about once in 2**64 draws; a few attempts suffice,
 # and the bound keeps a broken id source from looping forever.
@@ -81,9 +84,8 @@ class CoreApi(Protocol):
 
 
 class _StandaloneShard:
-    def __init__(self, core: AccountsCore, storage: Storage) -> None:
+    def __init__(self, core: AccountsCore) -> None:
         self.core = core
-        self.storage = storage
         # One writer per shard: the lock orders applies and hands out log indices.
         self.lock = threading.Lock()
         self.next_index = core.applied_index() + 1
@@ -92,7 +94,7 @@ class _StandaloneShard:
 class StandaloneBackend:
     """Every shard of a config in this process: one LMDB environment and one lock per shard,
     no Raft. Each update is one synced LMDB write transaction, so an acknowledged write
-    survives kill -9 (and power loss)."""
+    survives kill -9 (and power loss). The data directory is locked against a second process."""
 
     def __init__(
         self,
@@ -102,21 +104,23 @@ class StandaloneBackend:
     ) -> None:
         self._config = config
         self._on_broken = on_broken
-        make_private_directory(Path(data_dir))
+        self._closed = False
+        self._lock = DirectoryLock(Path(data_dir))
         replicas_dir = Path(data_dir) / "replicas"
         self._shards: dict[str, _StandaloneShard] = {}
         try:
             for shard in config.shards:
-                storage = Storage(replicas_dir / shard.shard_id, TABLE_NAMES)
-                core = AccountsCore(storage, shard.lower_bound, shard.upper_bound)
-                self._shards[shard.shard_id] = _StandaloneShard(core, storage)
+                core = AccountsCore.open(replicas_dir / shard.shard_id, shard.lower_bound, shard.upper_bound)
+                self._shards[shard.shard_id] = _StandaloneShard(core)
         except BaseException:
             self.close()
             raise
-        self._closed = False
 
     def _shard_of(self, account_id: int) -> _StandaloneShard:
-        return self._shards[self._config.shard_for_account(account_id).shard_id]
+        shard = self._shards.get(self._config.shard_for_account(account_id).shard_id)
+        if shard is None or self._closed:
+            raise BackendUnavailableError("server is shutting down; nothing applied")
+        return shard
 
     def update(self, account_id: int, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
         shard = self._shard_of(account_id)
@@ -145,11 +149,14 @@ class StandaloneBackend:
         return not self._closed
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         for shard in self._shards.values():
             with shard.lock:
-                shard.storage.close()
+                shard.core.close()
         self._shards.clear()
+        self._lock.release()
 
 
 class ClusterBackend:
@@ -206,14 +213,16 @@ def _parse_account_id(text: str) -> int:
     try:
         return parse_account_id(text)
     except InvalidIdError as error:
-        raise _invalid("INVALID_ACCOUNT_ID", str(error), account_id=text[:64]) from None
+        raise _invalid("INVALID_ACCOUNT_ID", str(error), account_id=text[:ECHOED_ID_CHARACTERS_MAX]) from None
 
 
 def _parse_transaction_id(text: str) -> TransactionId:
     try:
         return parse_transaction_id(text)
     except InvalidIdError as error:
-        raise _invalid("INVALID_TRANSACTION_ID", str(error), transaction_id=text[:64]) from None
+        raise _invalid(
+            "INVALID_TRANSACTION_ID", str(error), transaction_id=text[:ECHOED_ID_CHARACTERS_MAX]
+        ) from None
 
 
 def _check_request_id(request_id: str) -> None:
@@ -341,7 +350,7 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
     @staticmethod
     def _timeout_seconds(context: grpc.ServicerContext) -> float:
         remaining = context.time_remaining()
-        return DEFAULT_TIMEOUT_SECONDS if remaining is None else min(remaining, 3600.0)
+        return DEFAULT_TIMEOUT_SECONDS if remaining is None else min(remaining, TIMEOUT_SECONDS_MAX)
 
     def _update(
         self, account_id: int, command: bytes, context: grpc.ServicerContext
@@ -496,8 +505,12 @@ def _serve(context: grpc.ServicerContext, handler: Callable[[], Response]) -> Re
     try:
         return handler()
     except ApiError as error:
-        context.abort_with_status(error.to_grpc_status())
-        raise  # abort_with_status always raises; this line only satisfies the type checker
+        failure = error
+    except Exception as error:  # every status carries an ErrorInfo, unexpected ones too
+        logger.exception("unexpected error while serving a request")
+        failure = ApiError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error: {type(error).__name__}")
+    context.abort_with_status(failure.to_grpc_status())
+    raise AssertionError("abort_with_status returned")  # it always raises
 
 
 __all__ = [

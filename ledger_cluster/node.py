@@ -23,7 +23,7 @@ from ledger_cluster.errors import (
 )
 from ledger_cluster.replica import ReplicaOptions, ShardReplica
 from ledger_cluster.status import ApiError
-from ledger_cluster.storage import make_private_directory
+from ledger_cluster.storage import DirectoryLock
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,6 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             )
         return response
 
-
     def Digest(
         self, request: node_pb2.DigestRequest, context: grpc.ServicerContext
     ) -> node_pb2.DigestResponse:
@@ -135,7 +134,7 @@ class NodeServer:
 
     def __init__(self, config: ClusterConfig, node_id: str, data_dir: Path, options: ReplicaOptions) -> None:
         self.node = config.node(node_id)
-        make_private_directory(data_dir)
+        self._lock = DirectoryLock(data_dir)
         self.replicas: dict[str, ShardReplica] = {}
         try:
             for shard in config.shards:
@@ -186,3 +185,4 @@ class NodeServer:
         for replica in self.replicas.values():
             replica.close()
         self.replicas.clear()
+        self._lock.release()

@@ -22,7 +22,7 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 
 from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.config import ClusterConfig, ShardConfig
-from ledger_cluster.core import TABLE_NAMES, AccountsCore
+from ledger_cluster.core import AccountsCore
 from ledger_cluster.errors import (
     BackendUnavailableError,
     NotLeaderError,
@@ -30,7 +30,7 @@ from ledger_cluster.errors import (
     UnknownOutcomeError,
 )
 from ledger_cluster.process import stop_broken_process
-from ledger_cluster.storage import Storage, make_private_directory, read_snapshot_header
+from ledger_cluster.storage import make_private_directory, read_snapshot_header
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,9 @@ class ShardReplica:
         }
         self_address = next(address for address, owner in self._address_to_node.items() if owner == node_id)
         partners = sorted(address for address in self._address_to_node if address != self_address)
-        self._storage = Storage(data_dir / "replicas" / shard.shard_id, TABLE_NAMES)
-        self.core = AccountsCore(self._storage, shard.lower_bound, shard.upper_bound)
+        self.core = AccountsCore.open(
+            data_dir / "replicas" / shard.shard_id, shard.lower_bound, shard.upper_bound
+        )
         raft_dir = data_dir / "raft" / shard.shard_id
         make_private_directory(raft_dir)
         conf = self._conf(raft_dir, self_address, options)
@@ -305,7 +306,7 @@ class ShardReplica:
 
     def close(self) -> None:
         self._sync_obj.destroy_synchronous()
-        self._storage.close()
+        self.core.close()
 
 
 def raft_password_from_environment() -> str | None:

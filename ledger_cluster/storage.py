@@ -22,6 +22,7 @@ restore keeps only the rows its caller accepts.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import struct
@@ -29,11 +30,16 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import lmdb
 
-from ledger_cluster.errors import SnapshotCorruptError, SnapshotError, StorageError
+from ledger_cluster.errors import (
+    DataDirectoryInUseError,
+    SnapshotCorruptError,
+    SnapshotError,
+    StorageError,
+)
 
 T = TypeVar("T")
 
@@ -69,12 +75,14 @@ class SnapshotHeader:
 class ReadTransaction:
     """A consistent view of every table at one moment."""
 
-    def __init__(self, transaction: lmdb.Transaction[bytes], tables: Mapping[str, lmdb._Database]):
+    # lmdb 1.x ships no type information; the handles are typed Any here, at the one boundary.
+    def __init__(self, transaction: Any, tables: Mapping[str, Any]):
         self._transaction = transaction
         self._tables = tables
 
     def get(self, table: str, key: bytes) -> bytes | None:
-        return self._transaction.get(key, db=self._tables[table])
+        value: bytes | None = self._transaction.get(key, db=self._tables[table])
+        return value
 
     def scan(self, table: str, start_key: bytes, prefix: bytes, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to `limit` records whose key starts with `prefix`, from `start_key` on, in key order."""
@@ -259,6 +267,9 @@ class Storage:
             except OSError as error:
                 temporary.unlink(missing_ok=True)
                 raise SnapshotError(f"cannot write snapshot {target}: {error}") from error
+            except BaseException:
+                temporary.unlink(missing_ok=True)
+                raise
         os.replace(temporary, target)
         _fsync_directory(target.parent)
         return header
@@ -298,6 +309,38 @@ def make_private_directory(directory: Path) -> None:
         current = current.parent
     for path in reversed(missing):
         path.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
+
+
+LOCK_FILE_NAME = "LOCK"
+
+
+class DirectoryLock:
+    """An exclusive advisory lock on a data directory for the life of this process.
+
+    Two processes applying to the same LMDB files would each hand out log indices the other
+    already used, and the core would take the newer one's writes for replays. The kernel drops
+    the lock when the process dies, kill -9 included, so a crash never leaves it stale."""
+
+    def __init__(self, directory: Path) -> None:
+        make_private_directory(directory)
+        self.path = directory / LOCK_FILE_NAME
+        self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._descriptor)
+            raise DataDirectoryInUseError(
+                f"data directory {directory} is in use by another process"
+            ) from None
+        os.ftruncate(self._descriptor, 0)
+        os.write(self._descriptor, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._descriptor < 0:
+            return
+        fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+        os.close(self._descriptor)
+        self._descriptor = -1
 
 
 def read_snapshot_header(path: str | os.PathLike[str]) -> SnapshotHeader:

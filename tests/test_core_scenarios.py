@@ -9,10 +9,10 @@ import pytest
 
 from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.core import TABLE_NAMES, AccountsCore
-from ledger_cluster.errors import StorageLayoutError
+from ledger_cluster.errors import DataDirectoryInUseError, StorageLayoutError
 from ledger_cluster.limits import INT64_MAX, PAGE_SIZE_MAX
 from ledger_cluster.sharding import shard_key
-from ledger_cluster.storage import Storage
+from ledger_cluster.storage import DirectoryLock, Storage
 from tests.core_ledger import (
     ACCOUNT,
     CANCELLED,
@@ -350,3 +350,15 @@ def test_commands_and_reads_for_another_shard_are_refused(tmp_path: Path) -> Non
             assert view.count("accounts") == 1
     finally:
         ledger.storage.close()
+
+
+def test_a_data_directory_is_held_by_one_process_at_a_time(tmp_path: Path) -> None:
+    first = DirectoryLock(tmp_path / "data")
+    try:
+        # flock is per open file description: a second one conflicts even within a process,
+        # as it does across processes.
+        with pytest.raises(DataDirectoryInUseError, match="in use"):
+            DirectoryLock(tmp_path / "data")
+    finally:
+        first.release()
+    DirectoryLock(tmp_path / "data").release()

@@ -10,7 +10,7 @@ import pytest
 from ledger_cluster.core import SNAPSHOT_TABLES
 from ledger_cluster.errors import SnapshotCorruptError
 from ledger_cluster.sharding import shard_key
-from ledger_cluster.storage import read_snapshot_header
+from ledger_cluster.storage import WriteTransaction, read_snapshot_header
 from tests.core_ledger import Ledger
 
 ACCOUNTS = [0x10 + index for index in range(12)]
@@ -143,3 +143,43 @@ def test_snapshot_write_is_atomic(ledger: Ledger, tmp_path: Path) -> None:
     snapshot = tmp_path / "shard.snapshot"
     ledger.core.write_snapshot(snapshot)
     assert sorted(path.name for path in tmp_path.iterdir() if path.is_file()) == ["shard.snapshot"]
+
+
+@pytest.mark.parametrize(
+    ("table", "damage"),
+    [
+        ("accounts", "delete the account of live transactions"),
+        ("account_transactions", "delete an order-index row"),
+        ("idempotency", "delete a request_id row"),
+        ("transactions", "store an undecodable transaction"),
+        ("transactions", "store a transaction under a short key"),
+    ],
+)
+def test_snapshot_that_passes_its_checksum_but_is_inconsistent_is_rejected(
+    ledger: Ledger, tmp_path: Path, table: str, damage: str
+) -> None:
+    account_key = ACCOUNTS[0].to_bytes(8, "big")
+
+    def corrupt(transaction: WriteTransaction) -> None:
+        if damage.startswith("delete the account"):
+            transaction.delete(table, account_key)
+        elif damage.startswith("delete an order"):
+            transaction.delete(table, account_key + (0).to_bytes(8, "big"))
+        elif damage.startswith("delete a request_id"):
+            transaction.delete(table, account_key + b"seed")
+        elif damage.startswith("store an undecodable"):
+            transaction.put(table, account_key + (99).to_bytes(8, "big"), b"\xff\xff\xff")
+        else:
+            transaction.put(table, b"abc", b"")
+
+    ledger.storage.write(corrupt)
+    snapshot = tmp_path / "inconsistent.snapshot"
+    ledger.core.write_snapshot(snapshot)  # a valid stream of an invalid state
+    fresh = Ledger(tmp_path / "fresh")
+    try:
+        before = fresh.core.state_digest()
+        with pytest.raises(SnapshotCorruptError, match="inconsistent"):
+            fresh.core.restore_snapshot(snapshot)
+        assert fresh.core.state_digest() == before
+    finally:
+        fresh.storage.close()

@@ -38,6 +38,7 @@ from tests.processes import (
     REPO_ROOT,
     StandaloneServer,
     clean_environment,
+    free_port,
     health_status,
     log_tail,
     managed_process,
@@ -923,5 +924,18 @@ def test_second_server_on_same_port_fails(server: StandaloneServer, stub: Stub, 
             second.fail(f"exited {exit_code}, but the log does not say the port is in use")
     # The first server is unharmed and still answers alone on its port.
     assert health_status(server.address) == "SERVING"
+    account = new_account(stub)
+    assert get_account(stub, account.id).id == account.id
+
+
+def test_second_server_on_same_data_dir_fails(server: StandaloneServer, stub: Stub, tmp_path: Path) -> None:
+    command = standalone_command(free_port(), server.data_dir, server.config_path)
+    with managed_process("second ledger-standalone", command, tmp_path / "second.log") as second:
+        exit_code = second.wait_exit()
+        if exit_code == 0:
+            second.fail("a second server on the same data directory exited 0")
+        if "in use by another process" not in log_tail(second.log_path):
+            second.fail(f"exited {exit_code}, but the log does not say the data directory is in use")
+    # The first server still owns its data and keeps serving.
     account = new_account(stub)
     assert get_account(stub, account.id).id == account.id

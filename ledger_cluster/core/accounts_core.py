@@ -20,6 +20,7 @@ from ledger_cluster.core import tables
 from ledger_cluster.errors import (
     InvariantViolationError,
     ReplicaBrokenError,
+    SnapshotCorruptError,
     StorageLayoutError,
 )
 from ledger_cluster.ids import format_account_id, format_transaction_id
@@ -39,6 +40,9 @@ from ledger_cluster.storage import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The sequence of an account's transactions is a uint64; a scan bounded by this never stops short.
+TRANSACTIONS_PER_ACCOUNT_MAX = 2**64
 
 Outcome = core_pb2.Outcome
 Status = ledger_pb2.TransactionStatus
@@ -144,20 +148,33 @@ class _AccountChange:
 
 
 class _Changes:
-    """Writes of one apply, so the balance invariants can be checked against exactly what
-    changed: each account's counters must move by the sum of its transactions' moves."""
+    """Reads and writes of one apply. Writes go to an overlay that later reads see, and through
+    to the write transaction unless this is a dry run (a replayed entry evaluated on a read
+    transaction, so nothing can be written and nothing needs undoing). The overlay also records
+    what changed, so the balance invariants can be checked against exactly that: each account's
+    counters must move by the sum of its transactions' moves."""
 
-    def __init__(self, transaction: WriteTransaction) -> None:
+    def __init__(self, view: ReadTransaction, transaction: WriteTransaction | None) -> None:
+        self._view = view
         self._transaction = transaction
+        self._written: dict[tuple[str, bytes], bytes] = {}
         self._accounts: dict[int, _AccountChange] = {}
 
+    def _get(self, table: str, key: bytes) -> bytes | None:
+        written = self._written.get((table, key))
+        return written if written is not None else self._view.get(table, key)
+
+    def _put(self, table: str, key: bytes, value: bytes) -> None:
+        self._written[(table, key)] = value
+        if self._transaction is not None:
+            self._transaction.put(table, key, value)
+
     def get_account(self, account_id: int) -> core_pb2.AccountRecord | None:
-        data = self._transaction.get(tables.ACCOUNTS, tables.account_key(account_id))
+        data = self._get(tables.ACCOUNTS, tables.account_key(account_id))
         return None if data is None else tables.decode_account(data)
 
     def get_transaction(self, account_id: int, number: int) -> core_pb2.TransactionRecord | None:
-        key = tables.transaction_key(account_id, number)
-        data = self._transaction.get(tables.TRANSACTIONS, key)
+        data = self._get(tables.TRANSACTIONS, tables.transaction_key(account_id, number))
         return None if data is None else tables.decode_transaction(data)
 
     def _change_of(self, account_id: int) -> _AccountChange:
@@ -166,16 +183,14 @@ class _Changes:
         return self._accounts[account_id]
 
     def get_request(self, account_id: int, request_id: str) -> int | None:
-        key = tables.idempotency_key(account_id, request_id)
-        data = self._transaction.get(tables.IDEMPOTENCY, key)
+        data = self._get(tables.IDEMPOTENCY, tables.idempotency_key(account_id, request_id))
         return None if data is None else tables.decode_u64(data)
 
     def put_account(self, record: core_pb2.AccountRecord) -> None:
         change = self._change_of(record.account_id)
         change.after = core_pb2.AccountRecord()
         change.after.CopyFrom(record)
-        key = tables.account_key(record.account_id)
-        self._transaction.put(tables.ACCOUNTS, key, tables.encode_record(record))
+        self._put(tables.ACCOUNTS, tables.account_key(record.account_id), tables.encode_record(record))
 
     def put_transaction(
         self, before: core_pb2.TransactionRecord | None, record: core_pb2.TransactionRecord
@@ -184,10 +199,10 @@ class _Changes:
         after.CopyFrom(record)
         self._change_of(record.account_id).transaction_deltas.append((before, after))
         key = tables.transaction_key(record.account_id, record.transaction_number)
-        self._transaction.put(tables.TRANSACTIONS, key, tables.encode_record(record))
+        self._put(tables.TRANSACTIONS, key, tables.encode_record(record))
 
     def put_raw(self, table: str, key: bytes, value: bytes) -> None:
-        self._transaction.put(table, key, value)
+        self._put(table, key, value)
 
     def check(self) -> None:
         for account_id, change in sorted(self._accounts.items()):
@@ -516,13 +531,52 @@ def _read(
 # -- whole-state checks ---------------------------------------------------------------------
 
 
+def _record_problems(view: ReadTransaction) -> list[str]:
+    """Every row of every table well-formed and referenced as the key layout says: a snapshot
+    can pass its checksum and still describe an impossible state."""
+    problems: list[str] = []
+    for key, value in view.iterate(tables.ACCOUNTS):
+        account = tables.decode_account(value)
+        if len(key) != 8 or account.account_id != tables.decode_u64(key):
+            problems.append(f"account row {key.hex()} does not match its record")
+    for key, value in view.iterate(tables.TRANSACTIONS):
+        record = tables.decode_transaction(value)
+        where = f"transaction row {key.hex()}"
+        if len(key) != 16 or key != tables.transaction_key(record.account_id, record.transaction_number):
+            problems.append(f"{where} does not match its record")
+        elif view.get(tables.ACCOUNTS, key[:8]) is None:
+            problems.append(f"{where} belongs to a missing account")
+        elif view.get(
+            tables.ACCOUNT_TRANSACTIONS, tables.sequence_key(record.account_id, record.sequence)
+        ) != tables.encode_u64(record.transaction_number):
+            problems.append(f"{where} is not in its account's order index")
+        elif record.request_id and view.get(
+            tables.IDEMPOTENCY, tables.idempotency_key(record.account_id, record.request_id)
+        ) != tables.encode_u64(record.transaction_number):
+            problems.append(f"{where} has a request_id without its idempotency row")
+    for table in (tables.ACCOUNT_TRANSACTIONS, tables.IDEMPOTENCY):
+        for key, value in view.iterate(table):
+            if len(key) < 8 or len(value) != 8 or view.get(tables.TRANSACTIONS, key[:8] + value) is None:
+                problems.append(f"{table} row {key.hex()} points at no transaction")
+    return problems
+
+
+def verify_state(view: ReadTransaction) -> list[str]:
+    """Structure and balances of the whole state; one line per problem found."""
+    try:
+        problems = _record_problems(view)
+    except (DecodeError, ValueError) as error:
+        return [f"undecodable record: {error}"]
+    return problems + verify_balances(view)
+
+
 def verify_balances(view: ReadTransaction) -> list[str]:
     """Recompute every account's counters from its transactions; describe each mismatch."""
     problems: list[str] = []
     for key, value in view.iterate(tables.ACCOUNTS):
         account = tables.decode_account(value)
         settled = debits = credits = count = 0
-        for _, number in view.scan(tables.ACCOUNT_TRANSACTIONS, key, key, 2**63):
+        for _, number in view.scan(tables.ACCOUNT_TRANSACTIONS, key, key, TRANSACTIONS_PER_ACCOUNT_MAX):
             record = _read_transaction(view, account.account_id, tables.decode_u64(number))
             if record is None:
                 problems.append(f"account {key.hex()}: index points at a missing transaction")
@@ -556,6 +610,19 @@ class AccountsCore:
         self.lower_bound = lower_bound
         self.upper_bound = upper_bound
         storage.write(self._initialize_meta)
+
+    @classmethod
+    def open(cls, directory: Path, lower_bound: int, upper_bound: int) -> AccountsCore:
+        """The core of the shard whose LMDB environment lives in `directory`."""
+        storage = Storage(directory, tables.TABLE_NAMES)
+        try:
+            return cls(storage, lower_bound, upper_bound)
+        except BaseException:
+            storage.close()
+            raise
+
+    def close(self) -> None:
+        self._storage.close()
 
     def _initialize_meta(self, transaction: WriteTransaction) -> None:
         stored = transaction.get(tables.META, tables.META_SHARD_BOUNDS)
@@ -592,26 +659,44 @@ class AccountsCore:
         """Apply log entry `log_index` exactly once.
 
         An entry at or below the stored applied index was applied before (PySyncObj replays its
-        journal after every restart): it is evaluated against the current state and rolled
-        back, so it changes nothing and answers what a repeat of it answers now. That answer is
+        journal after every restart): it is evaluated as a dry run on a read transaction, so it
+        changes nothing and answers what a repeat of it answers now. That answer is
         the original one for every entry that stored something (ids make repeats return the
         stored object); an entry that originally failed without storing anything may answer
         differently. No caller waits on a replayed entry, and keeping every entry's result
         instead would grow without bound."""
         if log_index <= 0:
             raise ReplicaBrokenError(f"log index must be positive, got {log_index}")
-        already_applied = log_index <= self.applied_index()
+        with self._storage.read() as view:
+            if log_index <= self._applied_index_in(view):
+                return self._execute_checked(view, None, command_bytes, log_index)
 
         def run(transaction: WriteTransaction) -> core_pb2.CommandResult:
-            changes = _Changes(transaction)
-            result = _execute(changes, command_bytes, self.owns_account)
-            changes.check()
-            if not already_applied:
-                transaction.put(tables.META, tables.META_APPLIED_INDEX, tables.encode_u64(log_index))
-            result.log_index = log_index
+            applied_index = self._applied_index_in(transaction)
+            if log_index <= applied_index:
+                # Only this replica's apply thread writes; a higher index here means another
+                # process wrote to the same files.
+                raise ReplicaBrokenError(
+                    f"entry {log_index} was applied by another writer (stored index {applied_index})"
+                )
+            result = self._execute_checked(transaction, transaction, command_bytes, log_index)
+            transaction.put(tables.META, tables.META_APPLIED_INDEX, tables.encode_u64(log_index))
             return result
 
-        return self._storage.write(run, commit=not already_applied)
+        return self._storage.write(run)
+
+    def _execute_checked(
+        self,
+        view: ReadTransaction,
+        transaction: WriteTransaction | None,
+        command_bytes: bytes,
+        log_index: int,
+    ) -> core_pb2.CommandResult:
+        changes = _Changes(view, transaction)
+        result = _execute(changes, command_bytes, self.owns_account)
+        changes.check()
+        result.log_index = log_index
+        return result
 
     def read(self, query: core_pb2.ReadQuery) -> core_pb2.ReadResult:
         with self._storage.read() as view:
@@ -621,7 +706,7 @@ class AccountsCore:
 
     def verify(self) -> list[str]:
         with self._storage.read() as view:
-            return verify_balances(view)
+            return verify_state(view)
 
     def state_digest(self) -> tuple[int, str]:
         """(applied index, sha256 over every data record) from one view: equal on replicas
@@ -658,7 +743,7 @@ class AccountsCore:
 
         The stored applied index becomes `applied_index(header)` (default: the header's), so a
         snapshot from another layout can be given the index of the log it will continue.
-        Balances are recomputed before commit; any failure leaves the old state."""
+        Every row and balance is checked before commit; any failure leaves the old state."""
 
         def keep(table: str, key: bytes) -> bool:
             return self.owns_key(shard_key_of_account_bytes(key[:8]))
@@ -666,7 +751,10 @@ class AccountsCore:
         def finish(transaction: WriteTransaction, header: SnapshotHeader) -> None:
             index = header.applied_index if applied_index is None else applied_index(header)
             transaction.put(tables.META, tables.META_APPLIED_INDEX, tables.encode_u64(index))
-            problems = verify_balances(transaction)
-            require_invariant(not problems, f"restored snapshot is inconsistent: {problems[:3]}")
+            problems = verify_state(transaction)
+            if problems:
+                raise SnapshotCorruptError(
+                    f"snapshot {path} passes its checksum but is inconsistent: {problems[:3]}"
+                )
 
         return self._storage.restore_snapshot(path, tables.SNAPSHOT_TABLES, keep, finish)
