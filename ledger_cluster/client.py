@@ -47,6 +47,12 @@ CHANNEL_OPTIONS = [
 _NOT_TAKEN_REASONS = {"NOT_LEADER", "NO_LEADER", "QUEUE_FULL", "SHARD_NOT_HOSTED"}
 
 
+def _never_sent(code: grpc.StatusCode, message: str) -> bool:
+    """gRPC fails a call on a channel it could not connect at all before sending anything: that
+    command certainly did not reach the node (unlike a connection lost mid-call)."""
+    return code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower()
+
+
 @dataclass(frozen=True)
 class NodeStatus:
     node_id: str
@@ -145,6 +151,8 @@ class ClusterClient:
                     self.remember_leader(shard.shard_id, hint)
                     if hint is not None and hint != node_id:
                         continue  # follow the hint at once
+                elif _never_sent(details.code, details.message):
+                    self.remember_leader(shard.shard_id, None)
                 elif details.reason not in _NOT_TAKEN_REASONS:
                     if details.code not in (
                         grpc.StatusCode.UNAVAILABLE,
@@ -192,11 +200,13 @@ class ClusterClient:
 
     def refresh_leaders(self, timeout_seconds: float = STATUS_TIMEOUT_SECONDS) -> dict[str, str]:
         """Ask every node who leads what; remember and return shard id -> leader node id for
-        the shards whose leader answered as leader (the highest term wins a disagreement)."""
+        the shards whose leader answered as leader with a majority in reach (the highest term
+        wins a disagreement)."""
         best: dict[str, tuple[int, str]] = {}
         for status in self.node_statuses(timeout_seconds):
             for replica in status.replicas:
-                if replica.is_leader and replica.term >= best.get(replica.shard_id, (-1, ""))[0]:
+                usable = replica.is_leader and replica.has_quorum
+                if usable and replica.term >= best.get(replica.shard_id, (-1, ""))[0]:
                     best[replica.shard_id] = (replica.term, replica.node_id)
         leaders = {shard_id: node_id for shard_id, (_, node_id) in best.items()}
         for shard_id, node_id in leaders.items():

@@ -25,6 +25,7 @@ from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.client import ClusterClient
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.core import AccountsCore
+from ledger_cluster.deadlines import work_budget_seconds
 from ledger_cluster.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
@@ -52,7 +53,6 @@ logger = logging.getLogger(__name__)
 Response = TypeVar("Response")
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
-TIMEOUT_SECONDS_MAX = 3600.0
 # How much of a malformed id an error echoes back.
 ECHOED_ID_CHARACTERS_MAX = 64
 LEADER_POLL_SECONDS = 1.0
@@ -173,16 +173,17 @@ class ClusterBackend:
         self._poller.start()
 
     def _poll_leaders(self) -> None:
+        previously_leaderless: list[str] = []
         while not self._stop.is_set():
             leaders = self._client.refresh_leaders()
-            ready = self._shard_ids.issubset(leaders)
-            if ready != self._ready:
-                missing = sorted(self._shard_ids - set(leaders))
-                if ready:
-                    logger.info("every shard has a leader")
+            leaderless = sorted(self._shard_ids - set(leaders))
+            if leaderless != previously_leaderless:
+                if leaderless:
+                    logger.warning("shards without a leader: %s", ", ".join(leaderless))
                 else:
-                    logger.warning("shards without a leader: %s", ", ".join(missing))
-            self._ready = ready
+                    logger.info("every shard has a leader")
+                previously_leaderless = leaderless
+            self._ready = not leaderless
             self._stop.wait(LEADER_POLL_SECONDS)
 
     def update(self, account_id: int, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
@@ -349,8 +350,7 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
 
     @staticmethod
     def _timeout_seconds(context: grpc.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        return DEFAULT_TIMEOUT_SECONDS if remaining is None else min(remaining, TIMEOUT_SECONDS_MAX)
+        return work_budget_seconds(context, DEFAULT_TIMEOUT_SECONDS)
 
     def _update(
         self, account_id: int, command: bytes, context: grpc.ServicerContext

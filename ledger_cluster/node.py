@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.config import ClusterConfig
+from ledger_cluster.deadlines import work_budget_seconds
 from ledger_cluster.errors import (
     BackendUnavailableError,
     NotLeaderError,
@@ -38,8 +39,7 @@ NODE_SERVICE_NAME = "ledger_cluster.api.v1.NodeService"
 
 
 def _timeout_seconds(context: grpc.ServicerContext) -> float:
-    remaining = context.time_remaining()
-    return DEFAULT_NODE_TIMEOUT_SECONDS if remaining is None else max(min(remaining, 3600.0), 0.0)
+    return work_budget_seconds(context, DEFAULT_NODE_TIMEOUT_SECONDS)
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):

@@ -197,7 +197,9 @@ def status(config_path: str, timeout_seconds: float) -> None:
             replicas[replica_config.node_id] = next(
                 (r for r in node_status.replicas if r.shard_id == shard.shard_id), None
             )
-        leaders = [r for r in replicas.values() if r is not None and r.is_leader]
+        # A leader that lost its majority still calls itself leader until it falls back, but
+        # it can commit nothing: it does not count.
+        leaders = [r for r in replicas.values() if r is not None and r.is_leader and r.has_quorum]
         leader = max(leaders, key=lambda r: r.term) if leaders else None
         if leader is None:
             leaderless.append(shard.shard_id)
