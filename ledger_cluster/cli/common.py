@@ -48,6 +48,25 @@ def config_option(function: Command) -> Command:
     )(function)
 
 
+def listen_options(function: Command) -> Command:
+    """--host and --port of a public LedgerService listener."""
+    function = click.option(
+        "--port",
+        type=click.IntRange(0, 65535),
+        default=8000,
+        show_default=True,
+        envvar="LEDGER_PORT",
+        help="gRPC port; 0 picks a free one (env LEDGER_PORT).",
+    )(function)
+    return click.option(
+        "--host",
+        default="127.0.0.1",
+        show_default=True,
+        envvar="LEDGER_HOST",
+        help="Address to listen on (env LEDGER_HOST).",
+    )(function)
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),

@@ -10,6 +10,7 @@ import click
 from ledger_cluster.cli.common import (
     CONTEXT_SETTINGS,
     config_option,
+    listen_options,
     load_config,
     log_level_option,
     setup_logging,
@@ -23,21 +24,7 @@ logger = logging.getLogger("ledger_cluster.standalone")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.option(
-    "--host",
-    default="127.0.0.1",
-    show_default=True,
-    envvar="LEDGER_HOST",
-    help="Address to listen on (env LEDGER_HOST).",
-)
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=8000,
-    show_default=True,
-    envvar="LEDGER_PORT",
-    help="gRPC port; 0 picks a free one (env LEDGER_PORT).",
-)
+@listen_options
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False),
