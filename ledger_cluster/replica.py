@@ -52,6 +52,10 @@ SNAPSHOT_TRANSFER_BATCH_BYTES = 2**20
 LOG_COMPACTION_MIN_ENTRIES_DEFAULT = 50_000
 LOG_COMPACTION_MIN_SECONDS_DEFAULT = 600.0
 BIND_RETRY_SECONDS = 0.5
+SOCKET_BUFFER_BYTES = 2**16
+DNS_CACHE_SECONDS = 600.0
+DNS_FAILURE_CACHE_SECONDS = 30.0
+TCP_KEEPALIVE = (16, 3, 5)
 BIND_RETRIES_MAX = 20
 RAFT_PASSWORD_ENVIRONMENT_VARIABLE = "LEDGER_RAFT_PASSWORD"
 RAFT_POSITION_FORMAT_VERSION = 1
@@ -156,7 +160,10 @@ class ShardReplica:
 
     def _conf(self, raft_dir: Path, self_address: str, options: ReplicaOptions) -> SyncObjConf:
         return SyncObjConf(
+            # Encrypts and authenticates Raft traffic (Fernet); without it any peer that can
+            # connect sends pickles that this process unpickles.
             password=options.raft_password,
+            # PySyncObj's own thread ticks the group: applies, heartbeats, elections.
             autoTick=True,
             autoTickPeriod=AUTO_TICK_PERIOD_SECONDS,
             commandsQueueSize=COMMANDS_QUEUE_SIZE_MAX,
@@ -164,6 +171,7 @@ class ShardReplica:
             raftMaxTimeout=RAFT_MAX_TIMEOUT_SECONDS,
             appendEntriesPeriod=APPEND_ENTRIES_PERIOD_SECONDS,
             connectionTimeout=CONNECTION_TIMEOUT_SECONDS,
+            # Reconnect to a restarted peer within a second, not the default five.
             connectionRetryTime=CONNECTION_RETRY_SECONDS,
             leaderFallbackTimeout=LEADER_FALLBACK_TIMEOUT_SECONDS,
             appendEntriesUseBatch=options.append_entries_use_batch,
@@ -171,21 +179,32 @@ class ShardReplica:
             # Bind exactly the configured host:port, never a wildcard.
             bindAddress=self_address,
             preferredAddrType="ipv4",
+            sendBufferSize=SOCKET_BUFFER_BYTES,
+            recvBufferSize=SOCKET_BUFFER_BYTES,
+            # Peers are configured as addresses; cached name lookups only matter for host names.
+            dnsCacheTime=DNS_CACHE_SECONDS,
+            dnsFailCacheTime=DNS_FAILURE_CACHE_SECONDS,
+            # Detect a silently dead peer connection (seconds idle, probe interval, probes).
+            tcp_keepalive=TCP_KEEPALIVE,
             logCompactionMinEntries=options.log_compaction_min_entries,
             logCompactionMinTime=options.log_compaction_min_seconds,
+            # Each replica compacts on its own schedule; LMDB snapshots are cheap read views.
             logCompactionSplit=False,
             logCompactionBatchSize=SNAPSHOT_TRANSFER_BATCH_BYTES,
             # Without a leader, fail fast (UNAVAILABLE) instead of queueing writes unseen.
             commandsWaitLeader=False,
+            # Durable log (the default keeps it in memory only) and the compaction dump.
             journalFile=str(raft_dir / "journal"),
             fullDumpFile=str(raft_dir / "dump"),
-            # Our own serializer also turns off PySyncObj's fork and its pickled dumps.
+            # Our own serializer writes the LMDB snapshot stream instead of pickling this object,
+            # and it also turns off PySyncObj's fork.
             serializer=self._write_dump,
             deserializer=self._read_dump,
             serializeChecker=None,
             useFork=False,
             bindRetryTime=BIND_RETRY_SECONDS,
             maxBindRetries=BIND_RETRIES_MAX,
+            # Membership is the config file's; no runtime changes.
             dynamicMembershipChange=False,
             onReady=None,
             onStateChanged=None,
