@@ -24,7 +24,7 @@ from ledger_cluster.errors import (
     BackendUnavailableError,
     UnknownOutcomeError,
 )
-from ledger_cluster.status import error_details
+from ledger_cluster.status import ErrorDetails, error_details
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ ATTEMPT_TIMEOUT_SECONDS_MAX = 2.0
 BACKOFF_INITIAL_SECONDS = 0.02
 BACKOFF_MAX_SECONDS = 0.5
 ATTEMPTS_MAX = 200  # a bound on the loop even with a huge deadline
+# Leader hints followed without backoff in one call: two nodes pointing at each other during an
+# election must not spin.
+HINTS_FOLLOWED_MAX = 3
+LEADERLESS_FAIL_FAST_SECONDS = 3.0
 STATUS_TIMEOUT_SECONDS = 1.0
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -44,13 +48,30 @@ CHANNEL_OPTIONS = [
 ]
 
 # Reasons with which a node says "I did not take this command".
-_NOT_TAKEN_REASONS = {"NOT_LEADER", "NO_LEADER", "QUEUE_FULL", "SHARD_NOT_HOSTED"}
+_RETRIED_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+}
+_NOT_TAKEN_REASONS = {"NOT_LEADER", "NO_LEADER", "QUEUE_FULL", "SHARD_NOT_HOSTED", "NOT_TAKEN"}
 
 
 def _never_sent(code: grpc.StatusCode, message: str) -> bool:
     """gRPC fails a call on a channel it could not connect at all before sending anything: that
     command certainly did not reach the node (unlike a connection lost mid-call)."""
     return code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower()
+
+
+def _may_have_applied(error: grpc.RpcError, details: ErrorDetails) -> bool:
+    """Whether a failed attempt may still have reached the log; re-raises errors that are
+    neither "not taken" nor a transport failure or timeout (a bug, not a retry case)."""
+    if details.reason in _NOT_TAKEN_REASONS:
+        return False
+    if details.code not in _RETRIED_CODES:
+        raise error
+    # Lost connection, timeout, or a proposal with unknown fate: keep trying the same bytes.
+    return True
 
 
 @dataclass(frozen=True)
@@ -71,8 +92,11 @@ class ClusterClient:
         self._stubs = {
             node_id: node_pb2_grpc.NodeServiceStub(channel) for node_id, channel in self._channels.items()
         }
+        self._shards_by_id = {shard.shard_id: shard for shard in config.shards}
         self._leaders: dict[str, str] = {}
         self._leaders_lock = threading.Lock()
+        # When each shard was last seen without a usable leader (None: it has one, or unknown).
+        self._leaderless_since: dict[str, float] = {}
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -85,17 +109,14 @@ class ClusterClient:
             return self._leaders.get(shard_id)
 
     def remember_leader(self, shard_id: str, node_id: str | None) -> None:
+        shard = self._shards_by_id.get(shard_id)
+        if shard is None:
+            return  # a node reporting a shard this config does not know
         with self._leaders_lock:
-            if node_id and any(r.node_id == node_id for r in self._shard(shard_id).replicas):
+            if node_id and any(r.node_id == node_id for r in shard.replicas):
                 self._leaders[shard_id] = node_id
             else:
                 self._leaders.pop(shard_id, None)
-
-    def _shard(self, shard_id: str) -> ShardConfig:
-        for shard in self.config.shards:
-            if shard.shard_id == shard_id:
-                return shard
-        raise KeyError(shard_id)
 
     def _candidate(self, shard: ShardConfig, attempt: int) -> str:
         leader = self.cached_leader(shard.shard_id)
@@ -136,6 +157,7 @@ class ClusterClient:
         outcome_unknown = False
         last_problem = ""
         backoff_seconds = BACKOFF_INITIAL_SECONDS
+        hints_followed = 0
         for attempt in range(ATTEMPTS_MAX):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -149,23 +171,17 @@ class ClusterClient:
                 if details.reason == "NOT_LEADER":
                     hint = details.metadata.get("leader_node_id") or None
                     self.remember_leader(shard.shard_id, hint)
-                    if hint is not None and hint != node_id:
+                    if hint is not None and hint != node_id and hints_followed < HINTS_FOLLOWED_MAX:
+                        hints_followed += 1
                         continue  # follow the hint at once
-                elif _never_sent(details.code, details.message):
+                elif _never_sent(details.code, details.message) or details.reason == "NO_LEADER":
                     self.remember_leader(shard.shard_id, None)
-                elif details.reason not in _NOT_TAKEN_REASONS:
-                    if details.code not in (
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        grpc.StatusCode.CANCELLED,
-                    ):
-                        raise
-                    # Lost connection, timeout, or a proposal with unknown fate: the command
-                    # may have reached the log. Keep trying with the same bytes.
-                    outcome_unknown = outcome_unknown or is_update
-                    self.remember_leader(shard.shard_id, None)
+                    if self.leaderless_seconds(shard.shard_id) > LEADERLESS_FAIL_FAST_SECONDS:
+                        # An election takes at most ~1.4 s: a shard leaderless for longer has
+                        # lost its majority. Say so now instead of holding a thread to the deadline.
+                        break
                 else:
+                    outcome_unknown = (_may_have_applied(error, details) and is_update) or outcome_unknown
                     self.remember_leader(shard.shard_id, None)
             sleep_seconds = min(backoff_seconds * random.uniform(0.5, 1.0), deadline - time.monotonic())
             if sleep_seconds > 0:
@@ -211,4 +227,18 @@ class ClusterClient:
         leaders = {shard_id: node_id for shard_id, (_, node_id) in best.items()}
         for shard_id, node_id in leaders.items():
             self.remember_leader(shard_id, node_id)
+        now = time.monotonic()
+        with self._leaders_lock:
+            for shard_id in self._shards_by_id:
+                if shard_id in leaders:
+                    self._leaderless_since.pop(shard_id, None)
+                else:
+                    self._leaderless_since.setdefault(shard_id, now)
         return leaders
+
+    def leaderless_seconds(self, shard_id: str) -> float:
+        """How long refresh_leaders has seen this shard without a usable leader (0: it has one,
+        or nobody polls)."""
+        with self._leaders_lock:
+            since = self._leaderless_since.get(shard_id)
+        return 0.0 if since is None else time.monotonic() - since

@@ -175,7 +175,11 @@ class ClusterBackend:
     def _poll_leaders(self) -> None:
         previously_leaderless: list[str] = []
         while not self._stop.is_set():
-            leaders = self._client.refresh_leaders()
+            try:
+                leaders = self._client.refresh_leaders()
+            except Exception:  # the poller must outlive any one bad answer, or health freezes
+                logger.exception("leader poll failed")
+                leaders = {}
             leaderless = sorted(self._shard_ids - set(leaders))
             if leaderless != previously_leaderless:
                 if leaderless:

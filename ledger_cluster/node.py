@@ -63,7 +63,13 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     ) -> node_pb2.UpdateResponse:
         def run() -> node_pb2.UpdateResponse:
             replica = self._replica(request.shard_id)
-            result = replica.submit(request.command, _timeout_seconds(context))
+            budget_seconds = _timeout_seconds(context)
+            if budget_seconds <= 0 or not context.is_active():
+                # Proposing what nobody will wait for only turns it into an unknown outcome.
+                raise ApiError(
+                    grpc.StatusCode.UNAVAILABLE, "NOT_TAKEN", "too little time left to propose; not applied"
+                )
+            result = replica.submit(request.command, budget_seconds)
             return node_pb2.UpdateResponse(result=result)
 
         return _serve(context, run)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.journal import createJournal
 
 from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.config import ClusterConfig, ShardConfig
@@ -27,6 +28,7 @@ from ledger_cluster.errors import (
     BackendUnavailableError,
     NotLeaderError,
     ReplicaBrokenError,
+    SnapshotError,
     UnknownOutcomeError,
 )
 from ledger_cluster.process import stop_broken_process
@@ -155,6 +157,15 @@ class ShardReplica:
         )
         raft_dir = data_dir / "raft" / shard.shard_id
         make_private_directory(raft_dir)
+        self._on_broken = on_broken
+        try:
+            _check_journal_covers_state(raft_dir / "journal", self.core.applied_index(), shard.shard_id)
+        except BaseException:
+            self.core.close()
+            raise
+        # PySyncObj loads its dump on the first tick; a dump present now is our own, written
+        # at a compaction before the restart (later loads are snapshots sent by the leader).
+        self._startup_dump_pending = (raft_dir / "dump").is_file()
         conf = self._conf(raft_dir, self_address, options)
         self._sync_obj = _LedgerSyncObj(self_address, partners, conf, self.core, on_broken)
 
@@ -179,6 +190,8 @@ class ShardReplica:
             # Bind exactly the configured host:port, never a wildcard.
             bindAddress=self_address,
             preferredAddrType="ipv4",
+            # epoll where available.
+            pollerType="auto",
             sendBufferSize=SOCKET_BUFFER_BYTES,
             recvBufferSize=SOCKET_BUFFER_BYTES,
             # Peers are configured as addresses; cached name lookups only matter for host names.
@@ -188,7 +201,8 @@ class ShardReplica:
             tcp_keepalive=TCP_KEEPALIVE,
             logCompactionMinEntries=options.log_compaction_min_entries,
             logCompactionMinTime=options.log_compaction_min_seconds,
-            # Each replica compacts on its own schedule; LMDB snapshots are cheap read views.
+            # Each replica compacts on its own schedule. The dump is written on the tick thread
+            # (PySyncObj's design), so a large shard pauses heartbeats while it is written.
             logCompactionSplit=False,
             logCompactionBatchSize=SNAPSHOT_TRANSFER_BATCH_BYTES,
             # Without a leader, fail fast (UNAVAILABLE) instead of queueing writes unseen.
@@ -215,6 +229,16 @@ class ShardReplica:
 
     def _write_dump(self, path: str, raft_data: Any) -> None:
         last_entry, previous_entry, _cluster = raft_data
+        applied_index = self.core.applied_index()
+        if applied_index > int(last_entry[1]):
+            # Still replaying the journal after a restart: the state is ahead of the Raft
+            # position, and a replica restored from such a dump would hold state its log does
+            # not reach. PySyncObj logs the failure and tries again on a later tick.
+            logger.info("shard %s: compaction deferred until the journal replay ends", self.shard.shard_id)
+            raise SnapshotError(
+                f"shard {self.shard.shard_id}: compaction deferred while replaying"
+                f" (state at {applied_index}, raft at {last_entry[1]})"
+            )
         position = core_pb2.RaftPosition(
             format_version=RAFT_POSITION_FORMAT_VERSION,
             last_entry=_encode_entry(last_entry),
@@ -230,23 +254,61 @@ class ShardReplica:
         )
 
     def _read_dump(self, path: str) -> tuple[Any, Any, Any]:
-        """Called at start-up (our own dump) and when the leader sent a snapshot. Restores the
-        core only if the snapshot is ahead of it: the LMDB state is durable on its own, so at
-        start-up it is normally already at or past the dump."""
+        """Called at start-up (our own dump) and when the leader sent a snapshot.
+
+        PySyncObj swallows any exception from here and carries on with a replica that can
+        never apply again, so every failure stops the process instead."""
+        try:
+            return self._load_dump(path)
+        except BaseException as error:
+            self._on_broken(error)
+
+    def _load_dump(self, path: str) -> tuple[Any, Any, Any]:
+        startup = self._startup_dump_pending
+        self._startup_dump_pending = False
         header = read_snapshot_header(path)
         position = core_pb2.RaftPosition.FromString(header.metadata)
         if position.format_version != RAFT_POSITION_FORMAT_VERSION:
             raise ReplicaBrokenError(f"unknown raft position version {position.format_version}")
         local_index = self.core.applied_index()
         if local_index < header.applied_index:
-            self.core.restore_snapshot(path)
+            self.core.restore_snapshot(path)  # checks the checksum and every row
             logger.info(
                 "shard %s: restored snapshot at applied index %d (was %d)",
                 self.shard.shard_id,
                 header.applied_index,
                 local_index,
             )
-        return (_decode_entry(position.last_entry), _decode_entry(position.previous_entry), None)
+        else:
+            # The LMDB state is durable on its own and already at or past the dump; still,
+            # trust nothing of a file that fails its checksum.
+            self.core.check_snapshot(path)
+        last_entry = _decode_entry(position.last_entry)
+        previous_entry = _decode_entry(position.previous_entry)
+        if startup:
+            kept = self._journal_start_if_it_holds(last_entry)
+            if kept is not None:
+                return kept
+        return (last_entry, previous_entry, None)
+
+    def _journal_start_if_it_holds(self, entry: tuple[bytes, int, int]) -> tuple[Any, Any, Any] | None:
+        """PySyncObj truncates the journal one tick after the dump is written. A crash in between
+        leaves a journal that still holds the dump's position but starts earlier, and PySyncObj
+        would clear it down to the dump's two entries, dropping every later entry this replica
+        had acknowledged. Answering with the journal's own first two entries keeps it whole."""
+        journal = self._sync_obj._SyncObj__raftLog  # pinned pysyncobj 0.3.17: no public accessor
+        if len(journal) < 2:
+            return None
+        first_index = int(journal[0][1])
+        offset = entry[1] - first_index
+        if 0 <= offset < len(journal) and tuple(journal[offset]) == entry:
+            logger.info(
+                "shard %s: journal not yet truncated after the last dump; keeping it from index %d",
+                self.shard.shard_id,
+                first_index,
+            )
+            return (tuple(journal[1]), tuple(journal[0]), None)
+        return None
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -326,6 +388,26 @@ class ShardReplica:
     def close(self) -> None:
         self._sync_obj.destroy_synchronous()
         self.core.close()
+
+
+def _check_journal_covers_state(journal_path: Path, applied_index: int, shard_id: str) -> None:
+    """The LMDB state must never be ahead of the Raft log: the core would take the entries it
+    lacks for replays of ones it applied, and the replica would diverge silently. That happens
+    when a journal lost its tail (deleted, or a power loss before the OS wrote it back)."""
+    if applied_index == 0:
+        return
+    journal = createJournal(str(journal_path)) if journal_path.is_file() else None
+    try:
+        last_index = int(journal[len(journal) - 1][1]) if journal is not None and len(journal) else 0
+    finally:
+        if journal is not None:
+            journal._destroy()
+    if last_index < applied_index:
+        raise ReplicaBrokenError(
+            f"shard {shard_id}: the stored state is at log index {applied_index} but the Raft "
+            f"journal ends at {last_index}; this replica must be rebuilt from the others "
+            "(stop the node, delete its replicas/ and raft/ directories for this shard, restart)"
+        )
 
 
 def raft_password_from_environment() -> str | None:

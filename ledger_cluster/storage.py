@@ -343,6 +343,15 @@ class DirectoryLock:
         self._descriptor = -1
 
 
+def check_snapshot(path: str | os.PathLike[str], tables: Mapping[int, str]) -> SnapshotHeader:
+    """Read a whole snapshot and verify its structure and checksum without applying it."""
+    try:
+        with open(path, "rb", buffering=SNAPSHOT_BUFFER_BYTES) as file:
+            return _read_stream(file, tables, lambda table, key: False, None)
+    except OSError as error:
+        raise SnapshotError(f"cannot read snapshot {path}: {error}") from error
+
+
 def read_snapshot_header(path: str | os.PathLike[str]) -> SnapshotHeader:
     """The header alone, without checking the records (restore checks everything)."""
     try:
@@ -416,7 +425,7 @@ def _read_stream(
     file: BinaryIO,
     tables: Mapping[int, str],
     keep: Callable[[str, bytes], bool],
-    transaction: WriteTransaction,
+    transaction: WriteTransaction | None,
 ) -> SnapshotHeader:
     digest = hashlib.sha256()
     header = _read_header(file, digest)
@@ -430,7 +439,7 @@ def _read_stream(
         digest.update(body)
         key = body[:key_length]
         table = tables[table_id]
-        if keep(table, key):
+        if transaction is not None and keep(table, key):
             transaction.put(table, key, body[key_length:])
     trailer = _read_exactly(file, len(SNAPSHOT_TRAILER_MAGIC) + _DIGEST_BYTES, "trailer")
     if trailer[: len(SNAPSHOT_TRAILER_MAGIC)] != SNAPSHOT_TRAILER_MAGIC:

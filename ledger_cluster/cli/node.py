@@ -15,7 +15,7 @@ from ledger_cluster.cli.common import (
     setup_logging,
     version_option,
 )
-from ledger_cluster.errors import ConfigError, StorageError
+from ledger_cluster.errors import ConfigError, ReplicaBrokenError, StorageError
 from ledger_cluster.node import NodeServer
 from ledger_cluster.replica import (
     LOG_COMPACTION_MIN_ENTRIES_DEFAULT,
@@ -90,7 +90,7 @@ def main(
     )
     try:
         server = NodeServer(config, node_id, Path(data_dir), options)
-    except (ConfigError, StorageError, OSError) as error:
+    except (ConfigError, StorageError, ReplicaBrokenError, OSError) as error:
         raise click.ClickException(str(error)) from error
     server.start()
     stop_requested.wait()

@@ -37,6 +37,7 @@ from ledger_cluster.storage import (
     SnapshotHeader,
     Storage,
     WriteTransaction,
+    check_snapshot,
 )
 
 logger = logging.getLogger(__name__)
@@ -735,6 +736,10 @@ class AccountsCore:
             )
 
         return self._storage.write_snapshot(path, tables.SNAPSHOT_TABLES, header_of)
+
+    def check_snapshot(self, path: str | Path) -> SnapshotHeader:
+        """Verify a snapshot file end to end (structure, checksum) without applying it."""
+        return check_snapshot(path, tables.SNAPSHOT_TABLES)
 
     def restore_snapshot(
         self, path: str | Path, applied_index: Callable[[SnapshotHeader], int] | None = None
