@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.journal import createJournal
 
 from ledger_cluster.api.v1 import core_pb2
@@ -163,6 +165,11 @@ class ShardReplica:
         except BaseException:
             self.core.close()
             raise
+        self._dump_path = raft_dir / "dump"
+        self._dump_lock = threading.Lock()
+        self._dump_state: int = SERIALIZER_STATE.NOT_SERIALIZING
+        self._dump_thread: threading.Thread | None = None
+        self.last_dump_stall_ms = 0.0
         # PySyncObj loads its dump on the first tick; a dump present now is our own, written
         # at a compaction before the restart (later loads are snapshots sent by the leader).
         self._startup_dump_pending = (raft_dir / "dump").is_file()
@@ -214,7 +221,7 @@ class ShardReplica:
             # and it also turns off PySyncObj's fork.
             serializer=self._write_dump,
             deserializer=self._read_dump,
-            serializeChecker=None,
+            serializeChecker=self._dump_progress,
             useFork=False,
             bindRetryTime=BIND_RETRY_SECONDS,
             maxBindRetries=BIND_RETRIES_MAX,
@@ -228,30 +235,91 @@ class ShardReplica:
     # -- log compaction ------------------------------------------------------------------------
 
     def _write_dump(self, path: str, raft_data: Any) -> None:
+        """PySyncObj calls this on its tick thread, which also sends heartbeats: only the read
+        view is opened here (instant, and exactly at the applied index PySyncObj names); the
+        records are streamed to the dump by a background thread, and `_dump_progress` tells
+        PySyncObj when it is done, so the journal is truncated only after the dump is durable.
+
+        The dump is written straight to its final path (temp file, fsync, rename). PySyncObj's
+        own rename of `path`, its temp name, then finds no file and fails harmlessly; the
+        checker's answer is what counts."""
         last_entry, previous_entry, _cluster = raft_data
+        # A temp file left by a crash would otherwise be renamed over the dump.
+        Path(path).unlink(missing_ok=True)
+        try:
+            self._start_dump(last_entry, previous_entry)
+        except BaseException:
+            with self._dump_lock:
+                self._dump_state = SERIALIZER_STATE.FAILED  # report once, so PySyncObj resets
+            raise
+
+    def _start_dump(self, last_entry: Any, previous_entry: Any) -> None:
         applied_index = self.core.applied_index()
         if applied_index > int(last_entry[1]):
             # Still replaying the journal after a restart: the state is ahead of the Raft
             # position, and a replica restored from such a dump would hold state its log does
-            # not reach. PySyncObj logs the failure and tries again on a later tick.
-            logger.info("shard %s: compaction deferred until the journal replay ends", self.shard.shard_id)
+            # not reach. PySyncObj tries again on a later tick.
             raise SnapshotError(
                 f"shard {self.shard.shard_id}: compaction deferred while replaying"
                 f" (state at {applied_index}, raft at {last_entry[1]})"
             )
+        if self._dump_thread is not None and self._dump_thread.is_alive():
+            raise SnapshotError(f"shard {self.shard.shard_id}: the previous dump is still being written")
         position = core_pb2.RaftPosition(
             format_version=RAFT_POSITION_FORMAT_VERSION,
             last_entry=_encode_entry(last_entry),
             previous_entry=_encode_entry(previous_entry),
         )
-        header = self.core.write_snapshot(path, metadata=position.SerializeToString())
-        logger.info(
-            "shard %s: snapshot at applied index %d, raft index %d, %d records",
-            self.shard.shard_id,
-            header.applied_index,
-            position.last_entry.index,
-            header.record_count,
+        view_open = threading.Event()
+        with self._dump_lock:
+            self._dump_state = SERIALIZER_STATE.SERIALIZING
+        self._dump_thread = threading.Thread(
+            target=self._write_dump_in_background,
+            args=(position, view_open),
+            name=f"dump-{self.shard.shard_id}",
+            daemon=True,
         )
+        started_seconds = time.monotonic()
+        self._dump_thread.start()
+        # Applies run on this thread: until the view is open, none may happen.
+        view_open.wait()
+        self.last_dump_stall_ms = (time.monotonic() - started_seconds) * 1000
+
+    def _write_dump_in_background(self, position: core_pb2.RaftPosition, view_open: threading.Event) -> None:
+        state = SERIALIZER_STATE.FAILED
+        started_seconds = time.monotonic()
+        try:
+            header = self.core.write_snapshot(
+                self._dump_path,
+                metadata=position.SerializeToString(),
+                on_view_open=lambda applied_index: view_open.set(),
+            )
+            state = SERIALIZER_STATE.SUCCESS
+            logger.info(
+                "shard %s: snapshot at applied index %d, raft index %d, %d records in %.0f ms"
+                " (tick thread held %.1f ms)",
+                self.shard.shard_id,
+                header.applied_index,
+                position.last_entry.index,
+                header.record_count,
+                (time.monotonic() - started_seconds) * 1000,
+                self.last_dump_stall_ms,
+            )
+        except Exception:
+            logger.exception("shard %s: writing the compaction dump failed", self.shard.shard_id)
+        finally:
+            view_open.set()
+            with self._dump_lock:
+                self._dump_state = state
+
+    def _dump_progress(self) -> int:
+        """PySyncObj's serializeChecker: SERIALIZING while the background dump runs, then
+        SUCCESS or FAILED exactly once, then NOT_SERIALIZING."""
+        with self._dump_lock:
+            state = self._dump_state
+            if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+                self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
+            return int(state)
 
     def _read_dump(self, path: str) -> tuple[Any, Any, Any]:
         """Called at start-up (our own dump) and when the leader sent a snapshot.
@@ -387,6 +455,8 @@ class ShardReplica:
 
     def close(self) -> None:
         self._sync_obj.destroy_synchronous()
+        if self._dump_thread is not None:
+            self._dump_thread.join()  # its read view must close before the environment does
         self.core.close()
 
 

@@ -722,11 +722,19 @@ class AccountsCore:
                     digest.update(len(value).to_bytes(4, "big") + value)
         return applied_index, digest.hexdigest()
 
-    def write_snapshot(self, path: str | Path, metadata: bytes = b"") -> SnapshotHeader:
-        """Snapshot of this shard at its applied index; `metadata` travels along, checksummed."""
+    def write_snapshot(
+        self,
+        path: str | Path,
+        metadata: bytes = b"",
+        on_view_open: Callable[[int], None] | None = None,
+    ) -> SnapshotHeader:
+        """Snapshot of this shard at its applied index; `metadata` travels along, checksummed.
+
+        `on_view_open(applied_index)` runs once the consistent read view is open, before any
+        record is written: from then on applies may go on while the records are streamed."""
 
         def header_of(view: ReadTransaction, record_count: int) -> SnapshotHeader:
-            return SnapshotHeader(
+            header = SnapshotHeader(
                 format_version=SNAPSHOT_FORMAT_VERSION,
                 shard_lower_bound=self.lower_bound,
                 shard_upper_bound=self.upper_bound,
@@ -734,6 +742,9 @@ class AccountsCore:
                 record_count=record_count,
                 metadata=metadata,
             )
+            if on_view_open is not None:
+                on_view_open(header.applied_index)
+            return header
 
         return self._storage.write_snapshot(path, tables.SNAPSHOT_TABLES, header_of)
 
