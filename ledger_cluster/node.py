@@ -4,12 +4,17 @@ hint (FAILED_PRECONDITION NOT_LEADER); the ClusterClient follows the hint."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,11 +25,12 @@ from ledger_cluster.deadlines import work_budget_seconds
 from ledger_cluster.errors import (
     BackendUnavailableError,
     NotLeaderError,
+    SnapshotError,
     UnknownOutcomeError,
 )
 from ledger_cluster.replica import ReplicaOptions, ShardReplica
 from ledger_cluster.status import ApiError
-from ledger_cluster.storage import DirectoryLock
+from ledger_cluster.storage import DirectoryLock, SnapshotHeader, make_private_directory
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +42,23 @@ NODE_MESSAGE_BYTES_MAX = 16 * 1024 * 1024
 NODE_SHUTDOWN_GRACE_SECONDS = 3.0
 DEFAULT_NODE_TIMEOUT_SECONDS = 5.0
 NODE_SERVICE_NAME = "ledger_cluster.api.v1.NodeService"
+# Snapshot RPC: the largest `data` of one chunk (well below NODE_MESSAGE_BYTES_MAX and gRPC's
+# default 4 MiB receive limit), and how many snapshots one node streams at a time (each holds
+# a temporary copy of its shard on disk).
+SNAPSHOT_CHUNK_BYTES_MAX = 1024 * 1024
+SNAPSHOT_STREAMS_MAX = 2
+# Where the Snapshot RPC spools its temporary snapshot files, under the node's data directory
+# (same file system, mode 0700); emptied when the node starts.
+SNAPSHOT_SPOOL_DIRECTORY_NAME = "snapshot-spool"
+# Verify RPC: at most this many problem lines in one answer (problem_count says how many).
+VERIFY_PROBLEMS_MAX = 100
+
+
+@dataclass(frozen=True)
+class _SpooledSnapshot:
+    directory: Path
+    path: Path
+    header: SnapshotHeader
 
 
 def _timeout_seconds(context: grpc.ServicerContext) -> float:
@@ -43,9 +66,11 @@ def _timeout_seconds(context: grpc.ServicerContext) -> float:
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, node_id: str, replicas: dict[str, ShardReplica]) -> None:
+    def __init__(self, node_id: str, replicas: dict[str, ShardReplica], snapshot_spool: Path) -> None:
         self._node_id = node_id
         self._replicas = replicas
+        self._snapshot_spool = snapshot_spool
+        self._snapshot_streams = threading.BoundedSemaphore(SNAPSHOT_STREAMS_MAX)
 
     def _replica(self, shard_id: str) -> ShardReplica:
         replica = self._replicas.get(shard_id)
@@ -113,6 +138,115 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
 
         return _serve(context, run)
 
+    def Snapshot(
+        self, request: node_pb2.SnapshotRequest, context: grpc.ServicerContext
+    ) -> Iterator[node_pb2.SnapshotChunk]:
+        if not self._snapshot_streams.acquire(blocking=False):
+            _abort(
+                context,
+                ApiError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "SNAPSHOT_BUSY",
+                    f"node {self._node_id} already streams {SNAPSHOT_STREAMS_MAX} snapshots; retry later",
+                ),
+            )
+        try:
+            spooled = _serve(context, lambda: self._spool_snapshot(request.shard_id))
+            try:
+                yield from self._snapshot_chunks(spooled)
+            finally:
+                shutil.rmtree(spooled.directory, ignore_errors=True)
+        finally:
+            self._snapshot_streams.release()
+
+    def _spool_snapshot(self, shard_id: str) -> _SpooledSnapshot:
+        """The leader's state, written from one LMDB read transaction (applies go on meanwhile)
+        to a private temporary file."""
+        replica = self._replica(shard_id)
+        status = replica.status()
+        if not status.is_leader:
+            leader = status.leader_node_id or None
+            raise NotLeaderError(
+                f"node {self._node_id} does not lead shard {shard_id}"
+                + (f"; node {leader} does" if leader else "; no leader is known"),
+                leader,
+            )
+        if not status.has_quorum:
+            # A leader cut off from its majority may miss writes a newer leader acknowledged.
+            raise NotLeaderError(
+                f"node {self._node_id} leads shard {shard_id} without a majority; not a backup source",
+                None,
+            )
+        directory = Path(tempfile.mkdtemp(prefix=f"{shard_id}-", dir=self._snapshot_spool))
+        path = directory / "shard.snapshot"
+        try:
+            header = replica.core.write_snapshot(path)
+        except SnapshotError as error:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise ApiError(
+                grpc.StatusCode.INTERNAL,
+                "SNAPSHOT_FAILED",
+                f"node {self._node_id} could not snapshot shard {shard_id}: {error}",
+            ) from error
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        logger.info(
+            "shard %s: streaming a snapshot at applied index %d (%d records, %d bytes)",
+            shard_id,
+            header.applied_index,
+            header.record_count,
+            path.stat().st_size,
+        )
+        return _SpooledSnapshot(directory, path, header)
+
+    def _snapshot_chunks(self, spooled: _SpooledSnapshot) -> Iterator[node_pb2.SnapshotChunk]:
+        digest = hashlib.sha256()
+        offset = 0
+        with open(spooled.path, "rb") as file:
+            data = file.read(SNAPSHOT_CHUNK_BYTES_MAX)
+            while True:
+                following = file.read(SNAPSHOT_CHUNK_BYTES_MAX)
+                digest.update(data)
+                chunk = node_pb2.SnapshotChunk(data=data, offset=offset)
+                offset += len(data)
+                if not following:
+                    header = spooled.header
+                    chunk.last = True
+                    chunk.sha256 = digest.hexdigest()
+                    chunk.total_bytes = offset
+                    chunk.applied_index = header.applied_index
+                    chunk.record_count = header.record_count
+                    chunk.shard_lower_bound = header.shard_lower_bound
+                    chunk.shard_upper_bound = header.shard_upper_bound
+                    chunk.node_id = self._node_id
+                    yield chunk
+                    return
+                yield chunk
+                data = following
+
+    def Verify(
+        self, request: node_pb2.VerifyRequest, context: grpc.ServicerContext
+    ) -> node_pb2.VerifyResponse:
+        def run() -> node_pb2.VerifyResponse:
+            replica = self._replica(request.shard_id)
+            applied_index, digest, problems = replica.core.verify_report()
+            return node_pb2.VerifyResponse(
+                applied_index=applied_index,
+                digest=digest,
+                problems=problems[:VERIFY_PROBLEMS_MAX],
+                problem_count=len(problems),
+                node_id=self._node_id,
+                is_leader=replica.is_leader(),
+            )
+
+        return _serve(context, run)
+
+
+def _abort(context: grpc.ServicerContext, failure: ApiError) -> NoReturn:
+    context.abort_with_status(failure.to_grpc_status())
+    raise AssertionError("abort_with_status returned")  # it always raises
+
 
 def _serve(context: grpc.ServicerContext, handler: Callable[[], Response]) -> Response:
     try:
@@ -131,8 +265,7 @@ def _serve(context: grpc.ServicerContext, handler: Callable[[], Response]) -> Re
         failure = ApiError(grpc.StatusCode.UNAVAILABLE, "OUTCOME_UNKNOWN", str(error))
     except ApiError as error:
         failure = error
-    context.abort_with_status(failure.to_grpc_status())
-    raise AssertionError("abort_with_status returned")  # it always raises
+    _abort(context, failure)
 
 
 class NodeServer:
@@ -142,7 +275,11 @@ class NodeServer:
         self.node = config.node(node_id)
         self._lock = DirectoryLock(data_dir)
         self.replicas: dict[str, ShardReplica] = {}
+        snapshot_spool = data_dir / SNAPSHOT_SPOOL_DIRECTORY_NAME
         try:
+            # Left over by a process that died while streaming; nobody else uses it (the lock).
+            shutil.rmtree(snapshot_spool, ignore_errors=True)
+            make_private_directory(snapshot_spool)
             for shard in config.shards:
                 if any(replica.node_id == node_id for replica in shard.replicas):
                     self.replicas[shard.shard_id] = ShardReplica(config, shard, node_id, data_dir, options)
@@ -160,7 +297,9 @@ class NodeServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(node_id, self.replicas), self._server)
+        node_pb2_grpc.add_NodeServiceServicer_to_server(
+            NodeServicer(node_id, self.replicas, snapshot_spool), self._server
+        )
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         try:

@@ -280,14 +280,19 @@ class Storage:
         tables: Mapping[int, str],
         keep: Callable[[str, bytes], bool],
         finish: Callable[[WriteTransaction, SnapshotHeader], None],
+        replace: bool = True,
     ) -> SnapshotHeader:
         """Replace the contents of `tables` with the snapshot's records that `keep` accepts, in
         one write transaction. `finish` runs in the same transaction after the checksum was
-        verified (to set metadata, check invariants); if anything fails, nothing changes."""
+        verified (to set metadata, check invariants); if anything fails, nothing changes.
+
+        With `replace=False` the records are added to the existing ones instead (a record with
+        an existing key overwrites it): several snapshots merged into one state."""
 
         def restore(transaction: WriteTransaction) -> SnapshotHeader:
-            for name in tables.values():
-                transaction.clear(name)
+            if replace:
+                for name in tables.values():
+                    transaction.clear(name)
             try:
                 with open(path, "rb", buffering=SNAPSHOT_BUFFER_BYTES) as file:
                     header = _read_stream(file, tables, keep, transaction)

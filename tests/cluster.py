@@ -526,6 +526,15 @@ def running_cluster(
     """A healthy cluster for the duration of the block; every process is stopped by PID when the
     block ends, however it ends (including a failed start)."""
     cluster = new_cluster(base_dir, nodes, shards, replicas, log_compaction_min_entries)
+    with started_cluster(cluster) as started:
+        yield started
+
+
+@contextmanager
+def started_cluster(cluster: Cluster) -> Iterator[Cluster]:
+    """Start every node and the gateway of a cluster built by `new_cluster` (whose data
+    directories may already hold state, e.g. restored from a backup), wait until it is healthy,
+    and stop every process by PID when the block ends, however it ends."""
     try:
         for node_id in cluster.nodes:
             cluster.start_node(node_id)

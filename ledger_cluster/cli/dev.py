@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 import grpc
 
+from ledger_cluster import backup as cluster_backup
 from ledger_cluster import config as cluster_config
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc, node_pb2
 from ledger_cluster.cli.common import (
@@ -19,7 +21,7 @@ from ledger_cluster.cli.common import (
     version_option,
 )
 from ledger_cluster.client import ClusterClient
-from ledger_cluster.errors import ConfigError
+from ledger_cluster.errors import ConfigError, LedgerError
 
 DEFAULT_GATEWAY = "localhost:8000"
 DEFAULT_TIMEOUT_SECONDS = 5.0
@@ -213,6 +215,111 @@ def status(config_path: str, timeout_seconds: float) -> None:
     if leaderless:
         click.echo(f"shards without a leader: {', '.join(leaderless)}", err=True)
         sys.exit(1)
+
+
+def _progress(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@main.command("backup")
+@config_option
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="New or empty directory for the snapshots and manifest.json.",
+)
+@click.option(
+    "--timeout-seconds",
+    type=click.FloatRange(min=1.0),
+    default=cluster_backup.SNAPSHOT_STREAM_TIMEOUT_SECONDS_DEFAULT,
+    show_default=True,
+    help="Deadline of one shard's snapshot stream.",
+)
+def backup(config_path: str, out_dir: Path, timeout_seconds: float) -> None:
+    """Snapshot every shard from its leader into OUT: one <shard>.snapshot per shard, checked
+    against the leader's sha256 and its own checksum, then manifest.json (written last: a
+    directory without it is no backup). Progress goes to stderr."""
+    config = load_config(config_path)
+    try:
+        manifest = cluster_backup.backup_cluster(config, out_dir, _progress, timeout_seconds)
+    except LedgerError as error:
+        raise click.ClickException(f"backup failed: {error}") from error
+    records = sum(shard.record_count for shard in manifest.shards)
+    click.echo(f"backed up {len(manifest.shards)} shards ({records} records) to {out_dir}")
+
+
+@main.command("restore")
+@click.option(
+    "--backup",
+    "backup_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    required=True,
+    help="Directory written by `ledger-dev backup`.",
+)
+@config_option
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Prepare <data-root>/<node-id>/ for every node of the config (the Procfile uses ./data).",
+)
+def restore(backup_dir: Path, config_path: str, data_root: Path) -> None:
+    """Build every node's replicas of the config's shards from a backup, for any shard count.
+    The backup is checked first (manifest, every file's sha256 and checksum) and existing shard
+    data is never overwritten; nothing is written unless both checks pass. The restored cluster
+    starts a fresh Raft log (applied index 0) on the backup's state."""
+    config = load_config(config_path)
+    try:
+        restored = cluster_backup.restore_cluster(backup_dir, config, data_root, _progress)
+    except LedgerError as error:
+        raise click.ClickException(f"restore failed: {error}") from error
+    nodes = sorted({node_id for shard in restored for node_id in shard.node_ids})
+    click.echo(f"restored {len(restored)} shards on {', '.join(nodes)} under {data_root}")
+
+
+def _replica_cell(replica: cluster_backup.ReplicaVerification) -> str:
+    if replica.answer is None:
+        return f"{replica.node_id} down"
+    answer = replica.answer
+    problems = f" {answer.problem_count} problems" if answer.problem_count else ""
+    return f"{replica.node_id} {answer.applied_index}/{answer.digest[:12]}{problems}"
+
+
+@main.command("verify")
+@config_option
+@click.option(
+    "--timeout-seconds",
+    type=click.FloatRange(min=0.1),
+    default=cluster_backup.VERIFY_RPC_TIMEOUT_SECONDS_DEFAULT,
+    show_default=True,
+    help="Deadline of one replica's verification.",
+)
+@click.option(
+    "--settle-seconds",
+    type=click.FloatRange(min=0.0),
+    default=cluster_backup.VERIFY_SETTLE_SECONDS_DEFAULT,
+    show_default=True,
+    help="How long replicas at different applied indexes are asked again before that fails.",
+)
+def verify(config_path: str, timeout_seconds: float, settle_seconds: float) -> None:
+    """Check every replica of every shard: stored balances against its transactions, the key
+    layout, and the state digest against the other replicas at the same applied index. Prints
+    one line per shard (replica applied index/digest); exits 1 on any problem or mismatch."""
+    config = load_config(config_path)
+    results = cluster_backup.verify_cluster(config, _progress, timeout_seconds, settle_seconds)
+    click.echo(f"{'shard':10}  {'result':8}  replicas (applied index/digest)")
+    for shard in results:
+        cells = " | ".join(_replica_cell(replica) for replica in shard.replicas)
+        click.echo(f"{shard.shard_id:10}  {'ok' if shard.clean else 'FAILED':8}  {cells}")
+        for failure in shard.failures:
+            click.echo(f"    {failure}")
+    failed = [shard.shard_id for shard in results if not shard.clean]
+    if failed:
+        click.echo(f"verification failed for {len(failed)} shards: {', '.join(failed)}", err=True)
+        sys.exit(1)
+    click.echo(f"all {len(results)} shards verified")
 
 
 if __name__ == "__main__":

@@ -600,6 +600,17 @@ def verify_balances(view: ReadTransaction) -> list[str]:
     return problems
 
 
+def _state_digest_in(view: ReadTransaction) -> str:
+    """sha256 over every data record of the view, in table and key order."""
+    digest = hashlib.sha256()
+    for table_id, name in sorted(tables.SNAPSHOT_TABLES.items()):
+        for key, value in view.iterate(name):
+            digest.update(table_id.to_bytes(1, "big"))
+            digest.update(len(key).to_bytes(4, "big") + key)
+            digest.update(len(value).to_bytes(4, "big") + value)
+    return digest.hexdigest()
+
+
 # -- the core ----------------------------------------------------------------------------------
 
 
@@ -712,15 +723,14 @@ class AccountsCore:
     def state_digest(self) -> tuple[int, str]:
         """(applied index, sha256 over every data record) from one view: equal on replicas
         that applied the same log prefix."""
-        digest = hashlib.sha256()
         with self._storage.read() as view:
-            applied_index = self._applied_index_in(view)
-            for table_id, name in sorted(tables.SNAPSHOT_TABLES.items()):
-                for key, value in view.iterate(name):
-                    digest.update(table_id.to_bytes(1, "big"))
-                    digest.update(len(key).to_bytes(4, "big") + key)
-                    digest.update(len(value).to_bytes(4, "big") + value)
-        return applied_index, digest.hexdigest()
+            return self._applied_index_in(view), _state_digest_in(view)
+
+    def verify_report(self) -> tuple[int, str, list[str]]:
+        """(applied index, state digest, problems) from one view: what `verify` finds, about
+        exactly the state that the digest describes."""
+        with self._storage.read() as view:
+            return self._applied_index_in(view), _state_digest_in(view), verify_state(view)
 
     def write_snapshot(
         self,
@@ -753,12 +763,17 @@ class AccountsCore:
         return check_snapshot(path, tables.SNAPSHOT_TABLES)
 
     def restore_snapshot(
-        self, path: str | Path, applied_index: Callable[[SnapshotHeader], int] | None = None
+        self,
+        path: str | Path,
+        applied_index: Callable[[SnapshotHeader], int] | None = None,
+        replace: bool = True,
     ) -> SnapshotHeader:
         """Replace this shard's state with the snapshot's rows inside this shard's bounds.
 
         The stored applied index becomes `applied_index(header)` (default: the header's), so a
         snapshot from another layout can be given the index of the log it will continue.
+        With `replace=False` the rows are merged into the existing state instead, so the
+        snapshots of several shards of another layout can be restored into this one.
         Every row and balance is checked before commit; any failure leaves the old state."""
 
         def keep(table: str, key: bytes) -> bool:
@@ -773,4 +788,4 @@ class AccountsCore:
                     f"snapshot {path} passes its checksum but is inconsistent: {problems[:3]}"
                 )
 
-        return self._storage.restore_snapshot(path, tables.SNAPSHOT_TABLES, keep, finish)
+        return self._storage.restore_snapshot(path, tables.SNAPSHOT_TABLES, keep, finish, replace=replace)

@@ -239,3 +239,132 @@ class DigestResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DigestResponse: _TypeAlias = DigestResponse  # noqa: Y015
+
+@_typing.final
+class SnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    shard_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        shard_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shard_id", b"shard_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotRequest: _TypeAlias = SnapshotRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    APPLIED_INDEX_FIELD_NUMBER: _builtins.int
+    RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    SHARD_LOWER_BOUND_FIELD_NUMBER: _builtins.int
+    SHARD_UPPER_BOUND_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """the next bytes of the stream, at offset `offset`"""
+    offset: _builtins.int
+    last: _builtins.bool
+    """set on the final chunk only; the fields below only there"""
+    sha256: _builtins.str
+    """lowercase hex sha256 of the whole stream"""
+    total_bytes: _builtins.int
+    applied_index: _builtins.int
+    """from the snapshot header"""
+    record_count: _builtins.int
+    shard_lower_bound: _builtins.int
+    shard_upper_bound: _builtins.int
+    node_id: _builtins.str
+    """the leader that wrote it"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        last: _builtins.bool = ...,
+        sha256: _builtins.str = ...,
+        total_bytes: _builtins.int = ...,
+        applied_index: _builtins.int = ...,
+        record_count: _builtins.int = ...,
+        shard_lower_bound: _builtins.int = ...,
+        shard_upper_bound: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_index", b"applied_index", "data", b"data", "last", b"last", "node_id", b"node_id", "offset", b"offset", "record_count", b"record_count", "sha256", b"sha256", "shard_lower_bound", b"shard_lower_bound", "shard_upper_bound", b"shard_upper_bound", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotChunk: _TypeAlias = SnapshotChunk  # noqa: Y015
+
+@_typing.final
+class VerifyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    shard_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        shard_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shard_id", b"shard_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyRequest: _TypeAlias = VerifyRequest  # noqa: Y015
+
+@_typing.final
+class VerifyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLIED_INDEX_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    PROBLEM_COUNT_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    IS_LEADER_FIELD_NUMBER: _builtins.int
+    applied_index: _builtins.int
+    """the view that `digest` and `problems` describe"""
+    digest: _builtins.str
+    """as DigestResponse.digest"""
+    problem_count: _builtins.int
+    """all problems found, also those not listed"""
+    node_id: _builtins.str
+    is_leader: _builtins.bool
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """at most VERIFY_PROBLEMS_MAX of them"""
+
+    def __init__(
+        self,
+        *,
+        applied_index: _builtins.int = ...,
+        digest: _builtins.str = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
+        problem_count: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        is_leader: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_index", b"applied_index", "digest", b"digest", "is_leader", b"is_leader", "node_id", b"node_id", "problem_count", b"problem_count", "problems", b"problems"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015

@@ -54,6 +54,16 @@ class NodeServiceStub:
                 request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestRequest.SerializeToString,
                 response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestResponse.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_stream(
+                '/ledger_cluster.api.v1.NodeService/Snapshot',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/ledger_cluster.api.v1.NodeService/Verify',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -88,6 +98,24 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """The shard leader's state as a snapshot stream (storage.py format), sent in chunks of at
+        most SNAPSHOT_CHUNK_BYTES_MAX bytes; the last chunk has `last` set and carries the sha256
+        of the whole stream and its header fields. Errors as Update (NOT_LEADER with a hint), plus
+        RESOURCE_EXHAUSTED SNAPSHOT_BUSY when too many snapshots are being streamed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
+        """Any replica (leader or not): structure and balance problems of its state, with the applied
+        index and digest of the same view.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +138,16 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Digest,
                     request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestRequest.FromString,
                     response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +258,60 @@ class NodeService:
             '/ledger_cluster.api.v1.NodeService/Digest',
             ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestRequest.SerializeToString,
             ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ledger_cluster.api.v1.NodeService/Snapshot',
+            ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.NodeService/Verify',
+            ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,16 @@ class NodeServiceStub:
     """sha256 over every record of one replica's state, with the applied index it describes:
     replicas that applied the same log prefix answer the same digest.
     """
+    Snapshot: _grpc.UnaryStreamMultiCallable[_node_pb2.SnapshotRequest, _node_pb2.SnapshotChunk]
+    """The shard leader's state as a snapshot stream (storage.py format), sent in chunks of at
+    most SNAPSHOT_CHUNK_BYTES_MAX bytes; the last chunk has `last` set and carries the sha256
+    of the whole stream and its header fields. Errors as Update (NOT_LEADER with a hint), plus
+    RESOURCE_EXHAUSTED SNAPSHOT_BUSY when too many snapshots are being streamed.
+    """
+    Verify: _grpc.UnaryUnaryMultiCallable[_node_pb2.VerifyRequest, _node_pb2.VerifyResponse]
+    """Any replica (leader or not): structure and balance problems of its state, with the applied
+    index and digest of the same view.
+    """
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -59,6 +69,16 @@ class NodeServiceAsyncStub(NodeServiceStub):
     Digest: _aio.UnaryUnaryMultiCallable[_node_pb2.DigestRequest, _node_pb2.DigestResponse]  # type: ignore[assignment]
     """sha256 over every record of one replica's state, with the applied index it describes:
     replicas that applied the same log prefix answer the same digest.
+    """
+    Snapshot: _aio.UnaryStreamMultiCallable[_node_pb2.SnapshotRequest, _node_pb2.SnapshotChunk]  # type: ignore[assignment]
+    """The shard leader's state as a snapshot stream (storage.py format), sent in chunks of at
+    most SNAPSHOT_CHUNK_BYTES_MAX bytes; the last chunk has `last` set and carries the sha256
+    of the whole stream and its header fields. Errors as Update (NOT_LEADER with a hint), plus
+    RESOURCE_EXHAUSTED SNAPSHOT_BUSY when too many snapshots are being streamed.
+    """
+    Verify: _aio.UnaryUnaryMultiCallable[_node_pb2.VerifyRequest, _node_pb2.VerifyResponse]  # type: ignore[assignment]
+    """Any replica (leader or not): structure and balance problems of its state, with the applied
+    index and digest of the same view.
     """
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -95,6 +115,28 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_node_pb2.DigestResponse, _abc.Awaitable[_node_pb2.DigestResponse]]:
         """sha256 over every record of one replica's state, with the applied index it describes:
         replicas that applied the same log prefix answer the same digest.
+        """
+
+    @_abc_1.abstractmethod
+    def Snapshot(
+        self,
+        request: _node_pb2.SnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.SnapshotChunk], _abc.AsyncIterator[_node_pb2.SnapshotChunk]]:
+        """The shard leader's state as a snapshot stream (storage.py format), sent in chunks of at
+        most SNAPSHOT_CHUNK_BYTES_MAX bytes; the last chunk has `last` set and carries the sha256
+        of the whole stream and its header fields. Errors as Update (NOT_LEADER with a hint), plus
+        RESOURCE_EXHAUSTED SNAPSHOT_BUSY when too many snapshots are being streamed.
+        """
+
+    @_abc_1.abstractmethod
+    def Verify(
+        self,
+        request: _node_pb2.VerifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.VerifyResponse, _abc.Awaitable[_node_pb2.VerifyResponse]]:
+        """Any replica (leader or not): structure and balance problems of its state, with the applied
+        index and digest of the same view.
         """
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
