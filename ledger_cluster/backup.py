@@ -40,9 +40,11 @@ from ledger_cluster.errors import ConfigError, LedgerError, SnapshotError, Stora
 from ledger_cluster.sharding import SHARD_KEY_MAX
 from ledger_cluster.status import error_details
 from ledger_cluster.storage import (
+    RESTORE_MARKER_FILE_NAME,
     DirectoryLock,
     SnapshotHeader,
     check_snapshot,
+    fsync_directory,
     make_private_directory,
 )
 
@@ -227,14 +229,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _write_json_atomic(obj: dict[str, Any], path: Path) -> None:
     """The file appears whole under its name or not at all."""
     temporary = path.with_name(path.name + PARTIAL_SUFFIX)
@@ -249,7 +243,7 @@ def _write_json_atomic(obj: dict[str, Any], path: Path) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def _check_snapshot_header(
@@ -443,7 +437,7 @@ def backup_cluster(
                     f"{backup.applied_index}, {backup.record_count} records, {backup.size_bytes} bytes "
                     f"from {backup.leader_node_id}"
                 )
-        _fsync_directory(out_dir)
+        fsync_directory(out_dir)
         manifest = Manifest(
             format_version=MANIFEST_FORMAT_VERSION,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -546,7 +540,7 @@ def _install_replica(built: Path, destination: Path) -> None:
         with open(target, "rb") as file:
             os.fsync(file.fileno())
     os.replace(partial, destination)
-    _fsync_directory(destination.parent)
+    fsync_directory(destination.parent)
 
 
 def restore_cluster(
@@ -582,6 +576,10 @@ def restore_cluster(
                 locks.append(DirectoryLock(data_root / node.node_id))
             except StorageError as error:
                 raise BackupError(f"cannot restore node {node.node_id}: {error}") from error
+        markers = [data_root / node.node_id / RESTORE_MARKER_FILE_NAME for node in config.nodes]
+        for marker in markers:
+            marker.write_text("ledger-dev restore has not finished\n")
+            fsync_directory(marker.parent)
         restored = []
         for shard in config.shards:
             sources = [
@@ -597,17 +595,27 @@ def restore_cluster(
             progress(f"{shard.shard_id}: installed on {', '.join(node_ids)}")
             shutil.rmtree(built)
             restored.append(RestoredShard(shard.shard_id, tuple(s.shard_id for s, _ in sources), node_ids))
+        for marker in markers:
+            marker.unlink()
+            fsync_directory(marker.parent)
         return restored
     except (SnapshotError, StorageError, ConfigError, OSError) as error:
         _remove(installed)
+        _remove_markers(data_root, config)
         raise BackupError(f"restore failed, nothing kept: {error}") from error
     except BaseException:
         _remove(installed)
+        _remove_markers(data_root, config)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         for lock in locks:
             lock.release()
+
+
+def _remove_markers(data_root: Path, config: ClusterConfig) -> None:
+    for node in config.nodes:
+        (data_root / node.node_id / RESTORE_MARKER_FILE_NAME).unlink(missing_ok=True)
 
 
 def _remove(directories: list[Path]) -> None:

@@ -26,11 +26,17 @@ from ledger_cluster.errors import (
     BackendUnavailableError,
     NotLeaderError,
     SnapshotError,
+    StorageError,
     UnknownOutcomeError,
 )
 from ledger_cluster.replica import ReplicaOptions, ShardReplica
 from ledger_cluster.status import ApiError
-from ledger_cluster.storage import DirectoryLock, SnapshotHeader, make_private_directory
+from ledger_cluster.storage import (
+    RESTORE_MARKER_FILE_NAME,
+    DirectoryLock,
+    SnapshotHeader,
+    make_private_directory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +280,12 @@ class NodeServer:
     def __init__(self, config: ClusterConfig, node_id: str, data_dir: Path, options: ReplicaOptions) -> None:
         self.node = config.node(node_id)
         self._lock = DirectoryLock(data_dir)
+        if (data_dir / RESTORE_MARKER_FILE_NAME).exists():
+            self._lock.release()
+            raise StorageError(
+                f"{data_dir} holds an unfinished `ledger-dev restore`; some shards may be missing."
+                " Remove the node data directories and run the restore again"
+            )
         self.replicas: dict[str, ShardReplica] = {}
         snapshot_spool = data_dir / SNAPSHOT_SPOOL_DIRECTORY_NAME
         try:

@@ -34,7 +34,7 @@ from ledger_cluster.errors import (
     UnknownOutcomeError,
 )
 from ledger_cluster.process import stop_broken_process
-from ledger_cluster.storage import make_private_directory, read_snapshot_header
+from ledger_cluster.storage import fsync_directory, make_private_directory, read_snapshot_header
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,10 @@ class ShardReplica:
             self.core.close()
             raise
         self._dump_path = raft_dir / "dump"
+        self._next_dump_path = raft_dir / "dump.next"
+        self._next_dump_path.unlink(missing_ok=True)  # an unfinished one from before a crash
+        self._install_generation = 0
+        self._dump_generation = 0
         self._dump_lock = threading.Lock()
         self._dump_state: int = SERIALIZER_STATE.NOT_SERIALIZING
         self._dump_thread: threading.Thread | None = None
@@ -208,8 +212,7 @@ class ShardReplica:
             tcp_keepalive=TCP_KEEPALIVE,
             logCompactionMinEntries=options.log_compaction_min_entries,
             logCompactionMinTime=options.log_compaction_min_seconds,
-            # Each replica compacts on its own schedule. The dump is written on the tick thread
-            # (PySyncObj's design), so a large shard pauses heartbeats while it is written.
+            # Each replica compacts on its own schedule, writing its dump in the background.
             logCompactionSplit=False,
             logCompactionBatchSize=SNAPSHOT_TRANSFER_BATCH_BYTES,
             # Without a leader, fail fast (UNAVAILABLE) instead of queueing writes unseen.
@@ -240,13 +243,15 @@ class ShardReplica:
         records are streamed to the dump by a background thread, and `_dump_progress` tells
         PySyncObj when it is done, so the journal is truncated only after the dump is durable.
 
-        The dump is written straight to its final path (temp file, fsync, rename). PySyncObj's
-        own rename of `path`, its temp name, then finds no file and fails harmlessly; the
-        checker's answer is what counts."""
+        The background thread writes (and fsyncs) a separate file; `_dump_progress`, on the
+        tick thread, renames it over the dump only if no snapshot from the leader was installed
+        meanwhile (that one is newer). PySyncObj's own rename of `path`, its temp name, finds no
+        file and fails harmlessly; the checker's answer is what counts. Any failure here is
+        reported as FAILED once, which also resets PySyncObj's serializer."""
         last_entry, previous_entry, _cluster = raft_data
-        # A temp file left by a crash would otherwise be renamed over the dump.
-        Path(path).unlink(missing_ok=True)
         try:
+            # A temp file left by a crash would otherwise be renamed over the dump.
+            Path(path).unlink(missing_ok=True)
             self._start_dump(last_entry, previous_entry)
         except BaseException:
             with self._dump_lock:
@@ -273,6 +278,7 @@ class ShardReplica:
         view_open = threading.Event()
         with self._dump_lock:
             self._dump_state = SERIALIZER_STATE.SERIALIZING
+            self._dump_generation = self._install_generation
         self._dump_thread = threading.Thread(
             target=self._write_dump_in_background,
             args=(position, view_open),
@@ -290,7 +296,7 @@ class ShardReplica:
         started_seconds = time.monotonic()
         try:
             header = self.core.write_snapshot(
-                self._dump_path,
+                self._next_dump_path,
                 metadata=position.SerializeToString(),
                 on_view_open=lambda applied_index: view_open.set(),
             )
@@ -313,13 +319,30 @@ class ShardReplica:
                 self._dump_state = state
 
     def _dump_progress(self) -> int:
-        """PySyncObj's serializeChecker: SERIALIZING while the background dump runs, then
-        SUCCESS or FAILED exactly once, then NOT_SERIALIZING."""
+        """PySyncObj's serializeChecker, on the tick thread: SERIALIZING while the background
+        dump runs, then SUCCESS or FAILED exactly once, then NOT_SERIALIZING."""
         with self._dump_lock:
             state = self._dump_state
             if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
                 self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
-            return int(state)
+            superseded = self._install_generation != self._dump_generation
+        if state == SERIALIZER_STATE.SUCCESS:
+            state = self._publish_dump(superseded)
+        return int(state)
+
+    def _publish_dump(self, superseded: bool) -> int:
+        if superseded:
+            # The leader's snapshot, installed while ours was written, is newer: keep it.
+            logger.info("shard %s: dropping a dump older than the installed snapshot", self.shard.shard_id)
+            self._next_dump_path.unlink(missing_ok=True)
+            return int(SERIALIZER_STATE.FAILED)
+        try:
+            os.replace(self._next_dump_path, self._dump_path)
+            fsync_directory(self._dump_path.parent)
+        except OSError:
+            logger.exception("shard %s: publishing the compaction dump failed", self.shard.shard_id)
+            return int(SERIALIZER_STATE.FAILED)
+        return int(SERIALIZER_STATE.SUCCESS)
 
     def _read_dump(self, path: str) -> tuple[Any, Any, Any]:
         """Called at start-up (our own dump) and when the leader sent a snapshot.
@@ -334,6 +357,9 @@ class ShardReplica:
     def _load_dump(self, path: str) -> tuple[Any, Any, Any]:
         startup = self._startup_dump_pending
         self._startup_dump_pending = False
+        if not startup:
+            with self._dump_lock:
+                self._install_generation += 1  # a dump of ours still being written is now stale
         header = read_snapshot_header(path)
         position = core_pb2.RaftPosition.FromString(header.metadata)
         if position.format_version != RAFT_POSITION_FORMAT_VERSION:

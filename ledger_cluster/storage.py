@@ -43,7 +43,9 @@ from ledger_cluster.errors import (
 
 T = TypeVar("T")
 
-INITIAL_MAP_SIZE_BYTES = 256 * 1024 * 1024
+# LMDB reserves address space only (the file grows with the data), so start large: growing means
+# waiting for every open transaction, a background dump's long read view included.
+INITIAL_MAP_SIZE_BYTES = 32 * 1024 * 1024 * 1024
 MAP_SIZE_MAX_BYTES = 1024 * 1024 * 1024 * 1024
 MAP_GROWTH_ATTEMPTS_MAX = 12
 TABLES_MAX = 16
@@ -271,7 +273,7 @@ class Storage:
                 temporary.unlink(missing_ok=True)
                 raise
         os.replace(temporary, target)
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
         return header
 
     def restore_snapshot(
@@ -317,6 +319,9 @@ def make_private_directory(directory: Path) -> None:
 
 
 LOCK_FILE_NAME = "LOCK"
+# Present in a node's data directory while `ledger-dev restore` fills it: a restore cut short
+# leaves it behind, and a node refuses to start on a half-restored directory.
+RESTORE_MARKER_FILE_NAME = "RESTORE-IN-PROGRESS"
 
 
 class DirectoryLock:
@@ -456,7 +461,7 @@ def _read_stream(
     return header
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)

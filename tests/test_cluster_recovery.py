@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from ledger_cluster.process import EXIT_CODE_REPLICA_BROKEN
-from tests.cluster import SMALL_LOG_COMPACTION_MIN_ENTRIES, Cluster, running_cluster
+from ledger_cluster.storage import RESTORE_MARKER_FILE_NAME
+from tests.cluster import SMALL_LOG_COMPACTION_MIN_ENTRIES, Cluster, new_cluster, running_cluster
 from tests.test_cluster import (
     Writer,
     WriteRecord,
@@ -206,4 +207,39 @@ def test_node_with_a_wiped_data_directory_is_rebuilt(tmp_path: Path) -> None:
         for shard in cluster.config.shards:
             assert cluster.digest(wiped, shard.shard_id) == converged[shard.shard_id]
         assert converged[shard_id].applied_index >= WRITES_TO_COMPACT
+        check_ledger(cluster.ledger_stub(), accounts, records)
+
+
+def test_node_refuses_a_data_directory_left_by_an_unfinished_restore(tmp_path: Path) -> None:
+    cluster = new_cluster(tmp_path)
+    node = cluster.nodes["node01"]
+    node.data_dir.mkdir(parents=True)
+    (node.data_dir / RESTORE_MARKER_FILE_NAME).write_text("interrupted\n")
+    try:
+        process = cluster.start_node("node01")
+        assert process.wait_exit(BROKEN_EXIT_TIMEOUT_SECONDS) == 1, cluster.logs()
+        assert "unfinished `ledger-dev restore`" in node.log_path.read_text(errors="replace")
+    finally:
+        cluster.stop_all()
+        cluster.close_channels()
+
+
+def test_a_failing_dump_does_not_wedge_compaction(tmp_path: Path) -> None:
+    """A dump that cannot start (here its temp name is a directory) is reported as failed; once
+    the cause is gone, compaction and snapshots work again."""
+    with running_cluster(tmp_path, log_compaction_min_entries=SMALL_LOG_COMPACTION_MIN_ENTRIES) as cluster:
+        shard_id = cluster.config.shards[3].shard_id
+        blocked = follower_of(cluster, shard_id)
+        raft_dir = shard_dir(cluster, blocked, "raft", shard_id)
+        (raft_dir / "dump.tmp").mkdir()
+        write_to_shard(cluster, shard_id, WRITES_TO_COMPACT)
+        assert not (raft_dir / "dump").exists()
+        (raft_dir / "dump.tmp").rmdir()
+        accounts, records = write_to_shard(cluster, shard_id, WRITES_TO_COMPACT)
+        deadline = time.monotonic() + BROKEN_EXIT_TIMEOUT_SECONDS
+        while not (raft_dir / "dump").is_file():
+            assert time.monotonic() < deadline, f"{blocked} never compacted again:\n{cluster.logs()}"
+            time.sleep(0.05)
+        assert log_entries(cluster)[(blocked, shard_id)] <= JOURNAL_BOUND_ENTRIES
+        cluster.wait_converged()
         check_ledger(cluster.ledger_stub(), accounts, records)
