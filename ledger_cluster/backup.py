@@ -34,7 +34,7 @@ import grpc
 
 from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.client import CHANNEL_OPTIONS, ClusterClient
-from ledger_cluster.config import ClusterConfig, ShardConfig
+from ledger_cluster.config import ClusterConfig, ShardConfig, json_field
 from ledger_cluster.core import SNAPSHOT_TABLES, AccountsCore
 from ledger_cluster.errors import ConfigError, LedgerError, SnapshotError, StorageError
 from ledger_cluster.sharding import SHARD_KEY_MAX
@@ -132,14 +132,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _manifest_field(obj: Any, name: str, kind: type, where: str) -> Any:
-    _require(isinstance(obj, dict), f"{where} must be a JSON object")
-    _require(name in obj, f"{where} is missing {name!r}")
-    value = obj[name]
-    _require(
-        isinstance(value, kind) and not (kind is int and isinstance(value, bool)),
-        f"{where}.{name} must be a {kind.__name__}, got {value!r}",
-    )
-    return value
+    return json_field(obj, name, kind, where, BackupError)
 
 
 def _parse_shard_backup(obj: Any, index: int) -> ShardBackup:

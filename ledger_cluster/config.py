@@ -103,15 +103,16 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _field(obj: Any, name: str, kind: type, where: str) -> Any:
-    _require(isinstance(obj, dict), f"{where} must be a JSON object")
-    _require(name in obj, f"{where} is missing {name!r}")
+def json_field(obj: Any, name: str, kind: type, where: str, error: type[Exception] = ConfigError) -> Any:
+    """`obj[name]`, which must exist and be of `kind`; otherwise `error` says where and why."""
+    if not isinstance(obj, dict):
+        raise error(f"{where} must be a JSON object")
+    if name not in obj:
+        raise error(f"{where} is missing {name!r}")
     value = obj[name]
     # bool is an int in Python; a port or bound given as true/false is a mistake.
-    _require(
-        isinstance(value, kind) and not (kind is int and isinstance(value, bool)),
-        f"{where}.{name} must be a {kind.__name__}, got {value!r}",
-    )
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise error(f"{where}.{name} must be a {kind.__name__}, got {value!r}")
     return value
 
 
@@ -124,9 +125,9 @@ def _validate_address(address: str, where: str) -> None:
 def _parse_node(obj: Any, index: int) -> NodeConfig:
     where = f"nodes[{index}]"
     node = NodeConfig(
-        node_id=_field(obj, "id", str, where),
-        grpc_address=_field(obj, "grpc_address", str, where),
-        raft_host=_field(obj, "raft_host", str, where),
+        node_id=json_field(obj, "id", str, where),
+        grpc_address=json_field(obj, "grpc_address", str, where),
+        raft_host=json_field(obj, "raft_host", str, where),
     )
     _require(bool(_NAME_PATTERN.match(node.node_id)), f"{where}: bad node id {node.node_id!r}")
     _validate_address(node.grpc_address, where)
@@ -135,18 +136,18 @@ def _parse_node(obj: Any, index: int) -> NodeConfig:
 
 def _parse_shard(obj: Any, index: int) -> ShardConfig:
     where = f"shards[{index}]"
-    replicas_raw = _field(obj, "replicas", list, where)
+    replicas_raw = json_field(obj, "replicas", list, where)
     replicas = tuple(
         ReplicaConfig(
-            node_id=_field(r, "node_id", str, f"{where}.replicas[{i}]"),
-            raft_port=_field(r, "raft_port", int, f"{where}.replicas[{i}]"),
+            node_id=json_field(r, "node_id", str, f"{where}.replicas[{i}]"),
+            raft_port=json_field(r, "raft_port", int, f"{where}.replicas[{i}]"),
         )
         for i, r in enumerate(replicas_raw)
     )
     shard = ShardConfig(
-        shard_id=_field(obj, "id", str, where),
-        lower_bound=_field(obj, "lower_bound", int, where),
-        upper_bound=_field(obj, "upper_bound", int, where),
+        shard_id=json_field(obj, "id", str, where),
+        lower_bound=json_field(obj, "lower_bound", int, where),
+        upper_bound=json_field(obj, "upper_bound", int, where),
         replicas=replicas,
     )
     _require(bool(_NAME_PATTERN.match(shard.shard_id)), f"{where}: bad shard id {shard.shard_id!r}")
@@ -214,10 +215,10 @@ def _validate_replicas(config: ClusterConfig) -> None:
 
 
 def parse(obj: Any) -> ClusterConfig:
-    version = _field(obj, "format_version", int, "config")
+    version = json_field(obj, "format_version", int, "config")
     _require(version == CONFIG_FORMAT_VERSION, f"unsupported config format_version {version}")
-    nodes = tuple(_parse_node(n, i) for i, n in enumerate(_field(obj, "nodes", list, "config")))
-    shards = tuple(_parse_shard(s, i) for i, s in enumerate(_field(obj, "shards", list, "config")))
+    nodes = tuple(_parse_node(n, i) for i, n in enumerate(json_field(obj, "nodes", list, "config")))
+    shards = tuple(_parse_shard(s, i) for i, s in enumerate(json_field(obj, "shards", list, "config")))
     config = ClusterConfig(nodes=nodes, shards=shards)
     validate(config)
     return config
