@@ -7,6 +7,7 @@ small generated one); the restart and kill -9 tests start their own.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import secrets
@@ -939,3 +940,56 @@ def test_second_server_on_same_data_dir_fails(server: StandaloneServer, stub: St
     # The first server still owns its data and keeps serving.
     account = new_account(stub)
     assert get_account(stub, account.id).id == account.id
+
+
+def test_dev_bench_reports_json_and_checks_balances(server: StandaloneServer) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "ledger_cluster.cli.dev",
+        "bench",
+        "--gateway",
+        server.address,
+        "--accounts",
+        "5",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--concurrency",
+        "4",
+        "--json",
+    ]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS, cwd=REPO_ROOT, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert summary["transactions"] > 0
+    assert summary["throughput_tx_per_s"] > 0
+    assert 0 < summary["latency_ms_p50"] <= summary["latency_ms_p99"] <= summary["latency_ms_max"]
+    assert summary["errors_by_code"] == {}
+    assert summary["balances_checked"] == 5
+    assert summary["balance_mismatches"] == []
+
+
+def test_dev_bench_rejects_an_unknown_operation(server: StandaloneServer) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ledger_cluster.cli.dev",
+            "bench",
+            "--gateway",
+            server.address,
+            "--mix",
+            "fly",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_SECONDS,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert "unknown operations ['fly']" in completed.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ import click
 import grpc
 
 from ledger_cluster import backup as cluster_backup
+from ledger_cluster import bench
 from ledger_cluster import config as cluster_config
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc, node_pb2
 from ledger_cluster.cli.common import (
@@ -172,6 +174,74 @@ def _replica_health(replica: node_pb2.ReplicaStatus | None, node_error: str) -> 
         return "no quorum"
     lag = replica.commit_index - replica.last_applied
     return f"lagging {lag}" if lag else "ok"
+
+
+@main.command("bench")
+@click.option("--accounts", type=click.IntRange(1, bench.ACCOUNTS_MAX), default=100, show_default=True)
+@click.option(
+    "--duration",
+    "duration_seconds",
+    type=click.FloatRange(0.1, bench.DURATION_SECONDS_MAX),
+    default=10.0,
+    show_default=True,
+    help="Measured seconds, after the warm-up.",
+)
+@click.option("--warmup", "warmup_seconds", type=click.FloatRange(0.0, 600.0), default=1.0, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, bench.CONCURRENCY_MAX), default=32, show_default=True)
+@click.option(
+    "--mix",
+    default="create,settle,cancel,read",
+    show_default=True,
+    help="Comma-separated operations to draw from evenly: create, settle, cancel, read.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+@gateway_option
+def bench_command(
+    *,
+    accounts: int,
+    duration_seconds: float,
+    warmup_seconds: float,
+    concurrency: int,
+    mix: str,
+    as_json: bool,
+    gateway: str,
+) -> None:
+    """Load a running gateway with concurrent clients (one unary call per transaction) and
+    report throughput, latency percentiles and errors by code; then check every account's
+    balances against its transactions (exit 1 on any mismatch). A write whose outcome is
+    unknown counts as an error, never as a success."""
+    operations = [name.strip() for name in mix.split(",") if name.strip()]
+    unknown = sorted(set(operations) - set(bench.OPERATIONS))
+    if not operations or unknown:
+        raise click.BadParameter(
+            f"unknown operations {unknown}; choose from {bench.OPERATIONS}", param_hint="--mix"
+        )
+    try:
+        result = bench.run_bench(
+            gateway,
+            accounts=accounts,
+            duration_seconds=duration_seconds,
+            concurrency=concurrency,
+            mix=operations,
+            warmup_seconds=warmup_seconds,
+            progress=lambda line: click.echo(line, err=True),
+        )
+    except grpc.RpcError as error:
+        raise click.ClickException(f"{gateway}: {describe_rpc_error(error)}") from None
+    summary = result.summary()
+    click.echo(
+        f"{summary['throughput_tx_per_s']} tx/s over {summary['measured_seconds']} s,"
+        f" latency ms p50 {summary['latency_ms_p50']} p95 {summary['latency_ms_p95']}"
+        f" p99 {summary['latency_ms_p99']} max {summary['latency_ms_max']},"
+        f" errors {summary['errors_by_code'] or 'none'},"
+        f" balances checked {summary['balances_checked']}, mismatches {len(result.balance_mismatches)}"
+    )
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    if result.balance_mismatches:
+        for line in result.balance_mismatches:
+            click.echo(f"mismatch: {line}", err=True)
+        sys.exit(1)
 
 
 @main.command("status")
