@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn, Protocol, TypeVar
+from typing import NoReturn, Protocol
 
 import grpc
 
@@ -46,11 +46,10 @@ from ledger_cluster.limits import (
     REQUEST_ID_BYTES_MAX,
 )
 from ledger_cluster.process import stop_broken_process
-from ledger_cluster.status import ApiError
+from ledger_cluster.status import ApiError, serve
 from ledger_cluster.storage import DirectoryLock
 
 logger = logging.getLogger(__name__)
-Response = TypeVar("Response")
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 # How much of a malformed id an error echoes back.
@@ -373,7 +372,7 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
     def CreateAccount(
         self, request: ledger_pb2.CreateAccountRequest, context: grpc.ServicerContext
     ) -> ledger_pb2.CreateAccountResponse:
-        return _serve(context, lambda: self._create_account(request, context))
+        return serve(context, lambda: self._create_account(request, context))
 
     def _create_account(
         self, request: ledger_pb2.CreateAccountRequest, context: grpc.ServicerContext
@@ -400,12 +399,12 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
             _raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
             return ledger_pb2.GetAccountResponse(account=result.account)
 
-        return _serve(context, run)
+        return serve(context, run)
 
     def CreateTransaction(
         self, request: ledger_pb2.CreateTransactionRequest, context: grpc.ServicerContext
     ) -> ledger_pb2.CreateTransactionResponse:
-        return _serve(context, lambda: self._create_transaction(request, context))
+        return serve(context, lambda: self._create_transaction(request, context))
 
     def _create_transaction(
         self, request: ledger_pb2.CreateTransactionRequest, context: grpc.ServicerContext
@@ -443,7 +442,7 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
             _raise_for_outcome(result.outcome, result.message, transaction_id=request.transaction_id)
             return ledger_pb2.GetTransactionResponse(transaction=result.transaction)
 
-        return _serve(context, run)
+        return serve(context, run)
 
     def ListTransactions(
         self, request: ledger_pb2.ListTransactionsRequest, context: grpc.ServicerContext
@@ -464,7 +463,7 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
                 transactions=result.transactions, next_page_token=token
             )
 
-        return _serve(context, run)
+        return serve(context, run)
 
     def SettleTransaction(
         self, request: ledger_pb2.SettleTransactionRequest, context: grpc.ServicerContext
@@ -475,7 +474,7 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
             )
             return ledger_pb2.SettleTransactionResponse(transaction=transaction)
 
-        return _serve(context, run)
+        return serve(context, run)
 
     def CancelTransaction(
         self, request: ledger_pb2.CancelTransactionRequest, context: grpc.ServicerContext
@@ -486,7 +485,7 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
             )
             return ledger_pb2.CancelTransactionResponse(transaction=transaction)
 
-        return _serve(context, run)
+        return serve(context, run)
 
     def _finish(
         self, transaction_id: str, kind: core_pb2.CommandType.ValueType, context: grpc.ServicerContext
@@ -503,18 +502,6 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
         result = self._update(wanted.account_id, command, context)
         _raise_for_outcome(result.outcome, result.message, transaction_id=transaction_id)
         return result.transaction
-
-
-def _serve(context: grpc.ServicerContext, handler: Callable[[], Response]) -> Response:
-    try:
-        return handler()
-    except ApiError as error:
-        failure = error
-    except Exception as error:  # every status carries an ErrorInfo, unexpected ones too
-        logger.exception("unexpected error while serving a request")
-        failure = ApiError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error: {type(error).__name__}")
-    context.abort_with_status(failure.to_grpc_status())
-    raise AssertionError("abort_with_status returned")  # it always raises
 
 
 __all__ = [

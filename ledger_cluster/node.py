@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,7 +30,7 @@ from ledger_cluster.errors import (
     UnknownOutcomeError,
 )
 from ledger_cluster.replica import ReplicaOptions, ShardReplica
-from ledger_cluster.status import ApiError
+from ledger_cluster.status import ApiError, abort, serve
 from ledger_cluster.storage import (
     RESTORE_MARKER_FILE_NAME,
     DirectoryLock,
@@ -148,7 +148,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.SnapshotRequest, context: grpc.ServicerContext
     ) -> Iterator[node_pb2.SnapshotChunk]:
         if not self._snapshot_streams.acquire(blocking=False):
-            _abort(
+            abort(
                 context,
                 ApiError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -249,29 +249,25 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         return _serve(context, run)
 
 
-def _abort(context: grpc.ServicerContext, failure: ApiError) -> NoReturn:
-    context.abort_with_status(failure.to_grpc_status())
-    raise AssertionError("abort_with_status returned")  # it always raises
-
-
-def _serve(context: grpc.ServicerContext, handler: Callable[[], Response]) -> Response:
-    try:
-        return handler()
-    except NotLeaderError as error:
+def _node_error(error: Exception) -> ApiError | None:
+    """What a replica's "not taken" and "unknown outcome" errors mean on the wire."""
+    if isinstance(error, NotLeaderError):
         leader = error.leader_node_id or ""
-        failure = ApiError(
+        return ApiError(
             grpc.StatusCode.FAILED_PRECONDITION if leader else grpc.StatusCode.UNAVAILABLE,
             "NOT_LEADER" if leader else "NO_LEADER",
             str(error),
             {"leader_node_id": leader},
         )
-    except BackendUnavailableError as error:
-        failure = ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", str(error))
-    except UnknownOutcomeError as error:
-        failure = ApiError(grpc.StatusCode.UNAVAILABLE, "OUTCOME_UNKNOWN", str(error))
-    except ApiError as error:
-        failure = error
-    _abort(context, failure)
+    if isinstance(error, BackendUnavailableError):
+        return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", str(error))
+    if isinstance(error, UnknownOutcomeError):
+        return ApiError(grpc.StatusCode.UNAVAILABLE, "OUTCOME_UNKNOWN", str(error))
+    return None
+
+
+def _serve(context: grpc.ServicerContext, handler: Callable[[], Response]) -> Response:
+    return serve(context, handler, _node_error)
 
 
 class NodeServer:

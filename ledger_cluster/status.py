@@ -4,9 +4,10 @@ read."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import NoReturn, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -14,6 +15,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "ledger-cluster"
+
+logger = logging.getLogger(__name__)
+Response = TypeVar("Response")
 
 
 @dataclass(frozen=True)
@@ -61,3 +65,31 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
             reason, metadata = info.reason, dict(info.metadata)
             break
     return ErrorDetails(code=call.code(), message=call.details() or "", reason=reason, metadata=metadata)
+
+
+def abort(context: grpc.ServicerContext, failure: ApiError) -> NoReturn:
+    context.abort_with_status(failure.to_grpc_status())
+    raise AssertionError("abort_with_status returned")  # it always raises
+
+
+def serve(
+    context: grpc.ServicerContext,
+    handler: Callable[[], Response],
+    translate: Callable[[Exception], ApiError | None] = lambda error: None,
+) -> Response:
+    """Run a servicer's `handler`; an ApiError, or any error `translate` turns into one, ends
+    the call with its status. Anything else is a bug: logged, and INTERNAL with an ErrorInfo,
+    so every status a client sees carries one."""
+    try:
+        return handler()
+    except ApiError as error:
+        failure = error
+    except Exception as error:
+        translated = translate(error)
+        if translated is None:
+            logger.exception("unexpected error while serving a request")
+            translated = ApiError(
+                grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error: {type(error).__name__}"
+            )
+        failure = translated
+    abort(context, failure)

@@ -417,11 +417,6 @@ def _finish_pending(
     return _ok_transaction(transaction_view(after))
 
 
-def _account_of(kind: core_pb2.CommandType.ValueType, payload: bytes) -> int | None:
-    message_type = _PAYLOAD_TYPES.get(kind)
-    return None if message_type is None else int(message_type.FromString(payload).account_id)
-
-
 _PAYLOAD_TYPES: dict[
     int,
     type[core_pb2.CreateAccountCommand]
@@ -442,29 +437,25 @@ def _execute(
     try:
         envelope = core_pb2.CommandEnvelope.FromString(command_bytes)
         kind = envelope.type
-        now = envelope.now
-        account_id = _account_of(kind, envelope.payload)
-        if account_id is not None and not owns_account(account_id):
-            # A gateway with another config routed this here; storing it would strand the
-            # account in a shard that will never be asked for it.
-            return _failure(core_pb2.OUTCOME_SHARD_MISMATCH, "account belongs to another shard")
-        if kind == core_pb2.COMMAND_TYPE_CREATE_ACCOUNT:
-            create_account = core_pb2.CreateAccountCommand.FromString(envelope.payload)
-            return _create_account(changes, create_account, now)
-        if kind == core_pb2.COMMAND_TYPE_CREATE_TRANSACTION:
-            create = core_pb2.CreateTransactionCommand.FromString(envelope.payload)
-            return _create_transaction(changes, create, now)
-        if kind == core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION:
-            settle = core_pb2.SettleTransactionCommand.FromString(envelope.payload)
-            return _finish_pending(changes, settle.account_id, settle.transaction_number, SETTLED, now)
-        if kind == core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION:
-            cancel = core_pb2.CancelTransactionCommand.FromString(envelope.payload)
-            return _finish_pending(changes, cancel.account_id, cancel.transaction_number, CANCELLED, now)
         if kind == core_pb2.COMMAND_TYPE_NOOP:
             return core_pb2.CommandResult(outcome=core_pb2.OUTCOME_OK)
+        payload_type = _PAYLOAD_TYPES.get(kind)
+        if payload_type is None:
+            return _failure(core_pb2.OUTCOME_INVALID_COMMAND, f"unknown command type {kind}")
+        command = payload_type.FromString(envelope.payload)
     except DecodeError as error:
         return _failure(core_pb2.OUTCOME_INVALID_COMMAND, f"undecodable command: {error}")
-    return _failure(core_pb2.OUTCOME_INVALID_COMMAND, f"unknown command type {kind}")
+    if not owns_account(command.account_id):
+        # A gateway with another config routed this here; storing it would strand the account
+        # in a shard that will never be asked for it.
+        return _failure(core_pb2.OUTCOME_SHARD_MISMATCH, "account belongs to another shard")
+    now = envelope.now
+    if isinstance(command, core_pb2.CreateAccountCommand):
+        return _create_account(changes, command, now)
+    if isinstance(command, core_pb2.CreateTransactionCommand):
+        return _create_transaction(changes, command, now)
+    target = SETTLED if isinstance(command, core_pb2.SettleTransactionCommand) else CANCELLED
+    return _finish_pending(changes, command.account_id, command.transaction_number, target, now)
 
 
 # -- reads -------------------------------------------------------------------------------------
