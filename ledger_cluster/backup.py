@@ -34,7 +34,7 @@ import grpc
 
 from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.client import CHANNEL_OPTIONS, ClusterClient
-from ledger_cluster.config import ClusterConfig, ShardConfig, json_field
+from ledger_cluster.config import ClusterConfig, ShardConfig, json_field, write_json_atomic
 from ledger_cluster.core import SNAPSHOT_TABLES, AccountsCore
 from ledger_cluster.errors import ConfigError, LedgerError, SnapshotError, StorageError
 from ledger_cluster.sharding import SHARD_KEY_MAX
@@ -220,23 +220,6 @@ def file_sha256(path: Path) -> str:
         while block := file.read(HASH_BLOCK_BYTES):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_json_atomic(obj: dict[str, Any], path: Path) -> None:
-    """The file appears whole under its name or not at all."""
-    temporary = path.with_name(path.name + PARTIAL_SUFFIX)
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(obj, file, indent=2)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
 
 
 def _check_snapshot_header(
@@ -437,7 +420,7 @@ def backup_cluster(
             config=config.to_json_object(),
             shards=tuple(shards),
         )
-        _write_json_atomic(manifest.to_json_object(), out_dir / MANIFEST_FILE_NAME)
+        write_json_atomic(manifest.to_json_object(), out_dir / MANIFEST_FILE_NAME)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)

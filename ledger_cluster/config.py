@@ -236,11 +236,11 @@ def load(path: str | os.PathLike[str]) -> ClusterConfig:
     return parse(obj)
 
 
-def write_atomic(config: ClusterConfig, path: str | os.PathLike[str]) -> None:
-    """Write so that a reader sees the old file or the new one, never a torn one."""
-    validate(config)
+def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Write `obj` as JSON (mode 0600) so that a reader sees the old file or the new one, never
+    a torn one, and the new one survives a power loss once this returns."""
     target = Path(path).resolve()
-    text = json.dumps(config.to_json_object(), indent=2) + "\n"
+    text = json.dumps(obj, indent=2) + "\n"
     descriptor, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
@@ -256,6 +256,12 @@ def write_atomic(config: ClusterConfig, path: str | os.PathLike[str]) -> None:
         os.fsync(directory_descriptor)
     finally:
         os.close(directory_descriptor)
+
+
+def write_atomic(config: ClusterConfig, path: str | os.PathLike[str]) -> None:
+    """Validate and write a cluster config atomically."""
+    validate(config)
+    write_json_atomic(config.to_json_object(), path)
 
 
 def generate(
