@@ -1,234 +1,73 @@
-"""Real ledger processes for end-to-end tests: pick a loopback port, start a process with its
-output in a log file, wait until gRPC health says SERVING, stop it by PID (SIGTERM, then
-SIGKILL) or kill -9 it, and put the log's tail into every failure message.
-
-Every process is started inside a context manager whose `finally` stops it, so a failing test
-leaves nothing running.
-"""
+"""Test helpers on top of `ledger_cluster.localcluster.processes`: the repository's paths, a
+generated config file, and a `ledger-standalone` server started and stopped by PID."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, cast
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ledger_cluster import config as cluster_config
+from ledger_cluster.localcluster.processes import (
+    EXIT_TIMEOUT_SECONDS,
+    HEALTH_RPC_TIMEOUT_SECONDS,
+    KILL_TIMEOUT_SECONDS,
+    LEDGER_SERVICE_NAME,
+    LOG_TAIL_LINES,
+    LOOPBACK_HOST,
+    POLL_INTERVAL_SECONDS,
+    READY_TIMEOUT_SECONDS,
+    STOP_TIMEOUT_SECONDS,
+    LocalClusterError,
+    ManagedProcess,
+    clean_environment,
+    free_port,
+    free_ports,
+    health_status,
+    log_tail,
+    managed_process,
+    start_process,
+    wait_until_serving,
+)
+
+__all__ = [
+    "EXIT_TIMEOUT_SECONDS",
+    "HEALTH_RPC_TIMEOUT_SECONDS",
+    "KILL_TIMEOUT_SECONDS",
+    "LEDGER_SERVICE_NAME",
+    "LOG_TAIL_LINES",
+    "LOOPBACK_HOST",
+    "POLL_INTERVAL_SECONDS",
+    "READY_TIMEOUT_SECONDS",
+    "REPO_CONFIG_PATH",
+    "REPO_ROOT",
+    "STOP_TIMEOUT_SECONDS",
+    "LocalClusterError",
+    "ManagedProcess",
+    "StandaloneServer",
+    "clean_environment",
+    "free_port",
+    "free_ports",
+    "health_status",
+    "log_tail",
+    "managed_process",
+    "standalone_server",
+    "start_process",
+    "start_standalone",
+    "wait_until_serving",
+    "write_generated_config",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_CONFIG_PATH = REPO_ROOT / "cluster_config.json"
-LOOPBACK_HOST = "127.0.0.1"
-LEDGER_SERVICE_NAME = "ledger_cluster.api.v1.LedgerService"
-
-READY_TIMEOUT_SECONDS = 30.0
-STOP_TIMEOUT_SECONDS = 15.0
-KILL_TIMEOUT_SECONDS = 10.0
-EXIT_TIMEOUT_SECONDS = 30.0
-HEALTH_RPC_TIMEOUT_SECONDS = 1.0
-POLL_INTERVAL_SECONDS = 0.05
-LOG_TAIL_LINES = 60
-# Short reconnect backoff, so a probe notices a server the moment it starts listening.
-_PROBE_CHANNEL_OPTIONS = [
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 250),
-]
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK_HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback TCP ports that nothing listens on right now: every probe socket
-    stays bound until all are chosen, so the kernel cannot hand out the same port twice."""
-    probes: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            probes.append(probe)
-            probe.bind((LOOPBACK_HOST, 0))
-        return [int(probe.getsockname()[1]) for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as error:
-        return f"<cannot read {path}: {error}>"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def write_generated_config(path: Path, nodes: int = 3, shards: int = 4, replicas: int = 3) -> Path:
     """A small validated cluster config, written atomically like `ledger-dev seed-cluster-config`."""
     cluster_config.write_atomic(cluster_config.generate(nodes, shards, replicas), path)
     return path
-
-
-@dataclass
-class ManagedProcess:
-    """One child process whose stdout and stderr go to `log_path`."""
-
-    name: str
-    command: list[str]
-    log_path: Path
-    popen: subprocess.Popen[bytes] = field(repr=False)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def exit_code(self) -> int | None:
-        """The exit code once the process has ended (reaping it), else None."""
-        return self.popen.poll()
-
-    def is_running(self) -> bool:
-        return self.exit_code() is None
-
-    def describe(self) -> str:
-        return f"{self.name} (pid {self.pid}, exit code {self.popen.returncode})"
-
-    def fail(self, message: str) -> NoReturn:
-        raise AssertionError(
-            f"{self.describe()}: {message}\n--- last lines of {self.log_path} ---\n{log_tail(self.log_path)}"
-        )
-
-    def wait_exit(self, timeout_seconds: float = EXIT_TIMEOUT_SECONDS) -> int:
-        """Wait for the process to end on its own; fail (it is still running) past the timeout."""
-        try:
-            return self.popen.wait(timeout=timeout_seconds)
-        except subprocess.TimeoutExpired:
-            self.fail(f"still running after {timeout_seconds} s")
-
-    def stop(self, timeout_seconds: float = STOP_TIMEOUT_SECONDS) -> int:
-        """SIGTERM by PID and wait; SIGKILL if it does not end in time. Returns the exit code
-        (negative: the signal that ended it)."""
-        if self.exit_code() is not None:
-            return self.popen.returncode
-        os.kill(self.pid, signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout=timeout_seconds)
-        except subprocess.TimeoutExpired:
-            return self.kill()
-
-    def kill(self, timeout_seconds: float = KILL_TIMEOUT_SECONDS) -> int:
-        """kill -9 by PID and reap the process."""
-        if self.exit_code() is not None:
-            return self.popen.returncode
-        os.kill(self.pid, signal.SIGKILL)
-        try:
-            return self.popen.wait(timeout=timeout_seconds)
-        except subprocess.TimeoutExpired:
-            self.fail(f"did not end {timeout_seconds} s after SIGKILL")
-
-
-def clean_environment() -> dict[str, str]:
-    """This process's environment without LEDGER_* variables, so a developer's shell settings
-    (LEDGER_HOST, LEDGER_CONFIG, ...) cannot change what a test starts."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("LEDGER_")}
-
-
-def start_process(
-    name: str,
-    command: Sequence[str],
-    log_path: Path,
-    cwd: Path = REPO_ROOT,
-    env: dict[str, str] | None = None,
-) -> ManagedProcess:
-    """Start `command`, appending its output to `log_path` (so restarts keep earlier logs).
-    `env` defaults to `clean_environment()`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log_file:
-        log_file.write(f"=== {name}: {' '.join(command)}\n".encode())
-        log_file.flush()
-        popen = subprocess.Popen(
-            list(command),
-            cwd=cwd,
-            env=clean_environment() if env is None else env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    return ManagedProcess(name=name, command=list(command), log_path=log_path, popen=popen)
-
-
-@contextmanager
-def managed_process(
-    name: str,
-    command: Sequence[str],
-    log_path: Path,
-    cwd: Path = REPO_ROOT,
-    env: dict[str, str] | None = None,
-) -> Iterator[ManagedProcess]:
-    """`start_process`, and stop the process when the block ends, however it ends."""
-    process = start_process(name, command, log_path, cwd=cwd, env=env)
-    try:
-        yield process
-    finally:
-        process.stop()
-
-
-def health_status(
-    address: str, service: str = "", timeout_seconds: float = HEALTH_RPC_TIMEOUT_SECONDS
-) -> str:
-    """The name of `service`'s serving status at `address` (raises grpc.RpcError)."""
-    with grpc.insecure_channel(address, options=_PROBE_CHANNEL_OPTIONS) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_seconds)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
-
-
-def wait_until_serving(
-    process: ManagedProcess,
-    address: str,
-    service: str = "",
-    timeout_seconds: float = READY_TIMEOUT_SECONDS,
-) -> None:
-    """Poll grpc.health.v1 Health/Check until SERVING; fail with the log tail if the process
-    exits first or the deadline passes."""
-    deadline = time.monotonic() + timeout_seconds
-    last_seen = "no answer yet"
-    with grpc.insecure_channel(address, options=_PROBE_CHANNEL_OPTIONS) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.exit_code() is not None:
-                process.fail(f"exited before {address} was SERVING (last health answer: {last_seen})")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                process.fail(
-                    f"{address} not SERVING after {timeout_seconds} s (last health answer: {last_seen})"
-                )
-            try:
-                response = stub.Check(
-                    health_pb2.HealthCheckRequest(service=service),
-                    timeout=min(HEALTH_RPC_TIMEOUT_SECONDS, remaining),
-                )
-            except grpc.RpcError as error:
-                # Every RpcError the grpc client raises is also a grpc.Call; the stubs cannot say so.
-                last_seen = cast(grpc.Call, error).code().name
-            else:
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last_seen = str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
-            time.sleep(POLL_INTERVAL_SECONDS)
 
 
 # -- ledger-standalone ----------------------------------------------------------------------------
