@@ -83,3 +83,13 @@ class NotLeaderError(BackendUnavailableError):
 class UnknownOutcomeError(LedgerError):
     """The command was proposed but its fate is unknown (timeout, leader change, discarded
     entry): it may still commit. Never a failure of the operation; retry with the same bytes."""
+
+
+class LeadershipTransferDeniedError(LedgerError):
+    """The leader refused to hand over leadership: the target is not connected or not fully
+    caught up with the leader's log. Nothing changed."""
+
+
+class LeadershipTransferIncompleteError(LedgerError):
+    """The leader asked the target to start an election, but no new leader was seen in time.
+    The election may still finish; the shard elects a leader either way."""

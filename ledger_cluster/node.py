@@ -24,6 +24,8 @@ from ledger_cluster.config import ClusterConfig
 from ledger_cluster.deadlines import work_budget_seconds
 from ledger_cluster.errors import (
     BackendUnavailableError,
+    LeadershipTransferDeniedError,
+    LeadershipTransferIncompleteError,
     NotLeaderError,
     SnapshotError,
     StorageError,
@@ -248,6 +250,27 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
 
         return _serve(context, run)
 
+    def TransferLeadership(
+        self, request: node_pb2.TransferLeadershipRequest, context: grpc.ServicerContext
+    ) -> node_pb2.TransferLeadershipResponse:
+        def run() -> node_pb2.TransferLeadershipResponse:
+            replica = self._replica(request.shard_id)
+            target = request.target_node_id or None
+            hosts = {member.node_id for member in replica.shard.replicas}
+            if target is not None and (target not in hosts or target == self._node_id):
+                raise ApiError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "INVALID_TRANSFER_TARGET",
+                    f"{target!r} is not another replica of shard {request.shard_id}"
+                    f" (its replicas: {', '.join(sorted(hosts))})",
+                )
+            leader = replica.transfer_leadership(target, _timeout_seconds(context))
+            return node_pb2.TransferLeadershipResponse(
+                leader_node_id=leader, previous_leader_node_id=self._node_id
+            )
+
+        return _serve(context, run)
+
 
 def _node_error(error: Exception) -> ApiError | None:
     """What a replica's "not taken" and "unknown outcome" errors mean on the wire."""
@@ -263,6 +286,10 @@ def _node_error(error: Exception) -> ApiError | None:
         return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", str(error))
     if isinstance(error, UnknownOutcomeError):
         return ApiError(grpc.StatusCode.UNAVAILABLE, "OUTCOME_UNKNOWN", str(error))
+    if isinstance(error, LeadershipTransferDeniedError):
+        return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "TRANSFER_DENIED", str(error))
+    if isinstance(error, LeadershipTransferIncompleteError):
+        return ApiError(grpc.StatusCode.UNAVAILABLE, "TRANSFER_INCOMPLETE", str(error))
     return None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from ledger_cluster.config import ClusterConfig, ShardConfig
 from ledger_cluster.core import AccountsCore
 from ledger_cluster.errors import (
     BackendUnavailableError,
+    LeadershipTransferDeniedError,
+    LeadershipTransferIncompleteError,
     NotLeaderError,
     ReplicaBrokenError,
     SnapshotError,
@@ -63,6 +66,11 @@ TCP_KEEPALIVE = (16, 3, 5)
 BIND_RETRIES_MAX = 20
 RAFT_PASSWORD_ENVIRONMENT_VARIABLE = "LEDGER_RAFT_PASSWORD"
 RAFT_POSITION_FORMAT_VERSION = 1
+# Work handed to the tick thread (PySyncObj's state is only safe to touch there); a transfer is
+# the only such work, and an admin asks for one at a time.
+TICK_TASKS_MAX = 16
+# How often a leadership transfer checks whether the new leader has taken over.
+TRANSFER_POLL_SECONDS = 0.02
 
 _ANSWER_SUCCESS = FAIL_REASON.SUCCESS
 # Never appended to the log: the command is known not to be applied.
@@ -118,7 +126,26 @@ class _LedgerSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no type 
     ) -> None:
         self._core = core
         self._on_broken = on_broken
+        # Before super().__init__, which starts the tick thread.
+        self._tick_tasks: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=TICK_TASKS_MAX)
         super().__init__(self_address, partner_addresses, conf)
+
+    def run_on_tick_thread(self, task: Callable[[], None]) -> None:
+        """Run `task` on the tick thread before its next tick (raises queue.Full when
+        TICK_TASKS_MAX tasks are already waiting)."""
+        self._tick_tasks.put_nowait(task)
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N803  # PySyncObj's names
+        while True:
+            try:
+                task = self._tick_tasks.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                task()
+            except Exception:
+                logger.exception("a task on the tick thread failed")
+        super()._onTick(timeToWait)
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_command(self, command: bytes) -> bytes:
@@ -457,6 +484,64 @@ class ShardReplica:
             barrier = core_pb2.CommandEnvelope(type=core_pb2.COMMAND_TYPE_NOOP).SerializeToString()
             self.submit(barrier, timeout_seconds)
         return self.core.read(query)
+
+    def transfer_leadership(self, target_node_id: str | None, timeout_seconds: float) -> str:
+        """Hand this shard's leadership to `target_node_id` (None: the most caught-up connected
+        follower) with Raft's TimeoutNow, and wait until another replica leads. Returns the new
+        leader's node id.
+
+        Raises NotLeaderError when this replica does not lead, LeadershipTransferDeniedError
+        when the target is not connected or not caught up (nothing changed), and
+        LeadershipTransferIncompleteError when no other leader was seen within the timeout."""
+        self._require_leader()
+        target_address = None
+        if target_node_id is not None:
+            addresses = [
+                address for address, owner in self._address_to_node.items() if owner == target_node_id
+            ]
+            if not addresses or target_node_id == self.node_id:
+                raise ValueError(f"{target_node_id!r} is not another replica of shard {self.shard.shard_id}")
+            target_address = addresses[0]
+        answered = threading.Event()
+        answer: list[int] = []
+
+        def on_answer(_result: Any, error: int) -> None:
+            answer.append(error)
+            answered.set()
+
+        def transfer() -> None:
+            self._sync_obj.transferLeadership(target_address, callback=on_answer)
+
+        deadline = time.monotonic() + timeout_seconds
+        try:
+            self._sync_obj.run_on_tick_thread(transfer)
+        except queue.Full:
+            raise BackendUnavailableError("too many leadership transfers are waiting") from None
+        if not answered.wait(timeout_seconds):
+            raise LeadershipTransferIncompleteError(
+                f"no answer from the Raft group within {timeout_seconds} s"
+            )
+        if answer[0] == FAIL_REASON.NOT_LEADER:
+            raise NotLeaderError(f"node {self.node_id} stopped leading shard {self.shard.shard_id}", None)
+        if answer[0] != _ANSWER_SUCCESS:
+            raise LeadershipTransferDeniedError(
+                f"shard {self.shard.shard_id}: the target is not connected or not caught up with the"
+                " leader's log; try again once it has caught up"
+            )
+        return self._wait_new_leader(target_node_id, deadline)
+
+    def _wait_new_leader(self, target_node_id: str | None, deadline: float) -> str:
+        while True:
+            leader = self.leader_node_id()
+            taken_over = leader is not None and leader != self.node_id and not self.is_leader()
+            if taken_over and leader is not None and target_node_id in (None, leader):
+                return leader
+            if time.monotonic() >= deadline:
+                raise LeadershipTransferIncompleteError(
+                    f"shard {self.shard.shard_id}: the target was asked to take over, but the leader"
+                    f" is still {leader or 'unknown'}; the election may still finish"
+                )
+            time.sleep(TRANSFER_POLL_SECONDS)
 
     def status(self) -> ReplicaStatus:
         sync_obj = self._sync_obj

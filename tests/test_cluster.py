@@ -538,6 +538,37 @@ def test_stopped_follower_catches_up(healthy: Cluster) -> None:
     cluster.wait_healthy()
 
 
+def test_transfer_leadership_hands_a_shard_to_the_named_replica(healthy: Cluster) -> None:
+    cluster = healthy
+    stub = cluster.ledger_stub()
+    shard_id = cluster.config.shards[0].shard_id
+    leader = cluster.leader_of(shard_id)
+    followers = sorted(r.node_id for r in cluster.config.shards[0].replicas if r.node_id != leader)
+    account_id = accounts_by_shard(stub, cluster.config, per_shard=1)[shard_id][0]
+    before = cluster.wait_converged([shard_id])[shard_id]
+
+    # Refusals change nothing: a follower does not lead; a target must be another replica.
+    with pytest.raises(grpc.RpcError) as refused:
+        cluster.transfer_leadership(shard_id, followers[0], followers[1])
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(refused.value).reason == "NOT_LEADER"
+    for target in (leader, "node99"):
+        with pytest.raises(grpc.RpcError) as invalid:
+            cluster.transfer_leadership(shard_id, leader, target)
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(invalid.value).reason == "INVALID_TRANSFER_TARGET"
+    assert cluster.leader_of(shard_id) == leader
+
+    answer = cluster.transfer_leadership(shard_id, leader, followers[1])
+    assert (answer.leader_node_id, answer.previous_leader_node_id) == (followers[1], leader)
+    assert cluster.leader_of(shard_id) == followers[1]
+    record = new_record(account_id, 77)
+    assert send_until_answered(stub, record), f"write after the transfer failed: {record.errors}"
+    after = cluster.wait_converged([shard_id])[shard_id]
+    assert after.applied_index > before.applied_index
+    check_ledger(stub, [account_id], [record])
+
+
 # -- tests with their own cluster -----------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,6 +286,40 @@ class Cluster:
         assert node.process is not None, f"{node_id} was never started"
         node.down_on_purpose = True
         return node.process.kill()
+
+    def pause_node(self, node_id: str) -> None:
+        """SIGSTOP by PID: the process keeps its sockets but answers nothing, like a long GC
+        pause or a stalled VM."""
+        node = self.nodes[node_id]
+        assert node.process is not None, f"{node_id} was never started"
+        node.down_on_purpose = True
+        os.kill(node.process.pid, signal.SIGSTOP)
+
+    def resume_node(self, node_id: str) -> None:
+        """SIGCONT by PID after `pause_node`."""
+        node = self.nodes[node_id]
+        assert node.process is not None, f"{node_id} was never started"
+        os.kill(node.process.pid, signal.SIGCONT)
+        node.down_on_purpose = False
+
+    def wipe_node_data(self, node_id: str) -> None:
+        """Delete a stopped node's whole data directory (its LMDB state, Raft journals and
+        dumps), as if its disk were replaced."""
+        node = self.nodes[node_id]
+        if node.is_running():
+            raise LocalClusterError(f"{node_id} is running; stop it before wiping its data")
+        shutil.rmtree(node.data_dir, ignore_errors=True)
+
+    def transfer_leadership(
+        self,
+        shard_id: str,
+        from_node_id: str,
+        to_node_id: str = "",
+        timeout_seconds: float = NODE_RPC_TIMEOUT_SECONDS,
+    ) -> node_pb2.TransferLeadershipResponse:
+        """NodeService.TransferLeadership on `from_node_id` (raises grpc.RpcError)."""
+        request = node_pb2.TransferLeadershipRequest(shard_id=shard_id, target_node_id=to_node_id)
+        return self.node_stub(from_node_id).TransferLeadership(request, timeout=timeout_seconds)
 
     def running_node_ids(self) -> list[str]:
         return [node_id for node_id, node in self.nodes.items() if node.is_running()]

@@ -64,6 +64,11 @@ class NodeServiceStub:
                 request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.TransferLeadership = channel.unary_unary(
+                '/ledger_cluster.api.v1.NodeService/TransferLeadership',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -116,6 +121,17 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TransferLeadership(self, request, context):
+        """Hands a shard's leadership from this node (its leader) to another replica with Raft's
+        TimeoutNow, and answers once another replica leads. NOT_LEADER (FAILED_PRECONDITION, with a
+        hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the target is
+        not connected or not caught up; TRANSFER_INCOMPLETE (UNAVAILABLE) when no new leader was
+        seen before the deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +164,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyRequest.FromString,
                     response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyResponse.SerializeToString,
+            ),
+            'TransferLeadership': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferLeadership,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +333,33 @@ class NodeService:
             '/ledger_cluster.api.v1.NodeService/Verify',
             ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyRequest.SerializeToString,
             ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferLeadership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.NodeService/TransferLeadership',
+            ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,13 @@ class NodeServiceStub:
     """Any replica (leader or not): structure and balance problems of its state, with the applied
     index and digest of the same view.
     """
+    TransferLeadership: _grpc.UnaryUnaryMultiCallable[_node_pb2.TransferLeadershipRequest, _node_pb2.TransferLeadershipResponse]
+    """Hands a shard's leadership from this node (its leader) to another replica with Raft's
+    TimeoutNow, and answers once another replica leads. NOT_LEADER (FAILED_PRECONDITION, with a
+    hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the target is
+    not connected or not caught up; TRANSFER_INCOMPLETE (UNAVAILABLE) when no new leader was
+    seen before the deadline.
+    """
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -79,6 +86,13 @@ class NodeServiceAsyncStub(NodeServiceStub):
     Verify: _aio.UnaryUnaryMultiCallable[_node_pb2.VerifyRequest, _node_pb2.VerifyResponse]  # type: ignore[assignment]
     """Any replica (leader or not): structure and balance problems of its state, with the applied
     index and digest of the same view.
+    """
+    TransferLeadership: _aio.UnaryUnaryMultiCallable[_node_pb2.TransferLeadershipRequest, _node_pb2.TransferLeadershipResponse]  # type: ignore[assignment]
+    """Hands a shard's leadership from this node (its leader) to another replica with Raft's
+    TimeoutNow, and answers once another replica leads. NOT_LEADER (FAILED_PRECONDITION, with a
+    hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the target is
+    not connected or not caught up; TRANSFER_INCOMPLETE (UNAVAILABLE) when no new leader was
+    seen before the deadline.
     """
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -137,6 +151,19 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_node_pb2.VerifyResponse, _abc.Awaitable[_node_pb2.VerifyResponse]]:
         """Any replica (leader or not): structure and balance problems of its state, with the applied
         index and digest of the same view.
+        """
+
+    @_abc_1.abstractmethod
+    def TransferLeadership(
+        self,
+        request: _node_pb2.TransferLeadershipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.TransferLeadershipResponse, _abc.Awaitable[_node_pb2.TransferLeadershipResponse]]:
+        """Hands a shard's leadership from this node (its leader) to another replica with Raft's
+        TimeoutNow, and answers once another replica leads. NOT_LEADER (FAILED_PRECONDITION, with a
+        hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the target is
+        not connected or not caught up; TRANSFER_INCOMPLETE (UNAVAILABLE) when no new leader was
+        seen before the deadline.
         """
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
