@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,9 @@ from ledger_cluster.cli.common import (
 )
 from ledger_cluster.client import ClusterClient
 from ledger_cluster.errors import ConfigError, LedgerError
+from ledger_cluster.localcluster.cluster import config_ports
+from ledger_cluster.nemesis import runner as nemesis_runner
+from ledger_cluster.nemesis.faults import ELECTION_BOUND_SECONDS_DEFAULT, FAULT_KINDS
 
 DEFAULT_GATEWAY = "localhost:8000"
 DEFAULT_TIMEOUT_SECONDS = 5.0
@@ -241,6 +245,99 @@ def bench_command(
     if result.balance_mismatches:
         for line in result.balance_mismatches:
             click.echo(f"mismatch: {line}", err=True)
+        sys.exit(1)
+
+
+@main.command("nemesis")
+@click.option(
+    "--duration",
+    "duration_seconds",
+    type=click.FloatRange(min=1.0, max=nemesis_runner.DURATION_SECONDS_MAX),
+    default=120.0,
+    show_default=True,
+    help="Seconds of faults under load (setup, healing and checks come on top).",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=1, show_default=True, help="Seeds the schedule.")
+@click.option("--clients", type=click.IntRange(1, nemesis_runner.CLIENTS_MAX), default=4, show_default=True)
+@click.option(
+    "--faults",
+    default=",".join(FAULT_KINDS),
+    show_default=True,
+    help="Comma-separated faults to draw from.",
+)
+@click.option(
+    "--shards",
+    type=click.IntRange(1, nemesis_runner.SHARDS_MAX),
+    default=nemesis_runner.SHARDS_DEFAULT,
+    show_default=True,
+)
+@click.option(
+    "--log-compaction-min-entries",
+    type=click.IntRange(min=10),
+    default=nemesis_runner.LOG_COMPACTION_MIN_ENTRIES_DEFAULT,
+    show_default=True,
+    help="Low, so snapshots and snapshot transfers happen during the run.",
+)
+@click.option(
+    "--election-bound-seconds",
+    type=click.FloatRange(min=0.1),
+    default=ELECTION_BOUND_SECONDS_DEFAULT,
+    show_default=True,
+    help="A shard without a leader for longer after a fault fails the run.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run directory (config, data, logs, history.jsonl, report.json); must not exist."
+    " Default: a new directory under ./nemesis-runs.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on the last line.")
+def nemesis_command(
+    *,
+    duration_seconds: float,
+    seed: int,
+    clients: int,
+    faults: str,
+    shards: int,
+    log_compaction_min_entries: int,
+    election_bound_seconds: float,
+    out_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Start a local 3-node cluster with its own ports and data, drive it with concurrent clients
+    (creates, top-ups, purchases, settles, cancels, reads, duplicate request_ids) while a seeded
+    nemesis kills, pauses, wipes and re-leads nodes; then heal it, check every promise against
+    the history and print a report. Exits 1 when any check fails."""
+    chosen = tuple(name.strip() for name in faults.split(",") if name.strip())
+    unknown = sorted(set(chosen) - set(FAULT_KINDS))
+    if not chosen or unknown:
+        raise click.BadParameter(
+            f"unknown faults {unknown}; choose from {', '.join(FAULT_KINDS)}", param_hint="--faults"
+        )
+    if out_dir is None:
+        out_dir = Path("nemesis-runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-seed-{seed}"
+    if out_dir.exists():
+        raise click.BadParameter(f"{out_dir} already exists; pick a new run directory", param_hint="--out")
+    default_config = Path(cluster_config.DEFAULT_CONFIG_PATH)
+    avoided = config_ports(cluster_config.load(default_config)) if default_config.is_file() else set()
+    options = nemesis_runner.NemesisOptions(
+        base_dir=out_dir.resolve(),
+        duration_seconds=duration_seconds,
+        seed=seed,
+        clients=clients,
+        faults=tuple(dict.fromkeys(chosen)),
+        shards=shards,
+        log_compaction_min_entries=log_compaction_min_entries,
+        election_bound_seconds=election_bound_seconds,
+        avoided_ports=frozenset(avoided),
+    )
+    report = nemesis_runner.run_nemesis(options, _progress)
+    click.echo(report.to_text())
+    if as_json:
+        click.echo(report.to_json())
+    if not report.passed:
         sys.exit(1)
 
 

@@ -139,6 +139,8 @@ def stop_processes(
     running = [process for process in processes if process.is_running()]
     for process in running:
         os.kill(process.pid, signal.SIGTERM)
+        # A paused (SIGSTOPped) process only acts on the SIGTERM once it runs again.
+        os.kill(process.pid, signal.SIGCONT)
     deadline = time.monotonic() + timeout_seconds
     for process in running:
         try:

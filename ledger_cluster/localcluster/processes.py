@@ -119,6 +119,8 @@ class ManagedProcess:
         if self.exit_code() is not None:
             return self.popen.returncode
         os.kill(self.pid, signal.SIGTERM)
+        # A paused (SIGSTOPped) process only acts on the SIGTERM once it runs again.
+        os.kill(self.pid, signal.SIGCONT)
         try:
             return self.popen.wait(timeout=timeout_seconds)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,282 @@
+"""The nemesis: on a seeded schedule, one fault at a time against a running local cluster, each
+followed by healing (restart, resume) and a quiet spell before the next.
+
+Faults: kill -9 a shard's leader, kill -9 a follower, kill -9 every node, SIGSTOP a leader past
+the election timeout then SIGCONT it, kill a follower and delete its whole data directory before
+restarting it, and hand a shard's leadership to another replica. After every fault the nemesis
+measures how long it took until every shard had a leader again among the reachable nodes.
+
+Faults never overlap: a wiped node has forgotten its Raft vote, which is only safe to lose while
+no election is under way, and one fault at a time keeps a majority of every shard intact.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from ledger_cluster.api.v1 import node_pb2
+from ledger_cluster.localcluster.cluster import Cluster
+from ledger_cluster.localcluster.processes import LocalClusterError, log_tail
+from ledger_cluster.status import error_details
+
+KILL_LEADER = "kill-leader"
+KILL_FOLLOWER = "kill-follower"
+KILL_ALL = "kill-all"
+PAUSE_LEADER = "pause-leader"
+WIPE_FOLLOWER = "wipe-follower"
+TRANSFER_LEADERSHIP = "transfer-leadership"
+FAULT_KINDS = (KILL_LEADER, KILL_FOLLOWER, KILL_ALL, PAUSE_LEADER, WIPE_FOLLOWER, TRANSFER_LEADERSHIP)
+
+# How long a killed node stays down, and how long a paused one stays paused (the election
+# timeout is at most 1.4 s, so a pause always outlasts it).
+DOWNTIME_SECONDS = (0.5, 3.0)
+PAUSE_SECONDS = (2.0, 4.0)
+# Healthy operation between two faults.
+QUIET_SECONDS = (1.0, 3.0)
+# A shard without a leader for longer than this after a fault fails the check.
+ELECTION_BOUND_SECONDS_DEFAULT = 10.0
+# Waiting for leaders stops here (the check fails well before).
+ELECTION_WAIT_SECONDS_MAX = 60.0
+HEAL_TIMEOUT_SECONDS = 90.0
+STATUS_TIMEOUT_SECONDS = 0.5
+POLL_INTERVAL_SECONDS = 0.05
+TRANSFER_TIMEOUT_SECONDS = 5.0
+EXIT_LOG_TAIL_LINES = 40
+
+
+@dataclass
+class FaultRecord:
+    kind: str
+    target: str
+    injected_seconds: float
+    # Seconds from the moment leaders were lost (the fault, or the restart after kill-all) until
+    # every shard had a leader among the reachable nodes; None if they never did.
+    election_seconds: float | None = None
+    healed_seconds: float = 0.0
+    note: str = ""
+    error: str = ""
+
+
+@dataclass
+class ProcessExit:
+    """A process that ended without the nemesis stopping it: always a bug."""
+
+    name: str
+    exit_code: int | None
+    at_seconds: float
+    log_tail: str
+
+
+@dataclass
+class NemesisLog:
+    faults: list[FaultRecord] = field(default_factory=list)
+    unexpected_exits: list[ProcessExit] = field(default_factory=list)
+    heal_failures: list[str] = field(default_factory=list)
+
+
+class Nemesis:
+    def __init__(
+        self,
+        cluster: Cluster,
+        clock: Callable[[], float],
+        seed: int,
+        faults: tuple[str, ...],
+        log: NemesisLog,
+    ) -> None:
+        self._cluster = cluster
+        self._clock = clock
+        self._rng = random.Random(f"{seed}-nemesis")
+        self._faults = faults
+        self.log = log
+        self._paused: set[str] = set()
+
+    # -- the schedule --
+
+    def run(self, until_seconds: float) -> None:
+        """Inject faults one after another until the clock passes `until_seconds`."""
+        actions: dict[str, Callable[[FaultRecord], None]] = {
+            KILL_LEADER: self._kill_leader,
+            KILL_FOLLOWER: self._kill_follower,
+            KILL_ALL: self._kill_all,
+            PAUSE_LEADER: self._pause_leader,
+            WIPE_FOLLOWER: self._wipe_follower,
+            TRANSFER_LEADERSHIP: self._transfer_leadership,
+        }
+        while self._clock() < until_seconds:
+            self._sleep_until(min(until_seconds, self._clock() + self._rng.uniform(*QUIET_SECONDS)))
+            if self._clock() >= until_seconds:
+                break
+            kind = self._rng.choice(self._faults)
+            record = FaultRecord(kind=kind, target="", injected_seconds=self._clock())
+            self.log.faults.append(record)
+            try:
+                actions[kind](record)
+            except (LocalClusterError, grpc.RpcError, OSError) as error:
+                record.error = f"{type(error).__name__}: {error}"[:2000]
+            self.heal(record)
+
+    def heal(self, record: FaultRecord | None = None) -> None:
+        """Resume paused nodes, restart stopped ones (also those that ended on their own), and
+        wait until the whole cluster is healthy."""
+        self.collect_unexpected_exits()
+        for node_id in sorted(self._paused):
+            self._cluster.resume_node(node_id)
+        self._paused.clear()
+        for node_id, node in self._cluster.nodes.items():
+            if not node.is_running():
+                self._cluster.start_node(node_id)
+        if self._cluster.gateway is not None and not self._cluster.gateway.is_running():
+            self._cluster.start_gateway()
+        try:
+            self._cluster.wait_healthy(HEAL_TIMEOUT_SECONDS)
+        except LocalClusterError as error:
+            what = f"{record.kind} at {record.injected_seconds:.1f} s" if record else "the end of the run"
+            self.log.heal_failures.append(
+                f"not healthy {HEAL_TIMEOUT_SECONDS} s after {what}: {error}"[:4000]
+            )
+            self.collect_unexpected_exits()
+        if record is not None:
+            record.healed_seconds = self._clock()
+
+    def collect_unexpected_exits(self) -> None:
+        for node in self._cluster.nodes.values():
+            process = node.process
+            if process is not None and not node.down_on_purpose and not process.is_running():
+                self._record_exit(process.describe(), process.exit_code(), process.log_path)
+                node.down_on_purpose = True  # recorded once; `heal` restarts it
+        gateway = self._cluster.gateway
+        if gateway is not None and not gateway.is_running() and gateway.exit_code() is not None:
+            self._record_exit(gateway.describe(), gateway.exit_code(), gateway.log_path)
+
+    def _record_exit(self, name: str, exit_code: int | None, log_path: Path) -> None:
+        tail = log_tail(log_path, EXIT_LOG_TAIL_LINES)
+        self.log.unexpected_exits.append(ProcessExit(name, exit_code, self._clock(), tail))
+
+    # -- faults --
+
+    def _kill_leader(self, record: FaultRecord) -> None:
+        shard_id, leader = self._pick_leader()
+        record.target = f"{leader} (leader of {shard_id})"
+        self._cluster.kill_node(leader)
+        started = self._clock()
+        record.election_seconds = self._wait_for_leaders(excluded={leader})
+        self._sleep_until(started + self._rng.uniform(*DOWNTIME_SECONDS))
+
+    def _kill_follower(self, record: FaultRecord) -> None:
+        shard_id, follower = self._pick_follower()
+        record.target = f"{follower} (follower of {shard_id})"
+        self._cluster.kill_node(follower)
+        started = self._clock()
+        record.election_seconds = self._wait_for_leaders(excluded={follower})
+        self._sleep_until(started + self._rng.uniform(*DOWNTIME_SECONDS))
+
+    def _kill_all(self, record: FaultRecord) -> None:
+        record.target = "every node"
+        for node_id in self._cluster.nodes:
+            self._cluster.kill_node(node_id)
+        time.sleep(self._rng.uniform(*DOWNTIME_SECONDS))
+        for node_id in self._cluster.nodes:
+            self._cluster.start_node(node_id)
+        record.note = "election measured from the restart"
+        record.election_seconds = self._wait_for_leaders(excluded=set())
+
+    def _pause_leader(self, record: FaultRecord) -> None:
+        shard_id, leader = self._pick_leader()
+        pause_seconds = self._rng.uniform(*PAUSE_SECONDS)
+        record.target = f"{leader} (leader of {shard_id}) for {pause_seconds:.1f} s"
+        self._cluster.pause_node(leader)
+        self._paused.add(leader)
+        started = self._clock()
+        record.election_seconds = self._wait_for_leaders(excluded={leader})
+        self._sleep_until(started + pause_seconds)
+        self._cluster.resume_node(leader)
+        self._paused.discard(leader)
+
+    def _wipe_follower(self, record: FaultRecord) -> None:
+        shard_id, follower = self._pick_follower()
+        record.target = f"{follower} (follower of {shard_id})"
+        self._cluster.kill_node(follower)
+        started = self._clock()
+        self._cluster.wipe_node_data(follower)
+        record.election_seconds = self._wait_for_leaders(excluded={follower})
+        self._sleep_until(started + self._rng.uniform(*DOWNTIME_SECONDS))
+
+    def _transfer_leadership(self, record: FaultRecord) -> None:
+        shard_id, leader = self._pick_leader()
+        shard = next(shard for shard in self._cluster.config.shards if shard.shard_id == shard_id)
+        target = self._rng.choice(sorted(r.node_id for r in shard.replicas if r.node_id != leader))
+        record.target = f"{shard_id} from {leader} to {target}"
+        started = self._clock()
+        try:
+            answer = self._cluster.transfer_leadership(shard_id, leader, target, TRANSFER_TIMEOUT_SECONDS)
+            record.note = f"now led by {answer.leader_node_id}"
+        except grpc.RpcError as error:
+            details = error_details(error)
+            if details.reason not in ("TRANSFER_DENIED", "TRANSFER_INCOMPLETE", "NOT_LEADER"):
+                raise
+            # Refused (target not caught up, or leadership moved meanwhile): nothing changed.
+            record.note = f"{details.reason}: {details.message}"
+        elapsed = self._wait_for_leaders(excluded=set())
+        record.election_seconds = None if elapsed is None else self._clock() - started
+
+    # -- targets and leaders --
+
+    def _leaders(self, excluded: set[str]) -> dict[str, str]:
+        """Shard id -> node id of a replica that claims leadership with a quorum, at the highest
+        term any reachable replica of the shard reports."""
+        claims: dict[str, list[node_pb2.ReplicaStatus]] = {}
+        for node_id in self._cluster.nodes:
+            if (
+                node_id in excluded
+                or node_id in self._paused
+                or not self._cluster.nodes[node_id].is_running()
+            ):
+                continue
+            try:
+                status = self._cluster.status(node_id, STATUS_TIMEOUT_SECONDS)
+            except grpc.RpcError:
+                continue
+            for replica in status.replicas:
+                claims.setdefault(replica.shard_id, []).append(replica)
+        leaders: dict[str, str] = {}
+        for shard_id, views in claims.items():
+            top_term = max(view.term for view in views)
+            leading = [view for view in views if view.is_leader and view.has_quorum and view.term == top_term]
+            if len(leading) == 1:
+                leaders[shard_id] = leading[0].node_id
+        return leaders
+
+    def _wait_for_leaders(self, excluded: set[str]) -> float | None:
+        """Seconds until every shard has a leader outside `excluded`; None past the wait bound."""
+        started = self._clock()
+        wanted = {shard.shard_id for shard in self._cluster.config.shards}
+        while self._clock() - started < ELECTION_WAIT_SECONDS_MAX:
+            leaders = self._leaders(excluded)
+            if wanted <= leaders.keys() and not excluded.intersection(leaders.values()):
+                return self._clock() - started
+            time.sleep(POLL_INTERVAL_SECONDS)
+        return None
+
+    def _pick_leader(self) -> tuple[str, str]:
+        leaders = self._leaders(excluded=set())
+        shard_ids = sorted(leaders)
+        if not shard_ids:
+            raise LocalClusterError("no shard has a leader to pick")
+        shard_id = self._rng.choice(shard_ids)
+        return shard_id, leaders[shard_id]
+
+    def _pick_follower(self) -> tuple[str, str]:
+        shard_id, leader = self._pick_leader()
+        shard = next(shard for shard in self._cluster.config.shards if shard.shard_id == shard_id)
+        return shard_id, self._rng.choice(sorted(r.node_id for r in shard.replicas if r.node_id != leader))
+
+    def _sleep_until(self, moment_seconds: float) -> None:
+        remaining = moment_seconds - self._clock()
+        if remaining > 0:
+            time.sleep(remaining)

@@ -1,0 +1,136 @@
+"""The history of a nemesis run: every client operation with the time it was invoked, the time
+it completed, its outcome (ok, failed with a code, or unknown) and its result.
+
+Times are seconds since the run started, from one monotonic clock in this process, so "A
+completed before B was invoked" is a real-time order the checks may rely on. Operations are
+kept in memory for the checks and appended to a JSON-lines file as they complete.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+
+from ledger_cluster.status import error_details
+
+OUTCOME_OK = "ok"
+OUTCOME_FAILED = "failed"
+OUTCOME_UNKNOWN = "unknown"
+
+# Operation kinds. A "duplicate" re-sends an earlier create-transaction with its request_id.
+CREATE_ACCOUNT = "create-account"
+TOP_UP = "top-up"
+PURCHASE = "purchase"
+SETTLE = "settle"
+CANCEL = "cancel"
+DUPLICATE = "duplicate"
+GET_ACCOUNT = "get-account"
+GET_TRANSACTION = "get-transaction"
+LIST_TRANSACTIONS = "list-transactions"
+TRANSACTION_WRITES = (TOP_UP, PURCHASE, DUPLICATE)
+WRITES = (CREATE_ACCOUNT, TOP_UP, PURCHASE, SETTLE, CANCEL, DUPLICATE)
+READS = (GET_ACCOUNT, GET_TRANSACTION, LIST_TRANSACTIONS)
+
+# A run that would record more operations than this stops its clients: the checks hold the
+# whole history in memory.
+HISTORY_OPERATIONS_MAX = 2_000_000
+
+# Failures after which the gateway promises that nothing was applied. Every other failure of a
+# write (a transport error, a deadline the client itself hit, OUTCOME_UNKNOWN) leaves it open.
+_NOT_APPLIED_REASONS = {"SHARD_UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_TAKEN"}
+_DOMAIN_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
+
+
+@dataclass
+class Operation:
+    op_id: int
+    client: int
+    kind: str
+    invoke_seconds: float
+    request: dict[str, Any]
+    complete_seconds: float = 0.0
+    outcome: str = ""
+    code: str = ""
+    reason: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_write(self) -> bool:
+        return self.kind in WRITES
+
+
+def classify_error(error: grpc.RpcError) -> tuple[str, str, str]:
+    """(outcome, code name, ErrorInfo reason) of a failed call. A failure is definite only when
+    the service said what happened: a domain error, or a reason that promises "not applied"."""
+    details = error_details(error)
+    if details.code in _DOMAIN_CODES or details.reason in _NOT_APPLIED_REASONS:
+        return OUTCOME_FAILED, details.code.name, details.reason
+    return OUTCOME_UNKNOWN, details.code.name, details.reason
+
+
+class History:
+    """Thread-safe: clients record operations from their own threads."""
+
+    def __init__(self, path: Path | None, started_seconds: float | None = None) -> None:
+        self._started_seconds = time.monotonic() if started_seconds is None else started_seconds
+        self._lock = threading.Lock()
+        self._operations: list[Operation] = []
+        self._file: TextIO | None = None if path is None else path.open("w", encoding="utf-8")
+
+    def now(self) -> float:
+        return time.monotonic() - self._started_seconds
+
+    @property
+    def is_full(self) -> bool:
+        return len(self._operations) >= HISTORY_OPERATIONS_MAX
+
+    def invoke(self, client: int, kind: str, request: dict[str, Any]) -> Operation:
+        with self._lock:
+            operation = Operation(
+                op_id=len(self._operations),
+                client=client,
+                kind=kind,
+                invoke_seconds=self.now(),
+                request=request,
+            )
+            self._operations.append(operation)
+        return operation
+
+    def complete(
+        self, operation: Operation, outcome: str, result: dict[str, Any], code: str = "OK", reason: str = ""
+    ) -> None:
+        operation.complete_seconds = self.now()
+        operation.outcome = outcome
+        operation.result = result
+        operation.code = code
+        operation.reason = reason
+        with self._lock:
+            if self._file is not None:
+                self._file.write(json.dumps(asdict(operation), sort_keys=True) + "\n")
+
+    def fail(self, operation: Operation, error: grpc.RpcError) -> None:
+        outcome, code, reason = classify_error(error)
+        self.complete(operation, outcome, {}, code, reason)
+
+    def operations(self) -> list[Operation]:
+        """Every completed operation, in invocation order."""
+        with self._lock:
+            return [operation for operation in self._operations if operation.outcome]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

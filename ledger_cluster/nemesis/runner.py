@@ -1,0 +1,423 @@
+"""One nemesis run end to end: start a local cluster (3 nodes, a few shards, a low compaction
+threshold so snapshots happen), drive it with the workload while the nemesis injects faults,
+heal it, read the final state through the gateway and every replica's own LMDB files, run the
+checks and build the report.
+
+Everything lands under the run's directory: the cluster's config, data and logs,
+`history.jsonl` (every operation) and `report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc, node_pb2
+from ledger_cluster.config import ClusterConfig
+from ledger_cluster.core import AccountsCore
+from ledger_cluster.gateway import account_id_for_request
+from ledger_cluster.ids import format_account_id, parse_account_id
+from ledger_cluster.localcluster.cluster import Cluster, new_cluster, started_cluster
+from ledger_cluster.nemesis import checks
+from ledger_cluster.nemesis import history as h
+from ledger_cluster.nemesis.faults import FAULT_KINDS, FaultRecord, Nemesis, NemesisLog
+from ledger_cluster.nemesis.workload import Workload, account_view, transaction_view
+from ledger_cluster.sharding import shard_key
+from ledger_cluster.status import error_details
+
+NODES = 3
+REPLICAS = 3
+SHARDS_DEFAULT = 4
+SHARDS_MAX = 64
+CLIENTS_MAX = 64
+DURATION_SECONDS_MAX = 24 * 3600.0
+# Snapshots (and snapshot transfers to restarted or wiped replicas) every few hundred writes.
+LOG_COMPACTION_MIN_ENTRIES_DEFAULT = 100
+FINAL_READ_TIMEOUT_SECONDS = 60.0
+FINAL_READ_CALL_TIMEOUT_SECONDS = 5.0
+FINAL_READ_PAUSE_SECONDS = 0.2
+CONVERGE_TIMEOUT_SECONDS = 60.0
+CONVERGE_POLL_SECONDS = 0.1
+NODE_CALL_TIMEOUT_SECONDS = 5.0
+REPLICA_PAGE_SIZE = 1000
+REPLICA_PAGES_MAX = 10_000
+
+
+@dataclass(frozen=True)
+class NemesisOptions:
+    base_dir: Path
+    duration_seconds: float
+    seed: int
+    clients: int = 4
+    faults: tuple[str, ...] = FAULT_KINDS
+    shards: int = SHARDS_DEFAULT
+    log_compaction_min_entries: int = LOG_COMPACTION_MIN_ENTRIES_DEFAULT
+    election_bound_seconds: float = 10.0
+    avoided_ports: frozenset[int] = frozenset()
+
+
+@dataclass
+class NemesisReport:
+    options: dict[str, Any]
+    operations: dict[str, dict[str, int]]
+    faults: list[dict[str, Any]]
+    fault_summary: dict[str, dict[str, Any]]
+    checks: list[dict[str, Any]]
+    passed: bool
+    base_dir: str
+    elapsed_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def to_text(self) -> str:
+        lines = [
+            f"nemesis: seed {self.options['seed']}, {self.options['duration_seconds']:g} s of faults,"
+            f" {self.options['clients']} clients, {self.options['shards']} shards;"
+            f" run directory {self.base_dir}",
+            "",
+            f"{'operation':<20}{'ok':>9}{'failed':>9}{'unknown':>9}",
+        ]
+        for kind, outcomes in sorted(self.operations.items()):
+            lines.append(
+                f"{kind:<20}{outcomes.get(h.OUTCOME_OK, 0):>9}{outcomes.get(h.OUTCOME_FAILED, 0):>9}"
+                f"{outcomes.get(h.OUTCOME_UNKNOWN, 0):>9}"
+            )
+        lines += ["", f"{'fault':<22}{'count':>6}{'worst election s':>18}{'worst unavailable s':>21}"]
+        for kind, summary in sorted(self.fault_summary.items()):
+            election = summary["worst_election_seconds"]
+            lines.append(
+                f"{kind:<22}{summary['count']:>6}{'never' if election is None else f'{election:.2f}':>18}"
+                f"{summary['worst_unavailable_seconds']:>21.2f}"
+            )
+        lines.append("")
+        for check in self.checks:
+            verdict = "PASS" if check["passed"] else "FAIL"
+            detail = f" ({check['detail']})" if check["detail"] else ""
+            lines.append(f"{verdict} {check['name']}: {check['description']}{detail}")
+            for violation in check["violations"]:
+                lines.append(f"     - {violation}")
+            if check["violation_count"] > len(check["violations"]):
+                lines.append(f"     ... {check['violation_count']} violations in all")
+        lines += [
+            *self.notes,
+            "",
+            f"result: {'PASS' if self.passed else 'FAIL'} in {self.elapsed_seconds:.0f} s",
+        ]
+        return "\n".join(lines)
+
+
+def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> NemesisReport:
+    started = time.monotonic()
+    options.base_dir.mkdir(parents=True, exist_ok=True)
+    cluster = new_cluster(
+        options.base_dir,
+        # A fresh secret per run: nothing outside this run should talk to its Raft ports.
+        secrets.token_urlsafe(24),
+        nodes=NODES,
+        shards=options.shards,
+        replicas=REPLICAS,
+        log_compaction_min_entries=options.log_compaction_min_entries,
+        avoided_ports=options.avoided_ports,
+    )
+    history = h.History(options.base_dir / "history.jsonl")
+    log = NemesisLog()
+    notes: list[str] = []
+    try:
+        progress(f"starting {NODES} nodes and a gateway under {options.base_dir}")
+        with started_cluster(cluster):
+            final, digests, verify_problems = _drive(
+                cluster, options=options, history=history, log=log, progress=progress, notes=notes
+            )
+        replica_states = _read_replicas(cluster, final)
+    finally:
+        history.close()
+    operations = history.operations()
+    results = [
+        checks.check_acknowledged_writes(operations, final),
+        checks.check_unacknowledged_writes(operations, final),
+        checks.check_balances(operations, final),
+        checks.check_replicas(final, replica_states, digests, verify_problems),
+        checks.check_consistent_reads(operations, final),
+        checks.check_reads_never_show_lost_writes(operations, final),
+        checks.check_elections(log.faults, options.election_bound_seconds),
+        checks.check_cluster_health(log),
+    ]
+    report = _report(
+        options, operations=operations, log=log, results=results, config=cluster.config, notes=notes
+    )
+    report.elapsed_seconds = time.monotonic() - started
+    (options.base_dir / "report.json").write_text(report.to_json() + "\n", encoding="utf-8")
+    return report
+
+
+def _drive(
+    cluster: Cluster,
+    *,
+    options: NemesisOptions,
+    history: h.History,
+    log: NemesisLog,
+    progress: Callable[[str], None],
+    notes: list[str],
+) -> tuple[checks.FinalState, dict[str, dict[str, tuple[int, str]]], dict[str, list[str]]]:
+    workload = Workload(cluster.gateway_address, history, options.seed, options.clients)
+    nemesis = Nemesis(cluster, history.now, options.seed, options.faults, log)
+    workload.create_initial_accounts()
+    progress(
+        f"cluster healthy; {options.clients} clients and the nemesis run for {options.duration_seconds:g} s"
+    )
+    workload.start()
+    try:
+        nemesis.run(until_seconds=history.now() + options.duration_seconds)
+    finally:
+        workload.stop()
+        progress(f"faults stopped after {len(log.faults)}; healing the cluster")
+        nemesis.heal()
+    candidates = _candidate_accounts(history.operations())
+    progress(f"reading the final state of {len(candidates)} accounts through the gateway")
+    final = _read_final_state(cluster, candidates, notes)
+    digests = _converged_digests(cluster)
+    verify_problems = _verify_replicas(cluster)
+    nemesis.collect_unexpected_exits()
+    return final, digests, verify_problems
+
+
+def _candidate_accounts(operations: Iterable[h.Operation]) -> list[str]:
+    """Every account the run may have created: acknowledged or not, an account created with a
+    request_id has the id the gateway derives from it."""
+    accounts = set()
+    for op in operations:
+        if op.kind == h.CREATE_ACCOUNT:
+            accounts.add(format_account_id(account_id_for_request(op.request["request_id"])))
+            if op.outcome == h.OUTCOME_OK:
+                accounts.add(op.result["account"]["id"])
+    return sorted(accounts)
+
+
+# -- the final state ---------------------------------------------------------------------------
+
+
+def _retrying(call: Callable[[], Any], deadline: float) -> Any:
+    """`call`, again after UNAVAILABLE or a deadline until `deadline` (the cluster has healed; a
+    leader may still be settling)."""
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as error:
+            code = error_details(error).code
+            if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(FINAL_READ_PAUSE_SECONDS)
+
+
+def _read_final_state(cluster: Cluster, account_ids: list[str], notes: list[str]) -> checks.FinalState:
+    stub = cluster.ledger_stub()
+    deadline = time.monotonic() + FINAL_READ_TIMEOUT_SECONDS
+    final: checks.FinalState = {}
+    for account_id in account_ids:
+        final[account_id] = _read_account_state(stub, account_id, deadline)
+    missing = sum(1 for state in final.values() if state.account is None)
+    if missing:
+        notes.append(f"note: {missing} account creations of unknown outcome were never applied")
+    return final
+
+
+def _read_account_state(
+    stub: ledger_pb2_grpc.LedgerServiceStub, account_id: str, deadline: float
+) -> checks.AccountState:
+    try:
+        account = _retrying(
+            lambda: (
+                stub.GetAccount(
+                    ledger_pb2.GetAccountRequest(account_id=account_id, consistent=True),
+                    timeout=FINAL_READ_CALL_TIMEOUT_SECONDS,
+                ).account
+            ),
+            deadline,
+        )
+    except grpc.RpcError as error:
+        if error_details(error).code == grpc.StatusCode.NOT_FOUND:
+            return checks.AccountState(None)
+        raise
+    transactions: list[dict[str, Any]] = []
+    token = ""
+    while True:
+        request = ledger_pb2.ListTransactionsRequest(
+            account_id=account_id, page_size=REPLICA_PAGE_SIZE, page_token=token, consistent=True
+        )
+        page = _retrying(
+            partial(stub.ListTransactions, request, timeout=FINAL_READ_CALL_TIMEOUT_SECONDS), deadline
+        )
+        transactions.extend(transaction_view(transaction) for transaction in page.transactions)
+        token = page.next_page_token
+        if not token:
+            return checks.AccountState(account_view(account), transactions)
+
+
+def _converged_digests(cluster: Cluster) -> dict[str, dict[str, tuple[int, str]]]:
+    """shard -> node -> (applied index, digest), once every replica of every shard agrees or
+    the timeout passes (then the last answers, which the check reports)."""
+    deadline = time.monotonic() + CONVERGE_TIMEOUT_SECONDS
+    while True:
+        answers: dict[str, dict[str, tuple[int, str]]] = {}
+        for shard in cluster.config.shards:
+            answers[shard.shard_id] = {}
+            for replica in shard.replicas:
+                try:
+                    digest = cluster.digest(replica.node_id, shard.shard_id)
+                    answers[shard.shard_id][replica.node_id] = (digest.applied_index, digest.digest)
+                except grpc.RpcError as error:
+                    code = error_details(error).code.name
+                    answers[shard.shard_id][replica.node_id] = (-1, code)
+        if (
+            all(len(set(by_node.values())) == 1 for by_node in answers.values())
+            or time.monotonic() > deadline
+        ):
+            return answers
+        time.sleep(CONVERGE_POLL_SECONDS)
+
+
+def _verify_replicas(cluster: Cluster) -> dict[str, list[str]]:
+    problems: dict[str, list[str]] = {}
+    for shard in cluster.config.shards:
+        for replica in shard.replicas:
+            key = f"{replica.node_id}/{shard.shard_id}"
+            try:
+                answer = cluster.node_stub(replica.node_id).Verify(
+                    node_pb2.VerifyRequest(shard_id=shard.shard_id), timeout=NODE_CALL_TIMEOUT_SECONDS
+                )
+                problems[key] = list(answer.problems)
+            except grpc.RpcError as error:
+                problems[key] = [f"Verify failed: {error}"]
+    return problems
+
+
+def _read_replicas(cluster: Cluster, final: checks.FinalState) -> dict[str, checks.FinalState]:
+    """What each replica's own LMDB environment holds for the accounts of its shard, read from
+    its files once every node has stopped."""
+    states: dict[str, checks.FinalState] = {}
+    for shard in cluster.config.shards:
+        owned = [a for a in final if shard.lower_bound <= shard_key(parse_account_id(a)) <= shard.upper_bound]
+        for replica in shard.replicas:
+            directory = cluster.nodes[replica.node_id].data_dir / "replicas" / shard.shard_id
+            core = AccountsCore.open(directory, shard.lower_bound, shard.upper_bound)
+            try:
+                states[f"{replica.node_id}/{shard.shard_id}"] = {a: _replica_account(core, a) for a in owned}
+            finally:
+                core.close()
+    return states
+
+
+def _replica_account(core: AccountsCore, account_id: str) -> checks.AccountState:
+    number = parse_account_id(account_id)
+    found = core.read(core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=number)))
+    if found.outcome != core_pb2.OUTCOME_OK:
+        return checks.AccountState(None)
+    transactions: list[dict[str, Any]] = []
+    sequence = 0
+    for _ in range(REPLICA_PAGES_MAX):
+        query = core_pb2.ListTransactionsQuery(
+            account_id=number, start_sequence=sequence, limit=REPLICA_PAGE_SIZE
+        )
+        page = core.read(core_pb2.ReadQuery(list_transactions=query))
+        transactions.extend(transaction_view(transaction) for transaction in page.transactions)
+        sequence = page.next_sequence
+        if not sequence:
+            break
+    return checks.AccountState(account_view(found.account), transactions)
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def _operation_account(op: h.Operation) -> str | None:
+    if "account_id" in op.request:
+        return str(op.request["account_id"])
+    if "transaction_id" in op.request:
+        return str(op.request["transaction_id"])[:16]
+    if op.kind == h.CREATE_ACCOUNT:
+        return format_account_id(account_id_for_request(op.request["request_id"]))
+    return None
+
+
+def _write_times_by_shard(operations: list[h.Operation], config: ClusterConfig) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = defaultdict(list)
+    for op in operations:
+        account_id = _operation_account(op)
+        if op.is_write and op.outcome == h.OUTCOME_OK and account_id is not None:
+            times[config.shard_for_key(shard_key(parse_account_id(account_id))).shard_id].append(
+                op.complete_seconds
+            )
+    return {shard_id: sorted(moments) for shard_id, moments in times.items()}
+
+
+def _unavailable_seconds(times_by_shard: dict[str, list[float]], start: float, end: float) -> float:
+    """The longest stretch in [start, end] during which some shard acknowledged no write."""
+    worst = 0.0
+    for moments in times_by_shard.values():
+        previous = start
+        for moment in [*[m for m in moments if start < m < end], end]:
+            worst = max(worst, moment - previous)
+            previous = moment
+    return worst
+
+
+def _report(
+    options: NemesisOptions,
+    *,
+    operations: list[h.Operation],
+    log: NemesisLog,
+    results: list[checks.CheckResult],
+    config: ClusterConfig,
+    notes: list[str],
+) -> NemesisReport:
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for op in operations:
+        counts[op.kind][op.outcome] += 1
+    times_by_shard = _write_times_by_shard(operations, config)
+    run_end = max((op.complete_seconds for op in operations), default=0.0)
+    summary: dict[str, dict[str, Any]] = {}
+    faults: list[dict[str, Any]] = []
+    for index, fault in enumerate(log.faults):
+        following: FaultRecord | None = log.faults[index + 1] if index + 1 < len(log.faults) else None
+        window_end = following.injected_seconds if following is not None else run_end
+        unavailable = _unavailable_seconds(times_by_shard, fault.injected_seconds, window_end)
+        faults.append({**asdict(fault), "unavailable_seconds": round(unavailable, 3)})
+        entry = summary.setdefault(
+            fault.kind, {"count": 0, "worst_election_seconds": 0.0, "worst_unavailable_seconds": 0.0}
+        )
+        entry["count"] += 1
+        if fault.election_seconds is None or entry["worst_election_seconds"] is None:
+            entry["worst_election_seconds"] = None
+        else:
+            entry["worst_election_seconds"] = round(
+                max(entry["worst_election_seconds"], fault.election_seconds), 3
+            )
+        entry["worst_unavailable_seconds"] = round(max(entry["worst_unavailable_seconds"], unavailable), 3)
+    options_view = {
+        **asdict(options),
+        "base_dir": str(options.base_dir),
+        "avoided_ports": sorted(options.avoided_ports),
+    }
+    return NemesisReport(
+        options=options_view,
+        operations={kind: dict(outcomes) for kind, outcomes in counts.items()},
+        faults=faults,
+        fault_summary=summary,
+        checks=[{**asdict(result), "passed": result.passed} for result in results],
+        passed=all(result.passed for result in results),
+        base_dir=str(options.base_dir),
+        notes=notes,
+    )

@@ -1,0 +1,356 @@
+"""The clients of a nemesis run: concurrent threads that drive the public gateway with a seeded
+mix of account creation, top-ups, purchases (settled and pending), settles, cancels, reads and
+deliberate duplicates of earlier writes (the same request_id and payload), recording every call
+in the history.
+
+Clients never retry on their own: a call that fails with an open outcome stays "unknown" in the
+history unless a later duplicate settles it, which is exactly what the checks examine. Every
+transaction's description is its request_id, so the final listing says which logical write each
+stored transaction came from.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
+from ledger_cluster.nemesis import history as h
+
+Stub = ledger_pb2_grpc.LedgerServiceStub
+
+OPERATION_TIMEOUT_SECONDS = 2.0
+LIST_PAGE_SIZE = 1000
+# Pages one list-transactions operation reads before it gives up (an account grows by a few
+# transactions a second, far below this).
+LIST_PAGES_MAX = 100
+INITIAL_ACCOUNTS = 12
+INITIAL_ACCOUNTS_TIMEOUT_SECONDS = 60.0
+SETUP_RETRY_PAUSE_SECONDS = 0.1
+# Bounded pools the clients draw their targets from.
+ACCOUNTS_MAX = 2_000
+PENDING_POOL_MAX = 2_000
+WRITE_POOL_MAX = 2_000
+TRANSACTION_POOL_MAX = 5_000
+TOP_UP_AMOUNT_MAX = 1_000
+PURCHASE_AMOUNT_MAX = 1_200
+SETTLED_FRACTION = 0.6
+CONSISTENT_FRACTION = 0.75
+# Of a settle or cancel, the chance that its pending transaction stays in the pool, so a later
+# settle or cancel repeats or contradicts it.
+PENDING_KEPT_FRACTION = 0.3
+# How often each kind is chosen, relative to the others.
+OPERATION_WEIGHTS: dict[str, int] = {
+    h.CREATE_ACCOUNT: 3,
+    h.TOP_UP: 22,
+    h.PURCHASE: 22,
+    h.SETTLE: 9,
+    h.CANCEL: 6,
+    h.DUPLICATE: 8,
+    h.GET_ACCOUNT: 10,
+    h.GET_TRANSACTION: 12,
+    h.LIST_TRANSACTIONS: 8,
+}
+# Clients pause this long when they have nothing to do (an empty pool), not to spin.
+IDLE_PAUSE_SECONDS = 0.01
+
+
+def transaction_view(transaction: ledger_pb2.Transaction) -> dict[str, Any]:
+    return {
+        "id": transaction.id,
+        "account_id": transaction.account_id,
+        "amount": transaction.amount,
+        "description": transaction.description,
+        "status": ledger_pb2.TransactionStatus.Name(transaction.status),
+    }
+
+
+def account_view(account: ledger_pb2.Account) -> dict[str, Any]:
+    return {
+        "id": account.id,
+        "available_balance": account.available_balance,
+        "settled_balance": account.settled_balance,
+    }
+
+
+@dataclass(frozen=True)
+class _Write:
+    account_id: str
+    amount: int
+    settled: bool
+    request_id: str
+
+    def request(self) -> ledger_pb2.CreateTransactionRequest:
+        return ledger_pb2.CreateTransactionRequest(
+            account_id=self.account_id,
+            amount=self.amount,
+            description=self.request_id,
+            settled=self.settled,
+            request_id=self.request_id,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "account_id": self.account_id,
+            "amount": self.amount,
+            "settled": self.settled,
+            "request_id": self.request_id,
+        }
+
+
+class _Pools:
+    """What the clients have learned so far, shared between them (bounded, thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.accounts: list[str] = []
+        self.pending: deque[str] = deque(maxlen=PENDING_POOL_MAX)
+        self.writes: deque[_Write] = deque(maxlen=WRITE_POOL_MAX)
+        self.transactions: deque[str] = deque(maxlen=TRANSACTION_POOL_MAX)
+
+    def add_account(self, account_id: str) -> None:
+        with self.lock:
+            if len(self.accounts) < ACCOUNTS_MAX and account_id not in self.accounts:
+                self.accounts.append(account_id)
+
+    def learn_transaction(self, transaction: ledger_pb2.Transaction) -> None:
+        with self.lock:
+            self.transactions.append(transaction.id)
+            if transaction.status == ledger_pb2.TRANSACTION_STATUS_PENDING:
+                self.pending.append(transaction.id)
+
+
+class Workload:
+    """`clients` threads against one gateway until `stop()`."""
+
+    def __init__(self, gateway_address: str, history: h.History, seed: int, clients: int) -> None:
+        self._history = history
+        self._seed = seed
+        self._clients = clients
+        self._pools = _Pools()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._channel = grpc.insecure_channel(
+            gateway_address,
+            options=[("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)],
+        )
+        self._stub = Stub(self._channel)
+        self._request_counter = 0
+        self._counter_lock = threading.Lock()
+
+    # -- lifecycle --
+
+    def create_initial_accounts(self, count: int = INITIAL_ACCOUNTS) -> list[str]:
+        """Accounts every client can use from the start; each is re-sent with its request_id
+        until it is answered (the cluster is healthy now, but a call may still time out)."""
+        deadline = time.monotonic() + INITIAL_ACCOUNTS_TIMEOUT_SECONDS
+        for index in range(count):
+            request_id = f"nemesis-{self._seed}-initial-{index}"
+            while not self._create_account(-1, request_id):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"could not create {count} initial accounts in time")
+                time.sleep(SETUP_RETRY_PAUSE_SECONDS)
+        return list(self._pools.accounts)
+
+    def start(self) -> None:
+        for client in range(self._clients):
+            thread = threading.Thread(
+                target=self._run_client, args=(client,), name=f"nemesis-client-{client}"
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Ask every client to stop after its current call, and wait for them."""
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join()
+        self._channel.close()
+
+    def known_accounts(self) -> list[str]:
+        with self._pools.lock:
+            return list(self._pools.accounts)
+
+    # -- one client --
+
+    def _run_client(self, client: int) -> None:
+        rng = random.Random(f"{self._seed}-client-{client}")
+        kinds = list(OPERATION_WEIGHTS)
+        weights = [OPERATION_WEIGHTS[kind] for kind in kinds]
+        actions: dict[str, Callable[[int, random.Random], bool]] = {
+            h.CREATE_ACCOUNT: lambda c, r: self._create_account(c, self._new_request_id(c)),
+            h.TOP_UP: lambda c, r: self._create_transaction(c, r, h.TOP_UP),
+            h.PURCHASE: lambda c, r: self._create_transaction(c, r, h.PURCHASE),
+            h.SETTLE: lambda c, r: self._finish_pending(c, r, h.SETTLE),
+            h.CANCEL: lambda c, r: self._finish_pending(c, r, h.CANCEL),
+            h.DUPLICATE: self._duplicate,
+            h.GET_ACCOUNT: self._get_account,
+            h.GET_TRANSACTION: self._get_transaction,
+            h.LIST_TRANSACTIONS: self._list_transactions,
+        }
+        while not self._stopping.is_set() and not self._history.is_full:
+            kind = rng.choices(kinds, weights)[0]
+            if not actions[kind](client, rng):
+                time.sleep(IDLE_PAUSE_SECONDS)
+
+    def _new_request_id(self, client: int) -> str:
+        with self._counter_lock:
+            self._request_counter += 1
+            return f"nemesis-{self._seed}-{client}-{self._request_counter}"
+
+    def _pick(self, rng: random.Random, pool: list[str] | deque[str]) -> str | None:
+        with self._pools.lock:
+            return pool[rng.randrange(len(pool))] if pool else None
+
+    def _call(self, operation: h.Operation, call: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        try:
+            result = call()
+        except grpc.RpcError as error:
+            self._history.fail(operation, error)
+            return None
+        self._history.complete(operation, h.OUTCOME_OK, result)
+        return result
+
+    # -- writes --
+
+    def _create_account(self, client: int, request_id: str) -> bool:
+        operation = self._history.invoke(client, h.CREATE_ACCOUNT, {"request_id": request_id})
+
+        def call() -> dict[str, Any]:
+            request = ledger_pb2.CreateAccountRequest(request_id=request_id)
+            account = self._stub.CreateAccount(request, timeout=OPERATION_TIMEOUT_SECONDS).account
+            self._pools.add_account(account.id)
+            return {"account": account_view(account)}
+
+        return self._call(operation, call) is not None
+
+    def _create_transaction(self, client: int, rng: random.Random, kind: str) -> bool:
+        account_id = self._pick(rng, self._pools.accounts)
+        if account_id is None:
+            return False
+        if kind == h.TOP_UP:
+            amount = rng.randint(1, TOP_UP_AMOUNT_MAX)
+        else:
+            amount = -rng.randint(1, PURCHASE_AMOUNT_MAX)
+        write = _Write(account_id, amount, rng.random() < SETTLED_FRACTION, self._new_request_id(client))
+        with self._pools.lock:
+            self._pools.writes.append(write)
+        self._send_write(client, kind, write)
+        return True
+
+    def _send_write(self, client: int, kind: str, write: _Write) -> None:
+        operation = self._history.invoke(client, kind, write.as_dict())
+
+        def call() -> dict[str, Any]:
+            response = self._stub.CreateTransaction(write.request(), timeout=OPERATION_TIMEOUT_SECONDS)
+            self._pools.learn_transaction(response.transaction)
+            return {"transaction": transaction_view(response.transaction)}
+
+        self._call(operation, call)
+
+    def _duplicate(self, client: int, rng: random.Random) -> bool:
+        with self._pools.lock:
+            if not self._pools.writes:
+                return False
+            write = self._pools.writes[rng.randrange(len(self._pools.writes))]
+        self._send_write(client, h.DUPLICATE, write)
+        return True
+
+    def _finish_pending(self, client: int, rng: random.Random, kind: str) -> bool:
+        with self._pools.lock:
+            if not self._pools.pending:
+                return False
+            index = rng.randrange(len(self._pools.pending))
+            transaction_id = self._pools.pending[index]
+            if rng.random() >= PENDING_KEPT_FRACTION:
+                del self._pools.pending[index]
+        operation = self._history.invoke(client, kind, {"transaction_id": transaction_id})
+
+        def call() -> dict[str, Any]:
+            if kind == h.SETTLE:
+                settle = ledger_pb2.SettleTransactionRequest(transaction_id=transaction_id)
+                transaction = self._stub.SettleTransaction(
+                    settle, timeout=OPERATION_TIMEOUT_SECONDS
+                ).transaction
+            else:
+                cancel = ledger_pb2.CancelTransactionRequest(transaction_id=transaction_id)
+                transaction = self._stub.CancelTransaction(
+                    cancel, timeout=OPERATION_TIMEOUT_SECONDS
+                ).transaction
+            return {"transaction": transaction_view(transaction)}
+
+        self._call(operation, call)
+        return True
+
+    # -- reads --
+
+    def _get_account(self, client: int, rng: random.Random) -> bool:
+        account_id = self._pick(rng, self._pools.accounts)
+        if account_id is None:
+            return False
+        consistent = rng.random() < CONSISTENT_FRACTION
+        operation = self._history.invoke(
+            client, h.GET_ACCOUNT, {"account_id": account_id, "consistent": consistent}
+        )
+
+        def call() -> dict[str, Any]:
+            request = ledger_pb2.GetAccountRequest(account_id=account_id, consistent=consistent)
+            return {
+                "account": account_view(
+                    self._stub.GetAccount(request, timeout=OPERATION_TIMEOUT_SECONDS).account
+                )
+            }
+
+        self._call(operation, call)
+        return True
+
+    def _get_transaction(self, client: int, rng: random.Random) -> bool:
+        transaction_id = self._pick(rng, self._pools.transactions)
+        if transaction_id is None:
+            return False
+        consistent = rng.random() < CONSISTENT_FRACTION
+        operation = self._history.invoke(
+            client, h.GET_TRANSACTION, {"transaction_id": transaction_id, "consistent": consistent}
+        )
+
+        def call() -> dict[str, Any]:
+            request = ledger_pb2.GetTransactionRequest(transaction_id=transaction_id, consistent=consistent)
+            transaction = self._stub.GetTransaction(request, timeout=OPERATION_TIMEOUT_SECONDS).transaction
+            return {"transaction": transaction_view(transaction)}
+
+        self._call(operation, call)
+        return True
+
+    def _list_transactions(self, client: int, rng: random.Random) -> bool:
+        """All pages of one account's listing, every page a consistent read: a write
+        acknowledged before the first page was asked for is in one of them."""
+        account_id = self._pick(rng, self._pools.accounts)
+        if account_id is None:
+            return False
+        operation = self._history.invoke(
+            client, h.LIST_TRANSACTIONS, {"account_id": account_id, "consistent": True}
+        )
+
+        def call() -> dict[str, Any]:
+            listed: list[dict[str, Any]] = []
+            token = ""
+            for _ in range(LIST_PAGES_MAX):
+                request = ledger_pb2.ListTransactionsRequest(
+                    account_id=account_id, page_size=LIST_PAGE_SIZE, page_token=token, consistent=True
+                )
+                page = self._stub.ListTransactions(request, timeout=OPERATION_TIMEOUT_SECONDS)
+                listed.extend(transaction_view(transaction) for transaction in page.transactions)
+                token = page.next_page_token
+                if not token:
+                    return {"transactions": listed, "complete": True}
+            return {"transactions": listed, "complete": False}
+
+        self._call(operation, call)
+        return True
