@@ -488,11 +488,14 @@ class ShardReplica:
     def transfer_leadership(self, target_node_id: str | None, timeout_seconds: float) -> str:
         """Hand this shard's leadership to `target_node_id` (None: the most caught-up connected
         follower) with Raft's TimeoutNow, and wait until another replica leads. Returns the new
-        leader's node id.
+        leader's node id: usually the target, but when another follower's election timer fires
+        in the same moment that one may win instead.
 
-        Raises NotLeaderError when this replica does not lead, LeadershipTransferDeniedError
-        when the target is not connected or not caught up (nothing changed), and
-        LeadershipTransferIncompleteError when no other leader was seen within the timeout."""
+        The target must have the leader's whole log; under write load it rarely has at the
+        instant of asking, so a denied request is asked again until the deadline. Raises
+        NotLeaderError when this replica does not lead, LeadershipTransferDeniedError when the
+        target never caught up in time (nothing changed), and LeadershipTransferIncompleteError
+        when no other leader was seen within the timeout."""
         self._require_leader()
         target_address = None
         if target_node_id is not None:
@@ -502,39 +505,57 @@ class ShardReplica:
             if not addresses or target_node_id == self.node_id:
                 raise ValueError(f"{target_node_id!r} is not another replica of shard {self.shard.shard_id}")
             target_address = addresses[0]
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            answer = self._request_transfer(target_address, deadline)
+            if answer == _ANSWER_SUCCESS:
+                return self._wait_new_leader(deadline)
+            if answer == FAIL_REASON.NOT_LEADER:
+                raise NotLeaderError(
+                    f"node {self.node_id} stopped leading shard {self.shard.shard_id}", self.leader_node_id()
+                )
+            if time.monotonic() + TRANSFER_POLL_SECONDS >= deadline:
+                raise LeadershipTransferDeniedError(
+                    f"shard {self.shard.shard_id}: the target is not connected or did not catch up with"
+                    f" the leader's log within {timeout_seconds:.1f} s; nothing changed"
+                )
+            time.sleep(TRANSFER_POLL_SECONDS)
+
+    def _request_transfer(self, target_address: str | None, deadline: float) -> int:
+        """One TimeoutNow request, made on the tick thread; PySyncObj's answer code."""
         answered = threading.Event()
         answer: list[int] = []
+        abandoned = threading.Event()
 
         def on_answer(_result: Any, error: int) -> None:
             answer.append(error)
             answered.set()
 
         def transfer() -> None:
-            self._sync_obj.transferLeadership(target_address, callback=on_answer)
+            # A caller that stopped waiting was told "incomplete": it must not happen later.
+            if abandoned.is_set():
+                return
+            try:
+                self._sync_obj.transferLeadership(target_address, callback=on_answer)
+            except Exception:
+                on_answer(None, FAIL_REASON.REQUEST_DENIED)
+                raise
 
-        deadline = time.monotonic() + timeout_seconds
         try:
             self._sync_obj.run_on_tick_thread(transfer)
         except queue.Full:
             raise BackendUnavailableError("too many leadership transfers are waiting") from None
-        if not answered.wait(timeout_seconds):
+        if not answered.wait(max(deadline - time.monotonic(), 0.0)):
+            abandoned.set()
             raise LeadershipTransferIncompleteError(
-                f"no answer from the Raft group within {timeout_seconds} s"
+                f"shard {self.shard.shard_id}: no answer from the Raft group"
             )
-        if answer[0] == FAIL_REASON.NOT_LEADER:
-            raise NotLeaderError(f"node {self.node_id} stopped leading shard {self.shard.shard_id}", None)
-        if answer[0] != _ANSWER_SUCCESS:
-            raise LeadershipTransferDeniedError(
-                f"shard {self.shard.shard_id}: the target is not connected or not caught up with the"
-                " leader's log; try again once it has caught up"
-            )
-        return self._wait_new_leader(target_node_id, deadline)
+        return answer[0]
 
-    def _wait_new_leader(self, target_node_id: str | None, deadline: float) -> str:
+    def _wait_new_leader(self, deadline: float) -> str:
         while True:
             leader = self.leader_node_id()
-            taken_over = leader is not None and leader != self.node_id and not self.is_leader()
-            if taken_over and leader is not None and target_node_id in (None, leader):
+            if leader is not None and leader != self.node_id and not self.is_leader():
                 return leader
             if time.monotonic() >= deadline:
                 raise LeadershipTransferIncompleteError(

@@ -310,7 +310,8 @@ class Cluster:
         node = self.nodes[node_id]
         if node.is_running():
             raise LocalClusterError(f"{node_id} is running; stop it before wiping its data")
-        shutil.rmtree(node.data_dir, ignore_errors=True)
+        if node.data_dir.exists():
+            shutil.rmtree(node.data_dir)
 
     def transfer_leadership(
         self,

@@ -23,7 +23,6 @@ SETTLED = "TRANSACTION_STATUS_SETTLED"
 PENDING = "TRANSACTION_STATUS_PENDING"
 CANCELLED = "TRANSACTION_STATUS_CANCELLED"
 INSUFFICIENT_FUNDS = "TRANSACTION_STATUS_INSUFFICIENT_FUNDS"
-TERMINAL_STATUSES = {SETTLED, CANCELLED, INSUFFICIENT_FUNDS}
 
 
 @dataclass
@@ -83,6 +82,14 @@ def _logical_writes(operations: Iterable[h.Operation]) -> dict[str, _LogicalWrit
     return writes
 
 
+def status_follows(earlier: str, later: str) -> bool:
+    """Whether a transaction seen with status `earlier` may later have status `later`: only a
+    pending one changes, and never into a refusal."""
+    if earlier == PENDING:
+        return later != INSUFFICIENT_FUNDS
+    return earlier == later
+
+
 def _listed(final: FinalState) -> dict[str, list[dict[str, Any]]]:
     """request_id (description) -> every stored transaction carrying it."""
     by_description: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -119,6 +126,13 @@ def check_acknowledged_writes(operations: list[h.Operation], final: FinalState) 
             result.add(
                 f"write {request_id}: stored amount {stored[0]['amount']} != {write.request['amount']}"
             )
+        else:
+            for op in write.acknowledged:
+                if not status_follows(op.result["transaction"]["status"], stored[0]["status"]):
+                    result.add(
+                        f"write {request_id} acknowledged {op.result['transaction']['status']},"
+                        f" stored {stored[0]['status']}"
+                    )
     for op in operations:
         if op.kind == h.CREATE_ACCOUNT and op.outcome == h.OUTCOME_OK:
             account_id = op.result["account"]["id"]
@@ -165,6 +179,8 @@ def check_unacknowledged_writes(operations: list[h.Operation], final: FinalState
         elif count:
             codes = sorted({f"{op.code}/{op.reason}" for op in write.attempts})
             result.add(f"write {request_id} failed with {codes} yet is stored {count} times")
+    _check_unacknowledged_accounts(operations, final, result)
+    _check_unrequested_finishes(operations, final, writes, result)
     for description, transactions in sorted(listed.items()):
         if description not in writes:
             result.add(
@@ -172,6 +188,47 @@ def check_unacknowledged_writes(operations: list[h.Operation], final: FinalState
             )
     result.detail = f"{unknown} writes of unknown outcome"
     return result
+
+
+def _check_unacknowledged_accounts(
+    operations: list[h.Operation], final: FinalState, result: CheckResult
+) -> None:
+    """An account all of whose creations failed with a definite code does not exist."""
+    attempts: dict[str, list[h.Operation]] = defaultdict(list)
+    for op in operations:
+        if op.kind == h.CREATE_ACCOUNT:
+            attempts[op.request["request_id"]].append(op)
+    for request_id, ops in sorted(attempts.items()):
+        account_id = ops[0].request.get("account_id")
+        state = final.get(account_id) if account_id else None
+        if (
+            all(op.outcome == h.OUTCOME_FAILED for op in ops)
+            and state is not None
+            and state.account is not None
+        ):
+            result.add(f"account {account_id} of {request_id} failed to create, yet it exists")
+
+
+def _check_unrequested_finishes(
+    operations: list[h.Operation], final: FinalState, writes: dict[str, _LogicalWrite], result: CheckResult
+) -> None:
+    """A transaction created pending is settled (cancelled) only if some settle (cancel) was
+    acknowledged or has an unknown outcome."""
+    may_have: dict[str, set[str]] = defaultdict(set)
+    for op in operations:
+        if op.kind in (h.SETTLE, h.CANCEL) and op.outcome != h.OUTCOME_FAILED:
+            may_have[op.kind].add(op.request["transaction_id"])
+    finishing = {SETTLED: h.SETTLE, CANCELLED: h.CANCEL}
+    for state in final.values():
+        for transaction in state.transactions:
+            write = writes.get(transaction["description"])
+            if write is None or write.request["settled"] or transaction["status"] not in finishing:
+                continue
+            kind = finishing[transaction["status"]]
+            if transaction["id"] not in may_have[kind]:
+                result.add(
+                    f"{transaction['id']} created pending is {transaction['status']} without any {kind}"
+                )
 
 
 # -- balances ----------------------------------------------------------------------------------
@@ -250,6 +307,7 @@ class _Acknowledged:
     """When each transaction was first acknowledged as existing, and as settled or cancelled."""
 
     created: dict[str, float] = field(default_factory=dict)
+    created_status: dict[str, str] = field(default_factory=dict)
     finished: dict[str, tuple[float, str]] = field(default_factory=dict)
     accounts: dict[str, float] = field(default_factory=dict)
 
@@ -260,7 +318,9 @@ class _Acknowledged:
             if op.outcome != h.OUTCOME_OK:
                 continue
             if op.kind in h.TRANSACTION_WRITES:
-                _earliest(acknowledged.created, op.result["transaction"]["id"], op.complete_seconds)
+                created = op.result["transaction"]
+                _earliest(acknowledged.created, created["id"], op.complete_seconds)
+                acknowledged.created_status[created["id"]] = created["status"]
             elif op.kind in (h.SETTLE, h.CANCEL):
                 transaction = op.result["transaction"]
                 previous = acknowledged.finished.get(transaction["id"])
@@ -346,6 +406,12 @@ def _check_seen(
                 f" was acknowledged at {created:.3f} s"
             )
             continue
+        shown = seen[transaction_id]["status"]
+        created_status = acknowledged.created_status[transaction_id]
+        if not status_follows(created_status, shown):
+            result.add(
+                f"op {op.op_id} ({op.kind}) shows {transaction_id} {shown}; it was created {created_status}"
+            )
         finished = acknowledged.finished.get(transaction_id)
         if (
             finished is not None
@@ -369,9 +435,12 @@ def check_reads_never_show_lost_writes(operations: list[h.Operation], final: Fin
         if op.outcome != h.OUTCOME_OK or op.kind not in h.READS:
             continue
         if op.kind == h.GET_ACCOUNT:
-            state = final.get(op.result["account"]["id"])
+            account = op.result["account"]
+            state = final.get(account["id"])
             if state is None or state.account is None:
-                result.add(f"op {op.op_id} read account {op.result['account']['id']}, which does not exist")
+                result.add(f"op {op.op_id} read account {account['id']}, which does not exist")
+            if min(account["available_balance"], account["settled_balance"]) < 0:
+                result.add(f"op {op.op_id} read a negative balance: {account}")
             continue
         shown = [op.result["transaction"]] if op.kind == h.GET_TRANSACTION else op.result["transactions"]
         for transaction in shown:
@@ -380,10 +449,7 @@ def check_reads_never_show_lost_writes(operations: list[h.Operation], final: Fin
                 result.add(f"op {op.op_id} ({op.kind}) showed {transaction['id']}, which is not stored")
                 continue
             same = all(transaction[key] == final_transaction[key] for key in ("amount", "description"))
-            status = transaction["status"]
-            status_kept = status not in TERMINAL_STATUSES or status == final_transaction["status"]
-            pending_kept = status != PENDING or final_transaction["status"] != INSUFFICIENT_FUNDS
-            if not (same and status_kept and pending_kept):
+            if not (same and status_follows(transaction["status"], final_transaction["status"])):
                 result.add(f"op {op.op_id} ({op.kind}) showed {transaction}, stored as {final_transaction}")
     return result
 
@@ -426,6 +492,8 @@ def check_elections(faults: list[FaultRecord], bound_seconds: float) -> CheckRes
         f"after every fault each shard has a leader again within {bound_seconds:g} s",
     )
     for fault in faults:
+        if fault.error:
+            continue  # reported by faults-and-healing
         if fault.election_seconds is None:
             result.add(
                 f"{fault.kind} of {fault.target} at {fault.injected_seconds:.1f} s:"

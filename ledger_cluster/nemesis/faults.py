@@ -47,6 +47,10 @@ HEAL_TIMEOUT_SECONDS = 90.0
 STATUS_TIMEOUT_SECONDS = 0.5
 POLL_INTERVAL_SECONDS = 0.05
 TRANSFER_TIMEOUT_SECONDS = 5.0
+# Answers of a transfer that leave the cluster as it was (or with an election under way).
+TRANSFER_REFUSALS = ("TRANSFER_DENIED", "TRANSFER_INCOMPLETE", "NOT_LEADER", "NO_LEADER")
+PICK_LEADER_WAIT_SECONDS = 10.0
+ERROR_TEXT_MAX = 4000
 EXIT_LOG_TAIL_LINES = 40
 
 
@@ -95,6 +99,8 @@ class Nemesis:
         self._faults = faults
         self.log = log
         self._paused: set[str] = set()
+        self._round: list[str] = []
+        self._recorded_pids: set[int] = set()
 
     # -- the schedule --
 
@@ -112,37 +118,49 @@ class Nemesis:
             self._sleep_until(min(until_seconds, self._clock() + self._rng.uniform(*QUIET_SECONDS)))
             if self._clock() >= until_seconds:
                 break
-            kind = self._rng.choice(self._faults)
+            kind = self._next_kind()
             record = FaultRecord(kind=kind, target="", injected_seconds=self._clock())
             self.log.faults.append(record)
             try:
                 actions[kind](record)
-            except (LocalClusterError, grpc.RpcError, OSError) as error:
-                record.error = f"{type(error).__name__}: {error}"[:2000]
+            except Exception as error:  # reported, and the run goes on to heal and check
+                record.error = f"{type(error).__name__}: {error}"[:ERROR_TEXT_MAX]
             self.heal(record)
+
+    def _next_kind(self) -> str:
+        """Faults come in rounds, each a seeded shuffle of every chosen kind, so even a short
+        run injects each kind once."""
+        if not self._round:
+            self._round = list(self._faults)
+            self._rng.shuffle(self._round)
+        return self._round.pop()
 
     def heal(self, record: FaultRecord | None = None) -> None:
         """Resume paused nodes, restart stopped ones (also those that ended on their own), and
         wait until the whole cluster is healthy."""
         self.collect_unexpected_exits()
+        try:
+            self._restart_what_is_down()
+            self._cluster.wait_healthy(HEAL_TIMEOUT_SECONDS)
+        except Exception as error:  # reported, and the run goes on to the checks
+            what = f"{record.kind} at {record.injected_seconds:.1f} s" if record else "the end of the run"
+            self.log.heal_failures.append(
+                f"not healthy {HEAL_TIMEOUT_SECONDS} s after {what}: {error}"[:ERROR_TEXT_MAX]
+            )
+            self.collect_unexpected_exits()
+        if record is not None:
+            record.healed_seconds = self._clock()
+
+    def _restart_what_is_down(self) -> None:
         for node_id in sorted(self._paused):
-            self._cluster.resume_node(node_id)
+            if self._cluster.nodes[node_id].is_running():
+                self._cluster.resume_node(node_id)
         self._paused.clear()
         for node_id, node in self._cluster.nodes.items():
             if not node.is_running():
                 self._cluster.start_node(node_id)
         if self._cluster.gateway is not None and not self._cluster.gateway.is_running():
             self._cluster.start_gateway()
-        try:
-            self._cluster.wait_healthy(HEAL_TIMEOUT_SECONDS)
-        except LocalClusterError as error:
-            what = f"{record.kind} at {record.injected_seconds:.1f} s" if record else "the end of the run"
-            self.log.heal_failures.append(
-                f"not healthy {HEAL_TIMEOUT_SECONDS} s after {what}: {error}"[:4000]
-            )
-            self.collect_unexpected_exits()
-        if record is not None:
-            record.healed_seconds = self._clock()
 
     def collect_unexpected_exits(self) -> None:
         for node in self._cluster.nodes.values():
@@ -151,7 +169,8 @@ class Nemesis:
                 self._record_exit(process.describe(), process.exit_code(), process.log_path)
                 node.down_on_purpose = True  # recorded once; `heal` restarts it
         gateway = self._cluster.gateway
-        if gateway is not None and not gateway.is_running() and gateway.exit_code() is not None:
+        if gateway is not None and not gateway.is_running() and gateway.pid not in self._recorded_pids:
+            self._recorded_pids.add(gateway.pid)
             self._record_exit(gateway.describe(), gateway.exit_code(), gateway.log_path)
 
     def _record_exit(self, name: str, exit_code: int | None, log_path: Path) -> None:
@@ -218,10 +237,11 @@ class Nemesis:
             record.note = f"now led by {answer.leader_node_id}"
         except grpc.RpcError as error:
             details = error_details(error)
-            if details.reason not in ("TRANSFER_DENIED", "TRANSFER_INCOMPLETE", "NOT_LEADER"):
+            if details.reason not in TRANSFER_REFUSALS and details.code != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
-            # Refused (target not caught up, or leadership moved meanwhile): nothing changed.
-            record.note = f"{details.reason}: {details.message}"
+            # Refused (target not caught up, or leadership moved meanwhile) or not finished in
+            # time: either way the shard must settle on a leader, which is measured below.
+            record.note = f"{details.code.name} {details.reason}: {details.message}"
         elapsed = self._wait_for_leaders(excluded=set())
         record.election_seconds = None if elapsed is None else self._clock() - started
 
@@ -264,10 +284,15 @@ class Nemesis:
         return None
 
     def _pick_leader(self) -> tuple[str, str]:
+        """A shard with a settled leader, and that leader; waits out a spurious election."""
+        deadline = self._clock() + PICK_LEADER_WAIT_SECONDS
         leaders = self._leaders(excluded=set())
+        while not leaders and self._clock() < deadline:
+            time.sleep(POLL_INTERVAL_SECONDS)
+            leaders = self._leaders(excluded=set())
         shard_ids = sorted(leaders)
         if not shard_ids:
-            raise LocalClusterError("no shard has a leader to pick")
+            raise LocalClusterError(f"no shard had a leader for {PICK_LEADER_WAIT_SECONDS} s")
         shard_id = self._rng.choice(shard_ids)
         return shard_id, leaders[shard_id]
 

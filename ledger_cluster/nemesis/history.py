@@ -125,9 +125,15 @@ class History:
         self.complete(operation, outcome, {}, code, reason)
 
     def operations(self) -> list[Operation]:
-        """Every completed operation, in invocation order."""
+        """Every operation, in invocation order; one that never completed (its client died)
+        counts as unknown, since it may have been applied."""
         with self._lock:
-            return [operation for operation in self._operations if operation.outcome]
+            for operation in self._operations:
+                if not operation.outcome:
+                    operation.outcome = OUTCOME_UNKNOWN
+                    operation.code = "NEVER_COMPLETED"
+                    operation.complete_seconds = self.now()
+            return list(self._operations)
 
     def close(self) -> None:
         with self._lock:

@@ -24,8 +24,7 @@ import grpc
 from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc, node_pb2
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.core import AccountsCore
-from ledger_cluster.gateway import account_id_for_request
-from ledger_cluster.ids import format_account_id, parse_account_id
+from ledger_cluster.ids import parse_account_id
 from ledger_cluster.localcluster.cluster import Cluster, new_cluster, started_cluster
 from ledger_cluster.nemesis import checks
 from ledger_cluster.nemesis import history as h
@@ -198,7 +197,7 @@ def _candidate_accounts(operations: Iterable[h.Operation]) -> list[str]:
     accounts = set()
     for op in operations:
         if op.kind == h.CREATE_ACCOUNT:
-            accounts.add(format_account_id(account_id_for_request(op.request["request_id"])))
+            accounts.add(op.request["account_id"])
             if op.outcome == h.OUTCOME_OK:
                 accounts.add(op.result["account"]["id"])
     return sorted(accounts)
@@ -230,7 +229,7 @@ def _read_final_state(cluster: Cluster, account_ids: list[str], notes: list[str]
         final[account_id] = _read_account_state(stub, account_id, deadline)
     missing = sum(1 for state in final.values() if state.account is None)
     if missing:
-        notes.append(f"note: {missing} account creations of unknown outcome were never applied")
+        notes.append(f"note: {missing} accounts whose creation was not acknowledged do not exist")
     return final
 
 
@@ -279,8 +278,12 @@ def _converged_digests(cluster: Cluster) -> dict[str, dict[str, tuple[int, str]]
                     digest = cluster.digest(replica.node_id, shard.shard_id)
                     answers[shard.shard_id][replica.node_id] = (digest.applied_index, digest.digest)
                 except grpc.RpcError as error:
+                    # Unique per replica, so replicas that cannot answer never count as agreeing.
                     code = error_details(error).code.name
-                    answers[shard.shard_id][replica.node_id] = (-1, code)
+                    answers[shard.shard_id][replica.node_id] = (
+                        -1,
+                        f"{replica.node_id}: Digest failed, {code}",
+                    )
         if (
             all(len(set(by_node.values())) == 1 for by_node in answers.values())
             or time.monotonic() > deadline
@@ -347,8 +350,6 @@ def _operation_account(op: h.Operation) -> str | None:
         return str(op.request["account_id"])
     if "transaction_id" in op.request:
         return str(op.request["transaction_id"])[:16]
-    if op.kind == h.CREATE_ACCOUNT:
-        return format_account_id(account_id_for_request(op.request["request_id"]))
     return None
 
 

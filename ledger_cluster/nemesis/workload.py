@@ -22,6 +22,8 @@ from typing import Any
 import grpc
 
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
+from ledger_cluster.gateway import account_id_for_request
+from ledger_cluster.ids import format_account_id
 from ledger_cluster.nemesis import history as h
 
 Stub = ledger_pb2_grpc.LedgerServiceStub
@@ -215,13 +217,19 @@ class Workload:
         except grpc.RpcError as error:
             self._history.fail(operation, error)
             return None
+        except Exception as error:  # a client bug must not hide its call from the checks
+            self._history.complete(operation, h.OUTCOME_UNKNOWN, {"error": repr(error)}, "CLIENT_ERROR")
+            return None
         self._history.complete(operation, h.OUTCOME_OK, result)
         return result
 
     # -- writes --
 
     def _create_account(self, client: int, request_id: str) -> bool:
-        operation = self._history.invoke(client, h.CREATE_ACCOUNT, {"request_id": request_id})
+        derived = format_account_id(account_id_for_request(request_id))
+        operation = self._history.invoke(
+            client, h.CREATE_ACCOUNT, {"request_id": request_id, "account_id": derived}
+        )
 
         def call() -> dict[str, Any]:
             request = ledger_pb2.CreateAccountRequest(request_id=request_id)

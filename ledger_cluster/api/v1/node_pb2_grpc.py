@@ -123,10 +123,11 @@ class NodeServiceServicer:
 
     def TransferLeadership(self, request, context):
         """Hands a shard's leadership from this node (its leader) to another replica with Raft's
-        TimeoutNow, and answers once another replica leads. NOT_LEADER (FAILED_PRECONDITION, with a
-        hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the target is
-        not connected or not caught up; TRANSFER_INCOMPLETE (UNAVAILABLE) when no new leader was
-        seen before the deadline.
+        TimeoutNow, and answers once another replica leads (usually the target; in an election race
+        another follower may win, and `leader_node_id` says which). NOT_LEADER (FAILED_PRECONDITION,
+        with a hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the
+        target is not connected or did not catch up before the deadline; TRANSFER_INCOMPLETE
+        (UNAVAILABLE) when no new leader was seen before the deadline.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -57,10 +57,11 @@ class NodeServiceStub:
     """
     TransferLeadership: _grpc.UnaryUnaryMultiCallable[_node_pb2.TransferLeadershipRequest, _node_pb2.TransferLeadershipResponse]
     """Hands a shard's leadership from this node (its leader) to another replica with Raft's
-    TimeoutNow, and answers once another replica leads. NOT_LEADER (FAILED_PRECONDITION, with a
-    hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the target is
-    not connected or not caught up; TRANSFER_INCOMPLETE (UNAVAILABLE) when no new leader was
-    seen before the deadline.
+    TimeoutNow, and answers once another replica leads (usually the target; in an election race
+    another follower may win, and `leader_node_id` says which). NOT_LEADER (FAILED_PRECONDITION,
+    with a hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the
+    target is not connected or did not catch up before the deadline; TRANSFER_INCOMPLETE
+    (UNAVAILABLE) when no new leader was seen before the deadline.
     """
 
 @_typing.type_check_only
@@ -89,10 +90,11 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """
     TransferLeadership: _aio.UnaryUnaryMultiCallable[_node_pb2.TransferLeadershipRequest, _node_pb2.TransferLeadershipResponse]  # type: ignore[assignment]
     """Hands a shard's leadership from this node (its leader) to another replica with Raft's
-    TimeoutNow, and answers once another replica leads. NOT_LEADER (FAILED_PRECONDITION, with a
-    hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the target is
-    not connected or not caught up; TRANSFER_INCOMPLETE (UNAVAILABLE) when no new leader was
-    seen before the deadline.
+    TimeoutNow, and answers once another replica leads (usually the target; in an election race
+    another follower may win, and `leader_node_id` says which). NOT_LEADER (FAILED_PRECONDITION,
+    with a hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the
+    target is not connected or did not catch up before the deadline; TRANSFER_INCOMPLETE
+    (UNAVAILABLE) when no new leader was seen before the deadline.
     """
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -160,10 +162,11 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.TransferLeadershipResponse, _abc.Awaitable[_node_pb2.TransferLeadershipResponse]]:
         """Hands a shard's leadership from this node (its leader) to another replica with Raft's
-        TimeoutNow, and answers once another replica leads. NOT_LEADER (FAILED_PRECONDITION, with a
-        hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the target is
-        not connected or not caught up; TRANSFER_INCOMPLETE (UNAVAILABLE) when no new leader was
-        seen before the deadline.
+        TimeoutNow, and answers once another replica leads (usually the target; in an election race
+        another follower may win, and `leader_node_id` says which). NOT_LEADER (FAILED_PRECONDITION,
+        with a hint) when this node does not lead; TRANSFER_DENIED (FAILED_PRECONDITION) when the
+        target is not connected or did not catch up before the deadline; TRANSFER_INCOMPLETE
+        (UNAVAILABLE) when no new leader was seen before the deadline.
         """
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
