@@ -7,3 +7,6 @@ DESCRIPTION_BYTES_MAX = 1024
 REQUEST_ID_BYTES_MAX = 128
 PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 1000
+# Items of one batch RPC, and of one log entry (a batch RPC's items for one shard, or the
+# writes that group commit gathered while the previous entry was in flight).
+BATCH_ITEMS_MAX = 1000

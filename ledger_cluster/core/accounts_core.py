@@ -25,6 +25,7 @@ from ledger_cluster.errors import (
 )
 from ledger_cluster.ids import format_account_id, format_transaction_id
 from ledger_cluster.limits import (
+    BATCH_ITEMS_MAX,
     DESCRIPTION_BYTES_MAX,
     INT64_MAX,
     PAGE_SIZE_MAX,
@@ -431,14 +432,32 @@ _PAYLOAD_TYPES: dict[
 }
 
 
+def _execute_batch(
+    changes: _Changes, payload: bytes, owns_account: Callable[[int], bool]
+) -> core_pb2.CommandResult:
+    """Every item in order against the same overlay, so each sees the ones before it; one item's
+    domain failure is its own answer and stops nothing else."""
+    batch = core_pb2.BatchCommand.FromString(payload)
+    if len(batch.commands) > BATCH_ITEMS_MAX:
+        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, f"a batch holds at most {BATCH_ITEMS_MAX} items")
+    result = core_pb2.CommandResult(outcome=core_pb2.OUTCOME_OK)
+    for item in batch.commands:
+        result.item_results.append(_execute(changes, item, owns_account, nested=True))
+    return result
+
+
 def _execute(
-    changes: _Changes, command_bytes: bytes, owns_account: Callable[[int], bool]
+    changes: _Changes, command_bytes: bytes, owns_account: Callable[[int], bool], nested: bool = False
 ) -> core_pb2.CommandResult:
     try:
         envelope = core_pb2.CommandEnvelope.FromString(command_bytes)
         kind = envelope.type
         if kind == core_pb2.COMMAND_TYPE_NOOP:
             return core_pb2.CommandResult(outcome=core_pb2.OUTCOME_OK)
+        if kind == core_pb2.COMMAND_TYPE_BATCH:
+            if nested:
+                return _failure(core_pb2.OUTCOME_INVALID_COMMAND, "a batch item cannot be a batch")
+            return _execute_batch(changes, envelope.payload, owns_account)
         payload_type = _PAYLOAD_TYPES.get(kind)
         if payload_type is None:
             return _failure(core_pb2.OUTCOME_INVALID_COMMAND, f"unknown command type {kind}")
@@ -699,6 +718,8 @@ class AccountsCore:
         result = _execute(changes, command_bytes, self.owns_account)
         changes.check()
         result.log_index = log_index
+        for item in result.item_results:
+            item.log_index = log_index
         return result
 
     def read(self, query: core_pb2.ReadQuery) -> core_pb2.ReadResult:

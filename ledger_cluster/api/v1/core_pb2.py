@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from ledger_cluster.api.v1 import ledger_pb2 as ledger__cluster_dot_api_dot_v1_dot_ledger__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ledger_cluster/api/v1/core.proto\x12\x15ledger_cluster.api.v1\x1a\"ledger_cluster/api/v1/ledger.proto\"a\n\x0f\x43ommandEnvelope\x12\x30\n\x04type\x18\x01 \x01(\x0e\x32\".ledger_cluster.api.v1.CommandType\x12\x0b\n\x03now\x18\x02 \x01(\x03\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\">\n\x14\x43reateAccountCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x94\x01\n\x18\x43reateTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0f\n\x07settled\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"J\n\x18SettleTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\"J\n\x18\x43\x61ncelTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\"\xce\x01\n\rCommandResult\x12/\n\x07outcome\x18\x01 \x01(\x0e\x32\x1e.ledger_cluster.api.v1.Outcome\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x07\x61\x63\x63ount\x18\x03 \x01(\x0b\x32\x1e.ledger_cluster.api.v1.Account\x12\x37\n\x0btransaction\x18\x04 \x01(\x0b\x32\".ledger_cluster.api.v1.Transaction\x12\x11\n\tlog_index\x18\x05 \x01(\x04\"%\n\x0fGetAccountQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\"E\n\x13GetTransactionQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\"R\n\x15ListTransactionsQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x16\n\x0estart_sequence\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\"\xe5\x01\n\tReadQuery\x12=\n\x0bget_account\x18\x01 \x01(\x0b\x32&.ledger_cluster.api.v1.GetAccountQueryH\x00\x12\x45\n\x0fget_transaction\x18\x02 \x01(\x0b\x32*.ledger_cluster.api.v1.GetTransactionQueryH\x00\x12I\n\x11list_transactions\x18\x03 \x01(\x0b\x32,.ledger_cluster.api.v1.ListTransactionsQueryH\x00\x42\x07\n\x05query\"\xa0\x02\n\nReadResult\x12/\n\x07outcome\x18\x01 \x01(\x0e\x32\x1e.ledger_cluster.api.v1.Outcome\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x07\x61\x63\x63ount\x18\x03 \x01(\x0b\x32\x1e.ledger_cluster.api.v1.Account\x12\x37\n\x0btransaction\x18\x04 \x01(\x0b\x32\".ledger_cluster.api.v1.Transaction\x12\x38\n\x0ctransactions\x18\x05 \x03(\x0b\x32\".ledger_cluster.api.v1.Transaction\x12\x15\n\rnext_sequence\x18\x06 \x01(\x04\x12\x15\n\rapplied_index\x18\x07 \x01(\x04\"\xdf\x01\n\rAccountRecord\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x19\n\x11\x61vailable_balance\x18\x02 \x01(\x03\x12\x17\n\x0fsettled_balance\x18\x03 \x01(\x03\x12\x17\n\x0fpending_credits\x18\x04 \x01(\x03\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\x12\x12\n\nupdated_at\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x19\n\x11transaction_count\x18\x08 \x01(\x04\x12\x16\n\x0epending_debits\x18\t \x01(\x03\"\xcd\x02\n\x11TransactionRecord\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x38\n\x06status\x18\x05 \x01(\x0e\x32(.ledger_cluster.api.v1.TransactionStatus\x12@\n\x0einitial_status\x18\x06 \x01(\x0e\x32(.ledger_cluster.api.v1.TransactionStatus\x12\x19\n\x11settled_requested\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x03\x12\x12\n\nupdated_at\x18\n \x01(\x03\x12\x10\n\x08sequence\x18\x0b \x01(\x04\"9\n\tRaftEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\x96\x01\n\x0cRaftPosition\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x34\n\nlast_entry\x18\x02 \x01(\x0b\x32 .ledger_cluster.api.v1.RaftEntry\x12\x38\n\x0eprevious_entry\x18\x03 \x01(\x0b\x32 .ledger_cluster.api.v1.RaftEntry*\xd2\x01\n\x0b\x43ommandType\x12\x1c\n\x18\x43OMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43OMMAND_TYPE_CREATE_ACCOUNT\x10\x01\x12#\n\x1f\x43OMMAND_TYPE_CREATE_TRANSACTION\x10\x02\x12#\n\x1f\x43OMMAND_TYPE_SETTLE_TRANSACTION\x10\x03\x12#\n\x1f\x43OMMAND_TYPE_CANCEL_TRANSACTION\x10\x04\x12\x15\n\x11\x43OMMAND_TYPE_NOOP\x10\x05*\xf7\x02\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0e\n\nOUTCOME_OK\x10\x01\x12\x1d\n\x19OUTCOME_ACCOUNT_NOT_FOUND\x10\x02\x12!\n\x1dOUTCOME_TRANSACTION_NOT_FOUND\x10\x03\x12#\n\x1fOUTCOME_TRANSACTION_NOT_PENDING\x10\x04\x12\x1d\n\x19OUTCOME_REQUEST_ID_REUSED\x10\x05\x12\x1c\n\x18OUTCOME_BALANCE_OVERFLOW\x10\x06\x12 \n\x1cOUTCOME_ACCOUNT_ID_COLLISION\x10\x07\x12$\n OUTCOME_TRANSACTION_ID_COLLISION\x10\x08\x12\x1b\n\x17OUTCOME_INVALID_COMMAND\x10\t\x12\x1e\n\x1aOUTCOME_INVALID_PAGE_TOKEN\x10\n\x12\x1a\n\x16OUTCOME_SHARD_MISMATCH\x10\x0b\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ledger_cluster/api/v1/core.proto\x12\x15ledger_cluster.api.v1\x1a\"ledger_cluster/api/v1/ledger.proto\"a\n\x0f\x43ommandEnvelope\x12\x30\n\x04type\x18\x01 \x01(\x0e\x32\".ledger_cluster.api.v1.CommandType\x12\x0b\n\x03now\x18\x02 \x01(\x03\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\">\n\x14\x43reateAccountCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x94\x01\n\x18\x43reateTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0f\n\x07settled\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"J\n\x18SettleTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\" \n\x0c\x42\x61tchCommand\x12\x10\n\x08\x63ommands\x18\x01 \x03(\x0c\"J\n\x18\x43\x61ncelTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\"\x8a\x02\n\rCommandResult\x12/\n\x07outcome\x18\x01 \x01(\x0e\x32\x1e.ledger_cluster.api.v1.Outcome\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x07\x61\x63\x63ount\x18\x03 \x01(\x0b\x32\x1e.ledger_cluster.api.v1.Account\x12\x37\n\x0btransaction\x18\x04 \x01(\x0b\x32\".ledger_cluster.api.v1.Transaction\x12\x11\n\tlog_index\x18\x05 \x01(\x04\x12:\n\x0citem_results\x18\x06 \x03(\x0b\x32$.ledger_cluster.api.v1.CommandResult\"%\n\x0fGetAccountQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\"E\n\x13GetTransactionQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\"R\n\x15ListTransactionsQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x16\n\x0estart_sequence\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\"\xe5\x01\n\tReadQuery\x12=\n\x0bget_account\x18\x01 \x01(\x0b\x32&.ledger_cluster.api.v1.GetAccountQueryH\x00\x12\x45\n\x0fget_transaction\x18\x02 \x01(\x0b\x32*.ledger_cluster.api.v1.GetTransactionQueryH\x00\x12I\n\x11list_transactions\x18\x03 \x01(\x0b\x32,.ledger_cluster.api.v1.ListTransactionsQueryH\x00\x42\x07\n\x05query\"\xa0\x02\n\nReadResult\x12/\n\x07outcome\x18\x01 \x01(\x0e\x32\x1e.ledger_cluster.api.v1.Outcome\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x07\x61\x63\x63ount\x18\x03 \x01(\x0b\x32\x1e.ledger_cluster.api.v1.Account\x12\x37\n\x0btransaction\x18\x04 \x01(\x0b\x32\".ledger_cluster.api.v1.Transaction\x12\x38\n\x0ctransactions\x18\x05 \x03(\x0b\x32\".ledger_cluster.api.v1.Transaction\x12\x15\n\rnext_sequence\x18\x06 \x01(\x04\x12\x15\n\rapplied_index\x18\x07 \x01(\x04\"\xdf\x01\n\rAccountRecord\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x19\n\x11\x61vailable_balance\x18\x02 \x01(\x03\x12\x17\n\x0fsettled_balance\x18\x03 \x01(\x03\x12\x17\n\x0fpending_credits\x18\x04 \x01(\x03\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\x12\x12\n\nupdated_at\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x19\n\x11transaction_count\x18\x08 \x01(\x04\x12\x16\n\x0epending_debits\x18\t \x01(\x03\"\xcd\x02\n\x11TransactionRecord\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x38\n\x06status\x18\x05 \x01(\x0e\x32(.ledger_cluster.api.v1.TransactionStatus\x12@\n\x0einitial_status\x18\x06 \x01(\x0e\x32(.ledger_cluster.api.v1.TransactionStatus\x12\x19\n\x11settled_requested\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x03\x12\x12\n\nupdated_at\x18\n \x01(\x03\x12\x10\n\x08sequence\x18\x0b \x01(\x04\"9\n\tRaftEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\x96\x01\n\x0cRaftPosition\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x34\n\nlast_entry\x18\x02 \x01(\x0b\x32 .ledger_cluster.api.v1.RaftEntry\x12\x38\n\x0eprevious_entry\x18\x03 \x01(\x0b\x32 .ledger_cluster.api.v1.RaftEntry*\xea\x01\n\x0b\x43ommandType\x12\x1c\n\x18\x43OMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43OMMAND_TYPE_CREATE_ACCOUNT\x10\x01\x12#\n\x1f\x43OMMAND_TYPE_CREATE_TRANSACTION\x10\x02\x12#\n\x1f\x43OMMAND_TYPE_SETTLE_TRANSACTION\x10\x03\x12#\n\x1f\x43OMMAND_TYPE_CANCEL_TRANSACTION\x10\x04\x12\x15\n\x11\x43OMMAND_TYPE_NOOP\x10\x05\x12\x16\n\x12\x43OMMAND_TYPE_BATCH\x10\x06*\xf7\x02\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0e\n\nOUTCOME_OK\x10\x01\x12\x1d\n\x19OUTCOME_ACCOUNT_NOT_FOUND\x10\x02\x12!\n\x1dOUTCOME_TRANSACTION_NOT_FOUND\x10\x03\x12#\n\x1fOUTCOME_TRANSACTION_NOT_PENDING\x10\x04\x12\x1d\n\x19OUTCOME_REQUEST_ID_REUSED\x10\x05\x12\x1c\n\x18OUTCOME_BALANCE_OVERFLOW\x10\x06\x12 \n\x1cOUTCOME_ACCOUNT_ID_COLLISION\x10\x07\x12$\n OUTCOME_TRANSACTION_ID_COLLISION\x10\x08\x12\x1b\n\x17OUTCOME_INVALID_COMMAND\x10\t\x12\x1e\n\x1aOUTCOME_INVALID_PAGE_TOKEN\x10\n\x12\x1a\n\x16OUTCOME_SHARD_MISMATCH\x10\x0b\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ledger_cluster.api.v1.core_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMMANDTYPE']._serialized_start=2262
-  _globals['_COMMANDTYPE']._serialized_end=2472
-  _globals['_OUTCOME']._serialized_start=2475
-  _globals['_OUTCOME']._serialized_end=2850
+  _globals['_COMMANDTYPE']._serialized_start=2356
+  _globals['_COMMANDTYPE']._serialized_end=2590
+  _globals['_OUTCOME']._serialized_start=2593
+  _globals['_OUTCOME']._serialized_end=2968
   _globals['_COMMANDENVELOPE']._serialized_start=95
   _globals['_COMMANDENVELOPE']._serialized_end=192
   _globals['_CREATEACCOUNTCOMMAND']._serialized_start=194
@@ -44,26 +44,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATETRANSACTIONCOMMAND']._serialized_end=407
   _globals['_SETTLETRANSACTIONCOMMAND']._serialized_start=409
   _globals['_SETTLETRANSACTIONCOMMAND']._serialized_end=483
-  _globals['_CANCELTRANSACTIONCOMMAND']._serialized_start=485
-  _globals['_CANCELTRANSACTIONCOMMAND']._serialized_end=559
-  _globals['_COMMANDRESULT']._serialized_start=562
-  _globals['_COMMANDRESULT']._serialized_end=768
-  _globals['_GETACCOUNTQUERY']._serialized_start=770
-  _globals['_GETACCOUNTQUERY']._serialized_end=807
-  _globals['_GETTRANSACTIONQUERY']._serialized_start=809
-  _globals['_GETTRANSACTIONQUERY']._serialized_end=878
-  _globals['_LISTTRANSACTIONSQUERY']._serialized_start=880
-  _globals['_LISTTRANSACTIONSQUERY']._serialized_end=962
-  _globals['_READQUERY']._serialized_start=965
-  _globals['_READQUERY']._serialized_end=1194
-  _globals['_READRESULT']._serialized_start=1197
-  _globals['_READRESULT']._serialized_end=1485
-  _globals['_ACCOUNTRECORD']._serialized_start=1488
-  _globals['_ACCOUNTRECORD']._serialized_end=1711
-  _globals['_TRANSACTIONRECORD']._serialized_start=1714
-  _globals['_TRANSACTIONRECORD']._serialized_end=2047
-  _globals['_RAFTENTRY']._serialized_start=2049
-  _globals['_RAFTENTRY']._serialized_end=2106
-  _globals['_RAFTPOSITION']._serialized_start=2109
-  _globals['_RAFTPOSITION']._serialized_end=2259
+  _globals['_BATCHCOMMAND']._serialized_start=485
+  _globals['_BATCHCOMMAND']._serialized_end=517
+  _globals['_CANCELTRANSACTIONCOMMAND']._serialized_start=519
+  _globals['_CANCELTRANSACTIONCOMMAND']._serialized_end=593
+  _globals['_COMMANDRESULT']._serialized_start=596
+  _globals['_COMMANDRESULT']._serialized_end=862
+  _globals['_GETACCOUNTQUERY']._serialized_start=864
+  _globals['_GETACCOUNTQUERY']._serialized_end=901
+  _globals['_GETTRANSACTIONQUERY']._serialized_start=903
+  _globals['_GETTRANSACTIONQUERY']._serialized_end=972
+  _globals['_LISTTRANSACTIONSQUERY']._serialized_start=974
+  _globals['_LISTTRANSACTIONSQUERY']._serialized_end=1056
+  _globals['_READQUERY']._serialized_start=1059
+  _globals['_READQUERY']._serialized_end=1288
+  _globals['_READRESULT']._serialized_start=1291
+  _globals['_READRESULT']._serialized_end=1579
+  _globals['_ACCOUNTRECORD']._serialized_start=1582
+  _globals['_ACCOUNTRECORD']._serialized_end=1805
+  _globals['_TRANSACTIONRECORD']._serialized_start=1808
+  _globals['_TRANSACTIONRECORD']._serialized_end=2141
+  _globals['_RAFTENTRY']._serialized_start=2143
+  _globals['_RAFTENTRY']._serialized_end=2200
+  _globals['_RAFTPOSITION']._serialized_start=2203
+  _globals['_RAFTPOSITION']._serialized_end=2353
 # @@protoc_insertion_point(module_scope)

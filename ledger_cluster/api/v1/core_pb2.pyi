@@ -37,6 +37,10 @@ class _CommandTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CommandTy
     COMMAND_TYPE_CANCEL_TRANSACTION: _CommandType.ValueType  # 4
     COMMAND_TYPE_NOOP: _CommandType.ValueType  # 5
     """Changes nothing; a consistent read proposes one as a barrier through the log."""
+    COMMAND_TYPE_BATCH: _CommandType.ValueType  # 6
+    """Several commands in one log entry, applied in order in one LMDB write transaction (group
+    commit and batch RPCs); each item keeps its own ids, `now` and idempotency.
+    """
 
 class CommandType(_CommandType, metaclass=_CommandTypeEnumTypeWrapper): ...
 
@@ -47,6 +51,10 @@ COMMAND_TYPE_SETTLE_TRANSACTION: CommandType.ValueType  # 3
 COMMAND_TYPE_CANCEL_TRANSACTION: CommandType.ValueType  # 4
 COMMAND_TYPE_NOOP: CommandType.ValueType  # 5
 """Changes nothing; a consistent read proposes one as a barrier through the log."""
+COMMAND_TYPE_BATCH: CommandType.ValueType  # 6
+"""Several commands in one log entry, applied in order in one LMDB write transaction (group
+commit and batch RPCs); each item keeps its own ids, `now` and idempotency.
+"""
 Global___CommandType: _TypeAlias = CommandType  # noqa: Y015
 
 class _Outcome:
@@ -203,6 +211,28 @@ class SettleTransactionCommand(_message.Message):
 Global___SettleTransactionCommand: _TypeAlias = SettleTransactionCommand  # noqa: Y015
 
 @_typing.final
+class BatchCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """each an encoded CommandEnvelope, never itself a batch"""
+
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCommand: _TypeAlias = BatchCommand  # noqa: Y015
+
+@_typing.final
 class CancelTransactionCommand(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -233,6 +263,7 @@ class CommandResult(_message.Message):
     ACCOUNT_FIELD_NUMBER: _builtins.int
     TRANSACTION_FIELD_NUMBER: _builtins.int
     LOG_INDEX_FIELD_NUMBER: _builtins.int
+    ITEM_RESULTS_FIELD_NUMBER: _builtins.int
     outcome: Global___Outcome.ValueType
     message: _builtins.str
     log_index: _builtins.int
@@ -240,6 +271,10 @@ class CommandResult(_message.Message):
     def account(self) -> _ledger_pb2.Account: ...
     @_builtins.property
     def transaction(self) -> _ledger_pb2.Transaction: ...
+    @_builtins.property
+    def item_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommandResult]:
+        """a batch's: one per item, in order"""
+
     def __init__(
         self,
         *,
@@ -248,10 +283,11 @@ class CommandResult(_message.Message):
         account: _ledger_pb2.Account | None = ...,
         transaction: _ledger_pb2.Transaction | None = ...,
         log_index: _builtins.int = ...,
+        item_results: _abc.Iterable[Global___CommandResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "transaction", b"transaction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "log_index", b"log_index", "message", b"message", "outcome", b"outcome", "transaction", b"transaction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "item_results", b"item_results", "log_index", b"log_index", "message", b"message", "outcome", b"outcome", "transaction", b"transaction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

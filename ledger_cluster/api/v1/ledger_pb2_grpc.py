@@ -69,6 +69,21 @@ class LedgerServiceStub:
                 request_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionRequest.SerializeToString,
                 response_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionResponse.FromString,
                 _registered_method=True)
+        self.CreateTransactions = channel.unary_unary(
+                '/ledger_cluster.api.v1.LedgerService/CreateTransactions',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransactionsRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransactionsResponse.FromString,
+                _registered_method=True)
+        self.SettleTransactions = channel.unary_unary(
+                '/ledger_cluster.api.v1.LedgerService/SettleTransactions',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.SettleTransactionsRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.TransactionsResponse.FromString,
+                _registered_method=True)
+        self.CancelTransactions = channel.unary_unary(
+                '/ledger_cluster.api.v1.LedgerService/CancelTransactions',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionsRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.TransactionsResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -116,6 +131,28 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTransactions(self, request, context):
+        """Batch forms: up to 1000 items per call, each independent, with one result per item in
+        request order (a transaction, or the error that item alone would have had as a unary
+        call). The call itself fails only when the batch as a whole is unacceptable (too many
+        items). Items of one shard travel as one log entry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleTransactions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTransactions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +190,21 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.CancelTransaction,
                     request_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionRequest.FromString,
                     response_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionResponse.SerializeToString,
+            ),
+            'CreateTransactions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTransactions,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransactionsRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransactionsResponse.SerializeToString,
+            ),
+            'SettleTransactions': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleTransactions,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.SettleTransactionsRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.TransactionsResponse.SerializeToString,
+            ),
+            'CancelTransactions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTransactions,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionsRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.TransactionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +396,87 @@ class LedgerService:
             '/ledger_cluster.api.v1.LedgerService/CancelTransaction',
             ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionRequest.SerializeToString,
             ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.LedgerService/CreateTransactions',
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransactionsRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.LedgerService/SettleTransactions',
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.SettleTransactionsRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.TransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.LedgerService/CancelTransactions',
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionsRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.TransactionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

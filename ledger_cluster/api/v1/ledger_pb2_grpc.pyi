@@ -40,6 +40,14 @@ class LedgerServiceStub:
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListTransactionsRequest, _ledger_pb2.ListTransactionsResponse]
     SettleTransaction: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SettleTransactionRequest, _ledger_pb2.SettleTransactionResponse]
     CancelTransaction: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CancelTransactionRequest, _ledger_pb2.CancelTransactionResponse]
+    CreateTransactions: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CreateTransactionsRequest, _ledger_pb2.CreateTransactionsResponse]
+    """Batch forms: up to 1000 items per call, each independent, with one result per item in
+    request order (a transaction, or the error that item alone would have had as a unary
+    call). The call itself fails only when the batch as a whole is unacceptable (too many
+    items). Items of one shard travel as one log entry.
+    """
+    SettleTransactions: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SettleTransactionsRequest, _ledger_pb2.TransactionsResponse]
+    CancelTransactions: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CancelTransactionsRequest, _ledger_pb2.TransactionsResponse]
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -51,6 +59,14 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     ListTransactions: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListTransactionsRequest, _ledger_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     SettleTransaction: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SettleTransactionRequest, _ledger_pb2.SettleTransactionResponse]  # type: ignore[assignment]
     CancelTransaction: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CancelTransactionRequest, _ledger_pb2.CancelTransactionResponse]  # type: ignore[assignment]
+    CreateTransactions: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CreateTransactionsRequest, _ledger_pb2.CreateTransactionsResponse]  # type: ignore[assignment]
+    """Batch forms: up to 1000 items per call, each independent, with one result per item in
+    request order (a transaction, or the error that item alone would have had as a unary
+    call). The call itself fails only when the batch as a whole is unacceptable (too many
+    items). Items of one shard travel as one log entry.
+    """
+    SettleTransactions: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SettleTransactionsRequest, _ledger_pb2.TransactionsResponse]  # type: ignore[assignment]
+    CancelTransactions: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CancelTransactionsRequest, _ledger_pb2.TransactionsResponse]  # type: ignore[assignment]
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -101,5 +117,31 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.CancelTransactionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.CancelTransactionResponse, _abc.Awaitable[_ledger_pb2.CancelTransactionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateTransactions(
+        self,
+        request: _ledger_pb2.CreateTransactionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.CreateTransactionsResponse, _abc.Awaitable[_ledger_pb2.CreateTransactionsResponse]]:
+        """Batch forms: up to 1000 items per call, each independent, with one result per item in
+        request order (a transaction, or the error that item alone would have had as a unary
+        call). The call itself fails only when the batch as a whole is unacceptable (too many
+        items). Items of one shard travel as one log entry.
+        """
+
+    @_abc_1.abstractmethod
+    def SettleTransactions(
+        self,
+        request: _ledger_pb2.SettleTransactionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.TransactionsResponse, _abc.Awaitable[_ledger_pb2.TransactionsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CancelTransactions(
+        self,
+        request: _ledger_pb2.CancelTransactionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.TransactionsResponse, _abc.Awaitable[_ledger_pb2.TransactionsResponse]]: ...
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

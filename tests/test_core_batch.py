@@ -1,0 +1,92 @@
+"""Batch log entries (group commit and the batch RPCs): several commands in one entry, applied in
+order in one LMDB write transaction, each with its own ids, `now` and idempotency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ledger_cluster.api.v1 import core_pb2
+from ledger_cluster.limits import BATCH_ITEMS_MAX
+from tests.core_ledger import ACCOUNT, INSUFFICIENT_FUNDS, OK, OTHER_ACCOUNT, SETTLED, Ledger, envelope
+
+
+def create_account_item(now: int, account_id: int = ACCOUNT) -> bytes:
+    return envelope(
+        core_pb2.COMMAND_TYPE_CREATE_ACCOUNT, now, core_pb2.CreateAccountCommand(account_id=account_id)
+    )
+
+
+def create_item(now: int, number: int, amount: int, request_id: str = "", account_id: int = ACCOUNT) -> bytes:
+    payload = core_pb2.CreateTransactionCommand(
+        account_id=account_id, transaction_number=number, amount=amount, settled=True, request_id=request_id
+    )
+    return envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSACTION, now, payload)
+
+
+def batch(items: list[bytes], now: int = 0) -> bytes:
+    return envelope(core_pb2.COMMAND_TYPE_BATCH, now, core_pb2.BatchCommand(commands=items))
+
+
+def outcomes(result: core_pb2.CommandResult) -> list[str]:
+    return [core_pb2.Outcome.Name(item.outcome) for item in result.item_results]
+
+
+def test_items_apply_in_order_and_each_sees_the_ones_before(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    result = ledger.submit(
+        batch(
+            [
+                create_account_item(10),
+                create_item(11, 1, 500),
+                create_item(12, 2, -400),  # fits only after the top-up above
+                create_item(13, 3, -400),  # no longer fits
+                create_item(14, 4, 100, account_id=OTHER_ACCOUNT),  # unknown account: its own failure
+            ]
+        )
+    )
+    assert result.outcome == OK
+    assert outcomes(result) == ["OUTCOME_OK"] * 4 + ["OUTCOME_ACCOUNT_NOT_FOUND"]
+    assert {item.log_index for item in result.item_results} == {result.log_index} == {1}
+    assert [item.transaction.status for item in result.item_results[1:4]] == [
+        SETTLED,
+        SETTLED,
+        INSUFFICIENT_FUNDS,
+    ]
+    assert ledger.balances() == (100, 100)
+    assert ledger.core.applied_index() == 1
+    assert not ledger.core.verify()
+
+
+def test_a_repeated_request_id_inside_one_batch_answers_the_first(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    ledger.create_account(1)
+    result = ledger.submit(batch([create_item(2, 1, 300, "same"), create_item(3, 2, 300, "same")]))
+    assert outcomes(result) == ["OUTCOME_OK", "OUTCOME_OK"]
+    first, second = result.item_results
+    assert first.transaction.id == second.transaction.id
+    assert ledger.balances() == (300, 300)
+    # The same bytes delivered again (a retry of the whole entry) change nothing either.
+    again = ledger.submit(ledger.log[-1])
+    assert [item.transaction.id for item in again.item_results] == [first.transaction.id] * 2
+    assert ledger.balances() == (300, 300)
+
+
+def test_a_replayed_batch_entry_changes_nothing_and_answers_the_same(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    entry = batch([create_account_item(1), create_item(2, 1, 700), create_item(3, 2, -200)])
+    original = ledger.submit(entry)
+    ledger.reopen()
+    replayed = ledger.core.apply(entry, 1)
+    assert replayed == original
+    assert ledger.balances() == (500, 500)
+
+
+def test_malformed_batches_are_consumed_without_effect(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    ledger.create_account(1)
+    nested = ledger.submit(batch([batch([create_item(2, 1, 5)]), create_item(3, 2, 7)]))
+    assert outcomes(nested) == ["OUTCOME_INVALID_COMMAND", "OUTCOME_OK"]
+    too_many = ledger.submit(batch([create_item(4, 10 + n, 1) for n in range(BATCH_ITEMS_MAX + 1)]))
+    assert too_many.outcome == core_pb2.OUTCOME_INVALID_COMMAND and not too_many.item_results
+    assert ledger.balances() == (7, 7)
+    assert ledger.core.applied_index() == 3
