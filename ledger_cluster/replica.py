@@ -15,11 +15,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from google.protobuf.message import DecodeError
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.journal import createJournal
@@ -31,11 +34,13 @@ from ledger_cluster.errors import (
     BackendUnavailableError,
     LeadershipTransferDeniedError,
     LeadershipTransferIncompleteError,
+    LedgerError,
     NotLeaderError,
     ReplicaBrokenError,
     SnapshotError,
     UnknownOutcomeError,
 )
+from ledger_cluster.limits import BATCH_ITEMS_MAX
 from ledger_cluster.process import stop_broken_process
 from ledger_cluster.storage import fsync_directory, make_private_directory, read_snapshot_header
 
@@ -54,6 +59,11 @@ CONNECTION_RETRY_SECONDS = 1.0
 AUTO_TICK_PERIOD_SECONDS = 0.05
 # Bounded queue of proposals waiting for the tick thread; beyond it, RESOURCE_EXHAUSTED.
 COMMANDS_QUEUE_SIZE_MAX = 10_000
+# Writes waiting for the proposal in flight to finish (group commit); beyond it, QUEUE_FULL.
+GROUP_COMMIT_WAITING_MAX = 10_000
+# A proposal whose answer is this late (a leader that lost its majority) no longer holds back
+# the next one.
+GROUP_COMMIT_STALL_SECONDS = 5.0
 APPEND_ENTRIES_BATCH_BYTES_MAX = 2**16
 SNAPSHOT_TRANSFER_BATCH_BYTES = 2**20
 LOG_COMPACTION_MIN_ENTRIES_DEFAULT = 50_000
@@ -159,6 +169,128 @@ class _LedgerSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no type 
             self._on_broken(error)
 
 
+@dataclass
+class _Waiter:
+    command: bytes
+    is_batch: bool
+    answered: threading.Event = field(default_factory=threading.Event)
+    answer: core_pb2.CommandResult | LedgerError | None = None
+
+    def settle(self, answer: core_pb2.CommandResult | LedgerError) -> None:
+        self.answer = answer
+        self.answered.set()
+
+
+def _is_batch(command: bytes) -> bool:
+    try:
+        return core_pb2.CommandEnvelope.FromString(command).type == core_pb2.COMMAND_TYPE_BATCH
+    except DecodeError:
+        return False  # the core answers INVALID_COMMAND for it
+
+
+class _GroupCommit:
+    """One proposal per shard in flight at a time. Writes that arrive meanwhile wait, and when
+    it completes they are proposed together as one batch entry (one Raft round, one LMDB write
+    transaction, one fsync pair on every replica). A write arriving while nothing is in flight
+    is proposed at once, so low load sees no added delay.
+
+    A batch entry's items are independent: each keeps its own ids, `now` and idempotency, and
+    gets its own result. A command that is itself a batch (a batch RPC's items for this shard)
+    is proposed on its own, since batches do not nest."""
+
+    def __init__(
+        self,
+        propose: Callable[[bytes, Callable[[Any, int], None]], None],
+        translate: Callable[[Any, int], core_pb2.CommandResult | LedgerError],
+    ) -> None:
+        self._propose = propose
+        self._translate = translate
+        self._lock = threading.Lock()
+        self._waiting: deque[_Waiter] = deque()
+        self._in_flight = False
+        self._in_flight_since = 0.0
+        self._held = False
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Propose nothing new inside the block (writes wait, as if a proposal were in flight):
+        a leadership transfer needs the target to stay caught up with the leader's log."""
+        with self._lock:
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held = False
+                if not self._in_flight:
+                    self._propose_next()
+
+    def submit(self, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
+        waiter = _Waiter(command, _is_batch(command))
+        with self._lock:
+            if len(self._waiting) >= GROUP_COMMIT_WAITING_MAX:
+                raise BackendUnavailableError("the shard's proposal queue is full")
+            self._waiting.append(waiter)
+            in_flight_seconds = time.monotonic() - self._in_flight_since
+            if not self._held and (not self._in_flight or in_flight_seconds > GROUP_COMMIT_STALL_SECONDS):
+                self._propose_next()
+        if not waiter.answered.wait(timeout_seconds):
+            with self._lock:
+                if waiter in self._waiting:
+                    # Never proposed: certainly not applied.
+                    self._waiting.remove(waiter)
+                    raise BackendUnavailableError(f"not proposed within {timeout_seconds:.3f} s; not applied")
+            raise UnknownOutcomeError(f"no answer within {timeout_seconds:.3f} s; it may still commit")
+        answer = waiter.answer
+        if isinstance(answer, LedgerError):
+            raise answer
+        assert answer is not None
+        return answer
+
+    def _propose_next(self) -> None:
+        """With the lock held: propose what waits (one batch command alone, or up to
+        BATCH_ITEMS_MAX plain commands as one batch entry)."""
+        if not self._waiting or self._held:
+            self._in_flight = False
+            return
+        group = [self._waiting.popleft()]
+        if not group[0].is_batch:
+            while self._waiting and len(group) < BATCH_ITEMS_MAX and not self._waiting[0].is_batch:
+                group.append(self._waiting.popleft())
+        if len(group) == 1:
+            entry = group[0].command
+        else:
+            batch = core_pb2.BatchCommand(commands=[waiter.command for waiter in group])
+            entry = core_pb2.CommandEnvelope(
+                type=core_pb2.COMMAND_TYPE_BATCH, payload=batch.SerializeToString()
+            ).SerializeToString()
+        self._in_flight = True
+        self._in_flight_since = time.monotonic()
+        self._propose(entry, lambda result, error: self._on_answer(group, result, error))
+
+    def _on_answer(self, group: list[_Waiter], result: Any, error: int) -> None:
+        """On PySyncObj's tick thread: hand every waiter its own answer, then propose what
+        gathered meanwhile."""
+        try:
+            answer = self._translate(result, error)
+        except Exception as failure:  # never raise into PySyncObj's apply loop
+            logger.exception("could not read the answer to a proposal")
+            answer = UnknownOutcomeError(f"unreadable answer: {failure}")
+        try:
+            if len(group) == 1:
+                group[0].settle(answer)
+            elif isinstance(answer, LedgerError) or len(answer.item_results) != len(group):
+                # An error for the whole entry (or a batch the core refused whole) is each item's.
+                for waiter in group:
+                    waiter.settle(answer)
+            else:
+                for waiter, item in zip(group, answer.item_results, strict=True):
+                    waiter.settle(item)
+        finally:
+            with self._lock:
+                self._propose_next()
+
+
 class ShardReplica:
     """This node's replica of one shard: LMDB under <data>/replicas/<shard>/, the Raft journal
     and dump under <data>/raft/<shard>/."""
@@ -206,6 +338,10 @@ class ShardReplica:
         self._startup_dump_pending = (raft_dir / "dump").is_file()
         conf = self._conf(raft_dir, self_address, options)
         self._sync_obj = _LedgerSyncObj(self_address, partners, conf, self.core, on_broken)
+        self._group_commit = _GroupCommit(self._propose, self._translate_answer)
+
+    def _propose(self, entry: bytes, on_answer: Callable[[Any, int], None]) -> None:
+        self._sync_obj.apply_command(entry, callback=on_answer)
 
     def _conf(self, raft_dir: Path, self_address: str, options: ReplicaOptions) -> SyncObjConf:
         return SyncObjConf(
@@ -455,24 +591,17 @@ class ShardReplica:
         Raises NotLeaderError / BackendUnavailableError when the command was not appended, and
         UnknownOutcomeError when it was but its fate is unknown (it may still commit)."""
         self._require_leader()
-        answered = threading.Event()
-        answer: list[Any] = []
+        return self._group_commit.submit(command, timeout_seconds)
 
-        def on_answer(result: Any, error: int) -> None:
-            answer.extend((result, error))
-            answered.set()
-
-        self._sync_obj.apply_command(command, callback=on_answer)
-        if not answered.wait(timeout_seconds):
-            raise UnknownOutcomeError(f"no answer within {timeout_seconds:.3f} s; it may still commit")
-        result, error = answer
+    def _translate_answer(self, result: Any, error: int) -> core_pb2.CommandResult | LedgerError:
+        """A PySyncObj answer to one proposal: its result, or the error to raise."""
         if error == _ANSWER_SUCCESS:
             return core_pb2.CommandResult.FromString(result)
         if error in _NOT_APPLIED:
             if error in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER):
-                raise NotLeaderError(_NOT_APPLIED[error], self.leader_node_id())
-            raise BackendUnavailableError(_NOT_APPLIED[error])
-        raise UnknownOutcomeError(f"proposal ended with PySyncObj reason {error}; it may still commit")
+                return NotLeaderError(_NOT_APPLIED[error], self.leader_node_id())
+            return BackendUnavailableError(_NOT_APPLIED[error])
+        return UnknownOutcomeError(f"proposal ended with PySyncObj reason {error}; it may still commit")
 
     def read(
         self, query: core_pb2.ReadQuery, consistent: bool, timeout_seconds: float
@@ -506,6 +635,10 @@ class ShardReplica:
                 raise ValueError(f"{target_node_id!r} is not another replica of shard {self.shard.shard_id}")
             target_address = addresses[0]
         deadline = time.monotonic() + timeout_seconds
+        with self._group_commit.held():
+            return self._transfer(target_address, deadline, timeout_seconds)
+
+    def _transfer(self, target_address: str | None, deadline: float, timeout_seconds: float) -> str:
         while True:
             answer = self._request_transfer(target_address, deadline)
             if answer == _ANSWER_SUCCESS:
