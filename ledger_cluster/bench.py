@@ -102,11 +102,18 @@ def _error_code(error: grpc.RpcError) -> str:
     return f"{details.code.name}:{details.reason}" if details.reason else details.code.name
 
 
+def _item_error_code(error: ledger_pb2.ItemError) -> str:
+    return f"{error.code}:{error.reason}" if error.reason else error.code
+
+
 class _Worker:
-    def __init__(self, stub: Stub, accounts: list[str], mix: list[str], seed: int, ledger: _Ledger) -> None:
+    def __init__(
+        self, stub: Stub, accounts: list[str], mix: list[str], *, seed: int, ledger: _Ledger, batch: int = 1
+    ) -> None:
         self._stub = stub
         self._accounts = accounts
         self._mix = mix
+        self._batch = batch
         self._random = random.Random(seed)
         self._ledger = ledger
         self.operations = 0
@@ -138,16 +145,92 @@ class _Worker:
             self._ledger.unresolved.append(write)  # may still apply: resolve it after the run
         return False
 
+    def _create_batch(self, writes: list[_Write], count: bool) -> list[_Write]:
+        """CreateTransactions with every write; returns those acknowledged. Items whose outcome
+        is open (an item UNAVAILABLE, or the whole call failing) are resolved after the run."""
+        request = ledger_pb2.CreateTransactionsRequest(items=[write.request for write in writes])
+        answer: list[ledger_pb2.CreateTransactionsResponse] = []
+
+        def call() -> None:
+            answer.append(self._stub.CreateTransactions(request, timeout=CALL_TIMEOUT_SECONDS))
+
+        if not self._timed(call, count):
+            with self._ledger.lock:
+                self._ledger.unresolved.extend(writes)
+            return []
+        acknowledged = []
+        for write, result in zip(writes, answer[0].results, strict=True):
+            if result.HasField("transaction"):
+                write.answered = result.transaction
+                acknowledged.append(write)
+                continue
+            if count:
+                self.errors[_item_error_code(result.error)] += 1
+            if result.error.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                with self._ledger.lock:
+                    self._ledger.unresolved.append(write)
+        return acknowledged
+
+    def _finish_batch(self, operation: str, transaction_ids: list[str], count: bool) -> int:
+        """SettleTransactions or CancelTransactions; returns how many items succeeded."""
+        answer: list[ledger_pb2.TransactionsResponse] = []
+
+        def call() -> None:
+            if operation == "settle":
+                settle = ledger_pb2.SettleTransactionsRequest(transaction_ids=transaction_ids)
+                answer.append(self._stub.SettleTransactions(settle, timeout=CALL_TIMEOUT_SECONDS))
+            else:
+                cancel = ledger_pb2.CancelTransactionsRequest(transaction_ids=transaction_ids)
+                answer.append(self._stub.CancelTransactions(cancel, timeout=CALL_TIMEOUT_SECONDS))
+
+        if not self._timed(call, count):
+            return 0
+        succeeded = 0
+        for result in answer[0].results:
+            if result.HasField("transaction"):
+                succeeded += 1
+            elif count:
+                self.errors[_item_error_code(result.error)] += 1
+        return succeeded
+
+    def run_batch(self, count: bool) -> None:
+        """One batch call of `batch` items (a read stays one unary call)."""
+        operation = self._random.choice(self._mix)
+        if operation == "read":
+            self._read(self._random.choice(self._accounts), count)
+        elif operation == "create":
+            writes = [
+                _new_write(self._random.choice(self._accounts), self._random.choice((-1, 1)), settled=True)
+                for _ in range(self._batch)
+            ]
+            self.transactions += len(self._create_batch(writes, count)) if count else 0
+        else:
+            pending = [
+                _new_write(self._random.choice(self._accounts), -1, settled=False) for _ in range(self._batch)
+            ]
+            created = self._create_batch(pending, count)
+            if created:
+                ids = [write.answered.id for write in created if write.answered is not None]
+                succeeded = self._finish_batch(operation, ids, count)
+                self.transactions += succeeded if count else 0
+        self.operations += int(count)
+
+    def _read(self, account: str, count: bool) -> None:
+        self._timed(
+            lambda: self._stub.GetAccount(
+                ledger_pb2.GetAccountRequest(account_id=account), timeout=CALL_TIMEOUT_SECONDS
+            ),
+            count,
+        )
+
     def run_one(self, count: bool) -> None:
+        if self._batch > 1:
+            self.run_batch(count)
+            return
         operation = self._random.choice(self._mix)
         account = self._random.choice(self._accounts)
         if operation == "read":
-            self._timed(
-                lambda: self._stub.GetAccount(
-                    ledger_pb2.GetAccountRequest(account_id=account), timeout=CALL_TIMEOUT_SECONDS
-                ),
-                count,
-            )
+            self._read(account, count)
         elif operation == "create":
             amount = self._random.choice((-1, 1))
             if self._create(_new_write(account, amount, settled=True), count) and count:
@@ -254,12 +337,16 @@ def run_bench(
     mix: list[str],
     warmup_seconds: float,
     progress: Callable[[str], None],
+    batch: int = 1,
 ) -> BenchResult:
     with grpc.insecure_channel(address) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         account_ids = _setup_accounts(stub, accounts, progress)
         ledger = _Ledger()
-        workers = [_Worker(stub, account_ids, mix, seed, ledger) for seed in range(concurrency)]
+        workers = [
+            _Worker(stub, account_ids, mix, seed=seed, ledger=ledger, batch=batch)
+            for seed in range(concurrency)
+        ]
         started = time.monotonic()
         measure_from = started + warmup_seconds
         measure_until = measure_from + duration_seconds

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol
 
@@ -40,6 +43,7 @@ from ledger_cluster.ids import (
     parse_transaction_id,
 )
 from ledger_cluster.limits import (
+    BATCH_ITEMS_MAX,
     DESCRIPTION_BYTES_MAX,
     PAGE_SIZE_DEFAULT,
     PAGE_SIZE_MAX,
@@ -58,6 +62,8 @@ LEADER_POLL_SECONDS = 1.0
 # A random 64-bit id meets an existing one about once in 2**64 draws; a few attempts suffice,
 # and the bound keeps a broken id source from looping forever.
 ID_ATTEMPTS_MAX = 4
+# Shard commands of batch calls in flight at once from one gateway.
+BATCH_SHARD_WORKERS = 32
 PAGE_TOKEN_VERSION = 1
 _PAGE_TOKEN_MAC_BYTES = 8
 _PAGE_TOKEN_BYTES = 1 + 8 + 8 + _PAGE_TOKEN_MAC_BYTES
@@ -76,6 +82,10 @@ class CoreApi(Protocol):
     def read(
         self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, timeout_seconds: float
     ) -> core_pb2.ReadResult: ...
+
+    def shard_id(self, account_id: int) -> str:
+        """The shard that owns `account_id` (items of one shard share one log entry)."""
+        ...
 
     def is_ready(self) -> bool: ...
 
@@ -144,6 +154,9 @@ class StandaloneBackend:
         # so `consistent` needs no extra step here.
         return self._shard_of(account_id).core.read(query)
 
+    def shard_id(self, account_id: int) -> str:
+        return self._config.shard_for_account(account_id).shard_id
+
     def is_ready(self) -> bool:
         return not self._closed
 
@@ -164,6 +177,7 @@ class ClusterBackend:
     tells health whether every shard has a reachable leader."""
 
     def __init__(self, config: ClusterConfig) -> None:
+        self._config = config
         self._client = ClusterClient(config)
         self._shard_ids = {shard.shard_id for shard in config.shards}
         self._ready = False
@@ -196,6 +210,9 @@ class ClusterBackend:
         self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, timeout_seconds: float
     ) -> core_pb2.ReadResult:
         return self._client.read(account_id, query, consistent, timeout_seconds)
+
+    def shard_id(self, account_id: int) -> str:
+        return self._config.shard_for_account(account_id).shard_id
 
     def is_ready(self) -> bool:
         return self._ready
@@ -336,6 +353,48 @@ def _envelope(kind: core_pb2.CommandType.ValueType, now: int, payload: bytes) ->
     return core_pb2.CommandEnvelope(type=kind, now=now, payload=payload).SerializeToString()
 
 
+def _finish_command(kind: core_pb2.CommandType.ValueType, wanted: TransactionId, now: int) -> bytes:
+    # Settle and cancel carry the same fields; one message shape serves both.
+    payload_type = (
+        core_pb2.SettleTransactionCommand
+        if kind == core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION
+        else core_pb2.CancelTransactionCommand
+    )
+    payload = payload_type(account_id=wanted.account_id, transaction_number=wanted.transaction_number)
+    return _envelope(kind, now, payload.SerializeToString())
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _BatchItem:
+    index: int
+    account_id: int
+    # A fresh command each call: a create that met an id collision is sent again with new ids.
+    build: Callable[[], bytes]
+    result: ledger_pb2.TransactionResult | None = None
+
+
+def _item_error(error: ApiError) -> ledger_pb2.TransactionResult:
+    return ledger_pb2.TransactionResult(
+        error=ledger_pb2.ItemError(code=error.code.name, reason=error.reason, message=error.message)
+    )
+
+
+def _outcome_error(outcome: core_pb2.Outcome.ValueType, message: str) -> ApiError | None:
+    try:
+        _raise_for_outcome(outcome, message)
+    except ApiError as error:
+        return error
+    return None
+
+
+def _check_batch_size(count: int) -> None:
+    if count > BATCH_ITEMS_MAX:
+        raise _invalid("BATCH_TOO_LARGE", f"{count} items; a batch holds at most {BATCH_ITEMS_MAX}")
+
+
 class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
     """`ledger_cluster.api.v1.LedgerService` over a CoreApi."""
 
@@ -348,6 +407,14 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
         self._backend = backend
         self._clock_ns = clock_ns
         self._new_id = new_id
+        # Sends the shard commands of one batch call at once. Its queue is bounded by the
+        # server's concurrent-call limit times the shard count.
+        self._batch_pool = futures.ThreadPoolExecutor(
+            max_workers=BATCH_SHARD_WORKERS, thread_name_prefix="batch-shard"
+        )
+
+    def close(self) -> None:
+        self._batch_pool.shutdown(wait=True)
 
     # -- plumbing --
 
@@ -413,20 +480,149 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
         _check_create_transaction(request)
         now = self._clock_ns()
         for _ in range(ID_ATTEMPTS_MAX):
-            payload = core_pb2.CreateTransactionCommand(
-                account_id=account_id,
-                transaction_number=self._new_id(),
-                amount=request.amount,
-                description=request.description,
-                settled=request.settled,
-                request_id=request.request_id,
-            )
-            command = _envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSACTION, now, payload.SerializeToString())
+            command = self._create_transaction_command(request, account_id, now)
             result = self._update(account_id, command, context)
             if result.outcome != core_pb2.OUTCOME_TRANSACTION_ID_COLLISION:
                 break
         _raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
         return ledger_pb2.CreateTransactionResponse(transaction=result.transaction)
+
+    def _create_transaction_command(
+        self, request: ledger_pb2.CreateTransactionRequest, account_id: int, now: int
+    ) -> bytes:
+        """With a new transaction id each call."""
+        payload = core_pb2.CreateTransactionCommand(
+            account_id=account_id,
+            transaction_number=self._new_id(),
+            amount=request.amount,
+            description=request.description,
+            settled=request.settled,
+            request_id=request.request_id,
+        )
+        return _envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSACTION, now, payload.SerializeToString())
+
+    def CreateTransactions(
+        self, request: ledger_pb2.CreateTransactionsRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.CreateTransactionsResponse:
+        def run() -> ledger_pb2.CreateTransactionsResponse:
+            _check_batch_size(len(request.items))
+            now = self._clock_ns()
+            items: list[_BatchItem] = []
+            errors: dict[int, ledger_pb2.TransactionResult] = {}
+            for index, item in enumerate(request.items):
+                try:
+                    account_id = _parse_account_id(item.account_id)
+                    _check_create_transaction(item)
+                except ApiError as error:
+                    errors[index] = _item_error(error)
+                    continue
+                build = functools.partial(self._create_transaction_command, item, account_id, now)
+                items.append(_BatchItem(index, account_id, build))
+            results = self._run_batch(items, errors, len(request.items), context)
+            return ledger_pb2.CreateTransactionsResponse(results=results)
+
+        return serve(context, run)
+
+    def SettleTransactions(
+        self, request: ledger_pb2.SettleTransactionsRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.TransactionsResponse:
+        return serve(
+            context,
+            lambda: self._finish_batch(
+                request.transaction_ids, core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION, context
+            ),
+        )
+
+    def CancelTransactions(
+        self, request: ledger_pb2.CancelTransactionsRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.TransactionsResponse:
+        return serve(
+            context,
+            lambda: self._finish_batch(
+                request.transaction_ids, core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION, context
+            ),
+        )
+
+    def _finish_batch(
+        self,
+        transaction_ids: Sequence[str],
+        kind: core_pb2.CommandType.ValueType,
+        context: grpc.ServicerContext,
+    ) -> ledger_pb2.TransactionsResponse:
+        _check_batch_size(len(transaction_ids))
+        now = self._clock_ns()
+        items: list[_BatchItem] = []
+        errors: dict[int, ledger_pb2.TransactionResult] = {}
+        for index, transaction_id in enumerate(transaction_ids):
+            try:
+                wanted = _parse_transaction_id(transaction_id)
+            except ApiError as error:
+                errors[index] = _item_error(error)
+                continue
+            command = _finish_command(kind, wanted, now)
+            items.append(_BatchItem(index, wanted.account_id, functools.partial(bytes, command)))
+        return ledger_pb2.TransactionsResponse(
+            results=self._run_batch(items, errors, len(transaction_ids), context)
+        )
+
+    def _run_batch(
+        self,
+        items: list[_BatchItem],
+        errors: dict[int, ledger_pb2.TransactionResult],
+        count: int,
+        context: grpc.ServicerContext,
+    ) -> list[ledger_pb2.TransactionResult]:
+        """One batch command per shard, sent at once; an item that met an id collision is sent
+        again with new ids. Returns one result per item, in request order."""
+        pending = items
+        for _ in range(ID_ATTEMPTS_MAX):
+            if not pending:
+                break
+            groups: dict[str, list[_BatchItem]] = {}
+            for item in pending:
+                groups.setdefault(self._backend.shard_id(item.account_id), []).append(item)
+            timeout_seconds = self._timeout_seconds(context)
+            sent = [
+                self._batch_pool.submit(self._send_group, group, timeout_seconds) for group in groups.values()
+            ]
+            pending = [item for future in sent for item in future.result()]
+        for item in pending:
+            item.result = _item_error(
+                ApiError(grpc.StatusCode.ABORTED, "ID_COLLISION", "no free transaction id")
+            )
+        answered = {item.index: item.result for item in items if item.result is not None}
+        return [answered.get(index) or errors[index] for index in range(count)]
+
+    def _send_group(self, group: list[_BatchItem], timeout_seconds: float) -> list[_BatchItem]:
+        """One shard's items as one batch command; returns the items that met an id collision."""
+        batch = core_pb2.BatchCommand(commands=[item.build() for item in group])
+        command = _envelope(core_pb2.COMMAND_TYPE_BATCH, 0, batch.SerializeToString())
+        try:
+            with _backend_errors():
+                result = self._backend.update(group[0].account_id, command, timeout_seconds)
+        except ApiError as error:
+            for item in group:
+                item.result = _item_error(error)
+            return []
+        if result.outcome != core_pb2.OUTCOME_OK or len(result.item_results) != len(group):
+            whole = _outcome_error(result.outcome, result.message) or ApiError(
+                grpc.StatusCode.INTERNAL, "INTERNAL", "the shard's answer does not match the batch"
+            )
+            for item in group:
+                item.result = _item_error(whole)
+            return []
+        collided = []
+        for item, answer in zip(group, result.item_results, strict=True):
+            if answer.outcome == core_pb2.OUTCOME_TRANSACTION_ID_COLLISION:
+                collided.append(item)
+                continue
+            refusal = _outcome_error(answer.outcome, answer.message)
+            item.result = (
+                _item_error(refusal)
+                if refusal
+                else ledger_pb2.TransactionResult(transaction=answer.transaction)
+            )
+        return collided
 
     def GetTransaction(
         self, request: ledger_pb2.GetTransactionRequest, context: grpc.ServicerContext
@@ -491,14 +687,7 @@ class LedgerGateway(ledger_pb2_grpc.LedgerServiceServicer):
         self, transaction_id: str, kind: core_pb2.CommandType.ValueType, context: grpc.ServicerContext
     ) -> ledger_pb2.Transaction:
         wanted = _parse_transaction_id(transaction_id)
-        # Settle and cancel carry the same fields; one message shape serves both.
-        payload_type = (
-            core_pb2.SettleTransactionCommand
-            if kind == core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION
-            else core_pb2.CancelTransactionCommand
-        )
-        payload = payload_type(account_id=wanted.account_id, transaction_number=wanted.transaction_number)
-        command = _envelope(kind, self._clock_ns(), payload.SerializeToString())
+        command = _finish_command(kind, wanted, self._clock_ns())
         result = self._update(wanted.account_id, command, context)
         _raise_for_outcome(result.outcome, result.message, transaction_id=transaction_id)
         return result.transaction

@@ -41,7 +41,8 @@ class LedgerServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerGateway(backend), self._server)
+        self._gateway = LedgerGateway(backend)
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(self._gateway, self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -81,6 +82,7 @@ class LedgerServer:
             self._health_watcher.join()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+        self._gateway.close()
         self.backend.close()
 
 

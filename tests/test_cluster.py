@@ -66,6 +66,8 @@ NO_LEADER_TIMEOUT_SECONDS = 20.0
 # Writes missed by a stopped follower: more than a compaction's worth, so the leader truncates
 # its log past the follower's position and has to send it a snapshot.
 FOLLOWER_MISSED_WRITES = SMALL_LOG_COMPACTION_MIN_ENTRIES + 100
+GROUP_COMMIT_WRITES = 200
+GROUP_COMMIT_CLIENTS = 16
 
 # The digest of a replica without a single record: sha256 of nothing.
 EMPTY_STATE_DIGEST = hashlib.sha256().hexdigest()
@@ -568,6 +570,51 @@ def test_transfer_leadership_hands_a_shard_to_the_named_replica(healthy: Cluster
     after = cluster.wait_converged([shard_id])[shard_id]
     assert after.applied_index > before.applied_index
     check_ledger(stub, [account_id], [record])
+
+
+def test_batch_calls_span_shards_and_reach_every_replica(healthy: Cluster) -> None:
+    cluster = healthy
+    stub = cluster.ledger_stub()
+    accounts = [a for ids in accounts_by_shard(stub, cluster.config, per_shard=3).values() for a in ids]
+    items = [
+        ledger_pb2.CreateTransactionRequest(account_id=account_id, amount=100 + n, settled=n % 2 == 0)
+        for n, account_id in enumerate(accounts)
+    ]
+    results = stub.CreateTransactions(
+        ledger_pb2.CreateTransactionsRequest(items=items), timeout=RPC_TIMEOUT_SECONDS
+    ).results
+    assert all(result.HasField("transaction") for result in results), results
+    pending = [result.transaction.id for result in results if result.transaction.status == PENDING]
+    settled = stub.SettleTransactions(
+        ledger_pb2.SettleTransactionsRequest(transaction_ids=pending), timeout=RPC_TIMEOUT_SECONDS
+    ).results
+    assert [result.transaction.status for result in settled] == [SETTLED] * len(pending)
+    for n, account_id in enumerate(accounts):
+        assert get_account(stub, account_id).settled_balance == 100 + n
+    converged = cluster.wait_converged()
+    for shard in cluster.config.shards:
+        for replica in shard.replicas:
+            assert cluster.digest(replica.node_id, shard.shard_id) == converged[shard.shard_id]
+
+
+def test_concurrent_writes_to_one_shard_share_log_entries(healthy: Cluster) -> None:
+    """Group commit: writes arriving while a proposal is in flight travel together, so the log
+    grows by fewer entries than there were writes; each write still applies exactly once."""
+    cluster = healthy
+    stub = cluster.ledger_stub()
+    shard_id = cluster.config.shards[0].shard_id
+    accounts = accounts_by_shard(stub, cluster.config, per_shard=4)[shard_id]
+    before = cluster.wait_converged([shard_id])[shard_id].applied_index
+    records = [new_record(accounts[n % len(accounts)], 1 + n) for n in range(GROUP_COMMIT_WRITES)]
+    with ThreadPoolExecutor(max_workers=GROUP_COMMIT_CLIENTS) as pool:
+        answered = list(pool.map(lambda record: send_until_answered(stub, record), records))
+    assert all(answered), [record.errors for record in records if record.transaction is None]
+    after = cluster.wait_converged([shard_id])[shard_id].applied_index
+    print(
+        f"{GROUP_COMMIT_WRITES} writes from {GROUP_COMMIT_CLIENTS} clients took {after - before} log entries"
+    )
+    assert after - before < GROUP_COMMIT_WRITES
+    check_ledger(stub, accounts, records)
 
 
 # -- tests with their own cluster -----------------------------------------------------------------

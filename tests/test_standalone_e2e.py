@@ -81,6 +81,9 @@ LEDGER_METHODS = {
     "ListTransactions",
     "SettleTransaction",
     "CancelTransaction",
+    "CreateTransactions",
+    "SettleTransactions",
+    "CancelTransactions",
 }
 ACCOUNT_ID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
 TRANSACTION_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")

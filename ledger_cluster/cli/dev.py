@@ -25,6 +25,7 @@ from ledger_cluster.cli.common import (
 )
 from ledger_cluster.client import ClusterClient
 from ledger_cluster.errors import ConfigError, LedgerError
+from ledger_cluster.limits import BATCH_ITEMS_MAX
 from ledger_cluster.localcluster.cluster import config_ports
 from ledger_cluster.nemesis import runner as nemesis_runner
 from ledger_cluster.nemesis.faults import ELECTION_BOUND_SECONDS_DEFAULT, FAULT_KINDS
@@ -193,6 +194,14 @@ def _replica_health(replica: node_pb2.ReplicaStatus | None, node_error: str) -> 
 @click.option("--warmup", "warmup_seconds", type=click.FloatRange(0.0, 600.0), default=1.0, show_default=True)
 @click.option("--concurrency", type=click.IntRange(1, bench.CONCURRENCY_MAX), default=32, show_default=True)
 @click.option(
+    "--batch",
+    type=click.IntRange(1, BATCH_ITEMS_MAX),
+    default=1,
+    show_default=True,
+    help="Items per call: above 1, creates, settles and cancels use the batch RPCs (B items count as"
+    " B transactions); reads stay unary.",
+)
+@click.option(
     "--mix",
     default="create,settle,cancel,read",
     show_default=True,
@@ -206,11 +215,13 @@ def bench_command(
     duration_seconds: float,
     warmup_seconds: float,
     concurrency: int,
+    batch: int,
     mix: str,
     as_json: bool,
     gateway: str,
 ) -> None:
-    """Load a running gateway with concurrent clients (one unary call per transaction) and
+    """Load a running gateway with concurrent clients (one unary call per transaction, or batch
+    calls of --batch items) and
     report throughput, latency percentiles and errors by code; then check every account's
     balances against its transactions (exit 1 on any mismatch). A write whose outcome is
     unknown counts as an error, never as a success."""
@@ -229,6 +240,7 @@ def bench_command(
             mix=operations,
             warmup_seconds=warmup_seconds,
             progress=lambda line: click.echo(line, err=True),
+            batch=batch,
         )
     except grpc.RpcError as error:
         raise click.ClickException(f"{gateway}: {describe_rpc_error(error)}") from None
