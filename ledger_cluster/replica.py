@@ -61,9 +61,9 @@ AUTO_TICK_PERIOD_SECONDS = 0.05
 COMMANDS_QUEUE_SIZE_MAX = 10_000
 # Writes waiting for the proposal in flight to finish (group commit); beyond it, QUEUE_FULL.
 GROUP_COMMIT_WAITING_MAX = 10_000
-# A proposal whose answer is this late (a leader that lost its majority) no longer holds back
-# the next one.
-GROUP_COMMIT_STALL_SECONDS = 5.0
+# Proposals of one shard in flight at once (Raft pipelines them); writes beyond wait and are
+# proposed together when one completes.
+GROUP_COMMIT_IN_FLIGHT_MAX = 1
 APPEND_ENTRIES_BATCH_BYTES_MAX = 2**16
 SNAPSHOT_TRANSFER_BATCH_BYTES = 2**20
 LOG_COMPACTION_MIN_ENTRIES_DEFAULT = 50_000
@@ -207,8 +207,7 @@ class _GroupCommit:
         self._translate = translate
         self._lock = threading.Lock()
         self._waiting: deque[_Waiter] = deque()
-        self._in_flight = False
-        self._in_flight_since = 0.0
+        self._in_flight = 0
         self._held = False
 
     @contextmanager
@@ -222,8 +221,7 @@ class _GroupCommit:
         finally:
             with self._lock:
                 self._held = False
-                if not self._in_flight:
-                    self._propose_next()
+                self._propose_next()
 
     def submit(self, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
         waiter = _Waiter(command, _is_batch(command))
@@ -231,9 +229,7 @@ class _GroupCommit:
             if len(self._waiting) >= GROUP_COMMIT_WAITING_MAX:
                 raise BackendUnavailableError("the shard's proposal queue is full")
             self._waiting.append(waiter)
-            in_flight_seconds = time.monotonic() - self._in_flight_since
-            if not self._held and (not self._in_flight or in_flight_seconds > GROUP_COMMIT_STALL_SECONDS):
-                self._propose_next()
+            self._propose_next()
         if not waiter.answered.wait(timeout_seconds):
             with self._lock:
                 if waiter in self._waiting:
@@ -248,11 +244,12 @@ class _GroupCommit:
         return answer
 
     def _propose_next(self) -> None:
-        """With the lock held: propose what waits (one batch command alone, or up to
-        BATCH_ITEMS_MAX plain commands as one batch entry)."""
-        if not self._waiting or self._held:
-            self._in_flight = False
-            return
+        """With the lock held: while a proposal slot is free, propose what waits (one batch
+        command alone, or up to BATCH_ITEMS_MAX plain commands as one batch entry)."""
+        while self._waiting and not self._held and self._in_flight < GROUP_COMMIT_IN_FLIGHT_MAX:
+            self._propose_group()
+
+    def _propose_group(self) -> None:
         group = [self._waiting.popleft()]
         if not group[0].is_batch:
             while self._waiting and len(group) < BATCH_ITEMS_MAX and not self._waiting[0].is_batch:
@@ -264,8 +261,7 @@ class _GroupCommit:
             entry = core_pb2.CommandEnvelope(
                 type=core_pb2.COMMAND_TYPE_BATCH, payload=batch.SerializeToString()
             ).SerializeToString()
-        self._in_flight = True
-        self._in_flight_since = time.monotonic()
+        self._in_flight += 1
         self._propose(entry, lambda result, error: self._on_answer(group, result, error))
 
     def _on_answer(self, group: list[_Waiter], result: Any, error: int) -> None:
@@ -288,6 +284,7 @@ class _GroupCommit:
                     waiter.settle(item)
         finally:
             with self._lock:
+                self._in_flight -= 1
                 self._propose_next()
 
 

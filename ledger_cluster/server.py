@@ -19,7 +19,7 @@ from ledger_cluster.gateway import CoreApi, LedgerGateway
 logger = logging.getLogger(__name__)
 
 LEDGER_SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
-WORKER_THREADS = 16
+WORKER_THREADS = 128
 # Beyond this many RPCs in flight, grpc answers RESOURCE_EXHAUSTED at once instead of queueing
 # without bound.
 CONCURRENT_RPCS_MAX = 256
