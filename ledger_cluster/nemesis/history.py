@@ -51,6 +51,7 @@ _DOMAIN_CODES = {
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.OUT_OF_RANGE,
 }
+_DOMAIN_CODE_NAMES = {code.name for code in _DOMAIN_CODES}
 
 
 @dataclass
@@ -75,9 +76,14 @@ def classify_error(error: grpc.RpcError) -> tuple[str, str, str]:
     """(outcome, code name, ErrorInfo reason) of a failed call. A failure is definite only when
     the service said what happened: a domain error, or a reason that promises "not applied"."""
     details = error_details(error)
-    if details.code in _DOMAIN_CODES or details.reason in _NOT_APPLIED_REASONS:
-        return OUTCOME_FAILED, details.code.name, details.reason
-    return OUTCOME_UNKNOWN, details.code.name, details.reason
+    return classify_item_error(details.code.name, details.reason)
+
+
+def classify_item_error(code: str, reason: str) -> tuple[str, str, str]:
+    """The same, for one item of a batch call (its error carries the code's name)."""
+    if code in _DOMAIN_CODE_NAMES or reason in _NOT_APPLIED_REASONS:
+        return OUTCOME_FAILED, code, reason
+    return OUTCOME_UNKNOWN, code, reason
 
 
 class History:

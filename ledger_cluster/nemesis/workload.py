@@ -48,6 +48,9 @@ CONSISTENT_FRACTION = 0.75
 # Of a settle or cancel, the chance that its pending transaction stays in the pool, so a later
 # settle or cancel repeats or contradicts it.
 PENDING_KEPT_FRACTION = 0.3
+# A CreateTransactions call; each of its items is recorded as its own top-up or purchase.
+BATCH_CREATE = "batch-create"
+BATCH_ITEMS = (2, 8)
 # How often each kind is chosen, relative to the others.
 OPERATION_WEIGHTS: dict[str, int] = {
     h.CREATE_ACCOUNT: 3,
@@ -56,6 +59,7 @@ OPERATION_WEIGHTS: dict[str, int] = {
     h.SETTLE: 9,
     h.CANCEL: 6,
     h.DUPLICATE: 8,
+    BATCH_CREATE: 5,
     h.GET_ACCOUNT: 10,
     h.GET_TRANSACTION: 12,
     h.LIST_TRANSACTIONS: 8,
@@ -193,6 +197,7 @@ class Workload:
             h.SETTLE: lambda c, r: self._finish_pending(c, r, h.SETTLE),
             h.CANCEL: lambda c, r: self._finish_pending(c, r, h.CANCEL),
             h.DUPLICATE: self._duplicate,
+            BATCH_CREATE: self._batch_create,
             h.GET_ACCOUNT: self._get_account,
             h.GET_TRANSACTION: self._get_transaction,
             h.LIST_TRANSACTIONS: self._list_transactions,
@@ -262,6 +267,49 @@ class Workload:
             return {"transaction": transaction_view(response.transaction)}
 
         self._call(operation, call)
+
+    def _batch_create(self, client: int, rng: random.Random) -> bool:
+        """Several writes in one CreateTransactions call, each recorded as its own operation
+        with the call's invoke and completion times and its own item's outcome."""
+        writes = []
+        for _ in range(rng.randint(*BATCH_ITEMS)):
+            account_id = self._pick(rng, self._pools.accounts)
+            if account_id is None:
+                return False
+            top_up = rng.random() < 0.5
+            amount = rng.randint(1, TOP_UP_AMOUNT_MAX) if top_up else -rng.randint(1, PURCHASE_AMOUNT_MAX)
+            writes.append(
+                _Write(account_id, amount, rng.random() < SETTLED_FRACTION, self._new_request_id(client))
+            )
+        with self._pools.lock:
+            self._pools.writes.extend(writes)
+        operations = [
+            self._history.invoke(
+                client, h.TOP_UP if write.amount > 0 else h.PURCHASE, {**write.as_dict(), "batch": True}
+            )
+            for write in writes
+        ]
+        request = ledger_pb2.CreateTransactionsRequest(items=[write.request() for write in writes])
+        try:
+            results = self._stub.CreateTransactions(request, timeout=OPERATION_TIMEOUT_SECONDS).results
+        except grpc.RpcError as error:
+            for operation in operations:
+                self._history.fail(operation, error)
+            return True
+        except Exception as error:  # a client bug must not hide its calls from the checks
+            for operation in operations:
+                self._history.complete(operation, h.OUTCOME_UNKNOWN, {"error": repr(error)}, "CLIENT_ERROR")
+            return True
+        for operation, result in zip(operations, results, strict=True):
+            if result.HasField("transaction"):
+                self._pools.learn_transaction(result.transaction)
+                self._history.complete(
+                    operation, h.OUTCOME_OK, {"transaction": transaction_view(result.transaction)}
+                )
+            else:
+                outcome, code, reason = h.classify_item_error(result.error.code, result.error.reason)
+                self._history.complete(operation, outcome, {}, code, reason)
+        return True
 
     def _duplicate(self, client: int, rng: random.Random) -> bool:
         with self._pools.lock:
