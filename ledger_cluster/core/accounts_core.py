@@ -172,6 +172,11 @@ class _Changes:
             self._transaction.put(table, key, value)
 
     def get_account(self, account_id: int) -> core_pb2.AccountRecord | None:
+        change = self._accounts.get(account_id)
+        if change is not None and change.after is not None:
+            record = core_pb2.AccountRecord()
+            record.CopyFrom(change.after)  # callers change what they get
+            return record
         data = self._get(tables.ACCOUNTS, tables.account_key(account_id))
         return None if data is None else tables.decode_account(data)
 
@@ -189,10 +194,16 @@ class _Changes:
         return None if data is None else tables.decode_u64(data)
 
     def put_account(self, record: core_pb2.AccountRecord) -> None:
+        """Kept here and written once per entry by `flush`: a batch entry touches the same
+        account many times."""
         change = self._change_of(record.account_id)
         change.after = core_pb2.AccountRecord()
         change.after.CopyFrom(record)
-        self._put(tables.ACCOUNTS, tables.account_key(record.account_id), tables.encode_record(record))
+
+    def flush(self) -> None:
+        for account_id, change in sorted(self._accounts.items()):
+            if change.after is not None:
+                self._put(tables.ACCOUNTS, tables.account_key(account_id), tables.encode_record(change.after))
 
     def put_transaction(
         self, before: core_pb2.TransactionRecord | None, record: core_pb2.TransactionRecord
@@ -716,6 +727,7 @@ class AccountsCore:
     ) -> core_pb2.CommandResult:
         changes = _Changes(view, transaction)
         result = _execute(changes, command_bytes, self.owns_account)
+        changes.flush()
         changes.check()
         result.log_index = log_index
         for item in result.item_results:
