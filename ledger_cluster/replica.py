@@ -132,10 +132,13 @@ class _LedgerSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no type 
         partner_addresses: list[str],
         conf: SyncObjConf,
         core: AccountsCore,
+        *,
         on_broken: Callable[[BaseException], NoReturn],
+        answers_awaited: Callable[[], bool],
     ) -> None:
         self._core = core
         self._on_broken = on_broken
+        self._answers_awaited = answers_awaited
         # Before super().__init__, which starts the tick thread.
         self._tick_tasks: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=TICK_TASKS_MAX)
         super().__init__(self_address, partner_addresses, conf)
@@ -158,13 +161,13 @@ class _LedgerSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no type 
         super()._onTick(timeToWait)
 
     @replicated  # type: ignore[untyped-decorator]
-    def apply_command(self, command: bytes) -> bytes:
-        # Runs on PySyncObj's tick thread for each committed entry, in log order.
+    def apply_command(self, command: bytes) -> core_pb2.CommandResult:
+        # Runs on PySyncObj's tick thread for each committed entry, in log order. The result
+        # goes to this process's callback only, so it is handed over as it is, unserialized.
         try:
             if not isinstance(command, bytes):
                 raise ReplicaBrokenError(f"log entry carries {type(command).__name__}, not bytes")
-            result: core_pb2.CommandResult = self._core.apply(command, self.raftLastApplied + 1)
-            return result.SerializeToString()
+            return self._core.apply(command, self.raftLastApplied + 1, answering=self._answers_awaited())
         except BaseException as error:  # an apply that raises would be retried forever
             self._on_broken(error)
 
@@ -243,6 +246,15 @@ class _GroupCommit:
         assert answer is not None
         return answer
 
+    def has_proposal_in_flight(self) -> bool:
+        """Whether an entry this replica proposed may be applying now. Every entry whose
+        callback waits was proposed with the count raised, and the count drops only in that
+        callback, after the apply: when it is zero, nobody waits for the entry being applied
+        (a follower's case), so the core can skip building answers. Read without the lock:
+        the raise happens before the proposal, so it can only be stale toward building answers
+        that nobody reads."""
+        return self._in_flight > 0
+
     def _propose_next(self) -> None:
         """With the lock held: while a proposal slot is free, propose what waits (one batch
         command alone, or up to BATCH_ITEMS_MAX plain commands as one batch entry)."""
@@ -273,6 +285,8 @@ class _GroupCommit:
             logger.exception("could not read the answer to a proposal")
             answer = UnknownOutcomeError(f"unreadable answer: {failure}")
         try:
+            if isinstance(answer, core_pb2.CommandResult) and not _answers_group(answer, len(group)):
+                answer = UnknownOutcomeError("applied, but the answer lacks its items' results")
             if len(group) == 1:
                 group[0].settle(answer)
             elif isinstance(answer, LedgerError) or len(answer.item_results) != len(group):
@@ -286,6 +300,13 @@ class _GroupCommit:
             with self._lock:
                 self._in_flight -= 1
                 self._propose_next()
+
+
+def _answers_group(answer: core_pb2.CommandResult, group_size: int) -> bool:
+    """A group's batch entry is answered item by item, unless the core refused it whole."""
+    if group_size == 1 or answer.outcome != core_pb2.OUTCOME_OK:
+        return True
+    return len(answer.item_results) == group_size
 
 
 class ShardReplica:
@@ -334,8 +355,16 @@ class ShardReplica:
         # at a compaction before the restart (later loads are snapshots sent by the leader).
         self._startup_dump_pending = (raft_dir / "dump").is_file()
         conf = self._conf(raft_dir, self_address, options)
-        self._sync_obj = _LedgerSyncObj(self_address, partners, conf, self.core, on_broken)
+        # Before the Raft group, whose tick thread asks it at every apply.
         self._group_commit = _GroupCommit(self._propose, self._translate_answer)
+        self._sync_obj = _LedgerSyncObj(
+            self_address,
+            partners,
+            conf,
+            self.core,
+            on_broken=on_broken,
+            answers_awaited=self._group_commit.has_proposal_in_flight,
+        )
 
     def _propose(self, entry: bytes, on_answer: Callable[[Any, int], None]) -> None:
         self._sync_obj.apply_command(entry, callback=on_answer)
@@ -593,7 +622,9 @@ class ShardReplica:
     def _translate_answer(self, result: Any, error: int) -> core_pb2.CommandResult | LedgerError:
         """A PySyncObj answer to one proposal: its result, or the error to raise."""
         if error == _ANSWER_SUCCESS:
-            return core_pb2.CommandResult.FromString(result)
+            if not isinstance(result, core_pb2.CommandResult):
+                return UnknownOutcomeError(f"applied, but answered with {type(result).__name__}")
+            return result
         if error in _NOT_APPLIED:
             if error in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER):
                 return NotLeaderError(_NOT_APPLIED[error], self.leader_node_id())

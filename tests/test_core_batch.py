@@ -90,3 +90,26 @@ def test_malformed_batches_are_consumed_without_effect(tmp_path: Path) -> None:
     assert too_many.outcome == core_pb2.OUTCOME_INVALID_COMMAND and not too_many.item_results
     assert ledger.balances() == (7, 7)
     assert ledger.core.applied_index() == 3
+
+
+def test_a_replica_nobody_waits_on_reaches_the_same_state_without_building_answers(tmp_path: Path) -> None:
+    entries = [
+        batch([create_account_item(1), create_item(2, 1, 700, "top-up"), create_item(3, 2, -200)]),
+        # An overdraft, a reused request_id and a success: failures must not differ either.
+        batch([create_item(4, 3, -900), create_item(5, 4, 50, "top-up"), create_item(6, 5, 1, "other")]),
+        create_item(7, 6, -100),
+    ]
+    leader = Ledger(tmp_path / "leader")
+    follower = Ledger(tmp_path / "follower")
+    answers = []
+    for index, entry in enumerate(entries, start=1):
+        answers.append(leader.core.apply(entry, index))
+        unanswered = follower.core.apply(entry, index, answering=False)
+        assert unanswered.outcome == answers[-1].outcome == OK
+        assert not unanswered.item_results and not unanswered.HasField("transaction")
+    assert outcomes(answers[1]) == ["OUTCOME_OK", "OUTCOME_REQUEST_ID_REUSED", "OUTCOME_OK"]
+    assert answers[1].item_results[0].transaction.status == INSUFFICIENT_FUNDS
+    assert answers[2].transaction.amount == -100
+    assert follower.core.state_digest() == leader.core.state_digest()
+    assert follower.core.verify() == leader.core.verify() == []
+    assert follower.balances() == leader.balances() == (401, 401)

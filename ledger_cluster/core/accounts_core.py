@@ -154,11 +154,19 @@ class _Changes:
     to the write transaction unless this is a dry run (a replayed entry evaluated on a read
     transaction, so nothing can be written and nothing needs undoing). The overlay also records
     what changed, so the balance invariants can be checked against exactly that: each account's
-    counters must move by the sum of its transactions' moves."""
+    counters must move by the sum of its transactions' moves.
 
-    def __init__(self, view: ReadTransaction, transaction: WriteTransaction | None) -> None:
+    Records handed to `put_account` and `put_transaction` are kept, not copied (a batch entry
+    touches the same account many times): callers must not change them afterwards, except an
+    account record that `get_account` returned, which is changed in place and put back.
+
+    `answering` says whether anybody waits for this apply's results. Only the replica that
+    proposed the entry does; the others skip building the views, which changes no state."""
+
+    def __init__(self, view: ReadTransaction, transaction: WriteTransaction | None, answering: bool) -> None:
         self._view = view
         self._transaction = transaction
+        self.answering = answering
         self._written: dict[tuple[str, bytes], bytes] = {}
         self._accounts: dict[int, _AccountChange] = {}
 
@@ -174,9 +182,7 @@ class _Changes:
     def get_account(self, account_id: int) -> core_pb2.AccountRecord | None:
         change = self._accounts.get(account_id)
         if change is not None and change.after is not None:
-            record = core_pb2.AccountRecord()
-            record.CopyFrom(change.after)  # callers change what they get
-            return record
+            return change.after
         data = self._get(tables.ACCOUNTS, tables.account_key(account_id))
         return None if data is None else tables.decode_account(data)
 
@@ -194,11 +200,8 @@ class _Changes:
         return None if data is None else tables.decode_u64(data)
 
     def put_account(self, record: core_pb2.AccountRecord) -> None:
-        """Kept here and written once per entry by `flush`: a batch entry touches the same
-        account many times."""
-        change = self._change_of(record.account_id)
-        change.after = core_pb2.AccountRecord()
-        change.after.CopyFrom(record)
+        """Kept here and written once per entry by `flush`."""
+        self._change_of(record.account_id).after = record
 
     def flush(self) -> None:
         for account_id, change in sorted(self._accounts.items()):
@@ -208,9 +211,7 @@ class _Changes:
     def put_transaction(
         self, before: core_pb2.TransactionRecord | None, record: core_pb2.TransactionRecord
     ) -> None:
-        after = core_pb2.TransactionRecord()
-        after.CopyFrom(record)
-        self._change_of(record.account_id).transaction_deltas.append((before, after))
+        self._change_of(record.account_id).transaction_deltas.append((before, record))
         key = tables.transaction_key(record.account_id, record.transaction_number)
         self._put(tables.TRANSACTIONS, key, tables.encode_record(record))
 
@@ -253,12 +254,24 @@ def _failure(outcome: core_pb2.Outcome.ValueType, message: str) -> core_pb2.Comm
     return core_pb2.CommandResult(outcome=outcome, message=message)
 
 
-def _ok_account(account: ledger_pb2.Account) -> core_pb2.CommandResult:
-    return core_pb2.CommandResult(outcome=core_pb2.OUTCOME_OK, account=account)
+def _ok_account(
+    changes: _Changes,
+    view_of: Callable[[core_pb2.AccountRecord], ledger_pb2.Account],
+    record: core_pb2.AccountRecord,
+) -> core_pb2.CommandResult:
+    if not changes.answering:
+        return core_pb2.CommandResult(outcome=core_pb2.OUTCOME_OK)
+    return core_pb2.CommandResult(outcome=core_pb2.OUTCOME_OK, account=view_of(record))
 
 
-def _ok_transaction(transaction: ledger_pb2.Transaction) -> core_pb2.CommandResult:
-    return core_pb2.CommandResult(outcome=core_pb2.OUTCOME_OK, transaction=transaction)
+def _ok_transaction(
+    changes: _Changes,
+    view_of: Callable[[core_pb2.TransactionRecord], ledger_pb2.Transaction],
+    record: core_pb2.TransactionRecord,
+) -> core_pb2.CommandResult:
+    if not changes.answering:
+        return core_pb2.CommandResult(outcome=core_pb2.OUTCOME_OK)
+    return core_pb2.CommandResult(outcome=core_pb2.OUTCOME_OK, transaction=view_of(record))
 
 
 def _same_transaction_payload(
@@ -296,7 +309,7 @@ def _create_account(
         # Without a request_id, only a re-delivery of this very command (same `now`) is a repeat.
         same_command = existing.request_id == command.request_id and existing.created_at == now
         if same_request or same_command:
-            return _ok_account(original_account_view(existing))
+            return _ok_account(changes, original_account_view, existing)
         return _failure(core_pb2.OUTCOME_ACCOUNT_ID_COLLISION, "account id already taken")
     record = core_pb2.AccountRecord(
         account_id=command.account_id,
@@ -305,7 +318,7 @@ def _create_account(
         request_id=command.request_id,
     )
     changes.put_account(record)
-    return _ok_account(account_view(record))
+    return _ok_account(changes, account_view, record)
 
 
 def _create_transaction(
@@ -324,7 +337,7 @@ def _create_transaction(
             require_invariant(earlier is not None, "idempotency record without transaction")
             assert earlier is not None
             if _same_transaction_payload(earlier, command):
-                return _ok_transaction(original_transaction_view(earlier))
+                return _ok_transaction(changes, original_transaction_view, earlier)
             return _failure(
                 core_pb2.OUTCOME_REQUEST_ID_REUSED,
                 "request_id was used for a different transaction on this account",
@@ -332,7 +345,7 @@ def _create_transaction(
     existing = changes.get_transaction(command.account_id, command.transaction_number)
     if existing is not None:
         if _same_transaction_payload(existing, command) and existing.created_at == now:
-            return _ok_transaction(original_transaction_view(existing))
+            return _ok_transaction(changes, original_transaction_view, existing)
         return _failure(core_pb2.OUTCOME_TRANSACTION_ID_COLLISION, "transaction id already taken")
     return _record_new_transaction(changes, account, command, now)
 
@@ -378,7 +391,7 @@ def _record_new_transaction(
             tables.idempotency_key(command.account_id, command.request_id),
             tables.encode_u64(command.transaction_number),
         )
-    return _ok_transaction(transaction_view(record))
+    return _ok_transaction(changes, transaction_view, record)
 
 
 def _move_balances(
@@ -410,7 +423,7 @@ def _finish_pending(
     if before is None:
         return _failure(core_pb2.OUTCOME_TRANSACTION_NOT_FOUND, "transaction not found")
     if before.status == target:
-        return _ok_transaction(transaction_view(before))
+        return _ok_transaction(changes, transaction_view, before)
     if before.status != PENDING:
         status_name = ledger_pb2.TransactionStatus.Name(before.status)
         return _failure(
@@ -426,7 +439,7 @@ def _finish_pending(
     _move_balances(account, before, after, now)
     changes.put_transaction(before, after)
     changes.put_account(account)
-    return _ok_transaction(transaction_view(after))
+    return _ok_transaction(changes, transaction_view, after)
 
 
 _PAYLOAD_TYPES: dict[
@@ -453,7 +466,9 @@ def _execute_batch(
         return _failure(core_pb2.OUTCOME_INVALID_COMMAND, f"a batch holds at most {BATCH_ITEMS_MAX} items")
     result = core_pb2.CommandResult(outcome=core_pb2.OUTCOME_OK)
     for item in batch.commands:
-        result.item_results.append(_execute(changes, item, owns_account, nested=True))
+        item_result = _execute(changes, item, owns_account, nested=True)
+        if changes.answering:
+            result.item_results.append(item_result)
     return result
 
 
@@ -688,8 +703,11 @@ class AccountsCore:
     def owns_account(self, account_id: int) -> bool:
         return self.owns_key(shard_key(account_id))
 
-    def apply(self, command_bytes: bytes, log_index: int) -> core_pb2.CommandResult:
+    def apply(self, command_bytes: bytes, log_index: int, answering: bool = True) -> core_pb2.CommandResult:
         """Apply log entry `log_index` exactly once.
+
+        With `answering` false (nobody waits for this entry's result) the state changes are
+        the same, but a success carries no account or transaction and a batch no item results.
 
         An entry at or below the stored applied index was applied before (PySyncObj replays its
         journal after every restart): it is evaluated as a dry run on a read transaction, so it
@@ -702,7 +720,7 @@ class AccountsCore:
             raise ReplicaBrokenError(f"log index must be positive, got {log_index}")
         with self._storage.read() as view:
             if log_index <= self._applied_index_in(view):
-                return self._execute_checked(view, None, command_bytes, log_index)
+                return self._execute_checked(view, None, command_bytes, log_index, answering)
 
         def run(transaction: WriteTransaction) -> core_pb2.CommandResult:
             applied_index = self._applied_index_in(transaction)
@@ -712,7 +730,7 @@ class AccountsCore:
                 raise ReplicaBrokenError(
                     f"entry {log_index} was applied by another writer (stored index {applied_index})"
                 )
-            result = self._execute_checked(transaction, transaction, command_bytes, log_index)
+            result = self._execute_checked(transaction, transaction, command_bytes, log_index, answering)
             transaction.put(tables.META, tables.META_APPLIED_INDEX, tables.encode_u64(log_index))
             return result
 
@@ -724,8 +742,9 @@ class AccountsCore:
         transaction: WriteTransaction | None,
         command_bytes: bytes,
         log_index: int,
+        answering: bool,
     ) -> core_pb2.CommandResult:
-        changes = _Changes(view, transaction)
+        changes = _Changes(view, transaction, answering)
         result = _execute(changes, command_bytes, self.owns_account)
         changes.flush()
         changes.check()
