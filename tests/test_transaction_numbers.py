@@ -1,0 +1,122 @@
+"""Transaction numbers: time-ordered, so an account's new rows land together in LMDB, with random
+low bits; a number that meets an existing one is retried with a new one, unary and batched.
+The gateway runs in this process over real gRPC and a real LMDB-backed standalone backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ledger_cluster import config as cluster_config
+from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
+from ledger_cluster.gateway import (
+    TRANSACTION_NUMBER_RANDOM_BITS,
+    LedgerGateway,
+    StandaloneBackend,
+    time_ordered_transaction_number,
+)
+from ledger_cluster.ids import parse_transaction_id
+
+RPC_TIMEOUT_SECONDS = 10.0
+NOW_NS = 1_795_000_000_123_456_789  # late 2026
+Stub = ledger_pb2_grpc.LedgerServiceStub
+
+
+def test_a_number_is_the_clock_with_random_low_bits() -> None:
+    numbers = [time_ordered_transaction_number(NOW_NS) for _ in range(64)]
+    assert {number >> TRANSACTION_NUMBER_RANDOM_BITS for number in numbers} == {
+        NOW_NS >> TRANSACTION_NUMBER_RANDOM_BITS
+    }
+    assert len(set(numbers)) > 60  # 22 random bits: a repeat among 64 draws is very unlikely
+    later = NOW_NS + 2**TRANSACTION_NUMBER_RANDOM_BITS
+    assert min(time_ordered_transaction_number(later) for _ in range(64)) > max(numbers)
+
+
+def _scripted(numbers: list[int]) -> Callable[[int], int]:
+    """Hands out `numbers` in order, then fails the test if asked for more."""
+    remaining = iter(numbers)
+    return lambda _now_ns: next(remaining)
+
+
+@pytest.fixture
+def serve_gateway(tmp_path: Path) -> Iterator[Callable[[Callable[[int], int]], Stub]]:
+    config = cluster_config.generate(1, 2, 1)
+    servers: list[grpc.Server] = []
+    backends: list[StandaloneBackend] = []
+    channels: list[grpc.Channel] = []
+
+    def start(new_transaction_number: Callable[[int], int]) -> Stub:
+        backend = StandaloneBackend(config, tmp_path / f"data{len(backends)}")
+        backends.append(backend)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        servers.append(server)
+        gateway = LedgerGateway(backend, new_transaction_number=new_transaction_number)
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(gateway, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channels.append(channel)
+        return ledger_pb2_grpc.LedgerServiceStub(channel)
+
+    yield start
+    for channel in channels:
+        channel.close()
+    for server in servers:
+        server.stop(grace=None).wait()
+    for backend in backends:
+        backend.close()
+
+
+def _new_account(stub: Stub) -> str:
+    request = ledger_pb2.CreateAccountRequest()
+    return str(stub.CreateAccount(request, timeout=RPC_TIMEOUT_SECONDS).account.id)
+
+
+def _number_of(transaction: ledger_pb2.Transaction) -> int:
+    return parse_transaction_id(transaction.id).transaction_number
+
+
+def test_a_unary_create_that_meets_a_taken_number_is_retried(
+    serve_gateway: Callable[[Callable[[int], int]], Stub],
+) -> None:
+    stub = serve_gateway(_scripted([7, 7, 7, 9]))
+    account = _new_account(stub)
+    first = stub.CreateTransaction(
+        ledger_pb2.CreateTransactionRequest(account_id=account, amount=10, settled=True),
+        timeout=RPC_TIMEOUT_SECONDS,
+    ).transaction
+    second = stub.CreateTransaction(
+        ledger_pb2.CreateTransactionRequest(account_id=account, amount=5, settled=True),
+        timeout=RPC_TIMEOUT_SECONDS,
+    ).transaction
+    assert (_number_of(first), _number_of(second)) == (7, 9)
+    listed = stub.ListTransactions(
+        ledger_pb2.ListTransactionsRequest(account_id=account, page_size=10), timeout=RPC_TIMEOUT_SECONDS
+    ).transactions
+    assert [(entry.id, entry.amount) for entry in listed] == [(first.id, 10), (second.id, 5)]
+    balance = stub.GetAccount(ledger_pb2.GetAccountRequest(account_id=account), timeout=RPC_TIMEOUT_SECONDS)
+    assert balance.account.settled_balance == 15
+
+
+def test_a_batch_item_that_meets_a_taken_number_is_retried(
+    serve_gateway: Callable[[Callable[[int], int]], Stub],
+) -> None:
+    # The second item meets the first one's number inside the same batch entry.
+    stub = serve_gateway(_scripted([3, 3, 4, 5]))
+    account = _new_account(stub)
+    items = [
+        ledger_pb2.CreateTransactionRequest(account_id=account, amount=amount, settled=True)
+        for amount in (1, 2, 4)
+    ]
+    results = stub.CreateTransactions(
+        ledger_pb2.CreateTransactionsRequest(items=items), timeout=RPC_TIMEOUT_SECONDS
+    ).results
+    assert [result.WhichOneof("result") for result in results] == ["transaction"] * 3
+    assert [_number_of(result.transaction) for result in results] == [3, 5, 4]
+    assert [result.transaction.amount for result in results] == [1, 2, 4]
+    balance = stub.GetAccount(ledger_pb2.GetAccountRequest(account_id=account), timeout=RPC_TIMEOUT_SECONDS)
+    assert balance.account.settled_balance == 7
