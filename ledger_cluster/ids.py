@@ -5,6 +5,7 @@ transaction's uint64 number (32 hex chars), so the owning account, and with it t
 known from the transaction id alone.
 """
 
+import functools
 from typing import NamedTuple
 
 from ledger_cluster.errors import InvalidIdError
@@ -14,6 +15,8 @@ TRANSACTION_ID_HEX_LENGTH = 32
 UINT64_MAX = 2**64 - 1
 
 _HEX_DIGITS = frozenset("0123456789abcdef")
+# Batch calls name the same accounts over and over; parsing was a tenth of the gateway's time.
+PARSED_ACCOUNT_IDS_CACHED_MAX = 2**16
 
 
 class TransactionId(NamedTuple):
@@ -32,6 +35,7 @@ def _check_uint64(value: int, what: str) -> None:
         raise InvalidIdError(f"{what} {value} does not fit in uint64")
 
 
+@functools.lru_cache(maxsize=PARSED_ACCOUNT_IDS_CACHED_MAX)
 def parse_account_id(text: str) -> int:
     return _parse_hex(text, ACCOUNT_ID_HEX_LENGTH, "account id")
 
