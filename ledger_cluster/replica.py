@@ -176,6 +176,9 @@ class _LedgerSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no type 
 class _Waiter:
     command: bytes
     is_batch: bool
+    # What this write adds to a group's entry: the command itself, or a batch command's items.
+    # None for a batch the core refuses whole: it is proposed alone, exactly as sent.
+    items: list[bytes] | None
     answered: threading.Event = field(default_factory=threading.Event)
     answer: core_pb2.CommandResult | LedgerError | None = None
 
@@ -184,11 +187,36 @@ class _Waiter:
         self.answered.set()
 
 
-def _is_batch(command: bytes) -> bool:
+def _new_waiter(command: bytes) -> _Waiter:
+    """A batch command's items can join other writes' items in one entry: the core applies
+    them one by one, each answered on its own, exactly as inside their own batch. A batch the
+    core refuses whole (empty, too large, undecodable) stays alone, refused exactly as sent."""
     try:
-        return core_pb2.CommandEnvelope.FromString(command).type == core_pb2.COMMAND_TYPE_BATCH
+        envelope = core_pb2.CommandEnvelope.FromString(command)
     except DecodeError:
-        return False  # the core answers INVALID_COMMAND for it
+        return _Waiter(command, is_batch=False, items=[command])  # one item the core refuses
+    if envelope.type != core_pb2.COMMAND_TYPE_BATCH:
+        return _Waiter(command, is_batch=False, items=[command])
+    try:
+        items = list(core_pb2.BatchCommand.FromString(envelope.payload).commands)
+    except DecodeError:
+        return _Waiter(command, is_batch=True, items=None)
+    return _Waiter(command, is_batch=True, items=items if 1 <= len(items) <= BATCH_ITEMS_MAX else None)
+
+
+def _batch_answer(answer: core_pb2.CommandResult, start: int, count: int) -> core_pb2.CommandResult:
+    """A joined batch command's own answer: its slice of the entry's item results."""
+    own = core_pb2.CommandResult(outcome=answer.outcome, log_index=answer.log_index)
+    own.item_results.extend(answer.item_results[start : start + count])
+    return own
+
+
+def _settle_items(group: list[_Waiter], answer: core_pb2.CommandResult) -> None:
+    start = 0
+    for waiter in group:
+        count = len(waiter.items or ())
+        waiter.settle(_batch_answer(answer, start, count) if waiter.is_batch else answer.item_results[start])
+        start += count
 
 
 class _GroupCommit:
@@ -199,7 +227,8 @@ class _GroupCommit:
 
     A batch entry's items are independent: each keeps its own ids, `now` and idempotency, and
     gets its own result. A command that is itself a batch (a batch RPC's items for this shard)
-    is proposed on its own, since batches do not nest."""
+    adds its items, and gets back their results as its own batch answer; an entry holds at
+    most BATCH_ITEMS_MAX items."""
 
     def __init__(
         self,
@@ -227,7 +256,7 @@ class _GroupCommit:
                 self._propose_next()
 
     def submit(self, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
-        waiter = _Waiter(command, _is_batch(command))
+        waiter = _new_waiter(command)
         with self._lock:
             if len(self._waiting) >= GROUP_COMMIT_WAITING_MAX:
                 raise BackendUnavailableError("the shard's proposal queue is full")
@@ -246,6 +275,18 @@ class _GroupCommit:
         assert answer is not None
         return answer
 
+    @staticmethod
+    def _settle_group(group: list[_Waiter], answer: core_pb2.CommandResult | LedgerError) -> None:
+        """Each waiter its own items' results; an error for the whole entry is each one's."""
+        item_count = sum(len(waiter.items or ()) for waiter in group)
+        if isinstance(answer, core_pb2.CommandResult) and answer.outcome == core_pb2.OUTCOME_OK:
+            if len(answer.item_results) == item_count:
+                _settle_items(group, answer)
+                return
+            answer = UnknownOutcomeError("applied, but the answer lacks its items' results")
+        for waiter in group:
+            waiter.settle(answer)
+
     def has_proposal_in_flight(self) -> bool:
         """Whether an entry this replica proposed may be applying now. Every entry whose
         callback waits was proposed with the count raised, and the count drops only in that
@@ -256,20 +297,24 @@ class _GroupCommit:
         return self._in_flight > 0
 
     def _propose_next(self) -> None:
-        """With the lock held: while a proposal slot is free, propose what waits (one batch
-        command alone, or up to BATCH_ITEMS_MAX plain commands as one batch entry)."""
+        """With the lock held: while a proposal slot is free, propose what waits, up to
+        BATCH_ITEMS_MAX items as one entry."""
         while self._waiting and not self._held and self._in_flight < GROUP_COMMIT_IN_FLIGHT_MAX:
             self._propose_group()
 
     def _propose_group(self) -> None:
         group = [self._waiting.popleft()]
-        if not group[0].is_batch:
-            while self._waiting and len(group) < BATCH_ITEMS_MAX and not self._waiting[0].is_batch:
-                group.append(self._waiting.popleft())
+        item_count = len(group[0].items or ())
+        while group[0].items is not None and self._waiting:
+            following = self._waiting[0].items
+            if following is None or item_count + len(following) > BATCH_ITEMS_MAX:
+                break
+            group.append(self._waiting.popleft())
+            item_count += len(following)
         if len(group) == 1:
             entry = group[0].command
         else:
-            batch = core_pb2.BatchCommand(commands=[waiter.command for waiter in group])
+            batch = core_pb2.BatchCommand(commands=[item for waiter in group for item in waiter.items or ()])
             entry = core_pb2.CommandEnvelope(
                 type=core_pb2.COMMAND_TYPE_BATCH, payload=batch.SerializeToString()
             ).SerializeToString()
@@ -285,28 +330,14 @@ class _GroupCommit:
             logger.exception("could not read the answer to a proposal")
             answer = UnknownOutcomeError(f"unreadable answer: {failure}")
         try:
-            if isinstance(answer, core_pb2.CommandResult) and not _answers_group(answer, len(group)):
-                answer = UnknownOutcomeError("applied, but the answer lacks its items' results")
             if len(group) == 1:
                 group[0].settle(answer)
-            elif isinstance(answer, LedgerError) or len(answer.item_results) != len(group):
-                # An error for the whole entry (or a batch the core refused whole) is each item's.
-                for waiter in group:
-                    waiter.settle(answer)
             else:
-                for waiter, item in zip(group, answer.item_results, strict=True):
-                    waiter.settle(item)
+                self._settle_group(group, answer)
         finally:
             with self._lock:
                 self._in_flight -= 1
                 self._propose_next()
-
-
-def _answers_group(answer: core_pb2.CommandResult, group_size: int) -> bool:
-    """A group's batch entry is answered item by item, unless the core refused it whole."""
-    if group_size == 1 or answer.outcome != core_pb2.OUTCOME_OK:
-        return True
-    return len(answer.item_results) == group_size
 
 
 class ShardReplica:

@@ -68,6 +68,8 @@ NO_LEADER_TIMEOUT_SECONDS = 20.0
 FOLLOWER_MISSED_WRITES = SMALL_LOG_COMPACTION_MIN_ENTRIES + 100
 GROUP_COMMIT_WRITES = 200
 GROUP_COMMIT_CLIENTS = 16
+GROUP_COMMIT_BATCH_CALLS = 24
+GROUP_COMMIT_BATCH_ITEMS = 5
 
 # The digest of a replica without a single record: sha256 of nothing.
 EMPTY_STATE_DIGEST = hashlib.sha256().hexdigest()
@@ -615,6 +617,56 @@ def test_concurrent_writes_to_one_shard_share_log_entries(healthy: Cluster) -> N
     )
     assert after - before < GROUP_COMMIT_WRITES
     check_ledger(stub, accounts, records)
+
+
+def test_concurrent_batch_calls_to_one_shard_share_log_entries(healthy: Cluster) -> None:
+    """Group commit joins batch calls' items too: each call still gets exactly its own items'
+    answers, in its own order, including refusals and overdrafts."""
+    cluster = healthy
+    stub = cluster.ledger_stub()
+    shard_id = cluster.config.shards[0].shard_id
+    accounts = accounts_by_shard(stub, cluster.config, per_shard=4)[shard_id]
+    missing = next(
+        f"{number:016x}"
+        for number in itertools.count(1)
+        if cluster.config.shard_for_account(number).shard_id == shard_id
+    )
+    calls = [
+        [
+            ledger_pb2.CreateTransactionRequest(
+                account_id=accounts[(call + n) % len(accounts)], amount=1000 * call + n + 1, settled=True
+            )
+            for n in range(GROUP_COMMIT_BATCH_ITEMS - 2)
+        ]
+        + [
+            ledger_pb2.CreateTransactionRequest(account_id=missing, amount=5, settled=True),
+            ledger_pb2.CreateTransactionRequest(account_id=accounts[0], amount=-(10**15), settled=True),
+        ]
+        for call in range(GROUP_COMMIT_BATCH_CALLS)
+    ]
+    before = cluster.wait_converged([shard_id])[shard_id].applied_index
+
+    def send(items: list[ledger_pb2.CreateTransactionRequest]) -> list[ledger_pb2.TransactionResult]:
+        request = ledger_pb2.CreateTransactionsRequest(items=items)
+        return list(stub.CreateTransactions(request, timeout=RPC_TIMEOUT_SECONDS).results)
+
+    with ThreadPoolExecutor(max_workers=GROUP_COMMIT_CLIENTS) as pool:
+        answers = list(pool.map(send, calls))
+    after = cluster.wait_converged([shard_id])[shard_id].applied_index
+    print(f"{GROUP_COMMIT_BATCH_CALLS} batch calls to one shard took {after - before} log entries")
+    assert after - before < GROUP_COMMIT_BATCH_CALLS
+    for items, results in zip(calls, answers, strict=True):
+        assert len(results) == len(items)
+        *created, not_found, overdraft = results
+        for item, result in zip(items[:-2], created, strict=True):
+            transaction = result.transaction
+            assert (transaction.account_id, transaction.amount) == (item.account_id, item.amount)
+            assert transaction.status == SETTLED
+        assert not_found.error.reason == "ACCOUNT_NOT_FOUND"
+        assert overdraft.transaction.status == INSUFFICIENT_FUNDS
+    for account_id in accounts:
+        expected = sum(item.amount for items in calls for item in items[:-2] if item.account_id == account_id)
+        assert get_account(stub, account_id).settled_balance == expected
 
 
 # -- tests with their own cluster -----------------------------------------------------------------
