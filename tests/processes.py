@@ -28,6 +28,7 @@ from ledger_cluster.localcluster.processes import (
     health_status,
     log_tail,
     managed_process,
+    run_dev_cli,
     start_process,
     wait_until_serving,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "health_status",
     "log_tail",
     "managed_process",
+    "run_dev_cli",
     "standalone_server",
     "start_process",
     "start_standalone",

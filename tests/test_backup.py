@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from ledger_cluster.node import SNAPSHOT_CHUNK_BYTES_MAX
 from ledger_cluster.status import error_details
 from ledger_cluster.storage import Storage, WriteTransaction
 from tests.cluster import DEV_CLI_TIMEOUT_SECONDS, Cluster, new_cluster, running_cluster, started_cluster
-from tests.processes import REPO_ROOT, clean_environment
+from tests.processes import REPO_ROOT, run_dev_cli
 from tests.test_cluster import (
     RPC_TIMEOUT_SECONDS,
     Stub,
@@ -58,17 +57,7 @@ Expected = dict[str, tuple[ledger_pb2.Account, list[ledger_pb2.Transaction]]]
 
 
 def run_dev(*arguments: str) -> subprocess.CompletedProcess[str]:
-    """`ledger-dev ARGUMENTS...` in a subprocess (waited for, so nothing is left running)."""
-    return subprocess.run(
-        [sys.executable, "-m", "ledger_cluster.cli.dev", *arguments],
-        cwd=REPO_ROOT,
-        env=clean_environment(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=DEV_CLI_TIMEOUT_SECONDS,
-        check=False,
-    )
+    return run_dev_cli(arguments, DEV_CLI_TIMEOUT_SECONDS, cwd=REPO_ROOT)
 
 
 def describe(result: subprocess.CompletedProcess[str]) -> str:

@@ -38,11 +38,11 @@ from tests.processes import (
     REPO_CONFIG_PATH,
     REPO_ROOT,
     StandaloneServer,
-    clean_environment,
     free_port,
     health_status,
     log_tail,
     managed_process,
+    run_dev_cli,
     standalone_command,
     standalone_server,
     write_generated_config,
@@ -233,19 +233,10 @@ SCENARIO_LINE = re.compile(
 
 
 def run_dev(*arguments: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "ledger_cluster.cli.dev", *arguments]
-    completed = subprocess.run(
-        command,
-        cwd=REPO_ROOT,
-        env=clean_environment(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_SECONDS,
-        check=False,
-    )
+    completed = run_dev_cli(arguments, CLI_TIMEOUT_SECONDS, cwd=REPO_ROOT)
     assert completed.returncode == 0, (
-        f"{command} exited {completed.returncode}\nstdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+        f"ledger-dev {' '.join(arguments)} exited {completed.returncode}"
+        f"\nstdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
     )
     return completed
 

@@ -41,6 +41,7 @@ from ledger_cluster.localcluster.processes import (
     free_ports,
     health_status,
     log_tail,
+    run_dev_cli,
     start_process,
     wait_until_serving,
 )
@@ -497,25 +498,9 @@ class Cluster:
 
     def dev_status(self) -> subprocess.CompletedProcess[str]:
         """`ledger-dev status --config <this cluster's config>`."""
-        command = [
-            sys.executable,
-            "-m",
-            "ledger_cluster.cli.dev",
-            "status",
-            "--config",
-            str(self.config_path),
-            "--timeout-seconds",
-            str(NODE_RPC_TIMEOUT_SECONDS),
-        ]
-        return subprocess.run(
-            command,
-            env=clean_environment(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=DEV_CLI_TIMEOUT_SECONDS,
-            check=False,
-        )
+        arguments = ["status", "--config", str(self.config_path)]
+        arguments += ["--timeout-seconds", str(NODE_RPC_TIMEOUT_SECONDS)]
+        return run_dev_cli(arguments, DEV_CLI_TIMEOUT_SECONDS)
 
 
 def new_cluster(

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -141,6 +142,22 @@ def clean_environment() -> dict[str, str]:
     """This process's environment without LEDGER_* variables, so a developer's shell settings
     (LEDGER_HOST, LEDGER_CONFIG, ...) cannot change what a test starts."""
     return {key: value for key, value in os.environ.items() if not key.startswith("LEDGER_")}
+
+
+def run_dev_cli(
+    arguments: Sequence[str], timeout_seconds: float, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`ledger-dev ARGUMENTS...` in a subprocess, waited for, so nothing is left running."""
+    return subprocess.run(
+        [sys.executable, "-m", "ledger_cluster.cli.dev", *arguments],
+        cwd=cwd,
+        env=clean_environment(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout_seconds,
+        check=False,
+    )
 
 
 def start_process(
