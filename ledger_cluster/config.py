@@ -19,6 +19,8 @@ DEFAULT_CONFIG_PATH = "cluster_config.json"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_NODE_GRPC_PORT_BASE = 7000
 DEFAULT_RAFT_PORT_BASE = 7100
+# node01 serves /metrics on 9101, node02 on 9102, ...; the gateway's default is 9100.
+DEFAULT_METRICS_PORT_BASE = 9101
 NODES_MAX = 64
 SHARDS_MAX = 1024
 REPLICAS_MAX = 7
@@ -32,6 +34,8 @@ class NodeConfig:
     node_id: str
     grpc_address: str
     raft_host: str
+    # HOST:PORT of the node's GET /metrics; None: the node serves no metrics.
+    metrics_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,10 +86,7 @@ class ClusterConfig:
     def to_json_object(self) -> dict[str, Any]:
         return {
             "format_version": CONFIG_FORMAT_VERSION,
-            "nodes": [
-                {"id": n.node_id, "grpc_address": n.grpc_address, "raft_host": n.raft_host}
-                for n in self.nodes
-            ],
+            "nodes": [_node_json(node) for node in self.nodes],
             "shards": [
                 {
                     "id": s.shard_id,
@@ -96,6 +97,17 @@ class ClusterConfig:
                 for s in self.shards
             ],
         }
+
+
+def _node_json(node: NodeConfig) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "id": node.node_id,
+        "grpc_address": node.grpc_address,
+        "raft_host": node.raft_host,
+    }
+    if node.metrics_address is not None:
+        fields["metrics_address"] = node.metrics_address
+    return fields
 
 
 def _require(condition: bool, message: str) -> None:
@@ -128,9 +140,12 @@ def _parse_node(obj: Any, index: int) -> NodeConfig:
         node_id=json_field(obj, "id", str, where),
         grpc_address=json_field(obj, "grpc_address", str, where),
         raft_host=json_field(obj, "raft_host", str, where),
+        metrics_address=json_field(obj, "metrics_address", str, where) if "metrics_address" in obj else None,
     )
     _require(bool(_NAME_PATTERN.match(node.node_id)), f"{where}: bad node id {node.node_id!r}")
     _validate_address(node.grpc_address, where)
+    if node.metrics_address is not None:
+        _validate_address(node.metrics_address, where)
     return node
 
 
@@ -190,6 +205,12 @@ def _validate_replicas(config: ClusterConfig) -> None:
     for node in config.nodes:
         host, _, port = node.grpc_address.rpartition(":")
         used_ports.add((host, int(port)))
+    for node in config.nodes:
+        if node.metrics_address is not None:
+            host, _, port = node.metrics_address.rpartition(":")
+            endpoint = (host, int(port))
+            _require(endpoint not in used_ports, f"port {host}:{port} used twice")
+            used_ports.add(endpoint)
     for shard in config.shards:
         _require(
             1 <= len(shard.replicas) <= REPLICAS_MAX,
@@ -272,6 +293,7 @@ def generate(
     host: str = DEFAULT_HOST,
     grpc_port_base: int = DEFAULT_NODE_GRPC_PORT_BASE,
     raft_port_base: int = DEFAULT_RAFT_PORT_BASE,
+    metrics_port_base: int = DEFAULT_METRICS_PORT_BASE,
 ) -> ClusterConfig:
     """Equal key ranges; each shard's replicas go to the least-loaded nodes, ties broken by
     rotating from node i for shard i, so every node holds the same number of replicas (+-1)
@@ -282,6 +304,7 @@ def generate(
             node_id=f"node{index + 1:02d}",
             grpc_address=f"{host}:{grpc_port_base + index}",
             raft_host=host,
+            metrics_address=f"{host}:{metrics_port_base + index}",
         )
         for index in range(node_count)
     )

@@ -202,6 +202,13 @@ class Storage:
     def map_size_bytes(self) -> int:
         return int(self._environment.info()["map_size"])
 
+    def used_bytes(self) -> int:
+        """Bytes of the pages written so far (the file's high-water mark within the map)."""
+        with self._gate.transaction():
+            info = self._environment.info()
+            page_bytes = self._environment.stat()["psize"]
+        return (int(info["last_pgno"]) + 1) * int(page_bytes)
+
     @contextlib.contextmanager
     def read(self) -> Iterator[ReadTransaction]:
         with self._gate.transaction(), self._environment.begin(write=False) as transaction:

@@ -697,6 +697,10 @@ class AccountsCore:
         with self._storage.read() as view:
             return self._applied_index_in(view)
 
+    def storage_bytes(self) -> tuple[int, int]:
+        """(used, reserved map) bytes of the shard's LMDB environment."""
+        return self._storage.used_bytes(), self._storage.map_size_bytes
+
     def owns_key(self, key: int) -> bool:
         return self.lower_bound <= key <= self.upper_bound
 
