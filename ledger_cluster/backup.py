@@ -33,10 +33,11 @@ from typing import Any
 import grpc
 
 from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
-from ledger_cluster.client import CHANNEL_OPTIONS, ClusterClient
+from ledger_cluster.client import CHANNEL_OPTIONS, leaders_of, node_statuses_now
 from ledger_cluster.config import ClusterConfig, ShardConfig, json_field, write_json_atomic
 from ledger_cluster.core import SNAPSHOT_TABLES, AccountsCore
 from ledger_cluster.errors import ConfigError, LedgerError, SnapshotError, StorageError
+from ledger_cluster.node_protocol import LEADER_HINT_METADATA_KEY, NodeReason
 from ledger_cluster.sharding import SHARD_KEY_MAX
 from ledger_cluster.status import error_details
 from ledger_cluster.storage import (
@@ -352,8 +353,8 @@ def _backup_shard(
         except grpc.RpcError as error:
             details = error_details(error)
             problems.append(f"{candidate}: {_describe(error)}")
-            hint = details.metadata.get("leader_node_id", "")
-            if details.reason == "NOT_LEADER" and hint in replica_ids and hint != candidate:
+            hint = details.metadata.get(LEADER_HINT_METADATA_KEY, "")
+            if details.reason == NodeReason.NOT_LEADER and hint in replica_ids and hint != candidate:
                 progress(f"shard {shard.shard_id}: {candidate} does not lead it; asking {hint}")
                 candidate = hint
                 continue
@@ -386,11 +387,7 @@ def backup_cluster(
     """Snapshot every shard from its leader into `out_dir`, then write the manifest. On any
     failure the files written so far are removed and no manifest exists."""
     _prepare_backup_directory(out_dir)
-    client = ClusterClient(config)
-    try:
-        leaders = client.refresh_leaders(LEADER_DISCOVERY_TIMEOUT_SECONDS)
-    finally:
-        client.close()
+    leaders = leaders_of(node_statuses_now(config, LEADER_DISCOVERY_TIMEOUT_SECONDS))
     written: list[Path] = []
     try:
         shards = []

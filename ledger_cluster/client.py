@@ -1,36 +1,43 @@
-"""ClusterClient: shard key -> shard -> leader node, with a leader cache refreshed from hints,
-and retries with backoff inside the caller's deadline.
+"""ClusterClient: shard -> leader node, with a leader cache refreshed from hints, and retries with
+backoff inside each write's own deadline. Asyncio: one `grpc.aio` channel per node, used from one
+event loop.
 
 A retry always re-sends the very same command bytes (same ids, same `now`), so the core
-recognises a repeat and a command can never apply twice however often it is sent.
+recognises a repeat and a command can never apply twice however often it is sent. Each command
+of a coalesced update keeps its own deadline and its own fate: answered, never applied, or
+unknown (it may have reached the log in an attempt whose answer was lost).
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import logging
 import random
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import grpc
 
 from ledger_cluster.api.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.config import ClusterConfig, ShardConfig
+from ledger_cluster.core import commands
+from ledger_cluster.deadlines import Deadline
 from ledger_cluster.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
+    LedgerError,
     UnknownOutcomeError,
 )
+from ledger_cluster.node_protocol import LEADER_HINT_METADATA_KEY, NodeReason, is_not_taken
 from ledger_cluster.status import ErrorDetails, error_details
 
 logger = logging.getLogger(__name__)
 
-Result = TypeVar("Result")
-
 ATTEMPT_TIMEOUT_SECONDS_MAX = 2.0
+# How long an attempt waits for a channel to a node to connect before trying another replica.
+CONNECT_TIMEOUT_SECONDS_MAX = 0.5
 BACKOFF_INITIAL_SECONDS = 0.02
 BACKOFF_MAX_SECONDS = 0.5
 ATTEMPTS_MAX = 200  # a bound on the loop even with a huge deadline
@@ -39,39 +46,28 @@ ATTEMPTS_MAX = 200  # a bound on the loop even with a huge deadline
 HINTS_FOLLOWED_MAX = 3
 LEADERLESS_FAIL_FAST_SECONDS = 3.0
 STATUS_TIMEOUT_SECONDS = 1.0
+# Each command's remaining time travels to the node in microseconds; the node proposes nothing
+# whose time ran out.
+MICROSECONDS_PER_SECOND = 1_000_000
+MESSAGE_BYTES_MAX = 16 * 1024 * 1024
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+    ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
     # Reconnect quickly to a node that restarts: failover must not wait on gRPC's long backoff.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
-# Reasons with which a node says "I did not take this command".
-_RETRIED_CODES = {
+# A node answering these codes without a reason of ours may or may not have taken the command
+# (a connection lost mid-call, a timeout): retry the same bytes, and remember it may apply.
+_TRANSIENT_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.CANCELLED,
 }
-_NOT_TAKEN_REASONS = {"NOT_LEADER", "NO_LEADER", "QUEUE_FULL", "SHARD_NOT_HOSTED", "NOT_TAKEN"}
 
-
-def _never_sent(code: grpc.StatusCode, message: str) -> bool:
-    """gRPC fails a call on a channel it could not connect at all before sending anything: that
-    command certainly did not reach the node (unlike a connection lost mid-call)."""
-    return code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower()
-
-
-def _may_have_applied(error: grpc.RpcError, details: ErrorDetails) -> bool:
-    """Whether a failed attempt may still have reached the log; re-raises errors that are
-    neither "not taken" nor a transport failure or timeout (a bug, not a retry case)."""
-    if details.reason in _NOT_TAKEN_REASONS:
-        return False
-    if details.code not in _RETRIED_CODES:
-        raise error
-    # Lost connection, timeout, or a proposal with unknown fate: keep trying the same bytes.
-    return True
+ItemAnswer = core_pb2.CommandResult | LedgerError
 
 
 @dataclass(frozen=True)
@@ -82,11 +78,130 @@ class NodeStatus:
     error: str  # empty when the node answered
 
 
+class _Verdict(enum.Enum):
+    FOLLOW_HINT = enum.auto()  # not taken; the leader is known: ask it at once
+    NOT_TAKEN = enum.auto()  # not taken; back off and try again
+    LEADERLESS = enum.auto()  # not taken, and the shard has had no leader for too long
+    MAYBE_TAKEN = enum.auto()  # may have reached the log: retry the same bytes
+    UNEXPECTED = enum.auto()  # a bug or a refusal no retry can fix
+
+
+class _Route:
+    """One call's walk over a shard's replicas: which node to ask next, hints followed,
+    backoff, and what each failure means."""
+
+    def __init__(self, client: ClusterClient, shard: ShardConfig) -> None:
+        self._client = client
+        self.shard = shard
+        self._backoff_seconds = BACKOFF_INITIAL_SECONDS
+        self._hints_followed = 0
+        self.last_problem = ""
+
+    def node(self, attempt: int) -> str:
+        leader = self._client.cached_leader(self.shard.shard_id)
+        if leader is not None:
+            return leader
+        return self.shard.replicas[attempt % len(self.shard.replicas)].node_id
+
+    def never_sent(self, node_id: str, why: str) -> _Verdict:
+        self.last_problem = f"{node_id}: {why}"
+        self._client.remember_leader(self.shard.shard_id, None)
+        return self._leaderless_or_not_taken()
+
+    def _leaderless_or_not_taken(self) -> _Verdict:
+        if self._client.leaderless_seconds(self.shard.shard_id) > LEADERLESS_FAIL_FAST_SECONDS:
+            # An election takes at most ~1.4 s: a shard leaderless for longer has lost its
+            # majority. Say so now instead of holding the caller to its deadline.
+            return _Verdict.LEADERLESS
+        return _Verdict.NOT_TAKEN
+
+    def failed(self, node_id: str, details: ErrorDetails) -> _Verdict:
+        self.last_problem = f"{node_id}: {details.code.name} {details.reason} {details.message}".strip()
+        if details.reason == NodeReason.NOT_LEADER:
+            hint = details.metadata.get(LEADER_HINT_METADATA_KEY) or None
+            self._client.remember_leader(self.shard.shard_id, hint)
+            if hint is not None and hint != node_id and self._hints_followed < HINTS_FOLLOWED_MAX:
+                self._hints_followed += 1
+                return _Verdict.FOLLOW_HINT
+            return _Verdict.NOT_TAKEN
+        if is_not_taken(details.reason):
+            self._client.remember_leader(self.shard.shard_id, None)
+            if details.reason == NodeReason.NO_LEADER:
+                return self._leaderless_or_not_taken()
+            return _Verdict.NOT_TAKEN
+        self._client.remember_leader(self.shard.shard_id, None)
+        if details.reason == NodeReason.OUTCOME_UNKNOWN or details.code in _TRANSIENT_CODES:
+            return _Verdict.MAYBE_TAKEN
+        return _Verdict.UNEXPECTED
+
+    async def pause(self, deadline: Deadline) -> None:
+        sleep_seconds = min(self._backoff_seconds * random.uniform(0.5, 1.0), deadline.remaining_seconds())
+        if sleep_seconds > 0:
+            await asyncio.sleep(sleep_seconds)
+        self._backoff_seconds = min(self._backoff_seconds * 2, BACKOFF_MAX_SECONDS)
+
+
+class _UpdateFates:
+    """What became of each command of one update: its answer, or whether it may have reached
+    the log in an attempt that got no answer."""
+
+    def __init__(self, shard_id: str, deadlines: Sequence[Deadline]) -> None:
+        self._shard_id = shard_id
+        self.deadlines = deadlines
+        self.answers: list[ItemAnswer | None] = [None] * len(deadlines)
+        self.maybe_applied = [False] * len(deadlines)
+
+    def open_indexes(self) -> list[int]:
+        """The commands still to send: unanswered, with time left."""
+        return [
+            index
+            for index, answer in enumerate(self.answers)
+            if answer is None and not self.deadlines[index].expired()
+        ]
+
+    def not_proposed(self, index: int) -> LedgerError:
+        """A node dropped it unproposed when its time ran out."""
+        if self.maybe_applied[index]:
+            return UnknownOutcomeError(f"shard {self._shard_id}: an earlier attempt may still apply")
+        return BackendTimeoutError(f"shard {self._shard_id}: the deadline passed before it was proposed")
+
+    def end_unknown(self, indexes: Sequence[int], why: str) -> None:
+        for index in indexes:
+            self.answers[index] = UnknownOutcomeError(f"shard {self._shard_id}: {why}; it may apply")
+
+    def end_all(self, indexes: Sequence[int], why: str) -> None:
+        for index in indexes:
+            if self.maybe_applied[index]:
+                self.answers[index] = UnknownOutcomeError(f"shard {self._shard_id}: {why}; it may apply")
+            else:
+                self.answers[index] = BackendUnavailableError(f"shard {self._shard_id}: {why}; not applied")
+
+    def final(self, last_problem: str) -> list[ItemAnswer]:
+        """Every answer; a command still open ran out of time: unknown if an attempt may have
+        taken it, "unavailable" if every attempt failed, "deadline" if none was made."""
+        for index, answer in enumerate(self.answers):
+            if answer is not None:
+                continue
+            if self.maybe_applied[index]:
+                self.answers[index] = UnknownOutcomeError(
+                    f"shard {self._shard_id}: no answer in time (last: {last_problem}); it may still apply"
+                )
+            elif last_problem:
+                self.answers[index] = BackendUnavailableError(
+                    f"shard {self._shard_id} did not answer in time; last: {last_problem}"
+                )
+            else:
+                self.answers[index] = BackendTimeoutError(
+                    f"shard {self._shard_id}: the deadline passed before any attempt"
+                )
+        return [answer for answer in self.answers if answer is not None]
+
+
 class ClusterClient:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self._channels = {
-            node.node_id: grpc.insecure_channel(node.grpc_address, options=CHANNEL_OPTIONS)
+            node.node_id: grpc.aio.insecure_channel(node.grpc_address, options=CHANNEL_OPTIONS)
             for node in config.nodes
         }
         self._stubs = {
@@ -94,151 +209,236 @@ class ClusterClient:
         }
         self._shards_by_id = {shard.shard_id: shard for shard in config.shards}
         self._leaders: dict[str, str] = {}
-        self._leaders_lock = threading.Lock()
-        # When each shard was last seen without a usable leader (None: it has one, or unknown).
+        # When each shard was last seen without a usable leader (absent: it has one, or unknown).
         self._leaderless_since: dict[str, float] = {}
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for channel in self._channels.values():
-            channel.close()
+            await channel.close()
 
     # -- leader cache --
 
     def cached_leader(self, shard_id: str) -> str | None:
-        with self._leaders_lock:
-            return self._leaders.get(shard_id)
+        return self._leaders.get(shard_id)
 
     def remember_leader(self, shard_id: str, node_id: str | None) -> None:
         shard = self._shards_by_id.get(shard_id)
         if shard is None:
             return  # a node reporting a shard this config does not know
-        with self._leaders_lock:
-            if node_id and any(r.node_id == node_id for r in shard.replicas):
-                self._leaders[shard_id] = node_id
-            else:
-                self._leaders.pop(shard_id, None)
-
-    def _candidate(self, shard: ShardConfig, attempt: int) -> str:
-        leader = self.cached_leader(shard.shard_id)
-        if leader is not None:
-            return leader
-        return shard.replicas[attempt % len(shard.replicas)].node_id
-
-    # -- calls --
-
-    def update(self, account_id: int, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
-        shard = self.config.shard_for_account(account_id)
-        request = node_pb2.UpdateRequest(shard_id=shard.shard_id, command=command)
-
-        def invoke(stub: node_pb2_grpc.NodeServiceStub, attempt_timeout: float) -> core_pb2.CommandResult:
-            return stub.Update(request, timeout=attempt_timeout).result
-
-        return self._call(shard, invoke, timeout_seconds, is_update=True)
-
-    def read(
-        self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, timeout_seconds: float
-    ) -> core_pb2.ReadResult:
-        shard = self.config.shard_for_account(account_id)
-        request = node_pb2.ReadRequest(shard_id=shard.shard_id, query=query, consistent=consistent)
-
-        def invoke(stub: node_pb2_grpc.NodeServiceStub, attempt_timeout: float) -> core_pb2.ReadResult:
-            return stub.Read(request, timeout=attempt_timeout).result
-
-        return self._call(shard, invoke, timeout_seconds, is_update=False)
-
-    def _call(
-        self,
-        shard: ShardConfig,
-        invoke: Callable[[node_pb2_grpc.NodeServiceStub, float], Result],
-        timeout_seconds: float,
-        is_update: bool,
-    ) -> Result:
-        deadline = time.monotonic() + timeout_seconds
-        outcome_unknown = False
-        last_problem = ""
-        backoff_seconds = BACKOFF_INITIAL_SECONDS
-        hints_followed = 0
-        for attempt in range(ATTEMPTS_MAX):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            node_id = self._candidate(shard, attempt)
-            try:
-                return invoke(self._stubs[node_id], min(remaining, ATTEMPT_TIMEOUT_SECONDS_MAX))
-            except grpc.RpcError as error:
-                details = error_details(error)
-                last_problem = f"{node_id}: {details.code.name} {details.reason} {details.message}".strip()
-                if details.reason == "NOT_LEADER":
-                    hint = details.metadata.get("leader_node_id") or None
-                    self.remember_leader(shard.shard_id, hint)
-                    if hint is not None and hint != node_id and hints_followed < HINTS_FOLLOWED_MAX:
-                        hints_followed += 1
-                        continue  # follow the hint at once
-                elif _never_sent(details.code, details.message) or details.reason == "NO_LEADER":
-                    self.remember_leader(shard.shard_id, None)
-                    if self.leaderless_seconds(shard.shard_id) > LEADERLESS_FAIL_FAST_SECONDS:
-                        # An election takes at most ~1.4 s: a shard leaderless for longer has
-                        # lost its majority. Say so now instead of holding a thread to the deadline.
-                        break
-                else:
-                    outcome_unknown = (_may_have_applied(error, details) and is_update) or outcome_unknown
-                    self.remember_leader(shard.shard_id, None)
-            sleep_seconds = min(backoff_seconds * random.uniform(0.5, 1.0), deadline - time.monotonic())
-            if sleep_seconds > 0:
-                time.sleep(sleep_seconds)
-            backoff_seconds = min(backoff_seconds * 2, BACKOFF_MAX_SECONDS)
-        message = f"shard {shard.shard_id} did not answer in time; last: {last_problem}"
-        if outcome_unknown:
-            raise UnknownOutcomeError(message)
-        if not last_problem:
-            raise BackendTimeoutError(f"shard {shard.shard_id}: the deadline passed before any attempt")
-        raise BackendUnavailableError(message)
-
-    # -- status --
-
-    def node_statuses(self, timeout_seconds: float = STATUS_TIMEOUT_SECONDS) -> list[NodeStatus]:
-        """Every node's view of its replicas, asked in parallel; unreachable nodes say why."""
-        calls = {
-            node.node_id: self._stubs[node.node_id].Status.future(
-                node_pb2.StatusRequest(), timeout=timeout_seconds
-            )
-            for node in self.config.nodes
-        }
-        statuses = []
-        for node in self.config.nodes:
-            try:
-                response = calls[node.node_id].result()
-                statuses.append(NodeStatus(node.node_id, node.grpc_address, tuple(response.replicas), ""))
-            except grpc.RpcError as error:
-                details = error_details(error)
-                statuses.append(NodeStatus(node.node_id, node.grpc_address, (), details.code.name))
-        return statuses
-
-    def refresh_leaders(self, timeout_seconds: float = STATUS_TIMEOUT_SECONDS) -> dict[str, str]:
-        """Ask every node who leads what; remember and return shard id -> leader node id for
-        the shards whose leader answered as leader with a majority in reach (the highest term
-        wins a disagreement)."""
-        best: dict[str, tuple[int, str]] = {}
-        for status in self.node_statuses(timeout_seconds):
-            for replica in status.replicas:
-                usable = replica.is_leader and replica.has_quorum
-                if usable and replica.term >= best.get(replica.shard_id, (-1, ""))[0]:
-                    best[replica.shard_id] = (replica.term, replica.node_id)
-        leaders = {shard_id: node_id for shard_id, (_, node_id) in best.items()}
-        for shard_id, node_id in leaders.items():
-            self.remember_leader(shard_id, node_id)
-        now = time.monotonic()
-        with self._leaders_lock:
-            for shard_id in self._shards_by_id:
-                if shard_id in leaders:
-                    self._leaderless_since.pop(shard_id, None)
-                else:
-                    self._leaderless_since.setdefault(shard_id, now)
-        return leaders
+        if node_id and any(replica.node_id == node_id for replica in shard.replicas):
+            self._leaders[shard_id] = node_id
+        else:
+            self._leaders.pop(shard_id, None)
 
     def leaderless_seconds(self, shard_id: str) -> float:
         """How long refresh_leaders has seen this shard without a usable leader (0: it has one,
         or nobody polls)."""
-        with self._leaders_lock:
-            since = self._leaderless_since.get(shard_id)
+        since = self._leaderless_since.get(shard_id)
         return 0.0 if since is None else time.monotonic() - since
+
+    async def _connected(self, node_id: str, deadline: Deadline) -> bool:
+        """Whether the channel to `node_id` is up, waiting briefly for one that is connecting.
+        A call is only made on a connected channel, so a failure to connect proves the command
+        never left this process."""
+        channel = self._channels[node_id]
+        state = channel.get_state(try_to_connect=True)
+        if state == grpc.ChannelConnectivity.READY:
+            return True
+        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+            return False
+        wait_seconds = min(deadline.remaining_seconds(), CONNECT_TIMEOUT_SECONDS_MAX)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), wait_seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- calls --
+
+    async def update(
+        self, shard_id: str, items: Sequence[bytes], deadlines: Sequence[Deadline]
+    ) -> list[ItemAnswer]:
+        """Apply `commands` (each one core command, never a batch) on the shard's leader, each
+        with its own deadline; one answer per command: its CommandResult, or a LedgerError
+        saying it was not applied (BackendUnavailableError, BackendTimeoutError) or may have
+        been (UnknownOutcomeError)."""
+        shard = self._shards_by_id[shard_id]
+        route = _Route(self, shard)
+        fates = _UpdateFates(shard_id, deadlines)
+        for attempt in range(ATTEMPTS_MAX):
+            open_indexes = fates.open_indexes()
+            if not open_indexes:
+                break
+            call_deadline = max(deadlines[index] for index in open_indexes).earlier(
+                ATTEMPT_TIMEOUT_SECONDS_MAX
+            )
+            node_id = route.node(attempt)
+            verdict = await self._update_attempt(
+                route,
+                node_id=node_id,
+                items=items,
+                fates=fates,
+                open_indexes=open_indexes,
+                call_deadline=call_deadline,
+            )
+            if verdict is None or verdict is _Verdict.FOLLOW_HINT:
+                continue
+            if verdict is _Verdict.LEADERLESS:
+                fates.end_all(open_indexes, f"no leader for {LEADERLESS_FAIL_FAST_SECONDS:.0f} s")
+                break
+            if verdict is _Verdict.UNEXPECTED:
+                # Not a retry case, and the node may have taken them before it failed.
+                logger.warning("shard %s: unexpected answer from %s", shard_id, route.last_problem)
+                fates.end_unknown(open_indexes, f"unexpected answer from {route.last_problem}")
+                break
+            await route.pause(call_deadline)
+        return fates.final(route.last_problem)
+
+    async def _update_attempt(
+        self,
+        route: _Route,
+        *,
+        node_id: str,
+        items: Sequence[bytes],
+        fates: _UpdateFates,
+        open_indexes: list[int],
+        call_deadline: Deadline,
+    ) -> _Verdict | None:
+        """One UpdateRequest of the open commands to `node_id`; None when it was answered."""
+        if not await self._connected(node_id, call_deadline):
+            return route.never_sent(node_id, "not connected")
+        sent_at = time.monotonic()
+        budgets_us = [
+            int(
+                max(
+                    min(fates.deadlines[index].monotonic_seconds, call_deadline.monotonic_seconds) - sent_at,
+                    0.0,
+                )
+                * MICROSECONDS_PER_SECOND
+            )
+            for index in open_indexes
+        ]
+        request = node_pb2.UpdateRequest(
+            shard_id=route.shard.shard_id,
+            command=commands.batch([items[index] for index in open_indexes]),
+            item_budgets_us=budgets_us,
+        )
+        try:
+            response = await self._stubs[node_id].Update(request, timeout=call_deadline.remaining_seconds())
+        except grpc.aio.AioRpcError as error:
+            verdict = route.failed(node_id, error_details(error))
+            if verdict is _Verdict.MAYBE_TAKEN:
+                for index in open_indexes:
+                    fates.maybe_applied[index] = True
+            return verdict
+        self.remember_leader(route.shard.shard_id, node_id)
+        self._record_answers(response, fates, open_indexes)
+        return None
+
+    @staticmethod
+    def _record_answers(
+        response: node_pb2.UpdateResponse, fates: _UpdateFates, open_indexes: list[int]
+    ) -> None:
+        results = commands.item_results(response.result, len(open_indexes))
+        expired = set(response.expired_items)
+        for position, index in enumerate(open_indexes):
+            if position in expired:
+                fates.answers[index] = fates.not_proposed(index)
+            elif results is None:
+                fates.answers[index] = UnknownOutcomeError("applied, but the answer lacks the items' results")
+            else:
+                fates.answers[index] = results[position]
+
+    async def read(
+        self, shard_id: str, query: core_pb2.ReadQuery, consistent: bool, deadline: Deadline
+    ) -> core_pb2.ReadResult:
+        shard = self._shards_by_id[shard_id]
+        route = _Route(self, shard)
+        request = node_pb2.ReadRequest(shard_id=shard_id, query=query, consistent=consistent)
+        for attempt in range(ATTEMPTS_MAX):
+            if deadline.expired():
+                break
+            call_deadline = deadline.earlier(ATTEMPT_TIMEOUT_SECONDS_MAX)
+            node_id = route.node(attempt)
+            if not await self._connected(node_id, call_deadline):
+                verdict = route.never_sent(node_id, "not connected")
+            else:
+                try:
+                    response = await self._stubs[node_id].Read(
+                        request, timeout=call_deadline.remaining_seconds()
+                    )
+                except grpc.aio.AioRpcError as error:
+                    verdict = route.failed(node_id, error_details(error))
+                else:
+                    self.remember_leader(shard_id, node_id)
+                    return response.result
+            if verdict is _Verdict.FOLLOW_HINT:
+                continue
+            if verdict is _Verdict.LEADERLESS:
+                break
+            if verdict is _Verdict.UNEXPECTED:
+                logger.warning("shard %s: unexpected answer from %s", shard_id, route.last_problem)
+                raise LedgerError(f"shard {shard_id}: unexpected answer from {route.last_problem}")
+            await route.pause(call_deadline)
+        if not route.last_problem:
+            raise BackendTimeoutError(f"shard {shard_id}: the deadline passed before any attempt")
+        raise BackendUnavailableError(f"shard {shard_id} did not answer in time; last: {route.last_problem}")
+
+    # -- status --
+
+    async def node_statuses(self, timeout_seconds: float = STATUS_TIMEOUT_SECONDS) -> list[NodeStatus]:
+        """Every node's view of its replicas, asked in parallel; unreachable nodes say why."""
+
+        async def ask(node_id: str, address: str) -> NodeStatus:
+            try:
+                response = await self._stubs[node_id].Status(
+                    node_pb2.StatusRequest(), timeout=timeout_seconds
+                )
+            except grpc.aio.AioRpcError as error:
+                return NodeStatus(node_id, address, (), error.code().name)
+            return NodeStatus(node_id, address, tuple(response.replicas), "")
+
+        return list(
+            await asyncio.gather(*(ask(node.node_id, node.grpc_address) for node in self.config.nodes))
+        )
+
+    async def refresh_leaders(self, timeout_seconds: float = STATUS_TIMEOUT_SECONDS) -> dict[str, str]:
+        """Ask every node who leads what; remember and return shard id -> leader node id for
+        the shards whose leader answered as leader with a majority in reach (the highest term
+        wins a disagreement)."""
+        leaders = leaders_of(await self.node_statuses(timeout_seconds))
+        for shard_id, node_id in leaders.items():
+            self.remember_leader(shard_id, node_id)
+        now = time.monotonic()
+        for shard_id in self._shards_by_id:
+            if shard_id in leaders:
+                self._leaderless_since.pop(shard_id, None)
+            else:
+                self._leaderless_since.setdefault(shard_id, now)
+        return leaders
+
+
+def leaders_of(statuses: Sequence[NodeStatus]) -> dict[str, str]:
+    """Shard id -> the node that leads it with a majority in reach (highest term wins)."""
+    best: dict[str, tuple[int, str]] = {}
+    for status in statuses:
+        for replica in status.replicas:
+            usable = replica.is_leader and replica.has_quorum
+            if usable and replica.term >= best.get(replica.shard_id, (-1, ""))[0]:
+                best[replica.shard_id] = (replica.term, replica.node_id)
+    return {shard_id: node_id for shard_id, (_, node_id) in best.items()}
+
+
+def node_statuses_now(
+    config: ClusterConfig, timeout_seconds: float = STATUS_TIMEOUT_SECONDS
+) -> list[NodeStatus]:
+    """`node_statuses` for synchronous tools (status, backup): its own client and event loop."""
+
+    async def ask() -> list[NodeStatus]:
+        client = ClusterClient(config)
+        try:
+            return await client.node_statuses(timeout_seconds)
+        finally:
+            await client.close()
+
+    return asyncio.run(ask())

@@ -14,7 +14,9 @@ that owns the library, so callers catch one tree::
     ├── ReplicaBrokenError        state that must never happen; the process stops
     │   └── InvariantViolationError  a balance invariant failed after an apply
     ├── BackendUnavailableError   the owning shard cannot take the request now (retry)
-    │   └── NotLeaderError        this replica does not lead its shard; carries a leader hint
+    │   ├── NotLeaderError        this replica does not lead its shard; carries a leader hint
+    │   ├── QueueFullError        the shard's queue of waiting writes is full
+    │   └── ProposalDeniedError   the Raft group refused the proposal
     ├── BackendTimeoutError       the deadline passed before the shard took the request
     └── UnknownOutcomeError       the command may or may not commit later; retry the same bytes
 
@@ -66,6 +68,14 @@ class InvariantViolationError(ReplicaBrokenError):
 class BackendUnavailableError(LedgerError):
     """The shard that owns a request cannot answer now (no leader, overloaded, shutting down).
     Nothing was applied; the same request may be retried."""
+
+
+class QueueFullError(BackendUnavailableError):
+    """The shard's queue of writes waiting to be proposed is full. Nothing was applied."""
+
+
+class ProposalDeniedError(BackendUnavailableError):
+    """The Raft group refused to append the proposal. Nothing was applied."""
 
 
 class BackendTimeoutError(LedgerError):

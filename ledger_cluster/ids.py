@@ -9,6 +9,7 @@ import functools
 from typing import NamedTuple
 
 from ledger_cluster.errors import InvalidIdError
+from ledger_cluster.text import echo
 
 ACCOUNT_ID_HEX_LENGTH = 16
 TRANSACTION_ID_HEX_LENGTH = 32
@@ -26,7 +27,7 @@ class TransactionId(NamedTuple):
 
 def _parse_hex(text: str, length: int, what: str) -> int:
     if len(text) != length or not _HEX_DIGITS.issuperset(text):
-        raise InvalidIdError(f"{what} must be {length} lowercase hex characters, got {text!r}")
+        raise InvalidIdError(f"{what} must be {length} lowercase hex characters, got {echo(text)}")
     return int(text, 16)
 
 
@@ -35,8 +36,17 @@ def _check_uint64(value: int, what: str) -> None:
         raise InvalidIdError(f"{what} {value} does not fit in uint64")
 
 
-@functools.lru_cache(maxsize=PARSED_ACCOUNT_IDS_CACHED_MAX)
 def parse_account_id(text: str) -> int:
+    # Checked before the cache, which would otherwise hash a huge malformed input first.
+    if len(text) != ACCOUNT_ID_HEX_LENGTH:
+        raise InvalidIdError(
+            f"account id must be {ACCOUNT_ID_HEX_LENGTH} lowercase hex characters, got {echo(text)}"
+        )
+    return _parse_account_id_cached(text)
+
+
+@functools.lru_cache(maxsize=PARSED_ACCOUNT_IDS_CACHED_MAX)
+def _parse_account_id_cached(text: str) -> int:
     return _parse_hex(text, ACCOUNT_ID_HEX_LENGTH, "account id")
 
 

@@ -1,51 +1,45 @@
 """A node process: hosts the shard replicas its config assigns to it and serves the internal
-NodeService. A request for a shard this node does not lead is answered at once with a leader
-hint (FAILED_PRECONDITION NOT_LEADER); the ClusterClient follows the hint."""
+NodeService on asyncio (`grpc.aio`), with no thread per call. A request for a shard this node
+does not lead is answered at once with a leader hint (FAILED_PRECONDITION NOT_LEADER); the
+ClusterClient follows the hint. Every error's reason is defined in `node_protocol`."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ledger_cluster.admission import CallGate, abort
 from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.config import ClusterConfig
-from ledger_cluster.deadlines import work_budget_seconds
-from ledger_cluster.errors import (
-    BackendUnavailableError,
-    LeadershipTransferDeniedError,
-    LeadershipTransferIncompleteError,
-    NotLeaderError,
-    SnapshotError,
-    StorageError,
-    UnknownOutcomeError,
-)
+from ledger_cluster.deadlines import Deadline, work_deadline
+from ledger_cluster.errors import BackendTimeoutError, NotLeaderError, SnapshotError, StorageError
+from ledger_cluster.metrics import MetricsServer, ShardFigures, serve_metrics
+from ledger_cluster.node_protocol import NodeReason, node_error
 from ledger_cluster.replica import ReplicaOptions, ShardReplica
-from ledger_cluster.status import ApiError, abort, serve
+from ledger_cluster.status import ApiError
 from ledger_cluster.storage import (
     RESTORE_MARKER_FILE_NAME,
     DirectoryLock,
     SnapshotHeader,
     make_private_directory,
 )
+from ledger_cluster.text import echo
 
 logger = logging.getLogger(__name__)
 
-Response = TypeVar("Response")
-
-NODE_WORKER_THREADS = 128
-NODE_CONCURRENT_RPCS_MAX = 1024
+# NodeService calls served at once; beyond it, RESOURCE_EXHAUSTED TOO_MANY_REQUESTS (the
+# client backs off and retries: nothing was taken). Health checks are not counted.
+NODE_CALLS_IN_FLIGHT_MAX = 1024
 NODE_MESSAGE_BYTES_MAX = 16 * 1024 * 1024
 NODE_SHUTDOWN_GRACE_SECONDS = 3.0
 DEFAULT_NODE_TIMEOUT_SECONDS = 5.0
@@ -69,8 +63,8 @@ class _SpooledSnapshot:
     header: SnapshotHeader
 
 
-def _timeout_seconds(context: grpc.ServicerContext) -> float:
-    return work_budget_seconds(context, DEFAULT_NODE_TIMEOUT_SECONDS)
+def _deadline(context: grpc.aio.ServicerContext[object, object]) -> Deadline:
+    return work_deadline(context.time_remaining(), DEFAULT_NODE_TIMEOUT_SECONDS)
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
@@ -78,96 +72,156 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self._node_id = node_id
         self._replicas = replicas
         self._snapshot_spool = snapshot_spool
-        self._snapshot_streams = threading.BoundedSemaphore(SNAPSHOT_STREAMS_MAX)
+        self._snapshot_streams = 0
+        self._gate = CallGate("NodeService", NODE_CALLS_IN_FLIGHT_MAX, node_error)
 
     def _replica(self, shard_id: str) -> ShardReplica:
         replica = self._replicas.get(shard_id)
         if replica is None:
             raise ApiError(
                 grpc.StatusCode.NOT_FOUND,
-                "SHARD_NOT_HOSTED",
-                f"node {self._node_id} hosts no replica of shard {shard_id!r}",
+                NodeReason.SHARD_NOT_HOSTED,
+                f"node {self._node_id} hosts no replica of shard {echo(shard_id)}",
                 {"node_id": self._node_id},
             )
         return replica
 
-    def Update(
-        self, request: node_pb2.UpdateRequest, context: grpc.ServicerContext
+    async def Update(
+        self, request: node_pb2.UpdateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> node_pb2.UpdateResponse:
-        def run() -> node_pb2.UpdateResponse:
-            replica = self._replica(request.shard_id)
-            budget_seconds = _timeout_seconds(context)
-            if budget_seconds <= 0 or not context.is_active():
-                # Proposing what nobody will wait for only turns it into an unknown outcome.
-                raise ApiError(
-                    grpc.StatusCode.UNAVAILABLE, "NOT_TAKEN", "too little time left to propose; not applied"
-                )
-            result = replica.submit(request.command, budget_seconds)
-            return node_pb2.UpdateResponse(result=result)
+        return await self._gate.run("Update", context, lambda: self._update(request, context))
 
-        return _serve(context, run)
+    async def _update(
+        self, request: node_pb2.UpdateRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> node_pb2.UpdateResponse:
+        replica = self._replica(request.shard_id)
+        deadline = _deadline(context)
+        if deadline.expired():
+            # Proposing what nobody will wait for only turns it into an unknown outcome.
+            raise BackendTimeoutError("too little time left to propose; not applied")
+        try:
+            answer = await replica.submit_async(request.command, deadline, request.item_budgets_us)
+        except ValueError as error:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ITEM_BUDGETS", str(error)) from None
+        return node_pb2.UpdateResponse(result=answer.result, expired_items=answer.expired_items)
 
-    def Read(self, request: node_pb2.ReadRequest, context: grpc.ServicerContext) -> node_pb2.ReadResponse:
-        def run() -> node_pb2.ReadResponse:
+    async def Read(
+        self, request: node_pb2.ReadRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> node_pb2.ReadResponse:
+        async def run() -> node_pb2.ReadResponse:
             replica = self._replica(request.shard_id)
-            result = replica.read(request.query, request.consistent, _timeout_seconds(context))
+            result = await replica.read(request.query, request.consistent, _deadline(context))
             return node_pb2.ReadResponse(result=result)
 
-        return _serve(context, run)
+        return await self._gate.run("Read", context, run)
 
-    def Status(
-        self, request: node_pb2.StatusRequest, context: grpc.ServicerContext
+    async def Status(
+        self, request: node_pb2.StatusRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> node_pb2.StatusResponse:
-        response = node_pb2.StatusResponse(node_id=self._node_id)
-        for shard_id in sorted(self._replicas):
-            status = self._replicas[shard_id].status()
-            response.replicas.append(
-                node_pb2.ReplicaStatus(
-                    shard_id=status.shard_id,
-                    node_id=status.node_id,
-                    is_leader=status.is_leader,
-                    leader_node_id=status.leader_node_id,
-                    term=status.term,
-                    commit_index=status.commit_index,
-                    last_applied=status.last_applied,
-                    core_applied_index=status.core_applied_index,
-                    has_quorum=status.has_quorum,
-                    log_entries=status.log_entries,
+        async def run() -> node_pb2.StatusResponse:
+            response = node_pb2.StatusResponse(node_id=self._node_id)
+            for shard_id in sorted(self._replicas):
+                status = self._replicas[shard_id].status()
+                response.replicas.append(
+                    node_pb2.ReplicaStatus(
+                        shard_id=status.shard_id,
+                        node_id=status.node_id,
+                        is_leader=status.is_leader,
+                        leader_node_id=status.leader_node_id,
+                        term=status.term,
+                        commit_index=status.commit_index,
+                        last_applied=status.last_applied,
+                        core_applied_index=status.core_applied_index,
+                        has_quorum=status.has_quorum,
+                        log_entries=status.log_entries,
+                    )
                 )
-            )
-        return response
+            return response
 
-    def Digest(
-        self, request: node_pb2.DigestRequest, context: grpc.ServicerContext
+        return await self._gate.run("Status", context, run)
+
+    async def Digest(
+        self, request: node_pb2.DigestRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> node_pb2.DigestResponse:
-        def run() -> node_pb2.DigestResponse:
-            applied_index, digest = self._replica(request.shard_id).core.state_digest()
+        async def run() -> node_pb2.DigestResponse:
+            replica = self._replica(request.shard_id)
+            # A scan of the whole shard: off the event loop, so other calls go on.
+            applied_index, digest = await asyncio.to_thread(replica.core.state_digest)
             return node_pb2.DigestResponse(applied_index=applied_index, digest=digest)
 
-        return _serve(context, run)
+        return await self._gate.run("Digest", context, run)
 
-    def Snapshot(
-        self, request: node_pb2.SnapshotRequest, context: grpc.ServicerContext
-    ) -> Iterator[node_pb2.SnapshotChunk]:
-        if not self._snapshot_streams.acquire(blocking=False):
-            abort(
+    async def Verify(
+        self, request: node_pb2.VerifyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> node_pb2.VerifyResponse:
+        async def run() -> node_pb2.VerifyResponse:
+            replica = self._replica(request.shard_id)
+            applied_index, digest, problems = await asyncio.to_thread(replica.core.verify_report)
+            return node_pb2.VerifyResponse(
+                applied_index=applied_index,
+                digest=digest,
+                problems=problems[:VERIFY_PROBLEMS_MAX],
+                problem_count=len(problems),
+                node_id=self._node_id,
+                is_leader=replica.is_leader(),
+            )
+
+        return await self._gate.run("Verify", context, run)
+
+    async def TransferLeadership(
+        self,
+        request: node_pb2.TransferLeadershipRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> node_pb2.TransferLeadershipResponse:
+        async def run() -> node_pb2.TransferLeadershipResponse:
+            replica = self._replica(request.shard_id)
+            target = request.target_node_id or None
+            hosts = {member.node_id for member in replica.shard.replicas}
+            if target is not None and (target not in hosts or target == self._node_id):
+                raise ApiError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    NodeReason.INVALID_TRANSFER_TARGET,
+                    f"{echo(target)} is not another replica of shard {request.shard_id}"
+                    f" (its replicas: {', '.join(sorted(hosts))})",
+                )
+            # It polls and sleeps until another replica leads: a thread, not the event loop.
+            leader = await asyncio.to_thread(
+                replica.transfer_leadership, target, _deadline(context).remaining_seconds()
+            )
+            return node_pb2.TransferLeadershipResponse(
+                leader_node_id=leader, previous_leader_node_id=self._node_id
+            )
+
+        return await self._gate.run("TransferLeadership", context, run)
+
+    async def Snapshot(
+        self, request: node_pb2.SnapshotRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[node_pb2.SnapshotChunk]:
+        if self._snapshot_streams >= SNAPSHOT_STREAMS_MAX:
+            await abort(
                 context,
                 ApiError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "SNAPSHOT_BUSY",
+                    NodeReason.SNAPSHOT_BUSY,
                     f"node {self._node_id} already streams {SNAPSHOT_STREAMS_MAX} snapshots; retry later",
                 ),
             )
+        self._snapshot_streams += 1
         try:
-            spooled = _serve(context, lambda: self._spool_snapshot(request.shard_id))
+            spooled = await self._gate.run(
+                "Snapshot", context, lambda: self._spool_snapshot(request.shard_id)
+            )
             try:
-                yield from self._snapshot_chunks(spooled)
+                chunks = _chunk_reader(spooled, self._node_id)
+                # Each read from disk on a worker thread, so the event loop never waits on it.
+                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                    yield chunk
             finally:
                 shutil.rmtree(spooled.directory, ignore_errors=True)
         finally:
-            self._snapshot_streams.release()
+            self._snapshot_streams -= 1
 
-    def _spool_snapshot(self, shard_id: str) -> _SpooledSnapshot:
+    async def _spool_snapshot(self, shard_id: str) -> _SpooledSnapshot:
         """The leader's state, written from one LMDB read transaction (applies go on meanwhile)
         to a private temporary file."""
         replica = self._replica(shard_id)
@@ -185,6 +239,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 f"node {self._node_id} leads shard {shard_id} without a majority; not a backup source",
                 None,
             )
+        return await asyncio.to_thread(self._write_spool, replica, shard_id)
+
+    def _write_spool(self, replica: ShardReplica, shard_id: str) -> _SpooledSnapshot:
         directory = Path(tempfile.mkdtemp(prefix=f"{shard_id}-", dir=self._snapshot_spool))
         path = directory / "shard.snapshot"
         try:
@@ -193,7 +250,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             shutil.rmtree(directory, ignore_errors=True)
             raise ApiError(
                 grpc.StatusCode.INTERNAL,
-                "SNAPSHOT_FAILED",
+                NodeReason.SNAPSHOT_FAILED,
                 f"node {self._node_id} could not snapshot shard {shard_id}: {error}",
             ) from error
         except BaseException:
@@ -208,97 +265,37 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         )
         return _SpooledSnapshot(directory, path, header)
 
-    def _snapshot_chunks(self, spooled: _SpooledSnapshot) -> Iterator[node_pb2.SnapshotChunk]:
-        digest = hashlib.sha256()
-        offset = 0
-        with open(spooled.path, "rb") as file:
-            data = file.read(SNAPSHOT_CHUNK_BYTES_MAX)
-            while True:
-                following = file.read(SNAPSHOT_CHUNK_BYTES_MAX)
-                digest.update(data)
-                chunk = node_pb2.SnapshotChunk(data=data, offset=offset)
-                offset += len(data)
-                if not following:
-                    header = spooled.header
-                    chunk.last = True
-                    chunk.sha256 = digest.hexdigest()
-                    chunk.total_bytes = offset
-                    chunk.applied_index = header.applied_index
-                    chunk.record_count = header.record_count
-                    chunk.shard_lower_bound = header.shard_lower_bound
-                    chunk.shard_upper_bound = header.shard_upper_bound
-                    chunk.node_id = self._node_id
-                    yield chunk
-                    return
+
+def _chunk_reader(spooled: _SpooledSnapshot, node_id: str) -> Iterator[node_pb2.SnapshotChunk]:
+    """The spooled file as chunks; the last one carries the stream's sha256 and header."""
+    digest = hashlib.sha256()
+    offset = 0
+    with open(spooled.path, "rb") as file:
+        data = file.read(SNAPSHOT_CHUNK_BYTES_MAX)
+        while True:
+            following = file.read(SNAPSHOT_CHUNK_BYTES_MAX)
+            digest.update(data)
+            chunk = node_pb2.SnapshotChunk(data=data, offset=offset)
+            offset += len(data)
+            if not following:
+                header = spooled.header
+                chunk.last = True
+                chunk.sha256 = digest.hexdigest()
+                chunk.total_bytes = offset
+                chunk.applied_index = header.applied_index
+                chunk.record_count = header.record_count
+                chunk.shard_lower_bound = header.shard_lower_bound
+                chunk.shard_upper_bound = header.shard_upper_bound
+                chunk.node_id = node_id
                 yield chunk
-                data = following
-
-    def Verify(
-        self, request: node_pb2.VerifyRequest, context: grpc.ServicerContext
-    ) -> node_pb2.VerifyResponse:
-        def run() -> node_pb2.VerifyResponse:
-            replica = self._replica(request.shard_id)
-            applied_index, digest, problems = replica.core.verify_report()
-            return node_pb2.VerifyResponse(
-                applied_index=applied_index,
-                digest=digest,
-                problems=problems[:VERIFY_PROBLEMS_MAX],
-                problem_count=len(problems),
-                node_id=self._node_id,
-                is_leader=replica.is_leader(),
-            )
-
-        return _serve(context, run)
-
-    def TransferLeadership(
-        self, request: node_pb2.TransferLeadershipRequest, context: grpc.ServicerContext
-    ) -> node_pb2.TransferLeadershipResponse:
-        def run() -> node_pb2.TransferLeadershipResponse:
-            replica = self._replica(request.shard_id)
-            target = request.target_node_id or None
-            hosts = {member.node_id for member in replica.shard.replicas}
-            if target is not None and (target not in hosts or target == self._node_id):
-                raise ApiError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "INVALID_TRANSFER_TARGET",
-                    f"{target!r} is not another replica of shard {request.shard_id}"
-                    f" (its replicas: {', '.join(sorted(hosts))})",
-                )
-            leader = replica.transfer_leadership(target, _timeout_seconds(context))
-            return node_pb2.TransferLeadershipResponse(
-                leader_node_id=leader, previous_leader_node_id=self._node_id
-            )
-
-        return _serve(context, run)
-
-
-def _node_error(error: Exception) -> ApiError | None:
-    """What a replica's "not taken" and "unknown outcome" errors mean on the wire."""
-    if isinstance(error, NotLeaderError):
-        leader = error.leader_node_id or ""
-        return ApiError(
-            grpc.StatusCode.FAILED_PRECONDITION if leader else grpc.StatusCode.UNAVAILABLE,
-            "NOT_LEADER" if leader else "NO_LEADER",
-            str(error),
-            {"leader_node_id": leader},
-        )
-    if isinstance(error, BackendUnavailableError):
-        return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", str(error))
-    if isinstance(error, UnknownOutcomeError):
-        return ApiError(grpc.StatusCode.UNAVAILABLE, "OUTCOME_UNKNOWN", str(error))
-    if isinstance(error, LeadershipTransferDeniedError):
-        return ApiError(grpc.StatusCode.FAILED_PRECONDITION, "TRANSFER_DENIED", str(error))
-    if isinstance(error, LeadershipTransferIncompleteError):
-        return ApiError(grpc.StatusCode.UNAVAILABLE, "TRANSFER_INCOMPLETE", str(error))
-    return None
-
-
-def _serve(context: grpc.ServicerContext, handler: Callable[[], Response]) -> Response:
-    return serve(context, handler, _node_error)
+                return
+            yield chunk
+            data = following
 
 
 class NodeServer:
-    """The replicas of one node plus the gRPC server in front of them."""
+    """The replicas of one node plus the gRPC server and the metrics endpoint in front of them.
+    Build it, then `start()` and `stop()` it on the event loop that serves it."""
 
     def __init__(self, config: ClusterConfig, node_id: str, data_dir: Path, options: ReplicaOptions) -> None:
         self.node = config.node(node_id)
@@ -310,11 +307,11 @@ class NodeServer:
                 " Remove the node data directories and run the restore again"
             )
         self.replicas: dict[str, ShardReplica] = {}
-        snapshot_spool = data_dir / SNAPSHOT_SPOOL_DIRECTORY_NAME
+        self._snapshot_spool = data_dir / SNAPSHOT_SPOOL_DIRECTORY_NAME
         try:
             # Left over by a process that died while streaming; nobody else uses it (the lock).
-            shutil.rmtree(snapshot_spool, ignore_errors=True)
-            make_private_directory(snapshot_spool)
+            shutil.rmtree(self._snapshot_spool, ignore_errors=True)
+            make_private_directory(self._snapshot_spool)
             for shard in config.shards:
                 if any(replica.node_id == node_id for replica in shard.replicas):
                     self.replicas[shard.shard_id] = ShardReplica(config, shard, node_id, data_dir, options)
@@ -323,30 +320,55 @@ class NodeServer:
         except BaseException:
             self._close_replicas()
             raise
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=NODE_WORKER_THREADS, thread_name_prefix="node-rpc"),
-            maximum_concurrent_rpcs=NODE_CONCURRENT_RPCS_MAX,
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._metrics: MetricsServer | None = None
+        self.port = 0
+
+    def _shard_figures(self) -> list[ShardFigures]:
+        figures = []
+        for shard_id, replica in sorted(self.replicas.items()):
+            status = replica.status()
+            used_bytes, map_bytes = replica.core.storage_bytes()
+            figures.append(
+                ShardFigures(
+                    shard_id=shard_id,
+                    applied_index=status.core_applied_index,
+                    lmdb_used_bytes=used_bytes,
+                    lmdb_map_bytes=map_bytes,
+                    term=status.term,
+                    commit_index=status.commit_index,
+                    is_leader=status.is_leader,
+                )
+            )
+        return figures
+
+    async def start(self) -> None:
+        """Listen on the node's address (and metrics address, when the config names one);
+        raises OSError when one is taken."""
+        server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", NODE_MESSAGE_BYTES_MAX),
                 ("grpc.max_send_message_length", NODE_MESSAGE_BYTES_MAX),
+                # Fail loudly when the port is taken instead of sharing it with another server.
                 ("grpc.so_reuseport", 0),
             ],
         )
         node_pb2_grpc.add_NodeServiceServicer_to_server(
-            NodeServicer(node_id, self.replicas, snapshot_spool), self._server
+            NodeServicer(self.node.node_id, self.replicas, self._snapshot_spool), server
         )
-        self._health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
-            self.port = self._server.add_insecure_port(self.node.grpc_address)
+            self.port = server.add_insecure_port(self.node.grpc_address)
         except RuntimeError as error:
-            self._close_replicas()
             raise OSError(f"cannot listen on {self.node.grpc_address}: {error}") from error
-
-    def start(self) -> None:
-        self._server.start()
+        if self.node.metrics_address is not None:
+            host, _, port = self.node.metrics_address.rpartition(":")
+            self._metrics = serve_metrics(host, int(port), "node", self.node.node_id, self._shard_figures)
+        await server.start()
+        self._server = server
         for service in ("", NODE_SERVICE_NAME):
-            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "node %s serving NodeService on %s with %d replicas (pid %d)",
             self.node.node_id,
@@ -355,11 +377,15 @@ class NodeServer:
             os.getpid(),
         )
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         for service in ("", NODE_SERVICE_NAME):
-            self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._server.stop(NODE_SHUTDOWN_GRACE_SECONDS).wait()
-        self._close_replicas()
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._server is not None:
+            await self._server.stop(NODE_SHUTDOWN_GRACE_SECONDS)
+        if self._metrics is not None:
+            self._metrics.close()
+        # Joins every replica's tick thread: off the event loop.
+        await asyncio.to_thread(self._close_replicas)
 
     def _close_replicas(self) -> None:
         for replica in self.replicas.values():

@@ -10,37 +10,39 @@ writes the core's snapshot stream (DESIGN §3) through our own serializer, with 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from google.protobuf.message import DecodeError
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.journal import createJournal
 
+from ledger_cluster import metrics
 from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.config import ClusterConfig, ShardConfig
-from ledger_cluster.core import AccountsCore
+from ledger_cluster.core import AccountsCore, commands
+from ledger_cluster.deadlines import Deadline
 from ledger_cluster.errors import (
     BackendUnavailableError,
     LeadershipTransferDeniedError,
     LeadershipTransferIncompleteError,
     LedgerError,
     NotLeaderError,
+    ProposalDeniedError,
+    QueueFullError,
     ReplicaBrokenError,
     SnapshotError,
     UnknownOutcomeError,
 )
-from ledger_cluster.limits import BATCH_ITEMS_MAX
+from ledger_cluster.group_commit import Answer, GroupCommit
 from ledger_cluster.process import stop_broken_process
 from ledger_cluster.storage import fsync_directory, make_private_directory, read_snapshot_header
 
@@ -59,11 +61,6 @@ CONNECTION_RETRY_SECONDS = 1.0
 AUTO_TICK_PERIOD_SECONDS = 0.05
 # Bounded queue of proposals waiting for the tick thread; beyond it, RESOURCE_EXHAUSTED.
 COMMANDS_QUEUE_SIZE_MAX = 10_000
-# Writes waiting for the proposal in flight to finish (group commit); beyond it, QUEUE_FULL.
-GROUP_COMMIT_WAITING_MAX = 10_000
-# Proposals of one shard in flight at once (Raft pipelines them); writes beyond wait and are
-# proposed together when one completes.
-GROUP_COMMIT_IN_FLIGHT_MAX = 1
 APPEND_ENTRIES_BATCH_BYTES_MAX = 2**16
 SNAPSHOT_TRANSFER_BATCH_BYTES = 2**20
 LOG_COMPACTION_MIN_ENTRIES_DEFAULT = 50_000
@@ -167,177 +164,12 @@ class _LedgerSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no type 
         try:
             if not isinstance(command, bytes):
                 raise ReplicaBrokenError(f"log entry carries {type(command).__name__}, not bytes")
-            return self._core.apply(command, self.raftLastApplied + 1, answering=self._answers_awaited())
+            started_seconds = time.perf_counter()
+            result = self._core.apply(command, self.raftLastApplied + 1, answering=self._answers_awaited())
+            metrics.APPLY_LATENCY.observe(time.perf_counter() - started_seconds)
+            return result
         except BaseException as error:  # an apply that raises would be retried forever
             self._on_broken(error)
-
-
-@dataclass
-class _Waiter:
-    command: bytes
-    is_batch: bool
-    # What this write adds to a group's entry: the command itself, or a batch command's items.
-    # None for a batch the core refuses whole: it is proposed alone, exactly as sent.
-    items: list[bytes] | None
-    answered: threading.Event = field(default_factory=threading.Event)
-    answer: core_pb2.CommandResult | LedgerError | None = None
-
-    def settle(self, answer: core_pb2.CommandResult | LedgerError) -> None:
-        self.answer = answer
-        self.answered.set()
-
-
-def _new_waiter(command: bytes) -> _Waiter:
-    """A batch command's items can join other writes' items in one entry: the core applies
-    them one by one, each answered on its own, exactly as inside their own batch. A batch the
-    core refuses whole (empty, too large, undecodable) stays alone, refused exactly as sent."""
-    try:
-        envelope = core_pb2.CommandEnvelope.FromString(command)
-    except DecodeError:
-        return _Waiter(command, is_batch=False, items=[command])  # one item the core refuses
-    if envelope.type != core_pb2.COMMAND_TYPE_BATCH:
-        return _Waiter(command, is_batch=False, items=[command])
-    try:
-        items = list(core_pb2.BatchCommand.FromString(envelope.payload).commands)
-    except DecodeError:
-        return _Waiter(command, is_batch=True, items=None)
-    return _Waiter(command, is_batch=True, items=items if 1 <= len(items) <= BATCH_ITEMS_MAX else None)
-
-
-def _batch_answer(answer: core_pb2.CommandResult, start: int, count: int) -> core_pb2.CommandResult:
-    """A joined batch command's own answer: its slice of the entry's item results."""
-    own = core_pb2.CommandResult(outcome=answer.outcome, log_index=answer.log_index)
-    own.item_results.extend(answer.item_results[start : start + count])
-    return own
-
-
-def _settle_items(group: list[_Waiter], answer: core_pb2.CommandResult) -> None:
-    start = 0
-    for waiter in group:
-        count = len(waiter.items or ())
-        waiter.settle(_batch_answer(answer, start, count) if waiter.is_batch else answer.item_results[start])
-        start += count
-
-
-class _GroupCommit:
-    """One proposal per shard in flight at a time. Writes that arrive meanwhile wait, and when
-    it completes they are proposed together as one batch entry (one Raft round, one LMDB write
-    transaction, one fsync pair on every replica). A write arriving while nothing is in flight
-    is proposed at once, so low load sees no added delay.
-
-    A batch entry's items are independent: each keeps its own ids, `now` and idempotency, and
-    gets its own result. A command that is itself a batch (a batch RPC's items for this shard)
-    adds its items, and gets back their results as its own batch answer; an entry holds at
-    most BATCH_ITEMS_MAX items."""
-
-    def __init__(
-        self,
-        propose: Callable[[bytes, Callable[[Any, int], None]], None],
-        translate: Callable[[Any, int], core_pb2.CommandResult | LedgerError],
-    ) -> None:
-        self._propose = propose
-        self._translate = translate
-        self._lock = threading.Lock()
-        self._waiting: deque[_Waiter] = deque()
-        self._in_flight = 0
-        self._held = False
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """Propose nothing new inside the block (writes wait, as if a proposal were in flight):
-        a leadership transfer needs the target to stay caught up with the leader's log."""
-        with self._lock:
-            self._held = True
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._held = False
-                self._propose_next()
-
-    def submit(self, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
-        waiter = _new_waiter(command)
-        with self._lock:
-            if len(self._waiting) >= GROUP_COMMIT_WAITING_MAX:
-                raise BackendUnavailableError("the shard's proposal queue is full")
-            self._waiting.append(waiter)
-            self._propose_next()
-        if not waiter.answered.wait(timeout_seconds):
-            with self._lock:
-                if waiter in self._waiting:
-                    # Never proposed: certainly not applied.
-                    self._waiting.remove(waiter)
-                    raise BackendUnavailableError(f"not proposed within {timeout_seconds:.3f} s; not applied")
-            raise UnknownOutcomeError(f"no answer within {timeout_seconds:.3f} s; it may still commit")
-        answer = waiter.answer
-        if isinstance(answer, LedgerError):
-            raise answer
-        assert answer is not None
-        return answer
-
-    @staticmethod
-    def _settle_group(group: list[_Waiter], answer: core_pb2.CommandResult | LedgerError) -> None:
-        """Each waiter its own items' results; an error for the whole entry is each one's."""
-        item_count = sum(len(waiter.items or ()) for waiter in group)
-        if isinstance(answer, core_pb2.CommandResult) and answer.outcome == core_pb2.OUTCOME_OK:
-            if len(answer.item_results) == item_count:
-                _settle_items(group, answer)
-                return
-            answer = UnknownOutcomeError("applied, but the answer lacks its items' results")
-        for waiter in group:
-            waiter.settle(answer)
-
-    def has_proposal_in_flight(self) -> bool:
-        """Whether an entry this replica proposed may be applying now. Every entry whose
-        callback waits was proposed with the count raised, and the count drops only in that
-        callback, after the apply: when it is zero, nobody waits for the entry being applied
-        (a follower's case), so the core can skip building answers. Read without the lock:
-        the raise happens before the proposal, so it can only be stale toward building answers
-        that nobody reads."""
-        return self._in_flight > 0
-
-    def _propose_next(self) -> None:
-        """With the lock held: while a proposal slot is free, propose what waits, up to
-        BATCH_ITEMS_MAX items as one entry."""
-        while self._waiting and not self._held and self._in_flight < GROUP_COMMIT_IN_FLIGHT_MAX:
-            self._propose_group()
-
-    def _propose_group(self) -> None:
-        group = [self._waiting.popleft()]
-        item_count = len(group[0].items or ())
-        while group[0].items is not None and self._waiting:
-            following = self._waiting[0].items
-            if following is None or item_count + len(following) > BATCH_ITEMS_MAX:
-                break
-            group.append(self._waiting.popleft())
-            item_count += len(following)
-        if len(group) == 1:
-            entry = group[0].command
-        else:
-            batch = core_pb2.BatchCommand(commands=[item for waiter in group for item in waiter.items or ()])
-            entry = core_pb2.CommandEnvelope(
-                type=core_pb2.COMMAND_TYPE_BATCH, payload=batch.SerializeToString()
-            ).SerializeToString()
-        self._in_flight += 1
-        self._propose(entry, lambda result, error: self._on_answer(group, result, error))
-
-    def _on_answer(self, group: list[_Waiter], result: Any, error: int) -> None:
-        """On PySyncObj's tick thread: hand every waiter its own answer, then propose what
-        gathered meanwhile."""
-        try:
-            answer = self._translate(result, error)
-        except Exception as failure:  # never raise into PySyncObj's apply loop
-            logger.exception("could not read the answer to a proposal")
-            answer = UnknownOutcomeError(f"unreadable answer: {failure}")
-        try:
-            if len(group) == 1:
-                group[0].settle(answer)
-            else:
-                self._settle_group(group, answer)
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-                self._propose_next()
 
 
 class ShardReplica:
@@ -387,7 +219,7 @@ class ShardReplica:
         self._startup_dump_pending = (raft_dir / "dump").is_file()
         conf = self._conf(raft_dir, self_address, options)
         # Before the Raft group, whose tick thread asks it at every apply.
-        self._group_commit = _GroupCommit(self._propose, self._translate_answer)
+        self._group_commit = GroupCommit(shard.shard_id, self._propose, self._translate_answer)
         self._sync_obj = _LedgerSyncObj(
             self_address,
             partners,
@@ -643,12 +475,49 @@ class ShardReplica:
             )
 
     def submit(self, command: bytes, timeout_seconds: float) -> core_pb2.CommandResult:
-        """Propose `command` and wait until this (leader) replica applied it.
-
-        Raises NotLeaderError / BackendUnavailableError when the command was not appended, and
-        UnknownOutcomeError when it was but its fate is unknown (it may still commit)."""
+        """Propose `command` and wait (blocking) until this leader applied it; for tools that
+        run without an event loop. Errors as `submit_async`."""
         self._require_leader()
-        return self._group_commit.submit(command, timeout_seconds)
+        answered = threading.Event()
+        answers: list[Answer | LedgerError] = []
+
+        def on_answer(answer: Answer | LedgerError) -> None:
+            answers.append(answer)
+            answered.set()
+
+        waiter = self._group_commit.submit(command, Deadline.after(timeout_seconds), (), on_answer)
+        if not answered.wait(timeout_seconds):
+            raise self._group_commit.withdraw(waiter)
+        if isinstance(answers[0], LedgerError):
+            raise answers[0]
+        return answers[0].result
+
+    async def submit_async(
+        self, command: bytes, deadline: Deadline, item_budgets_us: Sequence[int] = ()
+    ) -> Answer:
+        """Propose `command` and wait until this (leader) replica applied it, at most until
+        `deadline`; a batch's items each until their own budget runs out.
+
+        Raises NotLeaderError / QueueFullError / ProposalDeniedError / BackendTimeoutError
+        when the command was not appended, UnknownOutcomeError when it was but its fate is
+        unknown (it may still commit), and ValueError for budgets that do not fit the
+        command."""
+        self._require_leader()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Answer | LedgerError] = loop.create_future()
+
+        def on_answer(outcome: Answer | LedgerError) -> None:
+            loop.call_soon_threadsafe(_resolve, answer, outcome)
+
+        waiter = self._group_commit.submit(command, deadline, item_budgets_us, on_answer)
+        try:
+            async with asyncio.timeout_at(deadline.monotonic_seconds):
+                outcome = await answer
+        except TimeoutError:
+            raise self._group_commit.withdraw(waiter) from None
+        if isinstance(outcome, LedgerError):
+            raise outcome
+        return outcome
 
     def _translate_answer(self, result: Any, error: int) -> core_pb2.CommandResult | LedgerError:
         """A PySyncObj answer to one proposal: its result, or the error to raise."""
@@ -659,18 +528,19 @@ class ShardReplica:
         if error in _NOT_APPLIED:
             if error in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER):
                 return NotLeaderError(_NOT_APPLIED[error], self.leader_node_id())
-            return BackendUnavailableError(_NOT_APPLIED[error])
+            if error == FAIL_REASON.QUEUE_FULL:
+                return QueueFullError(_NOT_APPLIED[error])
+            return ProposalDeniedError(_NOT_APPLIED[error])
         return UnknownOutcomeError(f"proposal ended with PySyncObj reason {error}; it may still commit")
 
-    def read(
-        self, query: core_pb2.ReadQuery, consistent: bool, timeout_seconds: float
+    async def read(
+        self, query: core_pb2.ReadQuery, consistent: bool, deadline: Deadline
     ) -> core_pb2.ReadResult:
         self._require_leader()
         if consistent:
             # A no-op through the log: once it is applied here, so is every write acknowledged
             # before this read started, and this replica was leader when it committed.
-            barrier = core_pb2.CommandEnvelope(type=core_pb2.COMMAND_TYPE_NOOP).SerializeToString()
-            self.submit(barrier, timeout_seconds)
+            await self.submit_async(commands.noop(), deadline)
         return self.core.read(query)
 
     def transfer_leadership(self, target_node_id: str | None, timeout_seconds: float) -> str:
@@ -806,3 +676,8 @@ def _check_journal_covers_state(journal_path: Path, applied_index: int, shard_id
 
 def raft_password_from_environment() -> str | None:
     return os.environ.get(RAFT_PASSWORD_ENVIRONMENT_VARIABLE) or None
+
+
+def _resolve(future: asyncio.Future[Answer | LedgerError], outcome: Answer | LedgerError) -> None:
+    if not future.done():  # a caller that stopped waiting cancelled it
+        future.set_result(outcome)

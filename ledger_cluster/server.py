@@ -1,39 +1,41 @@
-"""A gRPC server for LedgerService with health and reflection, bounded in every dimension,
-that shuts down gracefully on SIGTERM or SIGINT."""
+"""The asyncio gRPC server of LedgerService (gateway and standalone mode) with health and
+reflection on the same port, a /metrics endpoint, and a graceful stop on SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
-from concurrent import futures
+from collections.abc import Callable
 from types import FrameType
+from typing import TypeAlias
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
-from ledger_cluster.gateway import CoreApi, LedgerGateway
+from ledger_cluster.gateway import CoreApi, LedgerService
+from ledger_cluster.metrics import MetricsServer, serve_metrics
 
 logger = logging.getLogger(__name__)
 
 LEDGER_SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
-WORKER_THREADS = 128
-# Beyond this many RPCs in flight, grpc answers RESOURCE_EXHAUSTED at once instead of queueing
-# without bound.
-CONCURRENT_RPCS_MAX = 256
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 SHUTDOWN_GRACE_SECONDS = 5.0
 HEALTH_REFRESH_SECONDS = 0.5
 
+ServingStatus: TypeAlias = health_pb2.HealthCheckResponse.ServingStatus.ValueType
+
 
 class LedgerServer:
-    def __init__(self, backend: CoreApi, address: str) -> None:
-        self.backend = backend
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="rpc"),
-            maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX,
+    """Build inside the event loop that serves it (grpc.aio binds to the running loop)."""
+
+    def __init__(self, service: LedgerService, address: str) -> None:
+        self.service = service
+        self.backend = service.backend
+        self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
                 ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
@@ -41,54 +43,56 @@ class LedgerServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self._gateway = LedgerGateway(backend)
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(self._gateway, self._server)
-        self._health = health.HealthServicer()
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(service, self._server)
+        self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (LEDGER_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
-        self._stopping = threading.Event()
-        self._health_watcher = threading.Thread(target=self._watch_health, name="health", daemon=True)
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as error:  # grpcio raises rather than return 0 when it cannot bind
+            raise OSError(f"cannot listen on {address}: {error}") from error
+        self._serving: ServingStatus | None = None
+        self._health_watcher: asyncio.Task[None] | None = None
 
-    def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for service in ("", LEDGER_SERVICE_NAME):
-            self._health.set(service, status)
+    async def _set_health(self, status: ServingStatus) -> None:
+        if status != self._serving:
+            self._serving = status
+            for service in ("", LEDGER_SERVICE_NAME):
+                await self._health.set(service, status)
 
-    def _refresh_health(self) -> None:
-        serving = self.backend.is_ready()
-        self._set_health(
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-
-    def _watch_health(self) -> None:
+    async def _watch_health(self) -> None:
         # Health follows the backend: a cluster gateway is SERVING only while every shard has
         # a reachable leader.
-        while not self._stopping.wait(HEALTH_REFRESH_SECONDS):
-            self._refresh_health()
+        while True:
+            serving = self.backend.is_ready()
+            await self._set_health(
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await asyncio.sleep(HEALTH_REFRESH_SECONDS)
 
-    def start(self) -> None:
-        self._server.start()
-        self._refresh_health()
-        self._health_watcher.start()
+    async def start(self) -> None:
+        await self.backend.start()
+        await self._server.start()
+        self._health_watcher = asyncio.get_running_loop().create_task(self._watch_health(), name="health")
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Stop taking RPCs, let those in flight finish, then close the backend."""
-        self._stopping.set()
-        if self._health_watcher.is_alive():
-            self._health_watcher.join()
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._server.stop(SHUTDOWN_GRACE_SECONDS).wait()
-        self._gateway.close()
-        self.backend.close()
+        if self._health_watcher is not None:
+            self._health_watcher.cancel()
+            await asyncio.wait({self._health_watcher}, timeout=HEALTH_REFRESH_SECONDS)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.stop(SHUTDOWN_GRACE_SECONDS)
+        await self.backend.close()
 
 
 def install_stop_signals() -> threading.Event:
     """Turn SIGTERM and SIGINT into an event. Installed first thing at start-up, so a signal
-    that arrives while the process is still starting stops it cleanly too."""
+    that arrives while the process is still starting stops it cleanly too; `wait_for_stop`
+    takes over once the event loop runs."""
     stop_requested = threading.Event()
 
     def request_stop(signal_number: int, frame: FrameType | None) -> None:
@@ -100,9 +104,51 @@ def install_stop_signals() -> threading.Event:
     return stop_requested
 
 
-def run_until(server: LedgerServer, stop_requested: threading.Event) -> None:
-    """Serve until `stop_requested` is set, then stop gracefully."""
-    server.start()
-    stop_requested.wait()
-    server.stop()
-    logger.info("stopped")
+async def wait_for_stop(stop_requested: threading.Event) -> None:
+    """Until SIGTERM or SIGINT, including one that came before the event loop ran."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def request_stop(signal_number: signal.Signals) -> None:
+        logger.info("received %s, shutting down", signal_number.name)
+        stop.set()
+
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, request_stop, signal_number)
+    if stop_requested.is_set():
+        stop.set()
+    await stop.wait()
+
+
+async def serve_ledger(
+    make_backend: Callable[[], CoreApi],
+    *,
+    host: str,
+    port: int,
+    metrics_port: int,
+    role: str,
+    calls_in_flight_max: int,
+    stop_requested: threading.Event,
+    describe: Callable[[int, int], str],
+) -> None:
+    """Serve LedgerService over a new backend until asked to stop. Raises OSError when a port
+    is taken (after closing what it opened). `describe(port, metrics_port)` is logged once
+    serving."""
+    backend = make_backend()
+    metrics_server: MetricsServer | None = None
+    try:
+        server = LedgerServer(
+            LedgerService(backend, calls_in_flight_max=calls_in_flight_max), f"{host}:{port}"
+        )
+        metrics_server = serve_metrics(host, metrics_port, role, role, backend.shard_figures)
+    except BaseException:
+        await backend.close()
+        raise
+    try:
+        await server.start()
+        logger.info("%s", describe(server.port, metrics_server.port))
+        await wait_for_stop(stop_requested)
+    finally:
+        await server.stop()
+        metrics_server.close()
+        logger.info("stopped")

@@ -75,13 +75,19 @@ def write_generated_config(path: Path, nodes: int = 3, shards: int = 4, replicas
 # -- ledger-standalone ----------------------------------------------------------------------------
 
 
-def standalone_command(port: int, data_dir: Path, config_path: Path) -> list[str]:
+def standalone_command(
+    port: int, data_dir: Path, config_path: Path, metrics_port: int | None = None
+) -> list[str]:
+    """Its metrics on a free port unless given: never the default one, which a developer's own
+    server may hold."""
     return [
         sys.executable,
         "-m",
         "ledger_cluster.cli.standalone",
         "--port",
         str(port),
+        "--metrics-port",
+        str(free_port() if metrics_port is None else metrics_port),
         "--data-dir",
         str(data_dir),
         "--config",
@@ -93,6 +99,7 @@ def standalone_command(port: int, data_dir: Path, config_path: Path) -> list[str
 class StandaloneServer:
     process: ManagedProcess
     port: int
+    metrics_port: int
     data_dir: Path
     config_path: Path
 
@@ -107,14 +114,21 @@ def start_standalone(
     """Start ledger-standalone and wait until it is SERVING; the caller must stop it (prefer
     `standalone_server`). A server that does not become ready is stopped before failing."""
     chosen_port = free_port() if port is None else port
-    command = standalone_command(chosen_port, data_dir, config_path)
+    metrics_port = free_port()
+    command = standalone_command(chosen_port, data_dir, config_path, metrics_port)
     process = start_process(f"ledger-standalone :{chosen_port}", command, log_path)
     try:
         wait_until_serving(process, f"{LOOPBACK_HOST}:{chosen_port}")
     except BaseException:
         process.stop()
         raise
-    return StandaloneServer(process=process, port=chosen_port, data_dir=data_dir, config_path=config_path)
+    return StandaloneServer(
+        process=process,
+        port=chosen_port,
+        metrics_port=metrics_port,
+        data_dir=data_dir,
+        config_path=config_path,
+    )
 
 
 @contextmanager

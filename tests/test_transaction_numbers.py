@@ -4,22 +4,19 @@ The gateway runs in this process over real gRPC and a real LMDB-backed standalon
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
-from concurrent import futures
+from contextlib import ExitStack
 from pathlib import Path
 
-import grpc
 import pytest
 
 from ledger_cluster import config as cluster_config
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
-from ledger_cluster.gateway import (
-    TRANSACTION_NUMBER_RANDOM_BITS,
-    LedgerGateway,
-    StandaloneBackend,
-    time_ordered_transaction_number,
-)
+from ledger_cluster.gateway import LedgerService, StandaloneBackend, time_ordered_transaction_number
+from ledger_cluster.gateway.service import TRANSACTION_NUMBER_RANDOM_BITS
 from ledger_cluster.ids import parse_transaction_id
+from tests.inprocess import served
 
 RPC_TIMEOUT_SECONDS = 10.0
 NOW_NS = 1_795_000_000_123_456_789  # late 2026
@@ -45,30 +42,21 @@ def _scripted(numbers: list[int]) -> Callable[[int], int]:
 @pytest.fixture
 def serve_gateway(tmp_path: Path) -> Iterator[Callable[[Callable[[int], int]], Stub]]:
     config = cluster_config.generate(1, 2, 1)
-    servers: list[grpc.Server] = []
-    backends: list[StandaloneBackend] = []
-    channels: list[grpc.Channel] = []
+    servers_started = itertools.count()
+    with ExitStack() as stack:
 
-    def start(new_transaction_number: Callable[[int], int]) -> Stub:
-        backend = StandaloneBackend(config, tmp_path / f"data{len(backends)}")
-        backends.append(backend)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        servers.append(server)
-        gateway = LedgerGateway(backend, new_transaction_number=new_transaction_number)
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(gateway, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        channels.append(channel)
-        return ledger_pb2_grpc.LedgerServiceStub(channel)
+        def start(new_transaction_number: Callable[[int], int]) -> Stub:
+            data_dir = tmp_path / f"data{next(servers_started)}"
+            channel, _, _ = stack.enter_context(
+                served(
+                    lambda: LedgerService(
+                        StandaloneBackend(config, data_dir), new_transaction_number=new_transaction_number
+                    )
+                )
+            )
+            return ledger_pb2_grpc.LedgerServiceStub(channel)
 
-    yield start
-    for channel in channels:
-        channel.close()
-    for server in servers:
-        server.stop(grace=None).wait()
-    for backend in backends:
-        backend.close()
+        yield start
 
 
 def _new_account(stub: Stub) -> str:

@@ -13,10 +13,14 @@ import grpc
 from ledger_cluster import __version__
 from ledger_cluster.config import ClusterConfig, load
 from ledger_cluster.errors import ConfigError
+from ledger_cluster.gateway.service import CALLS_IN_FLIGHT_MAX
+from ledger_cluster.metrics import DEFAULT_METRICS_PORT
 from ledger_cluster.status import error_details
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The most --calls-in-flight-max accepts: each call in flight holds a coroutine and its request.
+CALLS_IN_FLIGHT_LIMIT = 100_000
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -49,7 +53,25 @@ def config_option(function: Command) -> Command:
 
 
 def listen_options(function: Command) -> Command:
-    """--host and --port of a public LedgerService listener."""
+    """--host, --port, --metrics-port and --calls-in-flight-max of a public LedgerService
+    listener."""
+    function = click.option(
+        "--calls-in-flight-max",
+        type=click.IntRange(1, CALLS_IN_FLIGHT_LIMIT),
+        default=CALLS_IN_FLIGHT_MAX,
+        show_default=True,
+        envvar="LEDGER_CALLS_IN_FLIGHT_MAX",
+        help="LedgerService calls served at once; beyond it a call gets RESOURCE_EXHAUSTED"
+        " TOO_MANY_REQUESTS at once (health checks are never refused). Env LEDGER_CALLS_IN_FLIGHT_MAX.",
+    )(function)
+    function = click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        default=DEFAULT_METRICS_PORT,
+        show_default=True,
+        envvar="LEDGER_METRICS_PORT",
+        help="Port of GET /metrics (Prometheus), on --host; 0 picks a free one (env LEDGER_METRICS_PORT).",
+    )(function)
     function = click.option(
         "--port",
         type=click.IntRange(0, 65535),

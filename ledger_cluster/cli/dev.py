@@ -23,7 +23,7 @@ from ledger_cluster.cli.common import (
     load_config,
     version_option,
 )
-from ledger_cluster.client import ClusterClient
+from ledger_cluster.client import node_statuses_now
 from ledger_cluster.errors import ConfigError, LedgerError
 from ledger_cluster.limits import BATCH_ITEMS_MAX
 from ledger_cluster.localcluster.cluster import config_ports
@@ -360,11 +360,7 @@ def status(config_path: str, timeout_seconds: float) -> None:
     """Per shard: its leader, term, and each replica's commit and applied index and health.
     Exits 1 when any shard has no leader."""
     config = load_config(config_path)
-    client = ClusterClient(config)
-    try:
-        statuses = client.node_statuses(timeout_seconds)
-    finally:
-        client.close()
+    statuses = node_statuses_now(config, timeout_seconds)
     by_node = {status.node_id: status for status in statuses}
     for node_status in statuses:
         state = f"down ({node_status.error})" if node_status.error else "up"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import click
@@ -16,7 +17,7 @@ from ledger_cluster.cli.common import (
     version_option,
 )
 from ledger_cluster.gateway import ClusterBackend
-from ledger_cluster.server import LedgerServer, install_stop_signals, run_until
+from ledger_cluster.server import install_stop_signals, serve_ledger
 
 logger = logging.getLogger("ledger_cluster.gateway")
 
@@ -26,26 +27,36 @@ logger = logging.getLogger("ledger_cluster.gateway")
 @config_option
 @log_level_option
 @version_option("ledger-gateway")
-def main(host: str, port: int, config_path: str, log_level: str) -> None:
+def main(
+    *, host: str, port: int, metrics_port: int, calls_in_flight_max: int, config_path: str, log_level: str
+) -> None:
     """Serve ledger_cluster.api.v1.LedgerService, routing each request by shard key to the
     shard's leader. Health says SERVING only while every shard has a reachable leader."""
     stop_requested = install_stop_signals()
     setup_logging(log_level)
     config = load_config(config_path)
-    backend = ClusterBackend(config)
+
+    def describe(bound_port: int, bound_metrics_port: int) -> str:
+        return (
+            f"gateway serving LedgerService on {host}:{bound_port} for {len(config.shards)} shards on"
+            f" {len(config.nodes)} nodes; metrics on {host}:{bound_metrics_port}"
+        )
+
     try:
-        server = LedgerServer(backend, f"{host}:{port}")
-    except (OSError, RuntimeError) as error:
-        backend.close()
-        raise click.ClickException(f"cannot listen on {host}:{port}: {error}") from error
-    logger.info(
-        "gateway serving LedgerService on %s:%d for %d shards on %d nodes",
-        host,
-        server.port,
-        len(config.shards),
-        len(config.nodes),
-    )
-    run_until(server, stop_requested)
+        asyncio.run(
+            serve_ledger(
+                lambda: ClusterBackend(config),
+                host=host,
+                port=port,
+                metrics_port=metrics_port,
+                role="gateway",
+                calls_in_flight_max=calls_in_flight_max,
+                stop_requested=stop_requested,
+                describe=describe,
+            )
+        )
+    except OSError as error:
+        raise click.ClickException(str(error)) from error
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from pathlib import Path
 
 import click
@@ -15,6 +17,7 @@ from ledger_cluster.cli.common import (
     setup_logging,
     version_option,
 )
+from ledger_cluster.config import ClusterConfig
 from ledger_cluster.errors import ConfigError, ReplicaBrokenError, StorageError
 from ledger_cluster.node import NodeServer
 from ledger_cluster.replica import (
@@ -23,7 +26,7 @@ from ledger_cluster.replica import (
     RAFT_PASSWORD_ENVIRONMENT_VARIABLE,
     ReplicaOptions,
 )
-from ledger_cluster.server import install_stop_signals
+from ledger_cluster.server import install_stop_signals, wait_for_stop
 
 logger = logging.getLogger("ledger_cluster.node")
 
@@ -89,13 +92,26 @@ def main(
         log_compaction_min_seconds=log_compaction_min_seconds,
     )
     try:
-        server = NodeServer(config, node_id, Path(data_dir), options)
+        asyncio.run(_serve(config, node_id, Path(data_dir), options, stop_requested))
     except (ConfigError, StorageError, ReplicaBrokenError, OSError) as error:
         raise click.ClickException(str(error)) from error
-    server.start()
-    stop_requested.wait()
-    server.stop()
     logger.info("node %s stopped", node_id)
+
+
+async def _serve(
+    config: ClusterConfig,
+    node_id: str,
+    data_dir: Path,
+    options: ReplicaOptions,
+    stop_requested: threading.Event,
+) -> None:
+    # The replicas start (journal replay included) before the loop serves anything.
+    server = NodeServer(config, node_id, data_dir, options)
+    try:
+        await server.start()
+        await wait_for_stop(stop_requested)
+    finally:
+        await server.stop()
 
 
 if __name__ == "__main__":

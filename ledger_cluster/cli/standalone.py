@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ledger_cluster.cli.common import (
 )
 from ledger_cluster.errors import StorageError
 from ledger_cluster.gateway import StandaloneBackend
-from ledger_cluster.server import LedgerServer, install_stop_signals, run_until
+from ledger_cluster.server import install_stop_signals, serve_ledger
 
 logger = logging.getLogger("ledger_cluster.standalone")
 
@@ -36,29 +37,44 @@ logger = logging.getLogger("ledger_cluster.standalone")
 @config_option
 @log_level_option
 @version_option("ledger-standalone")
-def main(host: str, port: int, data_dir: str, config_path: str, log_level: str) -> None:
+def main(
+    *,
+    host: str,
+    port: int,
+    metrics_port: int,
+    calls_in_flight_max: int,
+    data_dir: str,
+    config_path: str,
+    log_level: str,
+) -> None:
     """Serve ledger_cluster.api.v1.LedgerService from one process: every shard of the config,
-    one LMDB environment each, every write synced before it is acknowledged."""
+    one LMDB environment each; concurrent writes to a shard share one LMDB write transaction,
+    synced before any of them is acknowledged."""
     stop_requested = install_stop_signals()
     setup_logging(log_level)
     config = load_config(config_path)
+
+    def describe(bound_port: int, bound_metrics_port: int) -> str:
+        return (
+            f"serving LedgerService on {host}:{bound_port} (standalone, {len(config.shards)} shards,"
+            f" data in {Path(data_dir).resolve()}); metrics on {host}:{bound_metrics_port}"
+        )
+
     try:
-        backend = StandaloneBackend(config, data_dir)
-    except StorageError as error:
+        asyncio.run(
+            serve_ledger(
+                lambda: StandaloneBackend(config, data_dir),
+                host=host,
+                port=port,
+                metrics_port=metrics_port,
+                role="standalone",
+                calls_in_flight_max=calls_in_flight_max,
+                stop_requested=stop_requested,
+                describe=describe,
+            )
+        )
+    except (OSError, StorageError) as error:
         raise click.ClickException(str(error)) from error
-    try:
-        server = LedgerServer(backend, f"{host}:{port}")
-    except (OSError, RuntimeError) as error:
-        backend.close()
-        raise click.ClickException(f"cannot listen on {host}:{port}: {error}") from error
-    logger.info(
-        "serving LedgerService on %s:%d (standalone, %d shards, data in %s)",
-        host,
-        server.port,
-        len(config.shards),
-        Path(data_dir).resolve(),
-    )
-    run_until(server, stop_requested)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,11 @@ PORT_DRAWS_MAX = 10
 def config_ports(config: ClusterConfig) -> set[int]:
     """Every TCP port a config makes a process listen on."""
     ports = {int(node.grpc_address.rpartition(":")[2]) for node in config.nodes}
+    ports.update(
+        int(node.metrics_address.rpartition(":")[2])
+        for node in config.nodes
+        if node.metrics_address is not None
+    )
     ports.update(replica.raft_port for shard in config.shards for replica in shard.replicas)
     return ports
 
@@ -68,10 +73,11 @@ def config_ports(config: ClusterConfig) -> set[int]:
 def loopback_config(
     nodes: int = 3, shards: int = 4, replicas: int = 3, avoided_ports: frozenset[int] = frozenset()
 ) -> ClusterConfig:
-    """`config.generate(nodes, shards, replicas)` with every node gRPC port and every replica
-    Raft port replaced by a distinct free loopback port, none of them in `avoided_ports`."""
+    """`config.generate(nodes, shards, replicas)` with every node gRPC and metrics port and every
+    replica Raft port replaced by a distinct free loopback port, none of them in
+    `avoided_ports`."""
     generated = cluster_config.generate(nodes, shards, replicas, host=LOOPBACK_HOST)
-    port_count = len(generated.nodes) + sum(len(shard.replicas) for shard in generated.shards)
+    port_count = 2 * len(generated.nodes) + sum(len(shard.replicas) for shard in generated.shards)
     avoided = set(avoided_ports) | config_ports(generated)
     for _ in range(PORT_DRAWS_MAX):
         ports = free_ports(port_count)
@@ -82,7 +88,12 @@ def loopback_config(
     next_port = iter(ports).__next__
     config = ClusterConfig(
         nodes=tuple(
-            dataclasses.replace(node, grpc_address=f"{LOOPBACK_HOST}:{next_port()}", raft_host=LOOPBACK_HOST)
+            dataclasses.replace(
+                node,
+                grpc_address=f"{LOOPBACK_HOST}:{next_port()}",
+                metrics_address=f"{LOOPBACK_HOST}:{next_port()}",
+                raft_host=LOOPBACK_HOST,
+            )
             for node in generated.nodes
         ),
         shards=tuple(
@@ -120,13 +131,15 @@ def node_command(
     return command
 
 
-def gateway_command(port: int, config_path: Path) -> list[str]:
+def gateway_command(port: int, metrics_port: int, config_path: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
         "ledger_cluster.cli.gateway",
         "--port",
         str(port),
+        "--metrics-port",
+        str(metrics_port),
         "--config",
         str(config_path),
     ]
@@ -187,6 +200,7 @@ class Cluster:
     raft_password: str
     nodes: dict[str, ClusterNode]
     gateway_port: int
+    gateway_metrics_port: int
     gateway_log_path: Path
     gateway: ManagedProcess | None = None
     _channels: dict[str, grpc.Channel] = field(default_factory=dict, repr=False)
@@ -331,7 +345,7 @@ class Cluster:
     def start_gateway(self) -> ManagedProcess:
         if self.gateway is not None and self.gateway.is_running():
             raise LocalClusterError("the gateway is already running")
-        command = gateway_command(self.gateway_port, self.config_path)
+        command = gateway_command(self.gateway_port, self.gateway_metrics_port, self.config_path)
         self.gateway = start_process("ledger-gateway", command, self.gateway_log_path)
         return self.gateway
 
@@ -518,7 +532,7 @@ def new_cluster(
     config = loopback_config(nodes, shards, replicas, avoided_ports)
     config_path = base_dir / "cluster_config.json"
     cluster_config.write_atomic(config, config_path)
-    (gateway_port,) = free_ports(1)
+    gateway_port, gateway_metrics_port = free_ports(2)
     return Cluster(
         base_dir=base_dir,
         config=config,
@@ -535,6 +549,7 @@ def new_cluster(
             for node in config.nodes
         },
         gateway_port=gateway_port,
+        gateway_metrics_port=gateway_metrics_port,
         gateway_log_path=base_dir / "logs" / "gateway.log",
     )
 

@@ -23,6 +23,7 @@ import grpc
 from ledger_cluster.api.v1 import node_pb2
 from ledger_cluster.localcluster.cluster import Cluster
 from ledger_cluster.localcluster.processes import LocalClusterError, log_tail
+from ledger_cluster.node_protocol import NodeReason
 from ledger_cluster.status import error_details
 
 KILL_LEADER = "kill-leader"
@@ -48,7 +49,12 @@ STATUS_TIMEOUT_SECONDS = 0.5
 POLL_INTERVAL_SECONDS = 0.05
 TRANSFER_TIMEOUT_SECONDS = 5.0
 # Answers of a transfer that leave the cluster as it was (or with an election under way).
-TRANSFER_REFUSALS = ("TRANSFER_DENIED", "TRANSFER_INCOMPLETE", "NOT_LEADER", "NO_LEADER")
+TRANSFER_REFUSALS = (
+    NodeReason.TRANSFER_DENIED,
+    NodeReason.TRANSFER_INCOMPLETE,
+    NodeReason.NOT_LEADER,
+    NodeReason.NO_LEADER,
+)
 PICK_LEADER_WAIT_SECONDS = 10.0
 ERROR_TEXT_MAX = 4000
 EXIT_LOG_TAIL_LINES = 40

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import grpc
 
+from ledger_cluster.gateway.outcomes import NOT_APPLIED_REASONS
 from ledger_cluster.status import error_details
 
 OUTCOME_OK = "ok"
@@ -43,7 +44,7 @@ HISTORY_OPERATIONS_MAX = 2_000_000
 
 # Failures after which the gateway promises that nothing was applied. Every other failure of a
 # write (a transport error, a deadline the client itself hit, OUTCOME_UNKNOWN) leaves it open.
-_NOT_APPLIED_REASONS = {"SHARD_UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_TAKEN"}
+_NOT_APPLIED_REASONS = NOT_APPLIED_REASONS
 _DOMAIN_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,

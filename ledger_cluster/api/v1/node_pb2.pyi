@@ -28,18 +28,28 @@ class UpdateRequest(_message.Message):
 
     SHARD_ID_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
+    ITEM_BUDGETS_US_FIELD_NUMBER: _builtins.int
     shard_id: _builtins.str
     command: _builtins.bytes
     """an encoded CommandEnvelope; retries re-send the same bytes"""
+    @_builtins.property
+    def item_budgets_us(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """For a batch `command`: the time each item's caller has left when the request is sent, in
+        microseconds, in item order. An item whose time runs out before it is proposed is never
+        proposed (and is listed in UpdateResponse.expired_items). Empty: every item has the call's
+        deadline.
+        """
+
     def __init__(
         self,
         *,
         shard_id: _builtins.str = ...,
         command: _builtins.bytes = ...,
+        item_budgets_us: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "shard_id", b"shard_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "item_budgets_us", b"item_budgets_us", "shard_id", b"shard_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -50,16 +60,24 @@ class UpdateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
+    EXPIRED_ITEMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def result(self) -> _core_pb2.CommandResult: ...
+    @_builtins.property
+    def expired_items(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Positions of batch items that were never proposed because their time ran out first: never
+        applied. Their entries in result.item_results are empty placeholders.
+        """
+
     def __init__(
         self,
         *,
         result: _core_pb2.CommandResult | None = ...,
+        expired_items: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired_items", b"expired_items", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -35,9 +35,12 @@ class NodeServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NodeServiceAsyncStub: ...
     Update: _grpc.UnaryUnaryMultiCallable[_node_pb2.UpdateRequest, _node_pb2.UpdateResponse]
-    """Propose one command to the shard's log and answer once the leader applied it. Errors:
-    FAILED_PRECONDITION NOT_LEADER (metadata leader_node_id, may be empty), UNAVAILABLE
-    NO_LEADER / OUTCOME_UNKNOWN, RESOURCE_EXHAUSTED QUEUE_FULL, NOT_FOUND SHARD_NOT_HOSTED.
+    """Propose one command to the shard's log and answer once the leader applied it. The reasons
+    of its errors are defined once, in ledger_cluster/node_protocol.py: not taken (never in the
+    log): FAILED_PRECONDITION NOT_LEADER (metadata leader_node_id), UNAVAILABLE NO_LEADER /
+    PROPOSAL_DENIED / SHUTTING_DOWN, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
+    DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
+    OUTCOME_UNKNOWN.
     """
     Read: _grpc.UnaryUnaryMultiCallable[_node_pb2.ReadRequest, _node_pb2.ReadResponse]
     Status: _grpc.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusResponse]
@@ -68,9 +71,12 @@ class NodeServiceStub:
 class NodeServiceAsyncStub(NodeServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Update: _aio.UnaryUnaryMultiCallable[_node_pb2.UpdateRequest, _node_pb2.UpdateResponse]  # type: ignore[assignment]
-    """Propose one command to the shard's log and answer once the leader applied it. Errors:
-    FAILED_PRECONDITION NOT_LEADER (metadata leader_node_id, may be empty), UNAVAILABLE
-    NO_LEADER / OUTCOME_UNKNOWN, RESOURCE_EXHAUSTED QUEUE_FULL, NOT_FOUND SHARD_NOT_HOSTED.
+    """Propose one command to the shard's log and answer once the leader applied it. The reasons
+    of its errors are defined once, in ledger_cluster/node_protocol.py: not taken (never in the
+    log): FAILED_PRECONDITION NOT_LEADER (metadata leader_node_id), UNAVAILABLE NO_LEADER /
+    PROPOSAL_DENIED / SHUTTING_DOWN, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
+    DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
+    OUTCOME_UNKNOWN.
     """
     Read: _aio.UnaryUnaryMultiCallable[_node_pb2.ReadRequest, _node_pb2.ReadResponse]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusResponse]  # type: ignore[assignment]
@@ -104,9 +110,12 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.UpdateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.UpdateResponse, _abc.Awaitable[_node_pb2.UpdateResponse]]:
-        """Propose one command to the shard's log and answer once the leader applied it. Errors:
-        FAILED_PRECONDITION NOT_LEADER (metadata leader_node_id, may be empty), UNAVAILABLE
-        NO_LEADER / OUTCOME_UNKNOWN, RESOURCE_EXHAUSTED QUEUE_FULL, NOT_FOUND SHARD_NOT_HOSTED.
+        """Propose one command to the shard's log and answer once the leader applied it. The reasons
+        of its errors are defined once, in ledger_cluster/node_protocol.py: not taken (never in the
+        log): FAILED_PRECONDITION NOT_LEADER (metadata leader_node_id), UNAVAILABLE NO_LEADER /
+        PROPOSAL_DENIED / SHUTTING_DOWN, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
+        DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
+        OUTCOME_UNKNOWN.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,392 @@
+"""The public `LedgerService` on asyncio (`grpc.aio`): no thread per call.
+
+The service is the edge: it validates every request (so the core sees only well-formed
+commands), stamps `now` and every new id before the first attempt (so retries re-send the same
+bytes), routes by account id, and turns domain outcomes into precise gRPC statuses. Each call
+computes its deadline once, on arrival, and hands it down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from ledger_cluster.admission import CallGate
+from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc
+from ledger_cluster.core import commands
+from ledger_cluster.deadlines import Deadline, work_deadline
+from ledger_cluster.errors import LedgerError, UnknownOutcomeError
+from ledger_cluster.gateway.backends import CoreApi
+from ledger_cluster.gateway.coalescer import ItemAnswer
+from ledger_cluster.gateway.outcomes import (
+    backend_error,
+    item_error,
+    outcome_error,
+    raise_for_outcome,
+)
+from ledger_cluster.gateway.validation import (
+    account_id_for_request,
+    account_id_of,
+    check_batch_size,
+    check_create_transaction,
+    check_request_id,
+    decode_page_token,
+    encode_page_token,
+    page_size_of,
+    transaction_id_of,
+)
+from ledger_cluster.ids import TransactionId
+from ledger_cluster.status import ApiError
+
+logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[object, object]
+
+DEFAULT_TIMEOUT_SECONDS = 5.0
+# LedgerService calls served at once; beyond it each new call gets RESOURCE_EXHAUSTED
+# TOO_MANY_REQUESTS at once. Health checks are not counted.
+CALLS_IN_FLIGHT_MAX = 1024
+# A new id meets an existing one rarely (a random account id once in 2**64 draws, a transaction
+# number once in 2**22 against the same account's numbers of the same 4 ms); a few attempts
+# suffice, and the bound keeps a broken id source from looping forever.
+ID_ATTEMPTS_MAX = 4
+# A transaction number is `now` (Unix ns) with its low bits replaced by random ones: about 4 ms
+# steps, valid until 2554. An account's new transactions then land at the end of its key range
+# in LMDB rather than anywhere in it, so a batch entry dirties a few leaf pages per account
+# instead of one per item (measured: 40% fewer bytes written per item).
+TRANSACTION_NUMBER_RANDOM_BITS = 22
+
+
+def time_ordered_transaction_number(now_ns: int) -> int:
+    random_bits = TRANSACTION_NUMBER_RANDOM_BITS
+    return (now_ns >> random_bits << random_bits) | secrets.randbits(random_bits)
+
+
+@dataclass(slots=True)
+class _BatchItem:
+    index: int
+    account_id: int
+    # A fresh command each call: a create that met an id collision is sent again with new ids.
+    build: Callable[[], bytes]
+    result: ledger_pb2.TransactionResult | None = None
+
+
+def _answer_or_raise(answer: ItemAnswer) -> core_pb2.CommandResult:
+    if isinstance(answer, LedgerError):
+        raise backend_error(answer)
+    return answer
+
+
+class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
+    """`ledger_cluster.api.v1.LedgerService` over a CoreApi."""
+
+    def __init__(
+        self,
+        backend: CoreApi,
+        *,
+        calls_in_flight_max: int = CALLS_IN_FLIGHT_MAX,
+        clock_ns: Callable[[], int] = time.time_ns,
+        new_id: Callable[[], int] = lambda: secrets.randbits(64),
+        new_transaction_number: Callable[[int], int] = time_ordered_transaction_number,
+    ) -> None:
+        self.backend = backend
+        self._clock_ns = clock_ns
+        self._new_id = new_id
+        self._new_transaction_number = new_transaction_number
+        self.gate = CallGate("LedgerService", calls_in_flight_max)
+
+    # -- plumbing --
+
+    async def _write(self, account_id: int, command: bytes, deadline: Deadline) -> core_pb2.CommandResult:
+        try:
+            (answer,) = await self.backend.update(self.backend.shard_id(account_id), [command], deadline)
+        except LedgerError as error:
+            raise backend_error(error) from None
+        return _answer_or_raise(answer)
+
+    async def _read(
+        self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, context: Context
+    ) -> core_pb2.ReadResult:
+        deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
+        try:
+            return await self.backend.read(account_id, query, consistent, deadline)
+        except LedgerError as error:
+            raise backend_error(error) from None
+
+    # -- accounts --
+
+    async def CreateAccount(
+        self, request: ledger_pb2.CreateAccountRequest, context: Context
+    ) -> ledger_pb2.CreateAccountResponse:
+        return await self.gate.run("CreateAccount", context, lambda: self._create_account(request, context))
+
+    async def _create_account(
+        self, request: ledger_pb2.CreateAccountRequest, context: Context
+    ) -> ledger_pb2.CreateAccountResponse:
+        check_request_id(request.request_id)
+        deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
+        now = self._clock_ns()
+        for _ in range(ID_ATTEMPTS_MAX):
+            account_id = account_id_for_request(request.request_id) if request.request_id else self._new_id()
+            command = commands.create_account(account_id, request.request_id, now)
+            result = await self._write(account_id, command, deadline)
+            if result.outcome != core_pb2.OUTCOME_ACCOUNT_ID_COLLISION or request.request_id:
+                break
+        raise_for_outcome(result.outcome, result.message)
+        return ledger_pb2.CreateAccountResponse(account=result.account)
+
+    async def GetAccount(
+        self, request: ledger_pb2.GetAccountRequest, context: Context
+    ) -> ledger_pb2.GetAccountResponse:
+        async def run() -> ledger_pb2.GetAccountResponse:
+            account_id = account_id_of(request.account_id)
+            query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id))
+            result = await self._read(account_id, query, request.consistent, context)
+            raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
+            return ledger_pb2.GetAccountResponse(account=result.account)
+
+        return await self.gate.run("GetAccount", context, run)
+
+    # -- transactions --
+
+    async def CreateTransaction(
+        self, request: ledger_pb2.CreateTransactionRequest, context: Context
+    ) -> ledger_pb2.CreateTransactionResponse:
+        return await self.gate.run(
+            "CreateTransaction", context, lambda: self._create_transaction(request, context)
+        )
+
+    async def _create_transaction(
+        self, request: ledger_pb2.CreateTransactionRequest, context: Context
+    ) -> ledger_pb2.CreateTransactionResponse:
+        account_id = account_id_of(request.account_id)
+        check_create_transaction(request)
+        deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
+        now = self._clock_ns()
+        for _ in range(ID_ATTEMPTS_MAX):
+            command = self._create_transaction_command(request, account_id, now)
+            result = await self._write(account_id, command, deadline)
+            if result.outcome != core_pb2.OUTCOME_TRANSACTION_ID_COLLISION:
+                break
+        raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
+        return ledger_pb2.CreateTransactionResponse(transaction=result.transaction)
+
+    def _create_transaction_command(
+        self, request: ledger_pb2.CreateTransactionRequest, account_id: int, now: int
+    ) -> bytes:
+        """With a new transaction id each call."""
+        return commands.create_transaction(
+            account_id=account_id,
+            transaction_number=self._new_transaction_number(now),
+            amount=request.amount,
+            description=request.description,
+            settled=request.settled,
+            request_id=request.request_id,
+            now=now,
+        )
+
+    async def GetTransaction(
+        self, request: ledger_pb2.GetTransactionRequest, context: Context
+    ) -> ledger_pb2.GetTransactionResponse:
+        async def run() -> ledger_pb2.GetTransactionResponse:
+            wanted = transaction_id_of(request.transaction_id)
+            query = core_pb2.ReadQuery(
+                get_transaction=core_pb2.GetTransactionQuery(
+                    account_id=wanted.account_id, transaction_number=wanted.transaction_number
+                )
+            )
+            result = await self._read(wanted.account_id, query, request.consistent, context)
+            raise_for_outcome(result.outcome, result.message, transaction_id=request.transaction_id)
+            return ledger_pb2.GetTransactionResponse(transaction=result.transaction)
+
+        return await self.gate.run("GetTransaction", context, run)
+
+    async def ListTransactions(
+        self, request: ledger_pb2.ListTransactionsRequest, context: Context
+    ) -> ledger_pb2.ListTransactionsResponse:
+        async def run() -> ledger_pb2.ListTransactionsResponse:
+            account_id = account_id_of(request.account_id)
+            page_size = page_size_of(request.page_size)
+            start = decode_page_token(request.page_token, account_id) if request.page_token else 0
+            query = core_pb2.ReadQuery(
+                list_transactions=core_pb2.ListTransactionsQuery(
+                    account_id=account_id, start_sequence=start, limit=page_size
+                )
+            )
+            result = await self._read(account_id, query, request.consistent, context)
+            raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
+            token = encode_page_token(account_id, result.next_sequence) if result.next_sequence else ""
+            return ledger_pb2.ListTransactionsResponse(
+                transactions=result.transactions, next_page_token=token
+            )
+
+        return await self.gate.run("ListTransactions", context, run)
+
+    async def SettleTransaction(
+        self, request: ledger_pb2.SettleTransactionRequest, context: Context
+    ) -> ledger_pb2.SettleTransactionResponse:
+        async def run() -> ledger_pb2.SettleTransactionResponse:
+            transaction = await self._finish(
+                request.transaction_id, core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION, context
+            )
+            return ledger_pb2.SettleTransactionResponse(transaction=transaction)
+
+        return await self.gate.run("SettleTransaction", context, run)
+
+    async def CancelTransaction(
+        self, request: ledger_pb2.CancelTransactionRequest, context: Context
+    ) -> ledger_pb2.CancelTransactionResponse:
+        async def run() -> ledger_pb2.CancelTransactionResponse:
+            transaction = await self._finish(
+                request.transaction_id, core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION, context
+            )
+            return ledger_pb2.CancelTransactionResponse(transaction=transaction)
+
+        return await self.gate.run("CancelTransaction", context, run)
+
+    async def _finish(
+        self, transaction_id: str, kind: core_pb2.CommandType.ValueType, context: Context
+    ) -> ledger_pb2.Transaction:
+        wanted = transaction_id_of(transaction_id)
+        deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
+        command = commands.finish_transaction(
+            kind, wanted.account_id, wanted.transaction_number, self._clock_ns()
+        )
+        result = await self._write(wanted.account_id, command, deadline)
+        raise_for_outcome(result.outcome, result.message, transaction_id=transaction_id)
+        return result.transaction
+
+    # -- batches --
+
+    async def CreateTransactions(
+        self, request: ledger_pb2.CreateTransactionsRequest, context: Context
+    ) -> ledger_pb2.CreateTransactionsResponse:
+        async def run() -> ledger_pb2.CreateTransactionsResponse:
+            check_batch_size(len(request.items))
+            deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
+            now = self._clock_ns()
+            items: list[_BatchItem] = []
+            errors: dict[int, ledger_pb2.TransactionResult] = {}
+            for index, item in enumerate(request.items):
+                try:
+                    account_id = account_id_of(item.account_id)
+                    check_create_transaction(item)
+                except ApiError as error:
+                    errors[index] = item_error(error)
+                    continue
+                build = functools.partial(self._create_transaction_command, item, account_id, now)
+                items.append(_BatchItem(index, account_id, build))
+            results = await self._run_batch(items, errors, len(request.items), deadline)
+            return ledger_pb2.CreateTransactionsResponse(results=results)
+
+        return await self.gate.run("CreateTransactions", context, run)
+
+    async def SettleTransactions(
+        self, request: ledger_pb2.SettleTransactionsRequest, context: Context
+    ) -> ledger_pb2.TransactionsResponse:
+        return await self.gate.run(
+            "SettleTransactions",
+            context,
+            lambda: self._finish_batch(
+                request.transaction_ids, core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION, context
+            ),
+        )
+
+    async def CancelTransactions(
+        self, request: ledger_pb2.CancelTransactionsRequest, context: Context
+    ) -> ledger_pb2.TransactionsResponse:
+        return await self.gate.run(
+            "CancelTransactions",
+            context,
+            lambda: self._finish_batch(
+                request.transaction_ids, core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION, context
+            ),
+        )
+
+    async def _finish_batch(
+        self, transaction_ids: Sequence[str], kind: core_pb2.CommandType.ValueType, context: Context
+    ) -> ledger_pb2.TransactionsResponse:
+        check_batch_size(len(transaction_ids))
+        deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
+        now = self._clock_ns()
+        items: list[_BatchItem] = []
+        errors: dict[int, ledger_pb2.TransactionResult] = {}
+        for index, transaction_id in enumerate(transaction_ids):
+            try:
+                wanted = transaction_id_of(transaction_id)
+            except ApiError as error:
+                errors[index] = item_error(error)
+                continue
+            items.append(_BatchItem(index, wanted.account_id, _finish_builder(kind, wanted, now)))
+        results = await self._run_batch(items, errors, len(transaction_ids), deadline)
+        return ledger_pb2.TransactionsResponse(results=results)
+
+    async def _run_batch(
+        self,
+        items: list[_BatchItem],
+        errors: dict[int, ledger_pb2.TransactionResult],
+        count: int,
+        deadline: Deadline,
+    ) -> list[ledger_pb2.TransactionResult]:
+        """Each shard's items submitted at once; an item that met an id collision is sent again
+        with new ids. Returns one result per item, in request order."""
+        pending = items
+        for _ in range(ID_ATTEMPTS_MAX):
+            if not pending:
+                break
+            groups: dict[str, list[_BatchItem]] = {}
+            for item in pending:
+                groups.setdefault(self.backend.shard_id(item.account_id), []).append(item)
+            collided = await asyncio.gather(
+                *(self._send_group(shard_id, group, deadline) for shard_id, group in groups.items())
+            )
+            pending = [item for group_collided in collided for item in group_collided]
+        for item in pending:
+            item.result = item_error(
+                ApiError(grpc.StatusCode.ABORTED, "ID_COLLISION", "no free transaction id")
+            )
+        answered = {item.index: item.result for item in items if item.result is not None}
+        return [answered.get(index) or errors[index] for index in range(count)]
+
+    async def _send_group(
+        self, shard_id: str, group: list[_BatchItem], deadline: Deadline
+    ) -> list[_BatchItem]:
+        """One shard's items; returns those that met an id collision. Never raises: a group
+        that fails unexpectedly gives its own items OUTCOME_UNKNOWN, and the other groups keep
+        their results."""
+        answers: Sequence[ItemAnswer]
+        try:
+            answers = await self.backend.update(shard_id, [item.build() for item in group], deadline)
+        except LedgerError as error:
+            answers = [error] * len(group)
+        except Exception as error:
+            logger.exception("shard %s: a batch group failed", shard_id)
+            answers = [UnknownOutcomeError(f"shard {shard_id}: {type(error).__name__}")] * len(group)
+        collided = []
+        for item, answer in zip(group, answers, strict=True):
+            if isinstance(answer, LedgerError):
+                item.result = item_error(backend_error(answer))
+            elif answer.outcome == core_pb2.OUTCOME_TRANSACTION_ID_COLLISION:
+                collided.append(item)
+            else:
+                refusal = outcome_error(answer.outcome, answer.message)
+                item.result = (
+                    item_error(refusal)
+                    if refusal
+                    else ledger_pb2.TransactionResult(transaction=answer.transaction)
+                )
+        return collided
+
+
+def _finish_builder(
+    kind: core_pb2.CommandType.ValueType, wanted: TransactionId, now: int
+) -> Callable[[], bytes]:
+    command = commands.finish_transaction(kind, wanted.account_id, wanted.transaction_number, now)
+    return lambda: command

@@ -1,0 +1,123 @@
+"""Request checks at the edge: everything the core may assume about a command is made true here
+(well-formed ids, limits, non-zero amounts), and a request that fails a check gets
+INVALID_ARGUMENT with a reason and never reaches a shard. Page tokens and the account id that a
+CreateAccount `request_id` stands for live here too."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import grpc
+
+from ledger_cluster.api.v1 import ledger_pb2
+from ledger_cluster.errors import InvalidIdError
+from ledger_cluster.ids import TransactionId, parse_account_id, parse_transaction_id
+from ledger_cluster.limits import (
+    BATCH_ITEMS_MAX,
+    DESCRIPTION_BYTES_MAX,
+    PAGE_SIZE_DEFAULT,
+    PAGE_SIZE_MAX,
+    REQUEST_ID_BYTES_MAX,
+)
+from ledger_cluster.status import ApiError
+from ledger_cluster.text import ECHOED_INPUT_CHARACTERS_MAX
+
+PAGE_TOKEN_VERSION = 1
+_PAGE_TOKEN_CHECKSUM_BYTES = 8
+_PAGE_TOKEN_BYTES = 1 + 8 + 8 + _PAGE_TOKEN_CHECKSUM_BYTES
+_PAGE_TOKEN_CONTEXT = b"ledger-cluster/page-token/v1"
+# A base64 page token of _PAGE_TOKEN_BYTES is 34 characters; anything much longer is garbage,
+# refused before it is decoded.
+PAGE_TOKEN_CHARACTERS_MAX = 64
+_ACCOUNT_REQUEST_CONTEXT = b"ledger-cluster/account-request-id/v1"
+
+
+def invalid(reason: str, message: str, **metadata: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, metadata)
+
+
+def account_id_of(text: str) -> int:
+    try:
+        return parse_account_id(text)
+    except InvalidIdError as error:
+        raise invalid(
+            "INVALID_ACCOUNT_ID", str(error), account_id=text[:ECHOED_INPUT_CHARACTERS_MAX]
+        ) from None
+
+
+def transaction_id_of(text: str) -> TransactionId:
+    try:
+        return parse_transaction_id(text)
+    except InvalidIdError as error:
+        raise invalid(
+            "INVALID_TRANSACTION_ID", str(error), transaction_id=text[:ECHOED_INPUT_CHARACTERS_MAX]
+        ) from None
+
+
+def check_request_id(request_id: str) -> None:
+    size = len(request_id.encode())
+    if size > REQUEST_ID_BYTES_MAX:
+        raise invalid(
+            "REQUEST_ID_TOO_LONG", f"request_id is {size} UTF-8 bytes; at most {REQUEST_ID_BYTES_MAX}"
+        )
+
+
+def check_create_transaction(request: ledger_pb2.CreateTransactionRequest) -> None:
+    if request.amount == 0:
+        raise invalid("INVALID_AMOUNT", "amount must not be zero: > 0 is a top-up, < 0 a purchase")
+    size = len(request.description.encode())
+    if size > DESCRIPTION_BYTES_MAX:
+        raise invalid(
+            "DESCRIPTION_TOO_LONG", f"description is {size} UTF-8 bytes; at most {DESCRIPTION_BYTES_MAX}"
+        )
+    check_request_id(request.request_id)
+
+
+def check_batch_size(count: int) -> None:
+    if count > BATCH_ITEMS_MAX:
+        raise invalid("BATCH_TOO_LARGE", f"{count} items; a batch holds at most {BATCH_ITEMS_MAX}")
+
+
+def page_size_of(requested: int) -> int:
+    if requested < 0:
+        raise invalid("INVALID_PAGE_SIZE", f"page_size must not be negative, got {requested}")
+    if requested == 0:
+        return PAGE_SIZE_DEFAULT
+    return min(requested, PAGE_SIZE_MAX)
+
+
+def _page_token_checksum(body: bytes) -> bytes:
+    """A checksum, not a signature: it turns away garbage and tokens of another account's
+    listing. A token someone built by hand can only name another position in the listing of
+    the same account, which its caller may read anyway."""
+    return hashlib.sha256(_PAGE_TOKEN_CONTEXT + body).digest()[:_PAGE_TOKEN_CHECKSUM_BYTES]
+
+
+def encode_page_token(account_id: int, sequence: int) -> str:
+    body = bytes([PAGE_TOKEN_VERSION]) + account_id.to_bytes(8, "big") + sequence.to_bytes(8, "big")
+    return base64.urlsafe_b64encode(body + _page_token_checksum(body)).decode().rstrip("=")
+
+
+def decode_page_token(token: str, account_id: int) -> int:
+    """The start sequence a token encodes, if it was issued for this account's listing."""
+    bad = invalid("INVALID_PAGE_TOKEN", "page_token was not issued for this account's listing")
+    if len(token) > PAGE_TOKEN_CHARACTERS_MAX:
+        raise bad
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (ValueError, TypeError):
+        raise bad from None
+    if len(raw) != _PAGE_TOKEN_BYTES or raw[0] != PAGE_TOKEN_VERSION:
+        raise bad
+    body, checksum = raw[:-_PAGE_TOKEN_CHECKSUM_BYTES], raw[-_PAGE_TOKEN_CHECKSUM_BYTES:]
+    if checksum != _page_token_checksum(body) or int.from_bytes(body[1:9], "big") != account_id:
+        raise bad
+    return int.from_bytes(body[9:17], "big")
+
+
+def account_id_for_request(request_id: str) -> int:
+    """A CreateAccount request_id is global: deriving the account id from it sends every
+    repeat to the same shard, where the account itself remembers the request_id."""
+    digest = hashlib.sha256(_ACCOUNT_REQUEST_CONTEXT + request_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big")
