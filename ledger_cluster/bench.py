@@ -1,39 +1,93 @@
 """A load generator for a running gateway or standalone server: concurrent clients, a mix of
-operations, throughput and latency percentiles, errors by code, and a balance check afterwards.
+operations, throughput and latency percentiles, errors by code, CPU per transaction of the
+server processes and of the generator itself, and a balance check afterwards.
+
+The clients are coroutines on one event loop sharing one `grpc.aio` channel, so the generator
+costs little CPU per call and is not the bottleneck it measures.
 
 Every write carries its own request_id. A write whose outcome is unknown (or that failed in a way
 that may still apply) is counted as an error, never as a success, and is re-sent with the same
 request_id after the run until it is answered, so the final balances are known exactly and are
 compared with what the acknowledged writes imply.
+
+CPU comes from each server process's Prometheus endpoint (`process_cpu_seconds_total`), read
+right before and right after the measured window; the processes are named by their
+`ledger_process_info` labels. Endpoints are only ever loopback addresses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import statistics
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
+from grpc import aio
 
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
-from ledger_cluster.status import error_details
+from ledger_cluster.bench_metrics import (
+    METRICS_FETCH_TIMEOUT_SECONDS,
+    CpuWindow,
+    cpu_us_per_transaction,
+    cpu_window,
+    loopback_url_problem,
+    probe_endpoints,
+    sample_endpoints,
+)
+from ledger_cluster.errors import LedgerError
+from ledger_cluster.status import ErrorDetails, error_details
+
+if TYPE_CHECKING:
+    from ledger_cluster.api.v1.ledger_pb2_grpc import LedgerServiceAsyncStub as Stub
 
 OPERATIONS = ("create", "settle", "cancel", "read")
 ACCOUNTS_MAX = 100_000
 CONCURRENCY_MAX = 512
 DURATION_SECONDS_MAX = 3600.0
+WARMUP_SECONDS_MAX = 600.0
 CALL_TIMEOUT_SECONDS = 10.0
 SETUP_BALANCE = 10**12
+# Calls in flight while accounts are set up, unknown writes re-sent and balances checked: enough
+# to hide round trips, few enough not to queue behind each other at the server.
+SETUP_CONCURRENCY_MAX = 16
+RESEND_CONCURRENCY_MAX = 16
+CHECK_CONCURRENCY_MAX = 16
 RESEND_ROUNDS_MAX = 50
 RESEND_PAUSE_SECONDS = 0.2
+LIST_PAGE_SIZE = 1000
+# 10^8 transactions on one account; more means the server never ends its listing.
+LIST_PAGES_PER_ACCOUNT_MAX = 100_000
 PROGRESS_INTERVAL_SECONDS = 1.0
+SETUP_PROGRESS_EVERY_ACCOUNTS = 100
+# Past this many latencies a uniform reservoir keeps the percentiles unbiased in bounded memory
+# (an hour at 20,000 calls/s would otherwise hold 72 million floats).
+LATENCY_SAMPLES_MAX = 1_000_000
+# A server that is down refuses a call at once: a client pauses this long after an UNAVAILABLE,
+# so that it does not spin, burning the CPU it measures and piling up writes to re-send.
+UNAVAILABLE_PAUSE_SECONDS = 0.05
+# After the window closes each client finishes the operation it is in: at most two calls (a
+# pending write, then its settle or cancel), each bounded by its deadline and pause.
+WORKERS_STOP_TIMEOUT_SECONDS = 2 * (CALL_TIMEOUT_SECONDS + UNAVAILABLE_PAUSE_SECONDS) + 5.0
+# Writes of unknown outcome held for re-sending; past this the run stops rather than re-send
+# without end.
+UNRESOLVED_WRITES_MAX = 100_000
+# Tasks cancelled after a failure end at their next await; this long is plenty.
+CANCELLED_TASKS_WAIT_SECONDS = 5.0
 
-Stub = ledger_pb2_grpc.LedgerServiceStub
+
+Item = TypeVar("Item")
+Answer = TypeVar("Answer")
+
+
+class BenchError(LedgerError):
+    """The bench could not finish: writes that never got an answer, clients that did not stop,
+    or a listing that does not end."""
 
 
 @dataclass
@@ -41,10 +95,13 @@ class BenchResult:
     operations: int = 0
     transactions: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    latency_ms_max: float = 0.0
     errors_by_code: Counter[str] = field(default_factory=Counter)
     measured_seconds: float = 0.0
     balances_checked: int = 0
     balance_mismatches: list[str] = field(default_factory=list)
+    cpu: CpuWindow = field(default_factory=lambda: CpuWindow({}, {}))
+    load_generator_cpu_seconds: float = 0.0
 
     def summary(self) -> dict[str, object]:
         ordered = sorted(self.latencies_ms)
@@ -55,6 +112,7 @@ class BenchResult:
             return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 3)
 
         seconds = max(self.measured_seconds, 1e-9)
+        by_process = self.cpu.cpu_seconds_by_process
         return {
             "throughput_tx_per_s": round(self.transactions / seconds, 1),
             "operations_per_s": round(self.operations / seconds, 1),
@@ -63,12 +121,50 @@ class BenchResult:
             "latency_ms_p50": round(statistics.median(ordered), 3) if ordered else 0.0,
             "latency_ms_p95": percentile(0.95),
             "latency_ms_p99": percentile(0.99),
-            "latency_ms_max": round(ordered[-1], 3) if ordered else 0.0,
+            "latency_ms_max": round(self.latency_ms_max, 3),
             "errors_by_code": dict(self.errors_by_code),
             "measured_seconds": round(self.measured_seconds, 3),
             "balances_checked": self.balances_checked,
             "balance_mismatches": self.balance_mismatches,
+            "cpu_us_per_tx": (
+                cpu_us_per_transaction(sum(by_process.values()), self.transactions) if by_process else None
+            ),
+            "cpu_us_per_tx_by_process": {
+                name: cpu_us_per_transaction(seconds, self.transactions)
+                for name, seconds in by_process.items()
+            },
+            "cpu_seconds_by_process": {name: round(seconds, 3) for name, seconds in by_process.items()},
+            "load_generator_cpu_us_per_tx": cpu_us_per_transaction(
+                self.load_generator_cpu_seconds, self.transactions
+            ),
+            "load_generator_cpu_seconds": round(self.load_generator_cpu_seconds, 3),
+            "metrics_missing": dict(self.cpu.missing),
         }
+
+    def describe(self) -> str:
+        """The summary as one line for people."""
+        summary = self.summary()
+        by_process = self.cpu.cpu_seconds_by_process
+        if by_process:
+            processes = ", ".join(
+                f"{name} {cpu_us_per_transaction(seconds, self.transactions)}"
+                for name, seconds in by_process.items()
+            )
+            cpu = f"CPU per transaction {summary['cpu_us_per_tx']} µs ({processes})"
+        else:
+            cpu = "CPU per transaction: no metrics endpoint gave a reading"
+        missing = f", metrics missing from {', '.join(self.cpu.missing)}" if self.cpu.missing else ""
+        return (
+            f"{summary['throughput_tx_per_s']} tx/s over {summary['measured_seconds']} s,"
+            f" latency ms p50 {summary['latency_ms_p50']} p95 {summary['latency_ms_p95']}"
+            f" p99 {summary['latency_ms_p99']} max {summary['latency_ms_max']},"
+            f" errors {summary['errors_by_code'] or 'none'},"
+            f" balances checked {summary['balances_checked']}, mismatches {len(self.balance_mismatches)},"
+            f" {cpu}, load generator {summary['load_generator_cpu_us_per_tx']} µs{missing}"
+        )
+
+
+# --- load --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -77,12 +173,52 @@ class _Write:
     answered: ledger_pb2.Transaction | None = None
 
 
-class _Ledger:
-    """The writes whose fate is unknown, shared by the workers."""
+class _Latencies:
+    """At most LATENCY_SAMPLES_MAX latencies, a uniform sample of all (Algorithm R); the
+    maximum is exact."""
+
+    def __init__(self, seed: int) -> None:
+        self.samples_ms: list[float] = []
+        self.maximum_ms = 0.0
+        self._seen = 0
+        self._random = random.Random(seed)
+
+    def add(self, latency_ms: float) -> None:
+        self._seen += 1
+        self.maximum_ms = max(self.maximum_ms, latency_ms)
+        if len(self.samples_ms) < LATENCY_SAMPLES_MAX:
+            self.samples_ms.append(latency_ms)
+            return
+        slot = self._random.randrange(self._seen)
+        if slot < LATENCY_SAMPLES_MAX:
+            self.samples_ms[slot] = latency_ms
+
+
+class _Tally:
+    """What all clients count. They are coroutines on one event loop thread, so these plain
+    fields need no lock."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.counting = False
+        self.stopping = False
+        self.measure_started_monotonic = 0.0
+        self.operations = 0
+        self.transactions = 0
+        self.latencies = _Latencies(seed=0)
+        self.errors: Counter[str] = Counter()
+        # Writes whose fate is unknown, re-sent after the run.
         self.unresolved: list[_Write] = []
+
+    def add_unresolved(self, writes: Sequence[_Write]) -> None:
+        if len(self.unresolved) + len(writes) > UNRESOLVED_WRITES_MAX:
+            raise BenchError(
+                f"more than {UNRESOLVED_WRITES_MAX} writes of unknown outcome: is the server answering?"
+            )
+        self.unresolved.extend(writes)
+
+
+def _request_id() -> str:
+    return f"bench-{uuid.uuid4().hex}"
 
 
 def _new_write(account_id: str, amount: int, settled: bool) -> _Write:
@@ -92,13 +228,12 @@ def _new_write(account_id: str, amount: int, settled: bool) -> _Write:
             amount=amount,
             settled=settled,
             description="bench",
-            request_id=f"bench-{uuid.uuid4().hex}",
+            request_id=_request_id(),
         )
     )
 
 
-def _error_code(error: grpc.RpcError) -> str:
-    details = error_details(error)
+def _error_code(details: ErrorDetails) -> str:
     return f"{details.code.name}:{details.reason}" if details.reason else details.code.name
 
 
@@ -106,226 +241,395 @@ def _item_error_code(error: ledger_pb2.ItemError) -> str:
     return f"{error.code}:{error.reason}" if error.reason else error.code
 
 
-class _Worker:
+class _Client:
+    """One simulated client: draws operations from the mix and runs them one after another."""
+
     def __init__(
-        self, stub: Stub, accounts: list[str], mix: list[str], *, seed: int, ledger: _Ledger, batch: int = 1
+        self, stub: Stub, accounts: list[str], mix: list[str], *, seed: int, tally: _Tally, batch: int
     ) -> None:
         self._stub = stub
         self._accounts = accounts
         self._mix = mix
         self._batch = batch
         self._random = random.Random(seed)
-        self._ledger = ledger
-        self.operations = 0
-        self.transactions = 0
-        self.latencies_ms: list[float] = []
-        self.errors: Counter[str] = Counter()
+        self._tally = tally
 
-    def _timed(self, call: Callable[[], object], count: bool) -> bool:
+    async def run(self) -> None:
+        while not self._tally.stopping:
+            # An operation counts when it starts inside the window, as the CPU readings bracket it.
+            count = self._tally.counting
+            if self._batch > 1:
+                await self._run_batch(count)
+            else:
+                await self._run_one(count)
+            self._tally.operations += int(count)
+
+    async def _timed(self, call: Awaitable[Answer], count: bool) -> Answer | None:
         started = time.perf_counter()
         try:
-            call()
+            answer = await call
         except grpc.RpcError as error:
+            details = error_details(error)
             if count:
-                self.errors[_error_code(error)] += 1
-            return False
+                self._tally.errors[_error_code(details)] += 1
+            if details.code == grpc.StatusCode.UNAVAILABLE:
+                await asyncio.sleep(UNAVAILABLE_PAUSE_SECONDS)
+            return None
         if count:
-            self.latencies_ms.append((time.perf_counter() - started) * 1000)
+            self._tally.latencies.add((time.perf_counter() - started) * 1000)
+        return answer
+
+    async def _create(self, write: _Write, count: bool) -> bool:
+        answer = await self._timed(
+            self._stub.CreateTransaction(write.request, timeout=CALL_TIMEOUT_SECONDS), count
+        )
+        if answer is None:
+            self._tally.add_unresolved([write])  # may still apply: resolve it after the run
+            return False
+        write.answered = answer.transaction
         return True
 
-    def _create(self, write: _Write, count: bool) -> bool:
-        def call() -> None:
-            write.answered = self._stub.CreateTransaction(
-                write.request, timeout=CALL_TIMEOUT_SECONDS
-            ).transaction
-
-        if self._timed(call, count):
-            return True
-        with self._ledger.lock:
-            self._ledger.unresolved.append(write)  # may still apply: resolve it after the run
-        return False
-
-    def _create_batch(self, writes: list[_Write], count: bool) -> list[_Write]:
+    async def _create_batch(self, writes: list[_Write], count: bool) -> list[_Write]:
         """CreateTransactions with every write; returns those acknowledged. Items whose outcome
         is open (an item UNAVAILABLE, or the whole call failing) are resolved after the run."""
         request = ledger_pb2.CreateTransactionsRequest(items=[write.request for write in writes])
-        answer: list[ledger_pb2.CreateTransactionsResponse] = []
-
-        def call() -> None:
-            answer.append(self._stub.CreateTransactions(request, timeout=CALL_TIMEOUT_SECONDS))
-
-        if not self._timed(call, count):
-            with self._ledger.lock:
-                self._ledger.unresolved.extend(writes)
+        answer = await self._timed(
+            self._stub.CreateTransactions(request, timeout=CALL_TIMEOUT_SECONDS), count
+        )
+        if answer is None:
+            self._tally.add_unresolved(writes)
             return []
         acknowledged = []
-        for write, result in zip(writes, answer[0].results, strict=True):
+        for write, result in zip(writes, answer.results, strict=True):
             if result.HasField("transaction"):
                 write.answered = result.transaction
                 acknowledged.append(write)
                 continue
             if count:
-                self.errors[_item_error_code(result.error)] += 1
+                self._tally.errors[_item_error_code(result.error)] += 1
             if result.error.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-                with self._ledger.lock:
-                    self._ledger.unresolved.append(write)
+                self._tally.add_unresolved([write])
         return acknowledged
 
-    def _finish_batch(self, operation: str, transaction_ids: list[str], count: bool) -> int:
+    async def _finish_batch(self, operation: str, transaction_ids: list[str], count: bool) -> int:
         """SettleTransactions or CancelTransactions; returns how many items succeeded."""
-        answer: list[ledger_pb2.TransactionsResponse] = []
-
-        def call() -> None:
-            if operation == "settle":
-                settle = ledger_pb2.SettleTransactionsRequest(transaction_ids=transaction_ids)
-                answer.append(self._stub.SettleTransactions(settle, timeout=CALL_TIMEOUT_SECONDS))
-            else:
-                cancel = ledger_pb2.CancelTransactionsRequest(transaction_ids=transaction_ids)
-                answer.append(self._stub.CancelTransactions(cancel, timeout=CALL_TIMEOUT_SECONDS))
-
-        if not self._timed(call, count):
+        call: Awaitable[ledger_pb2.TransactionsResponse]
+        if operation == "settle":
+            call = self._stub.SettleTransactions(
+                ledger_pb2.SettleTransactionsRequest(transaction_ids=transaction_ids),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        else:
+            call = self._stub.CancelTransactions(
+                ledger_pb2.CancelTransactionsRequest(transaction_ids=transaction_ids),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        answer = await self._timed(call, count)
+        if answer is None:
             return 0
         succeeded = 0
-        for result in answer[0].results:
+        for result in answer.results:
             if result.HasField("transaction"):
                 succeeded += 1
             elif count:
-                self.errors[_item_error_code(result.error)] += 1
+                self._tally.errors[_item_error_code(result.error)] += 1
         return succeeded
 
-    def run_batch(self, count: bool) -> None:
+    async def _read(self, account_id: str, count: bool) -> None:
+        request = ledger_pb2.GetAccountRequest(account_id=account_id)
+        await self._timed(self._stub.GetAccount(request, timeout=CALL_TIMEOUT_SECONDS), count)
+
+    async def _run_batch(self, count: bool) -> None:
         """One batch call of `batch` items (a read stays one unary call)."""
         operation = self._random.choice(self._mix)
         if operation == "read":
-            self._read(self._random.choice(self._accounts), count)
+            await self._read(self._random.choice(self._accounts), count)
         elif operation == "create":
             writes = [
                 _new_write(self._random.choice(self._accounts), self._random.choice((-1, 1)), settled=True)
                 for _ in range(self._batch)
             ]
-            self.transactions += len(self._create_batch(writes, count)) if count else 0
+            acknowledged = await self._create_batch(writes, count)
+            self._tally.transactions += len(acknowledged) if count else 0
         else:
             pending = [
                 _new_write(self._random.choice(self._accounts), -1, settled=False) for _ in range(self._batch)
             ]
-            created = self._create_batch(pending, count)
+            created = await self._create_batch(pending, count)
             if created:
                 ids = [write.answered.id for write in created if write.answered is not None]
-                succeeded = self._finish_batch(operation, ids, count)
-                self.transactions += succeeded if count else 0
-        self.operations += int(count)
+                succeeded = await self._finish_batch(operation, ids, count)
+                self._tally.transactions += succeeded if count else 0
 
-    def _read(self, account: str, count: bool) -> None:
-        self._timed(
-            lambda: self._stub.GetAccount(
-                ledger_pb2.GetAccountRequest(account_id=account), timeout=CALL_TIMEOUT_SECONDS
-            ),
-            count,
-        )
-
-    def run_one(self, count: bool) -> None:
-        if self._batch > 1:
-            self.run_batch(count)
-            return
+    async def _run_one(self, count: bool) -> None:
         operation = self._random.choice(self._mix)
-        account = self._random.choice(self._accounts)
+        account_id = self._random.choice(self._accounts)
         if operation == "read":
-            self._read(account, count)
-        elif operation == "create":
+            await self._read(account_id, count)
+            return
+        if operation == "create":
             amount = self._random.choice((-1, 1))
-            if self._create(_new_write(account, amount, settled=True), count) and count:
-                self.transactions += 1
+            if await self._create(_new_write(account_id, amount, settled=True), count) and count:
+                self._tally.transactions += 1
+            return
+        pending = _new_write(account_id, -1, settled=False)
+        if not await self._create(pending, count) or pending.answered is None:
+            return
+        transaction_id = pending.answered.id
+        if operation == "settle":
+            finish: Awaitable[object] = self._stub.SettleTransaction(
+                ledger_pb2.SettleTransactionRequest(transaction_id=transaction_id),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
         else:
-            pending = _new_write(account, -1, settled=False)
-            if not self._create(pending, count):
-                self.operations += int(count)
-                return
-            assert pending.answered is not None
-            transaction_id = pending.answered.id
-            if operation == "settle":
-                finish: Callable[[], object] = lambda: self._stub.SettleTransaction(  # noqa: E731
-                    ledger_pb2.SettleTransactionRequest(transaction_id=transaction_id),
-                    timeout=CALL_TIMEOUT_SECONDS,
-                )
-            else:
-                finish = lambda: self._stub.CancelTransaction(  # noqa: E731
-                    ledger_pb2.CancelTransactionRequest(transaction_id=transaction_id),
-                    timeout=CALL_TIMEOUT_SECONDS,
-                )
-            # A settle or cancel of unknown fate is not re-sent: the balance check reads each
-            # transaction's final status from the ledger, whatever it is.
-            if self._timed(finish, count) and count:
-                self.transactions += 1
-        self.operations += int(count)
+            finish = self._stub.CancelTransaction(
+                ledger_pb2.CancelTransactionRequest(transaction_id=transaction_id),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        # A settle or cancel of unknown fate is not re-sent: the balance check reads each
+        # transaction's final status from the ledger, whatever it is.
+        if await self._timed(finish, count) is not None and count:
+            self._tally.transactions += 1
 
 
-def _setup_accounts(stub: Stub, count: int, progress: Callable[[str], None]) -> list[str]:
-    accounts = []
-    for index in range(count):
-        account = stub.CreateAccount(ledger_pb2.CreateAccountRequest(), timeout=CALL_TIMEOUT_SECONDS).account
-        stub.CreateTransaction(
+# --- phases ------------------------------------------------------------------------------------
+
+
+async def _for_each(
+    items: Sequence[Item], function: Callable[[Item], Awaitable[Answer]], concurrency: int
+) -> list[Answer]:
+    """`function` on every item, at most `concurrency` at a time; answers in item order. The first
+    failure cancels the rest and is raised."""
+    answers: dict[int, Answer] = {}
+    indexes = iter(range(len(items)))
+
+    async def drain() -> None:
+        # One shared iterator: the loop runs one coroutine at a time, so no index is taken twice.
+        for index in indexes:
+            answers[index] = await function(items[index])
+
+    tasks = [asyncio.create_task(drain()) for _ in range(min(concurrency, len(items)))]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            done, _ = await asyncio.wait(tasks, timeout=CANCELLED_TASKS_WAIT_SECONDS)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: a second failure is not logged as unseen
+    return [answers[index] for index in range(len(items))]
+
+
+async def _setup_accounts(stub: Stub, count: int, progress: Callable[[str], None]) -> list[str]:
+    created = 0
+
+    async def create(_: int) -> str:
+        nonlocal created
+        account = (
+            await stub.CreateAccount(
+                ledger_pb2.CreateAccountRequest(request_id=_request_id()), timeout=CALL_TIMEOUT_SECONDS
+            )
+        ).account
+        await stub.CreateTransaction(
             ledger_pb2.CreateTransactionRequest(
-                account_id=account.id, amount=SETUP_BALANCE, settled=True, description="bench setup"
+                account_id=account.id,
+                amount=SETUP_BALANCE,
+                settled=True,
+                description="bench setup",
+                request_id=_request_id(),
             ),
             timeout=CALL_TIMEOUT_SECONDS,
         )
-        accounts.append(account.id)
-        if (index + 1) % 100 == 0:
-            progress(f"created {index + 1}/{count} accounts")
-    return accounts
+        created += 1
+        if created % SETUP_PROGRESS_EVERY_ACCOUNTS == 0:
+            progress(f"created {created}/{count} accounts")
+        return account.id
+
+    return await _for_each(range(count), create, SETUP_CONCURRENCY_MAX)
 
 
-def _resolve_unknown(stub: Stub, ledger: _Ledger) -> None:
+async def _resolve_unknown(stub: Stub, unresolved: list[_Write]) -> None:
     """Re-send every write of unknown fate with its request_id until it is answered."""
-    pending = list(ledger.unresolved)
+
+    async def resend(write: _Write) -> bool:
+        """True while the write's fate is still unknown."""
+        try:
+            answer = await stub.CreateTransaction(write.request, timeout=CALL_TIMEOUT_SECONDS)
+        except grpc.RpcError as error:
+            # Any other answer is definite: the write was refused and applied nothing.
+            return error_details(error).code in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+        write.answered = answer.transaction
+        return False
+
+    pending = list(unresolved)
     for _ in range(RESEND_ROUNDS_MAX):
-        still = []
-        for write in pending:
-            try:
-                write.answered = stub.CreateTransaction(
-                    write.request, timeout=CALL_TIMEOUT_SECONDS
-                ).transaction
-            except grpc.RpcError as error:
-                details = error_details(error)
-                if details.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    still.append(write)
-                # Any other answer is definite: the write was refused and applied nothing.
-        if not still:
+        if not pending:
             return
-        pending = still
-        time.sleep(RESEND_PAUSE_SECONDS)
-    raise RuntimeError(f"{len(pending)} writes of unknown outcome never got an answer")
+        still_unknown = await _for_each(pending, resend, RESEND_CONCURRENCY_MAX)
+        pending = [write for write, unknown in zip(pending, still_unknown, strict=True) if unknown]
+        if pending:
+            await asyncio.sleep(RESEND_PAUSE_SECONDS)
+    if pending:
+        raise BenchError(f"{len(pending)} writes of unknown outcome never got an answer")
 
 
-def _check_balances(stub: Stub, accounts: list[str], result: BenchResult) -> None:
-    """Each account's balances must equal what its listed transactions imply."""
-    for account_id in accounts:
-        transactions: list[ledger_pb2.Transaction] = []
-        token = ""
-        while True:
-            page = stub.ListTransactions(
-                ledger_pb2.ListTransactionsRequest(account_id=account_id, page_size=1000, page_token=token),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-            transactions.extend(page.transactions)
-            token = page.next_page_token
-            if not token:
-                break
-        settled = sum(t.amount for t in transactions if t.status == ledger_pb2.TRANSACTION_STATUS_SETTLED)
-        held = sum(
-            -t.amount
-            for t in transactions
-            if t.status == ledger_pb2.TRANSACTION_STATUS_PENDING and t.amount < 0
+async def _balance_mismatch(stub: Stub, account_id: str) -> str | None:
+    """Whether the account's balances equal what its listed transactions imply; None when so."""
+    transactions: list[ledger_pb2.Transaction] = []
+    token = ""
+    for _ in range(LIST_PAGES_PER_ACCOUNT_MAX):
+        page = await stub.ListTransactions(
+            ledger_pb2.ListTransactionsRequest(
+                account_id=account_id, page_size=LIST_PAGE_SIZE, page_token=token
+            ),
+            timeout=CALL_TIMEOUT_SECONDS,
         )
-        account = stub.GetAccount(
+        transactions.extend(page.transactions)
+        token = page.next_page_token
+        if not token:
+            break
+    else:
+        raise BenchError(f"{account_id}: more than {LIST_PAGES_PER_ACCOUNT_MAX} pages of transactions")
+    settled = sum(t.amount for t in transactions if t.status == ledger_pb2.TRANSACTION_STATUS_SETTLED)
+    held = sum(
+        -t.amount for t in transactions if t.status == ledger_pb2.TRANSACTION_STATUS_PENDING and t.amount < 0
+    )
+    account = (
+        await stub.GetAccount(
             ledger_pb2.GetAccountRequest(account_id=account_id, consistent=True), timeout=CALL_TIMEOUT_SECONDS
-        ).account
-        if (account.settled_balance, account.available_balance) != (settled, settled - held):
-            result.balance_mismatches.append(
-                f"{account_id}: stored {account.settled_balance}/{account.available_balance},"
-                f" transactions give {settled}/{settled - held}"
-            )
-        result.balances_checked += 1
+        )
+    ).account
+    if (account.settled_balance, account.available_balance) == (settled, settled - held):
+        return None
+    return (
+        f"{account_id}: stored {account.settled_balance}/{account.available_balance},"
+        f" transactions give {settled}/{settled - held}"
+    )
+
+
+async def _report_progress(tally: _Tally, progress: Callable[[str], None]) -> None:
+    while True:
+        await asyncio.sleep(PROGRESS_INTERVAL_SECONDS)
+        if tally.counting:
+            elapsed = time.monotonic() - tally.measure_started_monotonic
+            done = tally.transactions
+            progress(f"{elapsed:5.1f} s  {done} transactions  {done / max(elapsed, 1e-9):,.0f} tx/s")
+
+
+async def _run_for(clients: list[asyncio.Task[None]], seconds: float) -> None:
+    """Let the clients run for `seconds`; a client that fails (a limit, a bug) ends the run at
+    once with its error rather than after the window."""
+    done, _ = await asyncio.wait(clients, timeout=seconds, return_when=asyncio.FIRST_EXCEPTION)
+    for task in done:
+        task.result()
+    if done:
+        raise BenchError("a client stopped before the window ended")
+
+
+async def _measure(
+    clients: list[_Client],
+    tally: _Tally,
+    result: BenchResult,
+    *,
+    warmup_seconds: float,
+    duration_seconds: float,
+    metrics_urls: list[str],
+    silent_metrics_urls: dict[str, str],
+    progress: Callable[[str], None],
+) -> None:
+    """Run the clients through the warm-up and the window; CPU readings bracket the window."""
+    tasks = [asyncio.create_task(client.run()) for client in clients]
+    reporter: asyncio.Task[None] | None = None
+    try:
+        await _run_for(tasks, warmup_seconds)
+        before = await sample_endpoints(metrics_urls, METRICS_FETCH_TIMEOUT_SECONDS)
+        load_generator_cpu_before = time.process_time()
+        tally.measure_started_monotonic = time.monotonic()
+        tally.counting = True
+        reporter = asyncio.create_task(_report_progress(tally, progress))
+        await _run_for(tasks, duration_seconds)
+        tally.counting = False
+        tally.stopping = True
+        result.measured_seconds = time.monotonic() - tally.measure_started_monotonic
+        result.load_generator_cpu_seconds = time.process_time() - load_generator_cpu_before
+        after = await sample_endpoints(metrics_urls, METRICS_FETCH_TIMEOUT_SECONDS)
+        window = cpu_window(before, after)
+        result.cpu = CpuWindow(window.cpu_seconds_by_process, {**silent_metrics_urls, **window.missing})
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), WORKERS_STOP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            raise BenchError(
+                f"clients still busy {WORKERS_STOP_TIMEOUT_SECONDS} s after the window"
+            ) from None
+    finally:
+        helpers = [*tasks, reporter] if reporter is not None else tasks
+        for task in helpers:
+            task.cancel()
+        done, _ = await asyncio.wait(helpers, timeout=CANCELLED_TASKS_WAIT_SECONDS)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: the failure that matters is already raised
+
+
+async def run_bench_async(
+    address: str,
+    *,
+    accounts: int,
+    duration_seconds: float,
+    concurrency: int,
+    mix: list[str],
+    warmup_seconds: float,
+    progress: Callable[[str], None],
+    batch: int = 1,
+    metrics_urls: Sequence[str] | None = None,
+) -> BenchResult:
+    """The whole bench on the running loop. `metrics_urls` None tries the dev cluster's ports."""
+    for url in metrics_urls or ():
+        problem = loopback_url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
+    answering, silent = await probe_endpoints(metrics_urls)
+    for url, reason in silent.items():
+        progress(f"metrics endpoint {url} does not answer ({reason}); its CPU is not reported")
+    progress(f"reading CPU from {', '.join(answering)}" if answering else "no metrics endpoint answers")
+    async with aio.insecure_channel(address) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        account_ids = await _setup_accounts(stub, accounts, progress)
+        tally = _Tally()
+        clients = [
+            _Client(stub, account_ids, mix, seed=seed, tally=tally, batch=batch)
+            for seed in range(concurrency)
+        ]
+        result = BenchResult()
+        await _measure(
+            clients,
+            tally,
+            result,
+            warmup_seconds=warmup_seconds,
+            duration_seconds=duration_seconds,
+            metrics_urls=answering,
+            silent_metrics_urls=silent,
+            progress=progress,
+        )
+        result.operations = tally.operations
+        result.transactions = tally.transactions
+        result.latencies_ms = tally.latencies.samples_ms
+        result.latency_ms_max = tally.latencies.maximum_ms
+        result.errors_by_code = tally.errors
+        if tally.unresolved:
+            progress(f"re-sending {len(tally.unresolved)} writes of unknown outcome")
+        await _resolve_unknown(stub, tally.unresolved)
+        mismatches = await _for_each(
+            account_ids, lambda account_id: _balance_mismatch(stub, account_id), CHECK_CONCURRENCY_MAX
+        )
+        result.balances_checked = len(account_ids)
+        result.balance_mismatches = [mismatch for mismatch in mismatches if mismatch is not None]
+        return result
 
 
 def run_bench(
@@ -338,39 +642,21 @@ def run_bench(
     warmup_seconds: float,
     progress: Callable[[str], None],
     batch: int = 1,
+    metrics_urls: Sequence[str] | None = None,
 ) -> BenchResult:
-    with grpc.insecure_channel(address) as channel:
-        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        account_ids = _setup_accounts(stub, accounts, progress)
-        ledger = _Ledger()
-        workers = [
-            _Worker(stub, account_ids, mix, seed=seed, ledger=ledger, batch=batch)
-            for seed in range(concurrency)
-        ]
-        started = time.monotonic()
-        measure_from = started + warmup_seconds
-        measure_until = measure_from + duration_seconds
-
-        def drive(worker: _Worker) -> None:
-            while (now := time.monotonic()) < measure_until:
-                worker.run_one(count=now >= measure_from)
-
-        threads = [threading.Thread(target=drive, args=(worker,), daemon=True) for worker in workers]
-        for thread in threads:
-            thread.start()
-        while any(thread.is_alive() for thread in threads):
-            for thread in threads:
-                thread.join(PROGRESS_INTERVAL_SECONDS / len(threads))
-            elapsed = time.monotonic() - measure_from
-            done = sum(worker.transactions for worker in workers)
-            if elapsed > 0:
-                progress(f"{elapsed:5.1f} s  {done} transactions  {done / elapsed:,.0f} tx/s")
-        result = BenchResult(measured_seconds=duration_seconds)
-        for worker in workers:
-            result.operations += worker.operations
-            result.transactions += worker.transactions
-            result.latencies_ms.extend(worker.latencies_ms)
-            result.errors_by_code.update(worker.errors)
-        _resolve_unknown(stub, ledger)
-        _check_balances(stub, account_ids, result)
-        return result
+    """Set up accounts, load `address` for the warm-up and the window, re-send writes of unknown
+    outcome, then check every account's balances. Raises grpc.RpcError when setup or the check
+    fails, BenchError when the run cannot finish."""
+    return asyncio.run(
+        run_bench_async(
+            address,
+            accounts=accounts,
+            duration_seconds=duration_seconds,
+            concurrency=concurrency,
+            mix=mix,
+            warmup_seconds=warmup_seconds,
+            progress=progress,
+            batch=batch,
+            metrics_urls=metrics_urls,
+        )
+    )

@@ -965,6 +965,11 @@ def test_dev_bench_reports_json_and_checks_balances(server: StandaloneServer) ->
     assert summary["errors_by_code"] == {}
     assert summary["balances_checked"] == 5
     assert summary["balance_mismatches"] == []
+    # The servers' CPU needs a metrics endpoint, which this test does not count on; the load
+    # generator's own CPU is always measured.
+    assert summary["load_generator_cpu_us_per_tx"] > 0
+    for key in ("cpu_us_per_tx", "cpu_us_per_tx_by_process", "cpu_seconds_by_process", "metrics_missing"):
+        assert key in summary, key
 
 
 def test_dev_bench_rejects_an_unknown_operation(server: StandaloneServer) -> None:

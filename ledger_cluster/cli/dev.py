@@ -13,7 +13,7 @@ import click
 import grpc
 
 from ledger_cluster import backup as cluster_backup
-from ledger_cluster import bench
+from ledger_cluster import bench, bench_metrics
 from ledger_cluster import config as cluster_config
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc, node_pb2
 from ledger_cluster.cli.common import (
@@ -191,8 +191,20 @@ def _replica_health(replica: node_pb2.ReplicaStatus | None, node_error: str) -> 
     show_default=True,
     help="Measured seconds, after the warm-up.",
 )
-@click.option("--warmup", "warmup_seconds", type=click.FloatRange(0.0, 600.0), default=1.0, show_default=True)
-@click.option("--concurrency", type=click.IntRange(1, bench.CONCURRENCY_MAX), default=32, show_default=True)
+@click.option(
+    "--warmup",
+    "warmup_seconds",
+    type=click.FloatRange(0.0, bench.WARMUP_SECONDS_MAX),
+    default=1.0,
+    show_default=True,
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, bench.CONCURRENCY_MAX),
+    default=32,
+    show_default=True,
+    help="Clients, each with one call in flight (coroutines sharing one channel).",
+)
 @click.option(
     "--batch",
     type=click.IntRange(1, BATCH_ITEMS_MAX),
@@ -207,6 +219,15 @@ def _replica_health(replica: node_pb2.ReplicaStatus | None, node_error: str) -> 
     show_default=True,
     help="Comma-separated operations to draw from evenly: create, settle, cancel, read.",
 )
+@click.option(
+    "--metrics",
+    "metrics_urls",
+    multiple=True,
+    metavar="URL",
+    help="Prometheus endpoint of a server process (loopback http only) whose CPU per transaction"
+    f" is reported; repeatable, at most {bench_metrics.METRICS_URLS_MAX}. Default: those of"
+    f" {', '.join(bench_metrics.DEFAULT_METRICS_URLS)} that answer.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 @gateway_option
 def bench_command(
@@ -217,20 +238,29 @@ def bench_command(
     concurrency: int,
     batch: int,
     mix: str,
+    metrics_urls: tuple[str, ...],
     as_json: bool,
     gateway: str,
 ) -> None:
     """Load a running gateway with concurrent clients (one unary call per transaction, or batch
-    calls of --batch items) and
-    report throughput, latency percentiles and errors by code; then check every account's
-    balances against its transactions (exit 1 on any mismatch). A write whose outcome is
-    unknown counts as an error, never as a success."""
+    calls of --batch items) and report throughput, latency percentiles, errors by code and CPU
+    per transaction (of each server process with a metrics endpoint, and of this load
+    generator); then check every account's balances against its transactions (exit 1 on any
+    mismatch). A write whose outcome is unknown counts as an error, never as a success."""
     operations = [name.strip() for name in mix.split(",") if name.strip()]
     unknown = sorted(set(operations) - set(bench.OPERATIONS))
     if not operations or unknown:
         raise click.BadParameter(
             f"unknown operations {unknown}; choose from {bench.OPERATIONS}", param_hint="--mix"
         )
+    if len(metrics_urls) > bench_metrics.METRICS_URLS_MAX:
+        raise click.BadParameter(
+            f"{len(metrics_urls)} endpoints; at most {bench_metrics.METRICS_URLS_MAX}", param_hint="--metrics"
+        )
+    for url in metrics_urls:
+        problem = bench_metrics.loopback_url_problem(url)
+        if problem is not None:
+            raise click.BadParameter(problem, param_hint="--metrics")
     try:
         result = bench.run_bench(
             gateway,
@@ -241,19 +271,16 @@ def bench_command(
             warmup_seconds=warmup_seconds,
             progress=lambda line: click.echo(line, err=True),
             batch=batch,
+            # None: the dev cluster's ports, those that answer.
+            metrics_urls=list(metrics_urls) or None,
         )
     except grpc.RpcError as error:
         raise click.ClickException(f"{gateway}: {describe_rpc_error(error)}") from None
-    summary = result.summary()
-    click.echo(
-        f"{summary['throughput_tx_per_s']} tx/s over {summary['measured_seconds']} s,"
-        f" latency ms p50 {summary['latency_ms_p50']} p95 {summary['latency_ms_p95']}"
-        f" p99 {summary['latency_ms_p99']} max {summary['latency_ms_max']},"
-        f" errors {summary['errors_by_code'] or 'none'},"
-        f" balances checked {summary['balances_checked']}, mismatches {len(result.balance_mismatches)}"
-    )
+    except bench.BenchError as error:
+        raise click.ClickException(f"{gateway}: {error}") from None
+    click.echo(result.describe())
     if as_json:
-        click.echo(json.dumps(summary, sort_keys=True))
+        click.echo(json.dumps(result.summary(), sort_keys=True))
     if result.balance_mismatches:
         for line in result.balance_mismatches:
             click.echo(f"mismatch: {line}", err=True)
