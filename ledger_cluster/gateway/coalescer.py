@@ -99,25 +99,38 @@ class ShardCoalescer:
         self._waiting_items += len(commands)
         if self._drain_task is None:
             self._drain_task = loop.create_task(self._drain(), name=f"coalescer-{self.shard_id}")
+        # One timer instead of a waiter task per call: this is every write's path.
+        timer = loop.call_at(deadline.monotonic_seconds, self._expire, request)
         try:
-            await asyncio.wait({request.answer}, timeout=deadline.remaining_seconds())
-            if not request.answer.done() and request.sent:
-                # Its send ends at the deadline too; give the answer a moment to arrive.
-                await asyncio.wait({request.answer}, timeout=ANSWER_GRACE_SECONDS)
+            return await request.answer
+        except asyncio.CancelledError:
+            # The caller's call was cancelled: a write still queued is skipped by the drain.
+            request.answer.cancel()
+            raise
         finally:
-            if not request.answer.done():
-                # The caller stops waiting (deadline, or its call was cancelled): a request
-                # still queued is then skipped by the drain, so it is certainly never sent.
-                request.answer.cancel()
-        if not request.answer.cancelled():
-            return request.answer.result()
+            timer.cancel()
+
+    def _expire(self, request: _Request) -> None:
+        """At the caller's deadline: a write still queued is answered "not applied" (and never
+        sent); one in flight gets a moment more, since its send ends at the deadline too."""
+        if request.answer.done():
+            return
         if not request.sent:
-            raise BackendTimeoutError(
-                f"shard {self.shard_id}: the deadline passed while the write waited; not applied"
+            request.answer.set_exception(
+                BackendTimeoutError(
+                    f"shard {self.shard_id}: the deadline passed while the write waited; not applied"
+                )
             )
-        raise UnknownOutcomeError(
-            f"shard {self.shard_id}: no answer before the deadline; the write may still apply"
-        )
+            return
+        asyncio.get_running_loop().call_later(ANSWER_GRACE_SECONDS, self._give_up, request)
+
+    def _give_up(self, request: _Request) -> None:
+        if not request.answer.done():
+            request.answer.set_exception(
+                UnknownOutcomeError(
+                    f"shard {self.shard_id}: no answer before the deadline; the write may still apply"
+                )
+            )
 
     def _take(self) -> list[_Request]:
         """The next send's requests: the oldest waiting ones, up to the item and byte bounds.
@@ -135,13 +148,9 @@ class ShardCoalescer:
             self._waiting.popleft()
             self._waiting_items -= len(request.commands)
             if request.answer.done():
-                continue
+                continue  # its caller left, or its deadline passed: never sent
             if request.deadline.expired():
-                request.answer.set_exception(
-                    BackendTimeoutError(
-                        f"shard {self.shard_id}: the deadline passed while the write waited; not applied"
-                    )
-                )
+                self._expire(request)
                 continue
             request.sent = True
             taken.append(request)
