@@ -11,9 +11,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,6 +37,8 @@ from ledger_cluster.storage import (
 from ledger_cluster.text import echo
 
 logger = logging.getLogger(__name__)
+
+Result = TypeVar("Result")
 
 # NodeService calls served at once; beyond it, RESOURCE_EXHAUSTED TOO_MANY_REQUESTS (the
 # client backs off and retries: nothing was taken). Health checks are not counted.
@@ -65,6 +68,17 @@ class _SpooledSnapshot:
 
 def _deadline(context: grpc.aio.ServicerContext[object, object]) -> Deadline:
     return work_deadline(context.time_remaining(), DEFAULT_NODE_TIMEOUT_SECONDS)
+
+
+async def _in_thread(deadline: Deadline, function: Callable[..., Result], *arguments: object) -> Result:
+    """`function` on a worker thread, so the event loop serves other calls meanwhile; waited for
+    until the call's deadline (the thread cannot be stopped, but nobody waits past it)."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(function, *arguments), deadline.remaining_seconds())
+    except TimeoutError:
+        raise ApiError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the call's deadline passed first"
+        ) from None
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
@@ -145,8 +159,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     ) -> node_pb2.DigestResponse:
         async def run() -> node_pb2.DigestResponse:
             replica = self._replica(request.shard_id)
-            # A scan of the whole shard: off the event loop, so other calls go on.
-            applied_index, digest = await asyncio.to_thread(replica.core.state_digest)
+            # A scan of the whole shard.
+            applied_index, digest = await _in_thread(_deadline(context), replica.core.state_digest)
             return node_pb2.DigestResponse(applied_index=applied_index, digest=digest)
 
         return await self._gate.run("Digest", context, run)
@@ -156,7 +170,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     ) -> node_pb2.VerifyResponse:
         async def run() -> node_pb2.VerifyResponse:
             replica = self._replica(request.shard_id)
-            applied_index, digest, problems = await asyncio.to_thread(replica.core.verify_report)
+            applied_index, digest, problems = await _in_thread(_deadline(context), replica.core.verify_report)
             return node_pb2.VerifyResponse(
                 applied_index=applied_index,
                 digest=digest,
@@ -185,8 +199,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                     f" (its replicas: {', '.join(sorted(hosts))})",
                 )
             # It polls and sleeps until another replica leads: a thread, not the event loop.
-            leader = await asyncio.to_thread(
-                replica.transfer_leadership, target, _deadline(context).remaining_seconds()
+            deadline = _deadline(context)
+            leader = await _in_thread(
+                deadline, replica.transfer_leadership, target, deadline.remaining_seconds()
             )
             return node_pb2.TransferLeadershipResponse(
                 leader_node_id=leader, previous_leader_node_id=self._node_id
@@ -208,20 +223,22 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             )
         self._snapshot_streams += 1
         try:
+            deadline = _deadline(context)
             spooled = await self._gate.run(
-                "Snapshot", context, lambda: self._spool_snapshot(request.shard_id)
+                "Snapshot", context, lambda: self._spool_snapshot(request.shard_id, deadline)
             )
             try:
                 chunks = _chunk_reader(spooled, self._node_id)
-                # Each read from disk on a worker thread, so the event loop never waits on it.
-                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                while (chunk := await _in_thread(deadline, next, chunks, None)) is not None:
                     yield chunk
+            except ApiError as failure:
+                await abort(context, failure)
             finally:
                 shutil.rmtree(spooled.directory, ignore_errors=True)
         finally:
             self._snapshot_streams -= 1
 
-    async def _spool_snapshot(self, shard_id: str) -> _SpooledSnapshot:
+    async def _spool_snapshot(self, shard_id: str, deadline: Deadline) -> _SpooledSnapshot:
         """The leader's state, written from one LMDB read transaction (applies go on meanwhile)
         to a private temporary file."""
         replica = self._replica(shard_id)
@@ -239,7 +256,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 f"node {self._node_id} leads shard {shard_id} without a majority; not a backup source",
                 None,
             )
-        return await asyncio.to_thread(self._write_spool, replica, shard_id)
+        return await _in_thread(deadline, self._write_spool, replica, shard_id)
 
     def _write_spool(self, replica: ShardReplica, shard_id: str) -> _SpooledSnapshot:
         directory = Path(tempfile.mkdtemp(prefix=f"{shard_id}-", dir=self._snapshot_spool))
