@@ -16,6 +16,7 @@ import secrets
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc, node_pb2
 from ledger_cluster.config import ClusterConfig
@@ -35,7 +38,7 @@ from tests.cluster import (
     Cluster,
     running_cluster,
 )
-from tests.processes import POLL_INTERVAL_SECONDS
+from tests.processes import LOOPBACK_HOST, POLL_INTERVAL_SECONDS
 
 Stub = ledger_pb2_grpc.LedgerServiceStub
 
@@ -667,6 +670,67 @@ def test_concurrent_batch_calls_to_one_shard_share_log_entries(healthy: Cluster)
     for account_id in accounts:
         expected = sum(item.amount for items in calls for item in items[:-2] if item.account_id == account_id)
         assert get_account(stub, account_id).settled_balance == expected
+
+
+def scrape(address: str) -> dict[str, list[Sample]]:
+    """GET /metrics of one process: every sample, by metric name."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=RPC_TIMEOUT_SECONDS) as response:
+        text = response.read().decode()
+    samples: dict[str, list[Sample]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def value_of(samples: dict[str, list[Sample]], metric: str, **labels: str) -> float:
+    """The one sample of `metric` whose labels include `labels`."""
+    matching = [sample.value for sample in samples.get(metric, []) if labels.items() <= sample.labels.items()]
+    assert len(matching) == 1, f"{metric}{labels}: {matching}"
+    return matching[0]
+
+
+def test_every_process_serves_its_metrics(healthy: Cluster) -> None:
+    cluster = healthy
+    stub = cluster.ledger_stub()
+    accounts = accounts_by_shard(stub, cluster.config, per_shard=1)
+    for account_id in (ids[0] for ids in accounts.values()):
+        assert send_until_answered(stub, new_record(account_id, 1))
+    gateway = scrape(f"{LOOPBACK_HOST}:{cluster.gateway_metrics_port}")
+    assert value_of(gateway, "ledger_process_info", role="gateway", name="gateway") == 1
+    assert value_of(gateway, "process_cpu_seconds_total") > 0
+    created = value_of(
+        gateway, "ledger_rpc_requests_total", service="LedgerService", method="CreateTransaction", code="OK"
+    )
+    assert created >= len(accounts)
+    latencies = value_of(
+        gateway, "ledger_rpc_latency_seconds_count", service="LedgerService", method="CreateTransaction"
+    )
+    assert latencies == created
+    assert value_of(gateway, "ledger_rpc_in_flight", service="LedgerService") >= 0
+    assert value_of(gateway, "ledger_coalesced_batch_items_sum") >= created
+    leaders: Counter[str] = Counter()
+    for node in cluster.config.nodes:
+        assert node.metrics_address is not None
+        samples = scrape(node.metrics_address)
+        assert value_of(samples, "ledger_process_info", role="node", name=node.node_id) == 1
+        assert value_of(samples, "process_cpu_seconds_total") > 0
+        assert (
+            value_of(samples, "ledger_rpc_requests_total", service="NodeService", method="Status", code="OK")
+            > 0
+        )
+        assert value_of(samples, "ledger_apply_latency_seconds_count") > 0
+        for shard in cluster.config.shards:
+            term = value_of(samples, "ledger_raft_term", shard=shard.shard_id)
+            commit_index = value_of(samples, "ledger_raft_commit_index", shard=shard.shard_id)
+            applied_index = value_of(samples, "ledger_raft_applied_index", shard=shard.shard_id)
+            assert term >= 1 and commit_index >= applied_index > 0
+            assert value_of(samples, "ledger_lmdb_bytes", shard=shard.shard_id, kind="used") > 0
+            assert value_of(samples, "ledger_lmdb_bytes", shard=shard.shard_id, kind="map") > 0
+            if value_of(samples, "ledger_raft_is_leader", shard=shard.shard_id) == 1:
+                leaders[shard.shard_id] += 1
+                assert value_of(samples, "ledger_group_commit_items_count") > 0
+    assert leaders == Counter({shard.shard_id: 1 for shard in cluster.config.shards})
 
 
 # -- tests with their own cluster -----------------------------------------------------------------
