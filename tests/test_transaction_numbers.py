@@ -93,18 +93,42 @@ def test_a_unary_create_that_meets_a_taken_number_is_retried(
 def test_a_batch_item_that_meets_a_taken_number_is_retried(
     serve_gateway: Callable[[Callable[[int], int]], Stub],
 ) -> None:
-    # The second item meets the first one's number inside the same batch entry.
+    # The first item meets a number a unary call took before; the second goes through at once.
     stub = serve_gateway(_scripted([3, 3, 4, 5]))
     account = _new_account(stub)
+    earlier = stub.CreateTransaction(
+        ledger_pb2.CreateTransactionRequest(account_id=account, amount=10, settled=True),
+        timeout=RPC_TIMEOUT_SECONDS,
+    ).transaction
     items = [
         ledger_pb2.CreateTransactionRequest(account_id=account, amount=amount, settled=True)
-        for amount in (1, 2, 4)
+        for amount in (1, 2)
     ]
     results = stub.CreateTransactions(
         ledger_pb2.CreateTransactionsRequest(items=items), timeout=RPC_TIMEOUT_SECONDS
     ).results
-    assert [result.WhichOneof("result") for result in results] == ["transaction"] * 3
-    assert [_number_of(result.transaction) for result in results] == [3, 5, 4]
-    assert [result.transaction.amount for result in results] == [1, 2, 4]
+    assert [result.WhichOneof("result") for result in results] == ["transaction"] * 2
+    assert [_number_of(earlier)] + [_number_of(result.transaction) for result in results] == [3, 5, 4]
+    assert [result.transaction.amount for result in results] == [1, 2]
     balance = stub.GetAccount(ledger_pb2.GetAccountRequest(account_id=account), timeout=RPC_TIMEOUT_SECONDS)
-    assert balance.account.settled_balance == 7
+    assert balance.account.settled_balance == 13
+
+
+def test_identical_batch_items_that_draw_the_same_number_are_each_stored(
+    serve_gateway: Callable[[Callable[[int], int]], Stub],
+) -> None:
+    # Identical items of one call share `now`: with one number they would look like a repeat of
+    # one write, and the second would be answered without being stored.
+    stub = serve_gateway(_scripted([8, 8, 9, 10]))
+    account = _new_account(stub)
+    item = ledger_pb2.CreateTransactionRequest(account_id=account, amount=4, settled=True)
+    results = stub.CreateTransactions(
+        ledger_pb2.CreateTransactionsRequest(items=[item, item, item]), timeout=RPC_TIMEOUT_SECONDS
+    ).results
+    assert [_number_of(result.transaction) for result in results] == [8, 9, 10]
+    listed = stub.ListTransactions(
+        ledger_pb2.ListTransactionsRequest(account_id=account, page_size=10), timeout=RPC_TIMEOUT_SECONDS
+    ).transactions
+    assert len(listed) == 3
+    balance = stub.GetAccount(ledger_pb2.GetAccountRequest(account_id=account), timeout=RPC_TIMEOUT_SECONDS)
+    assert balance.account.settled_balance == 12

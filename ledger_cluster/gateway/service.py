@@ -179,12 +179,28 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         return ledger_pb2.CreateTransactionResponse(transaction=result.transaction)
 
     def _create_transaction_command(
-        self, request: ledger_pb2.CreateTransactionRequest, account_id: int, now: int
+        self,
+        request: ledger_pb2.CreateTransactionRequest,
+        account_id: int,
+        now: int,
+        drawn: set[tuple[int, int]] | None = None,
     ) -> bytes:
-        """With a new transaction id each call."""
+        """With a new transaction id each call. Items of one batch call share `now`, and the
+        core takes a command with an existing id, `now` and payload for a re-delivery of that
+        write: two identical items must never draw the same number, so a batch passes the set
+        of (account, number) it drew already."""
+        number = self._new_transaction_number(now)
+        if drawn is not None:
+            for _ in range(ID_ATTEMPTS_MAX):
+                if (account_id, number) not in drawn:
+                    break
+                number = self._new_transaction_number(now)
+            else:
+                raise ApiError(grpc.StatusCode.ABORTED, "ID_COLLISION", "no free transaction id")
+            drawn.add((account_id, number))
         return commands.create_transaction(
             account_id=account_id,
-            transaction_number=self._new_transaction_number(now),
+            transaction_number=number,
             amount=request.amount,
             description=request.description,
             settled=request.settled,
@@ -272,6 +288,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             check_batch_size(len(request.items))
             deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
             now = self._clock_ns()
+            drawn: set[tuple[int, int]] = set()
             items: list[_BatchItem] = []
             errors: dict[int, ledger_pb2.TransactionResult] = {}
             for index, item in enumerate(request.items):
@@ -281,7 +298,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                 except ApiError as error:
                     errors[index] = item_error(error)
                     continue
-                build = functools.partial(self._create_transaction_command, item, account_id, now)
+                build = functools.partial(self._create_transaction_command, item, account_id, now, drawn)
                 items.append(_BatchItem(index, account_id, build))
             results = await self._run_batch(items, errors, len(request.items), deadline)
             return ledger_pb2.CreateTransactionsResponse(results=results)
@@ -361,9 +378,19 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         """One shard's items; returns those that met an id collision. Never raises: a group
         that fails unexpectedly gives its own items OUTCOME_UNKNOWN, and the other groups keep
         their results."""
+        sendable: list[_BatchItem] = []
+        built: list[bytes] = []
+        for item in group:
+            try:
+                built.append(item.build())
+            except ApiError as error:  # no free transaction id left to draw
+                item.result = item_error(error)
+                continue
+            sendable.append(item)
+        group = sendable
         answers: Sequence[ItemAnswer]
         try:
-            answers = await self.backend.update(shard_id, [item.build() for item in group], deadline)
+            answers = await self.backend.update(shard_id, built, deadline) if built else []
         except LedgerError as error:
             answers = [error] * len(group)
         except Exception as error:
