@@ -28,7 +28,7 @@ from typing import Any
 from ledger_cluster import metrics
 from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.core import commands
-from ledger_cluster.deadlines import Deadline
+from ledger_cluster.deadlines import MICROSECONDS_PER_SECOND, Deadline
 from ledger_cluster.errors import (
     BackendTimeoutError,
     LedgerError,
@@ -45,7 +45,6 @@ GROUP_COMMIT_WAITING_MAX = 10_000
 # proposed together when one completes. Measured: grouping beats pipelining when each Raft
 # entry costs milliseconds of CPU.
 GROUP_COMMIT_IN_FLIGHT_MAX = 1
-MICROSECONDS_PER_SECOND = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -75,6 +74,10 @@ class Waiter:
     # Positions of `items` in the proposed entry, set when it is proposed.
     proposed: list[int] = field(default_factory=list)
     answered: bool = False
+    # Set (under the group commit's lock) when the waiter is taken for a proposal, or when its
+    # caller gives up before that; a withdrawn waiter is skipped, never proposed.
+    taken: bool = False
+    withdrawn: bool = False
 
     def settle(self, answer: Answer | LedgerError) -> None:
         if not self.answered:
@@ -189,10 +192,13 @@ class GroupCommit:
 
     def withdraw(self, waiter: Waiter) -> LedgerError:
         """For a caller that stops waiting: the error to report. A write still waiting is
-        removed, so it is certainly never proposed; one already proposed may still commit."""
+        withdrawn (skipped when its turn comes), so it is certainly never proposed; one already
+        proposed may still commit."""
         with self._lock:
-            if waiter in self._waiting:
-                self._waiting.remove(waiter)
+            # Marked rather than removed: a scan of a long queue per withdrawal would stall the
+            # caller's event loop exactly when many deadlines pass at once.
+            if not waiter.taken:
+                waiter.withdrawn = True
                 return BackendTimeoutError(
                     f"shard {self._shard_id}: not proposed before the deadline; not applied"
                 )
@@ -223,9 +229,13 @@ class GroupCommit:
         item_count = 0
         while self._waiting:
             waiter = self._waiting[0]
+            if waiter.withdrawn:
+                self._waiting.popleft()
+                continue
             live = waiter.live_positions()
             if not live:
                 self._waiting.popleft()
+                waiter.withdrawn = True
                 self._settle_expired(waiter)
                 continue
             alone = waiter.items is None or (group and group[0].items is None)
@@ -233,6 +243,7 @@ class GroupCommit:
                 break
             self._waiting.popleft()
             waiter.proposed = live
+            waiter.taken = True
             group.append(waiter)
             item_count += len(live)
             if waiter.items is None:

@@ -31,7 +31,6 @@ from ledger_cluster.config import ClusterConfig, ShardConfig
 from ledger_cluster.core import AccountsCore, commands
 from ledger_cluster.deadlines import Deadline
 from ledger_cluster.errors import (
-    BackendUnavailableError,
     LeadershipTransferDeniedError,
     LeadershipTransferIncompleteError,
     LedgerError,
@@ -515,6 +514,11 @@ class ShardReplica:
                 outcome = await answer
         except TimeoutError:
             raise self._group_commit.withdraw(waiter) from None
+        except asyncio.CancelledError:
+            # The call went away (its caller's deadline, a cancel, the server stopping): a
+            # write not yet proposed must not be proposed for nobody.
+            self._group_commit.withdraw(waiter)
+            raise
         if isinstance(outcome, LedgerError):
             raise outcome
         return outcome
@@ -606,7 +610,7 @@ class ShardReplica:
         try:
             self._sync_obj.run_on_tick_thread(transfer)
         except queue.Full:
-            raise BackendUnavailableError("too many leadership transfers are waiting") from None
+            raise QueueFullError("too many leadership transfers are waiting") from None
         if not answered.wait(max(deadline - time.monotonic(), 0.0)):
             abandoned.set()
             raise LeadershipTransferIncompleteError(
