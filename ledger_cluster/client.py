@@ -23,13 +23,15 @@ import grpc
 from ledger_cluster.api.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.config import ClusterConfig, ShardConfig
 from ledger_cluster.core import commands
-from ledger_cluster.deadlines import Deadline
+from ledger_cluster.core.commands import ItemAnswer
+from ledger_cluster.deadlines import MICROSECONDS_PER_SECOND, Deadline
 from ledger_cluster.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
     LedgerError,
     UnknownOutcomeError,
 )
+from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.node_protocol import LEADER_HINT_METADATA_KEY, NodeReason, is_not_taken
 from ledger_cluster.status import ErrorDetails, error_details
 
@@ -46,13 +48,9 @@ ATTEMPTS_MAX = 200  # a bound on the loop even with a huge deadline
 HINTS_FOLLOWED_MAX = 3
 LEADERLESS_FAIL_FAST_SECONDS = 3.0
 STATUS_TIMEOUT_SECONDS = 1.0
-# Each command's remaining time travels to the node in microseconds; the node proposes nothing
-# whose time ran out.
-MICROSECONDS_PER_SECOND = 1_000_000
-MESSAGE_BYTES_MAX = 16 * 1024 * 1024
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
-    ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+    ("grpc.max_receive_message_length", NODE_MESSAGE_BYTES_MAX),
+    ("grpc.max_send_message_length", NODE_MESSAGE_BYTES_MAX),
     # Reconnect quickly to a node that restarts: failover must not wait on gRPC's long backoff.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -67,7 +65,15 @@ _TRANSIENT_CODES = {
     grpc.StatusCode.CANCELLED,
 }
 
-ItemAnswer = core_pb2.CommandResult | LedgerError
+# Not-taken answers after which the cached leader is no use for the next attempt.
+_LEADER_GONE_REASONS = frozenset(
+    {
+        NodeReason.NO_LEADER,
+        NodeReason.SHARD_NOT_HOSTED,
+        NodeReason.NODE_UNAVAILABLE,
+        NodeReason.PROPOSAL_DENIED,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -125,10 +131,13 @@ class _Route:
                 return _Verdict.FOLLOW_HINT
             return _Verdict.NOT_TAKEN
         if is_not_taken(details.reason):
-            self._client.remember_leader(self.shard.shard_id, None)
+            # A busy leader (QUEUE_FULL, NOT_PROPOSED, TOO_MANY_REQUESTS) is still the leader.
+            if details.reason in _LEADER_GONE_REASONS:
+                self._client.remember_leader(self.shard.shard_id, None)
             if details.reason == NodeReason.NO_LEADER:
                 return self._leaderless_or_not_taken()
             return _Verdict.NOT_TAKEN
+        # A lost connection, or a proposal whose leader lost its term: ask around again.
         self._client.remember_leader(self.shard.shard_id, None)
         if details.reason == NodeReason.OUTCOME_UNKNOWN or details.code in _TRANSIENT_CODES:
             return _Verdict.MAYBE_TAKEN
@@ -258,8 +267,8 @@ class ClusterClient:
     async def update(
         self, shard_id: str, items: Sequence[bytes], deadlines: Sequence[Deadline]
     ) -> list[ItemAnswer]:
-        """Apply `commands` (each one core command, never a batch) on the shard's leader, each
-        with its own deadline; one answer per command: its CommandResult, or a LedgerError
+        """Apply `items` (each one core command, never a batch) on the shard's leader, each
+        with its own deadline; one answer per item: its CommandResult, or a LedgerError
         saying it was not applied (BackendUnavailableError, BackendTimeoutError) or may have
         been (UnknownOutcomeError)."""
         shard = self._shards_by_id[shard_id]
@@ -307,6 +316,8 @@ class ClusterClient:
         """One UpdateRequest of the open commands to `node_id`; None when it was answered."""
         if not await self._connected(node_id, call_deadline):
             return route.never_sent(node_id, "not connected")
+        if call_deadline.expired():
+            return _Verdict.NOT_TAKEN  # connecting took the time left: nothing was sent
         sent_at = time.monotonic()
         budgets_us = [
             int(
@@ -362,6 +373,8 @@ class ClusterClient:
             node_id = route.node(attempt)
             if not await self._connected(node_id, call_deadline):
                 verdict = route.never_sent(node_id, "not connected")
+            elif call_deadline.expired():
+                verdict = _Verdict.NOT_TAKEN  # connecting took the time left: nothing was sent
             else:
                 try:
                     response = await self._stubs[node_id].Read(
