@@ -88,10 +88,14 @@ class CallGate:
         method: str,
         context: grpc.aio.ServicerContext[object, object],
         handler: Callable[[], Awaitable[Response]],
+        *,
+        capped: bool = True,
     ) -> Response:
-        """The handler's response, or the call ended with the status its error stands for."""
+        """The handler's response, or the call ended with the status its error stands for.
+        An uncapped call (a status poll that must answer under load, like a health check) is
+        counted but never refused."""
         started_seconds = time.perf_counter()
-        if self._in_flight >= self._calls_in_flight_max:
+        if capped and self._in_flight >= self._calls_in_flight_max:
             failure = self._refusal()
         else:
             self._in_flight += 1

@@ -24,8 +24,9 @@ from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.deadlines import Deadline, work_deadline
 from ledger_cluster.errors import BackendTimeoutError, NotLeaderError, SnapshotError, StorageError
+from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.metrics import MetricsServer, ShardFigures, serve_metrics
-from ledger_cluster.node_protocol import NodeReason, node_error
+from ledger_cluster.node_protocol import NODE_ID_METADATA_KEY, NodeReason, node_error
 from ledger_cluster.replica import ReplicaOptions, ShardReplica
 from ledger_cluster.status import ApiError
 from ledger_cluster.storage import (
@@ -43,7 +44,6 @@ Result = TypeVar("Result")
 # NodeService calls served at once; beyond it, RESOURCE_EXHAUSTED TOO_MANY_REQUESTS (the
 # client backs off and retries: nothing was taken). Health checks are not counted.
 NODE_CALLS_IN_FLIGHT_MAX = 1024
-NODE_MESSAGE_BYTES_MAX = 16 * 1024 * 1024
 NODE_SHUTDOWN_GRACE_SECONDS = 3.0
 DEFAULT_NODE_TIMEOUT_SECONDS = 5.0
 NODE_SERVICE_NAME = "ledger_cluster.api.v1.NodeService"
@@ -77,7 +77,9 @@ async def _in_thread(deadline: Deadline, function: Callable[..., Result], *argum
         return await asyncio.wait_for(asyncio.to_thread(function, *arguments), deadline.remaining_seconds())
     except TimeoutError:
         raise ApiError(
-            grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the call's deadline passed first"
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            NodeReason.DEADLINE_EXCEEDED,
+            "the call's deadline passed first",
         ) from None
 
 
@@ -96,7 +98,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 grpc.StatusCode.NOT_FOUND,
                 NodeReason.SHARD_NOT_HOSTED,
                 f"node {self._node_id} hosts no replica of shard {echo(shard_id)}",
-                {"node_id": self._node_id},
+                {NODE_ID_METADATA_KEY: self._node_id},
             )
         return replica
 
@@ -116,7 +118,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         try:
             answer = await replica.submit_async(request.command, deadline, request.item_budgets_us)
         except ValueError as error:
-            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ITEM_BUDGETS", str(error)) from None
+            raise ApiError(
+                grpc.StatusCode.INVALID_ARGUMENT, NodeReason.INVALID_ITEM_BUDGETS, str(error)
+            ) from None
         return node_pb2.UpdateResponse(result=answer.result, expired_items=answer.expired_items)
 
     async def Read(
@@ -152,7 +156,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 )
             return response
 
-        return await self._gate.run("Status", context, run)
+        # The gateways' leader polls: a node saturated with writes must still say who leads.
+        return await self._gate.run("Status", context, run, capped=False)
 
     async def Digest(
         self, request: node_pb2.DigestRequest, context: grpc.aio.ServicerContext[object, object]
@@ -222,25 +227,41 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 ),
             )
         self._snapshot_streams += 1
+        spooling: asyncio.Task[_SpooledSnapshot] | None = None
         try:
             deadline = _deadline(context)
-            spooled = await self._gate.run(
-                "Snapshot", context, lambda: self._spool_snapshot(request.shard_id, deadline)
+            replica = await self._gate.run(
+                "Snapshot", context, lambda: self._snapshot_source(request.shard_id)
             )
+            spooling = asyncio.ensure_future(asyncio.to_thread(self._write_spool, replica, request.shard_id))
+            await asyncio.wait({spooling}, timeout=deadline.remaining_seconds())
             try:
-                chunks = _chunk_reader(spooled, self._node_id)
+                if not spooling.done():
+                    raise ApiError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        NodeReason.DEADLINE_EXCEEDED,
+                        "the snapshot was not written before the call's deadline",
+                    )
+                chunks = _chunk_reader(spooling.result(), self._node_id)
                 while (chunk := await _in_thread(deadline, next, chunks, None)) is not None:
                     yield chunk
             except ApiError as failure:
                 await abort(context, failure)
-            finally:
-                shutil.rmtree(spooled.directory, ignore_errors=True)
         finally:
-            self._snapshot_streams -= 1
+            if spooling is None or spooling.done():
+                self._release_spool(spooling)
+            else:
+                # Its thread cannot be stopped: the slot stays taken, and the copy on disk stays,
+                # until it finishes; then both go.
+                spooling.add_done_callback(self._release_spool)
 
-    async def _spool_snapshot(self, shard_id: str, deadline: Deadline) -> _SpooledSnapshot:
-        """The leader's state, written from one LMDB read transaction (applies go on meanwhile)
-        to a private temporary file."""
+    def _release_spool(self, spooling: asyncio.Task[_SpooledSnapshot] | None) -> None:
+        if spooling is not None and not spooling.cancelled() and spooling.exception() is None:
+            shutil.rmtree(spooling.result().directory, ignore_errors=True)
+        self._snapshot_streams -= 1
+
+    async def _snapshot_source(self, shard_id: str) -> ShardReplica:
+        """This node's replica of the shard, if it leads it with a majority in reach."""
         replica = self._replica(shard_id)
         status = replica.status()
         if not status.is_leader:
@@ -256,9 +277,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 f"node {self._node_id} leads shard {shard_id} without a majority; not a backup source",
                 None,
             )
-        return await _in_thread(deadline, self._write_spool, replica, shard_id)
+        return replica
 
     def _write_spool(self, replica: ShardReplica, shard_id: str) -> _SpooledSnapshot:
+        """On a worker thread: the leader's state, written from one LMDB read transaction
+        (applies go on meanwhile) to a private temporary file."""
         directory = Path(tempfile.mkdtemp(prefix=f"{shard_id}-", dir=self._snapshot_spool))
         path = directory / "shard.snapshot"
         try:
