@@ -149,6 +149,7 @@ async def serve_ledger(
         logger.info("%s", describe(server.port, metrics_server.port))
         await wait_for_stop(stop_requested)
     finally:
-        await server.stop()
+        # Metrics first: a scrape must not read shards the backend is closing.
         metrics_server.close()
+        await server.stop()
         logger.info("stopped")

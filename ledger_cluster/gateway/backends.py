@@ -19,9 +19,10 @@ from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.client import ClusterClient
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.core import AccountsCore, commands
+from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.deadlines import Deadline
-from ledger_cluster.errors import BackendUnavailableError, UnknownOutcomeError
-from ledger_cluster.gateway.coalescer import ItemAnswer, Send, ShardCoalescer
+from ledger_cluster.errors import BackendTimeoutError, BackendUnavailableError, UnknownOutcomeError
+from ledger_cluster.gateway.coalescer import Send, ShardCoalescer
 from ledger_cluster.metrics import ShardFigures
 from ledger_cluster.process import stop_broken_process
 from ledger_cluster.storage import DirectoryLock
@@ -151,30 +152,42 @@ class StandaloneBackend(_CoalescingBackend):
     ) -> Sequence[ItemAnswer]:
         shard = self._shard(shard_id)
         applying = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._apply, shard, commands.batch(items)
+            self._executor, self._apply, shard, items, deadlines
         )
         while True:
             done, _ = await asyncio.wait({applying}, timeout=APPLY_STALL_WARNING_SECONDS)
             if done:
-                break
+                return applying.result()
             logger.warning(
                 "shard %s: an apply has run for over %.0f s", shard_id, APPLY_STALL_WARNING_SECONDS
             )
-        results = commands.item_results(applying.result(), len(items))
-        if results is None:
-            return [UnknownOutcomeError("applied, but the answer lacks the items' results")] * len(items)
-        return results
 
-    def _apply(self, shard: _StandaloneShard, entry: bytes) -> core_pb2.CommandResult:
-        """On a worker thread: one LMDB write transaction for the whole group."""
+    def _apply(
+        self, shard: _StandaloneShard, items: list[bytes], deadlines: list[Deadline]
+    ) -> list[ItemAnswer]:
+        """On a worker thread: one LMDB write transaction for the items whose deadline has not
+        passed while they waited for it; the others are never applied."""
         started_seconds = time.perf_counter()
+        answers: list[ItemAnswer] = [
+            BackendTimeoutError("the deadline passed before the write transaction; not applied")
+        ] * len(items)
+        live = [index for index, deadline in enumerate(deadlines) if not deadline.expired()]
+        if not live:
+            return answers
         try:
-            result = shard.core.apply(entry, shard.next_index)
+            result = shard.core.apply(commands.batch([items[index] for index in live]), shard.next_index)
         except Exception as error:  # any exception from apply: the state is not to be trusted
             self._on_broken(error)
         shard.next_index += 1
         metrics.APPLY_LATENCY.observe(time.perf_counter() - started_seconds)
-        return result
+        results = commands.item_results(result, len(live))
+        for position, index in enumerate(live):
+            answers[index] = (
+                results[position]
+                if results is not None
+                else UnknownOutcomeError("applied, but the answer lacks the items' results")
+            )
+        return answers
 
     async def read(
         self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, deadline: Deadline
