@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger_cluster.config import DEFAULT_METRICS_PORT_BASE
+from ledger_cluster.deadlines import MICROSECONDS_PER_SECOND
 from ledger_cluster.metrics import DEFAULT_METRICS_PORT
 
 METRICS_URLS_MAX = 16
@@ -38,7 +39,6 @@ DEFAULT_METRICS_URLS = tuple(
 CPU_SECONDS_METRIC = "process_cpu_seconds_total"
 START_TIME_METRIC = "process_start_time_seconds"
 PROCESS_INFO_METRIC = "ledger_process_info"
-MICROSECONDS_PER_SECOND = 1_000_000
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ DEADLINE_MARGIN_FRACTION = 0.1
 DEADLINE_MARGIN_SECONDS_MIN = 0.05
 # grpc reports "no deadline" as an enormous remaining time; anything above this counts as none.
 TIMEOUT_SECONDS_MAX = 3600.0
+# A write's remaining time travels to the node in whole microseconds.
+MICROSECONDS_PER_SECOND = 1_000_000
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -10,3 +10,5 @@ PAGE_SIZE_MAX = 1000
 # Items of one batch RPC, and of one log entry (a batch RPC's items for one shard, or the
 # writes that group commit gathered while the previous entry was in flight).
 BATCH_ITEMS_MAX = 1000
+# One message between a gateway and a node (a coalesced batch of 1000 commands fits well).
+NODE_MESSAGE_BYTES_MAX = 16 * 1024 * 1024

@@ -13,6 +13,7 @@ import enum
 
 import grpc
 
+from ledger_cluster.admission import TOO_MANY_REQUESTS_REASON
 from ledger_cluster.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
@@ -27,6 +28,8 @@ from ledger_cluster.status import ApiError
 
 # ErrorInfo.metadata key of a NOT_LEADER answer: the node id of the leader this node follows.
 LEADER_HINT_METADATA_KEY = "leader_node_id"
+# ErrorInfo.metadata key naming the node that answered SHARD_NOT_HOSTED.
+NODE_ID_METADATA_KEY = "node_id"
 
 
 class NodeReason(enum.StrEnum):
@@ -37,8 +40,8 @@ class NodeReason(enum.StrEnum):
     QUEUE_FULL = "QUEUE_FULL"  # RESOURCE_EXHAUSTED: too many writes wait on the shard
     PROPOSAL_DENIED = "PROPOSAL_DENIED"  # UNAVAILABLE: the Raft group refused the proposal
     NOT_PROPOSED = "NOT_PROPOSED"  # DEADLINE_EXCEEDED: the deadline passed before the proposal
-    TOO_MANY_REQUESTS = "TOO_MANY_REQUESTS"  # RESOURCE_EXHAUSTED: the service's in-flight cap
-    SHUTTING_DOWN = "SHUTTING_DOWN"  # UNAVAILABLE: the node is stopping
+    TOO_MANY_REQUESTS = TOO_MANY_REQUESTS_REASON  # RESOURCE_EXHAUSTED: the service's in-flight cap
+    NODE_UNAVAILABLE = "NODE_UNAVAILABLE"  # UNAVAILABLE: the node cannot take it now
     # Taken, fate unknown: the entry may still commit. Retry only with the same bytes.
     OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"  # UNAVAILABLE
     # Admin calls.
@@ -47,6 +50,9 @@ class NodeReason(enum.StrEnum):
     TRANSFER_INCOMPLETE = "TRANSFER_INCOMPLETE"  # UNAVAILABLE: the election may still finish
     SNAPSHOT_BUSY = "SNAPSHOT_BUSY"  # RESOURCE_EXHAUSTED
     SNAPSHOT_FAILED = "SNAPSHOT_FAILED"  # INTERNAL
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # DEADLINE_EXCEEDED: an admin call's deadline passed
+    # INVALID_ARGUMENT: item_budgets_us that do not match the command (a client bug; not taken)
+    INVALID_ITEM_BUDGETS = "INVALID_ITEM_BUDGETS"
 
 
 NOT_TAKEN_REASONS = frozenset(
@@ -58,7 +64,7 @@ NOT_TAKEN_REASONS = frozenset(
         NodeReason.PROPOSAL_DENIED,
         NodeReason.NOT_PROPOSED,
         NodeReason.TOO_MANY_REQUESTS,
-        NodeReason.SHUTTING_DOWN,
+        NodeReason.NODE_UNAVAILABLE,
     }
 )
 
@@ -90,7 +96,7 @@ def node_error(error: Exception) -> ApiError | None:
     if isinstance(error, BackendTimeoutError):
         return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, NodeReason.NOT_PROPOSED, str(error))
     if isinstance(error, BackendUnavailableError):
-        return ApiError(grpc.StatusCode.UNAVAILABLE, NodeReason.SHUTTING_DOWN, str(error))
+        return ApiError(grpc.StatusCode.UNAVAILABLE, NodeReason.NODE_UNAVAILABLE, str(error))
     if isinstance(error, UnknownOutcomeError):
         return ApiError(grpc.StatusCode.UNAVAILABLE, NodeReason.OUTCOME_UNKNOWN, str(error))
     if isinstance(error, LeadershipTransferDeniedError):

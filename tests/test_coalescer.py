@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import pytest
 
 from ledger_cluster.api.v1 import core_pb2
+from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.deadlines import Deadline
 from ledger_cluster.errors import (
     BackendTimeoutError,
@@ -19,7 +20,7 @@ from ledger_cluster.errors import (
     UnknownOutcomeError,
 )
 from ledger_cluster.gateway import coalescer
-from ledger_cluster.gateway.coalescer import ItemAnswer, ShardCoalescer
+from ledger_cluster.gateway.coalescer import ShardCoalescer
 
 LONG_DEADLINE_SECONDS = 30.0
 SHORT_DEADLINE_SECONDS = 0.05
@@ -155,7 +156,7 @@ def test_a_caller_that_times_out_before_its_turn_is_told_not_applied_and_skipped
         shard = ShardCoalescer("shard-00", sends.send)
         first = asyncio.create_task(shard.submit([b"first"], Deadline.after(LONG_DEADLINE_SECONDS)))
         await sends.wait_for_calls(1)
-        # Its wait ends (deadline plus grace) while the first send still holds the shard.
+        # Its deadline passes while the first send still holds the shard.
         with pytest.raises(BackendTimeoutError, match="not applied"):
             await shard.submit([b"gone"], Deadline.after(SHORT_DEADLINE_SECONDS))
         sends.release(0)

@@ -22,7 +22,7 @@ from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.gateway import LedgerService, StandaloneBackend
 from ledger_cluster.status import error_details
 from ledger_cluster.storage import WriteTransaction
-from ledger_cluster.text import ECHOED_INPUT_CHARACTERS_MAX
+from ledger_cluster.text import ECHOED_INPUT_CHARACTERS_MAX, escaped
 from tests.inprocess import served
 
 RPC_TIMEOUT_SECONDS = 10.0
@@ -253,15 +253,18 @@ def test_health_answers_while_the_api_is_saturated(backend: StandaloneBackend, t
 def test_a_huge_malformed_id_gets_a_short_invalid_argument(
     channel: grpc.Channel, call: Callable[[Stub, str], object]
 ) -> None:
+    huge = "\n" + "z" * HUGE_INPUT_CHARACTERS
     with pytest.raises(grpc.RpcError) as caught:
-        call(Stub(channel), "\n" + "z" * HUGE_INPUT_CHARACTERS)
+        call(Stub(channel), huge)
     details = error_details(caught.value)
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT
     assert details.reason in {"INVALID_ACCOUNT_ID", "INVALID_TRANSACTION_ID"}
     assert len(details.message) < SHORT_ERROR_MESSAGE_CHARACTERS_MAX, details.message
     assert "\n" not in details.message and "\\n" in details.message  # escaped, one line
     assert f"({HUGE_INPUT_CHARACTERS + 1} characters)" in details.message
-    assert all(len(value) <= ECHOED_INPUT_CHARACTERS_MAX for value in details.metadata.values())
+    # The metadata names the input too: its first characters, escaped.
+    assert list(details.metadata.values()) == [escaped(huge)]
+    assert escaped(huge) == "\\n" + "z" * (ECHOED_INPUT_CHARACTERS_MAX - 1)
 
 
 def test_a_huge_malformed_batch_item_id_gets_a_short_item_error(channel: grpc.Channel) -> None:

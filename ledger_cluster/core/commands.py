@@ -12,8 +12,12 @@ from typing import TypeAlias
 from google.protobuf.message import DecodeError
 
 from ledger_cluster.api.v1 import core_pb2
+from ledger_cluster.errors import LedgerError
 
 CommandType: TypeAlias = core_pb2.CommandType.ValueType
+# What a caller learns of one command: its result, or a LedgerError saying it was not applied
+# (BackendUnavailableError, BackendTimeoutError) or may have been (UnknownOutcomeError).
+ItemAnswer: TypeAlias = core_pb2.CommandResult | LedgerError
 
 
 def envelope(kind: CommandType, now: int, payload: bytes) -> bytes:

@@ -22,12 +22,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from ledger_cluster import metrics
-from ledger_cluster.api.v1 import core_pb2
+from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.deadlines import Deadline
 from ledger_cluster.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
-    LedgerError,
     QueueFullError,
     UnknownOutcomeError,
 )
@@ -42,11 +41,12 @@ COALESCE_ITEMS_MAX = BATCH_ITEMS_MAX
 COALESCE_BYTES_MAX = 4 * 1024 * 1024
 # Items waiting for one shard's next send; beyond it, a new request is refused (SHARD_BUSY).
 WAITING_ITEMS_MAX = 100_000
-# After its deadline a caller stops waiting for an answer that a send in flight still owes it;
-# the send's own attempts end by then, so this only bounds a send that misbehaves.
+# A caller whose write is in a send in flight waits this long past its own deadline for the
+# send's answer, then hears OUTCOME_UNKNOWN. A send lasts until the latest deadline among its
+# writes (the node drops each one unproposed when its own time runs out, but answers them all
+# at once), so a short deadline sent along with longer ones ends unknown rather than waiting.
 ANSWER_GRACE_SECONDS = 0.02
 
-ItemAnswer = core_pb2.CommandResult | LedgerError
 # Sends one shard's coalesced commands (each one core command, never a batch), each with its
 # caller's deadline; answers one item per command, in order.
 Send = Callable[[list[bytes], list[Deadline]], Awaitable[Sequence[ItemAnswer]]]

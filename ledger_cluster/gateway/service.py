@@ -21,10 +21,10 @@ import grpc
 from ledger_cluster.admission import CallGate
 from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.core import commands
+from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.deadlines import Deadline, work_deadline
 from ledger_cluster.errors import LedgerError, UnknownOutcomeError
 from ledger_cluster.gateway.backends import CoreApi
-from ledger_cluster.gateway.coalescer import ItemAnswer
 from ledger_cluster.gateway.outcomes import (
     backend_error,
     item_error,

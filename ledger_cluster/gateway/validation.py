@@ -21,7 +21,7 @@ from ledger_cluster.limits import (
     REQUEST_ID_BYTES_MAX,
 )
 from ledger_cluster.status import ApiError
-from ledger_cluster.text import ECHOED_INPUT_CHARACTERS_MAX
+from ledger_cluster.text import escaped
 
 PAGE_TOKEN_VERSION = 1
 _PAGE_TOKEN_CHECKSUM_BYTES = 8
@@ -41,18 +41,14 @@ def account_id_of(text: str) -> int:
     try:
         return parse_account_id(text)
     except InvalidIdError as error:
-        raise invalid(
-            "INVALID_ACCOUNT_ID", str(error), account_id=text[:ECHOED_INPUT_CHARACTERS_MAX]
-        ) from None
+        raise invalid("INVALID_ACCOUNT_ID", str(error), account_id=escaped(text)) from None
 
 
 def transaction_id_of(text: str) -> TransactionId:
     try:
         return parse_transaction_id(text)
     except InvalidIdError as error:
-        raise invalid(
-            "INVALID_TRANSACTION_ID", str(error), transaction_id=text[:ECHOED_INPUT_CHARACTERS_MAX]
-        ) from None
+        raise invalid("INVALID_TRANSACTION_ID", str(error), transaction_id=escaped(text)) from None
 
 
 def check_request_id(request_id: str) -> None:

@@ -38,7 +38,7 @@ class NodeServiceStub:
     """Propose one command to the shard's log and answer once the leader applied it. The reasons
     of its errors are defined once, in ledger_cluster/node_protocol.py: not taken (never in the
     log): FAILED_PRECONDITION NOT_LEADER (metadata leader_node_id), UNAVAILABLE NO_LEADER /
-    PROPOSAL_DENIED / SHUTTING_DOWN, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
+    PROPOSAL_DENIED / NODE_UNAVAILABLE, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
     DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
     OUTCOME_UNKNOWN.
     """
@@ -74,7 +74,7 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """Propose one command to the shard's log and answer once the leader applied it. The reasons
     of its errors are defined once, in ledger_cluster/node_protocol.py: not taken (never in the
     log): FAILED_PRECONDITION NOT_LEADER (metadata leader_node_id), UNAVAILABLE NO_LEADER /
-    PROPOSAL_DENIED / SHUTTING_DOWN, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
+    PROPOSAL_DENIED / NODE_UNAVAILABLE, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
     DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
     OUTCOME_UNKNOWN.
     """
@@ -113,7 +113,7 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Propose one command to the shard's log and answer once the leader applied it. The reasons
         of its errors are defined once, in ledger_cluster/node_protocol.py: not taken (never in the
         log): FAILED_PRECONDITION NOT_LEADER (metadata leader_node_id), UNAVAILABLE NO_LEADER /
-        PROPOSAL_DENIED / SHUTTING_DOWN, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
+        PROPOSAL_DENIED / NODE_UNAVAILABLE, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
         DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
         OUTCOME_UNKNOWN.
         """
