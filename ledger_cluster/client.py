@@ -318,15 +318,8 @@ class ClusterClient:
             return route.never_sent(node_id, "not connected")
         if call_deadline.expired():
             return _Verdict.NOT_TAKEN  # connecting took the time left: nothing was sent
-        sent_at = time.monotonic()
         budgets_us = [
-            int(
-                max(
-                    min(fates.deadlines[index].monotonic_seconds, call_deadline.monotonic_seconds) - sent_at,
-                    0.0,
-                )
-                * MICROSECONDS_PER_SECOND
-            )
+            int(min(fates.deadlines[index], call_deadline).remaining_seconds() * MICROSECONDS_PER_SECOND)
             for index in open_indexes
         ]
         request = node_pb2.UpdateRequest(

@@ -127,6 +127,12 @@ def new_waiter(
     return Waiter(command, is_batch, items, deadline, item_deadlines, on_answer)
 
 
+def _expired_positions(waiter: Waiter) -> tuple[int, ...]:
+    """The positions of a batch's items that were never proposed."""
+    proposed = set(waiter.proposed)
+    return tuple(position for position in range(len(waiter.items or ())) if position not in proposed)
+
+
 def _own_answer(waiter: Waiter, answer: core_pb2.CommandResult, start: int) -> Answer:
     """A joined write's own answer: its items' slice of the entry's results, each at its
     position, and the positions never proposed."""
@@ -134,16 +140,11 @@ def _own_answer(waiter: Waiter, answer: core_pb2.CommandResult, start: int) -> A
         return Answer(answer.item_results[start])
     own = core_pb2.CommandResult(outcome=answer.outcome, log_index=answer.log_index)
     results = iter(answer.item_results[start : start + len(waiter.proposed)])
-    proposed = set(waiter.proposed)
-    count = len(waiter.items or ())
-    for position in range(count):
-        own.item_results.append(next(results) if position in proposed else core_pb2.CommandResult())
-    return Answer(own, tuple(position for position in range(count) if position not in proposed))
-
-
-def _expired_positions(waiter: Waiter) -> tuple[int, ...]:
-    proposed = set(waiter.proposed)
-    return tuple(position for position in range(len(waiter.items or ())) if position not in proposed)
+    expired = _expired_positions(waiter)
+    never_proposed = set(expired)
+    for position in range(len(waiter.items or ())):
+        own.item_results.append(core_pb2.CommandResult() if position in never_proposed else next(results))
+    return Answer(own, expired)
 
 
 class GroupCommit:

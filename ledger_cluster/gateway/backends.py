@@ -6,6 +6,7 @@ arrived while the previous one was in flight."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ from ledger_cluster.core import AccountsCore, commands
 from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.deadlines import Deadline
 from ledger_cluster.errors import BackendTimeoutError, BackendUnavailableError, UnknownOutcomeError
-from ledger_cluster.gateway.coalescer import Send, ShardCoalescer
+from ledger_cluster.gateway.coalescer import ShardCoalescer
 from ledger_cluster.metrics import ShardFigures
 from ledger_cluster.process import stop_broken_process
 from ledger_cluster.storage import DirectoryLock
@@ -71,15 +72,9 @@ class _CoalescingBackend:
     def __init__(self, config: ClusterConfig) -> None:
         self._config = config
         self._coalescers = {
-            shard.shard_id: ShardCoalescer(shard.shard_id, self._sender(shard.shard_id))
+            shard.shard_id: ShardCoalescer(shard.shard_id, functools.partial(self._send, shard.shard_id))
             for shard in config.shards
         }
-
-    def _sender(self, shard_id: str) -> Send:
-        async def send(items: list[bytes], deadlines: list[Deadline]) -> Sequence[ItemAnswer]:
-            return await self._send(shard_id, items, deadlines)
-
-        return send
 
     async def _send(
         self, shard_id: str, items: list[bytes], deadlines: list[Deadline]
