@@ -159,7 +159,11 @@ class GroupCommit:
         self._translate = translate
         self._lock = threading.Lock()
         self._waiting: deque[Waiter] = deque()
-        self._in_flight = 0
+        # Proposals whose answer is awaited, by proposal number. Raft may never answer one (a
+        # snapshot installed past its index, a leadership lost), so `fail_in_flight` can end
+        # them; an answer arriving after that finds its number gone and changes nothing.
+        self._in_flight: dict[int, tuple[list[Waiter], bool]] = {}
+        self._proposals_made = 0
         self._held = False
 
     @contextmanager
@@ -214,11 +218,26 @@ class GroupCommit:
         (a follower's case), so the core can skip building answers. Read without the lock:
         the raise happens before the proposal, so it can only be stale toward building answers
         that nobody reads."""
-        return self._in_flight > 0
+        return bool(self._in_flight)
+
+    def fail_in_flight(self, reason: str) -> None:
+        """Answer every proposal in flight as of unknown outcome and free their slots, for when
+        Raft will not answer them: after a snapshot install skipped their indices, or after this
+        replica stopped leading (the entry may still commit under the next leader)."""
+        with self._lock:
+            ended = list(self._in_flight.values())
+            self._in_flight.clear()
+        for group, _whole in ended:
+            for waiter in group:
+                waiter.settle(UnknownOutcomeError(f"shard {self._shard_id}: {reason}; it may still commit"))
+        if ended:
+            metrics.GROUP_COMMIT_FAILED_IN_FLIGHT.inc(len(ended))
+            with self._lock:
+                self._propose_next()
 
     def _propose_next(self) -> None:
         """With the lock held: while a proposal slot is free, propose what waits."""
-        while self._waiting and not self._held and self._in_flight < GROUP_COMMIT_IN_FLIGHT_MAX:
+        while self._waiting and not self._held and len(self._in_flight) < GROUP_COMMIT_IN_FLIGHT_MAX:
             group = self._take_group()
             if group:
                 self._propose_group(group)
@@ -274,12 +293,19 @@ class GroupCommit:
         else:
             entry = commands.batch([item for waiter in group for item in waiter.entry_items()])
         metrics.GROUP_COMMIT_ITEMS.observe(sum(len(waiter.entry_items()) for waiter in group))
-        self._in_flight += 1
-        self._propose(entry, lambda result, error: self._on_answer(group, whole, result, error))
+        self._proposals_made += 1
+        number = self._proposals_made
+        self._in_flight[number] = (group, whole)
+        self._propose(entry, lambda result, error: self._on_answer(number, result, error))
 
-    def _on_answer(self, group: list[Waiter], whole: bool, result: Any, error: int) -> None:
-        """On PySyncObj's tick thread: hand every waiter its own answer, then propose what
-        gathered meanwhile."""
+    def _on_answer(self, number: int, result: Any, error: int) -> None:
+        """On the Raft thread: hand every waiter its own answer, then propose what gathered
+        meanwhile. A proposal already ended by `fail_in_flight` is left as it was answered."""
+        with self._lock:
+            proposal = self._in_flight.pop(number, None)
+        if proposal is None:
+            return
+        group, whole = proposal
         try:
             answer = self._translate(result, error)
         except Exception as failure:  # never raise into PySyncObj's apply loop
@@ -292,7 +318,6 @@ class GroupCommit:
                 self._settle_group(group, answer)
         finally:
             with self._lock:
-                self._in_flight -= 1
                 self._propose_next()
 
     @staticmethod

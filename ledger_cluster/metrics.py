@@ -65,6 +65,11 @@ GROUP_COMMIT_ITEMS = Histogram(
     "Items per Raft entry a shard leader proposed (node group commit).",
     buckets=ITEM_COUNT_BUCKETS,
 )
+GROUP_COMMIT_FAILED_IN_FLIGHT = Counter(
+    "ledger_group_commit_failed_in_flight_total",
+    "Proposals answered OUTCOME_UNKNOWN because Raft would not answer them (a snapshot installed"
+    " past them, or leadership lost).",
+)
 APPLY_LATENCY = Histogram(
     "ledger_apply_latency_seconds",
     "Time to apply one log entry or standalone write: one LMDB write transaction and its fsync.",

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.journal import createJournal
+from pysyncobj.syncobj import _RAFT_STATE
 
 from ledger_cluster import metrics
 from ledger_cluster.api.v1 import core_pb2
@@ -282,9 +283,15 @@ class ShardReplica:
             # Membership is the config file's; no runtime changes.
             dynamicMembershipChange=False,
             onReady=None,
-            onStateChanged=None,
+            # Raft answers no proposal of a term this replica stopped leading in until (and
+            # unless) the entry is applied here later; its writers must not wait for that.
+            onStateChanged=self._on_raft_state_changed,
             onCodeVersionChanged=None,
         )
+
+    def _on_raft_state_changed(self, old_state: int, new_state: int) -> None:
+        if old_state == _RAFT_STATE.LEADER and new_state != _RAFT_STATE.LEADER:
+            self._group_commit.fail_in_flight("this replica stopped leading with the write in flight")
 
     # -- log compaction ------------------------------------------------------------------------
 
@@ -434,6 +441,9 @@ class ShardReplica:
             kept = self._journal_start_if_it_holds(last_entry)
             if kept is not None:
                 return kept
+        else:
+            # PySyncObj never answers a proposal whose index the snapshot skipped.
+            self._group_commit.fail_in_flight("a snapshot from the leader replaced the log past the write")
         return (last_entry, previous_entry, None)
 
     def _journal_start_if_it_holds(self, entry: tuple[bytes, int, int]) -> tuple[Any, Any, Any] | None:

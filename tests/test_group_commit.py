@@ -183,3 +183,25 @@ def test_budgets_must_match_a_batch() -> None:
         group.submit(write(1), deadline, [1000], Answers())
     with pytest.raises(ValueError, match="one budget per item"):
         group.submit(commands.batch([write(1), write(2)]), deadline, [1000], Answers())
+
+
+def test_a_proposal_raft_will_not_answer_is_failed_and_frees_the_slot() -> None:
+    """The wedge: a snapshot install skips the in-flight entry's index (or the leader steps
+    down), so PySyncObj never calls its callback; the replica fails it instead."""
+    raft = Raft()
+    group = GroupCommit("shard-00", raft.propose, translate)
+    stranded, waiting = Answers(), Answers()
+    deadline = Deadline.after(LONG_DEADLINE_SECONDS)
+    group.submit(write(1), deadline, (), stranded)
+    group.submit(write(2), deadline, (), waiting)
+    assert len(raft.entries) == 1 and group.has_proposal_in_flight()
+    group.fail_in_flight("a snapshot replaced the log")
+    failed = stranded.only()
+    assert isinstance(failed, UnknownOutcomeError) and "snapshot" in str(failed)
+    assert raft.items(1) == [2], "the freed slot proposes what waited"
+    raft.apply(1)
+    answer = waiting.only()
+    assert isinstance(answer, Answer) and answer.result.message == "2"
+    raft.apply(0)  # a late answer to the failed proposal changes nothing
+    assert stranded.only() is failed
+    assert not group.has_proposal_in_flight()
