@@ -17,6 +17,7 @@ from ledger_cluster.ids import (
     parse_account_id,
     parse_transaction_id,
 )
+from ledger_cluster.localcluster.cluster import config_ports, loopback_config
 from ledger_cluster.sharding import SHARD_KEY_MAX, shard_key
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +107,17 @@ def test_generated_configs_cover_the_key_space_and_spread_replicas(
         assert config.shard_for_key(key).contains(key)
     load = [sum(r.node_id == n.node_id for s in config.shards for r in s.replicas) for n in config.nodes]
     assert max(load) - min(load) <= 1
+
+
+def test_loopback_config_gives_each_node_its_own_three_free_ports() -> None:
+    checked_in_ports = config_ports(cluster_config.load(REPO_ROOT / "cluster_config.json"))
+    generated = cluster_config.generate(3, 4, 3)
+    config = loopback_config(3, 4, 3, frozenset(checked_in_ports))
+    # gRPC, Raft and metrics per node, and nothing else: the replicas have no ports of their own.
+    assert len(config_ports(config)) == 9
+    assert not config_ports(config) & checked_in_ports
+    assert all(node.raft_address.startswith("127.0.0.1:") for node in config.nodes)
+    assert config.shards == generated.shards
 
 
 def _preferred_counts(config: cluster_config.ClusterConfig) -> list[int]:
