@@ -1,11 +1,17 @@
 """The cluster config: nodes, shards (contiguous ranges of the 32-bit shard-key space) and the
-replicas of each shard. Loaded and validated as a whole; written atomically."""
+replicas of each shard. Loaded and validated as a whole; written atomically.
+
+Format 2: each node has one Raft address shared by every shard it replicates (format 1 gave
+each replica its own Raft port), each shard names a preferred leader, and the cluster has a
+random `cluster_id` that salts the Raft transport's key derivation."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import secrets
+import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +20,13 @@ from typing import Any
 from ledger_cluster.errors import ConfigError
 from ledger_cluster.sharding import SHARD_KEY_MAX, shard_key
 
-CONFIG_FORMAT_VERSION = 1
+CONFIG_FORMAT_VERSION = 2
+# The format with a Raft port per replica; refused with the command that rewrites it.
+CONFIG_FORMAT_VERSION_PER_REPLICA_RAFT_PORTS = 1
 DEFAULT_CONFIG_PATH = "cluster_config.json"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_NODE_GRPC_PORT_BASE = 7000
+# node01's Raft transport listens on 7100, node02's on 7101, ...
 DEFAULT_RAFT_PORT_BASE = 7100
 # node01 serves /metrics on 9101, node02 on 9102, ...; the gateway's default is 9100.
 DEFAULT_METRICS_PORT_BASE = 9101
@@ -25,15 +34,24 @@ NODES_MAX = 64
 SHARDS_MAX = 1024
 REPLICAS_MAX = 7
 PORT_MAX = 65535
+CLUSTER_ID_BYTES = 16
 
 _NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+_CLUSTER_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+# Unknown fields are refused: a leftover format 1 field or a misspelt one would otherwise be
+# ignored without a word.
+_CONFIG_FIELDS = frozenset({"format_version", "cluster_id", "nodes", "shards"})
+_NODE_FIELDS = frozenset({"id", "grpc_address", "raft_address", "metrics_address"})
+_SHARD_FIELDS = frozenset({"id", "lower_bound", "upper_bound", "replicas", "preferred_leader"})
+_REPLICA_FIELDS = frozenset({"node_id"})
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     node_id: str
     grpc_address: str
-    raft_host: str
+    # HOST:PORT where this node's Raft transport listens: one port for all the shards it replicates.
+    raft_address: str
     # HOST:PORT of the node's GET /metrics; None: the node serves no metrics.
     metrics_address: str | None = None
 
@@ -41,7 +59,6 @@ class NodeConfig:
 @dataclass(frozen=True)
 class ReplicaConfig:
     node_id: str
-    raft_port: int
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,8 @@ class ShardConfig:
     lower_bound: int
     upper_bound: int
     replicas: tuple[ReplicaConfig, ...]
+    # The node that should lead this shard when it is healthy; one of `replicas`.
+    preferred_leader: str
 
     def contains(self, key: int) -> bool:
         return self.lower_bound <= key <= self.upper_bound
@@ -57,6 +76,8 @@ class ShardConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    # 32 lowercase hex characters, random per cluster; the salt of the Raft transport's key derivation.
+    cluster_id: str
     nodes: tuple[NodeConfig, ...]
     shards: tuple[ShardConfig, ...]
 
@@ -86,16 +107,9 @@ class ClusterConfig:
     def to_json_object(self) -> dict[str, Any]:
         return {
             "format_version": CONFIG_FORMAT_VERSION,
+            "cluster_id": self.cluster_id,
             "nodes": [_node_json(node) for node in self.nodes],
-            "shards": [
-                {
-                    "id": s.shard_id,
-                    "lower_bound": s.lower_bound,
-                    "upper_bound": s.upper_bound,
-                    "replicas": [{"node_id": r.node_id, "raft_port": r.raft_port} for r in s.replicas],
-                }
-                for s in self.shards
-            ],
+            "shards": [_shard_json(shard) for shard in self.shards],
         }
 
 
@@ -103,11 +117,21 @@ def _node_json(node: NodeConfig) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "id": node.node_id,
         "grpc_address": node.grpc_address,
-        "raft_host": node.raft_host,
+        "raft_address": node.raft_address,
     }
     if node.metrics_address is not None:
         fields["metrics_address"] = node.metrics_address
     return fields
+
+
+def _shard_json(shard: ShardConfig) -> dict[str, Any]:
+    return {
+        "id": shard.shard_id,
+        "lower_bound": shard.lower_bound,
+        "upper_bound": shard.upper_bound,
+        "replicas": [{"node_id": replica.node_id} for replica in shard.replicas],
+        "preferred_leader": shard.preferred_leader,
+    }
 
 
 def _require(condition: bool, message: str) -> None:
@@ -128,10 +152,9 @@ def json_field(obj: Any, name: str, kind: type, where: str, error: type[Exceptio
     return value
 
 
-def _validate_address(address: str, where: str) -> None:
-    host, separator, port = address.rpartition(":")
-    _require(bool(separator) and bool(host), f"{where}: address {address!r} must be HOST:PORT")
-    _require(port.isdigit() and 1 <= int(port) <= PORT_MAX, f"{where}: bad port in {address!r}")
+def _reject_unknown_fields(obj: dict[str, Any], known: frozenset[str], where: str) -> None:
+    unknown = sorted(set(obj) - known)
+    _require(not unknown, f"{where} has unknown fields {unknown}; known: {sorted(known)}")
 
 
 def _parse_node(obj: Any, index: int) -> NodeConfig:
@@ -139,48 +162,87 @@ def _parse_node(obj: Any, index: int) -> NodeConfig:
     node = NodeConfig(
         node_id=json_field(obj, "id", str, where),
         grpc_address=json_field(obj, "grpc_address", str, where),
-        raft_host=json_field(obj, "raft_host", str, where),
+        raft_address=json_field(obj, "raft_address", str, where),
         metrics_address=json_field(obj, "metrics_address", str, where) if "metrics_address" in obj else None,
     )
-    _require(bool(_NAME_PATTERN.match(node.node_id)), f"{where}: bad node id {node.node_id!r}")
-    _validate_address(node.grpc_address, where)
-    if node.metrics_address is not None:
-        _validate_address(node.metrics_address, where)
+    _reject_unknown_fields(obj, _NODE_FIELDS, where)
     return node
+
+
+def _parse_replica(obj: Any, where: str) -> ReplicaConfig:
+    replica = ReplicaConfig(node_id=json_field(obj, "node_id", str, where))
+    _reject_unknown_fields(obj, _REPLICA_FIELDS, where)
+    return replica
 
 
 def _parse_shard(obj: Any, index: int) -> ShardConfig:
     where = f"shards[{index}]"
     replicas_raw = json_field(obj, "replicas", list, where)
-    replicas = tuple(
-        ReplicaConfig(
-            node_id=json_field(r, "node_id", str, f"{where}.replicas[{i}]"),
-            raft_port=json_field(r, "raft_port", int, f"{where}.replicas[{i}]"),
-        )
-        for i, r in enumerate(replicas_raw)
-    )
     shard = ShardConfig(
         shard_id=json_field(obj, "id", str, where),
         lower_bound=json_field(obj, "lower_bound", int, where),
         upper_bound=json_field(obj, "upper_bound", int, where),
-        replicas=replicas,
+        replicas=tuple(_parse_replica(r, f"{where}.replicas[{i}]") for i, r in enumerate(replicas_raw)),
+        preferred_leader=json_field(obj, "preferred_leader", str, where),
     )
-    _require(bool(_NAME_PATTERN.match(shard.shard_id)), f"{where}: bad shard id {shard.shard_id!r}")
+    _reject_unknown_fields(obj, _SHARD_FIELDS, where)
     return shard
 
 
 def validate(config: ClusterConfig) -> None:
     """Raise ConfigError unless the config can run a cluster."""
-    _require(1 <= len(config.nodes) <= NODES_MAX, f"need 1..{NODES_MAX} nodes")
-    _require(1 <= len(config.shards) <= SHARDS_MAX, f"need 1..{SHARDS_MAX} shards")
+    _require(
+        _CLUSTER_ID_PATTERN.fullmatch(config.cluster_id) is not None,
+        f"cluster_id must be 32 lowercase hex characters, got {config.cluster_id!r}",
+    )
+    _require(1 <= len(config.nodes) <= NODES_MAX, f"need 1..{NODES_MAX} nodes, got {len(config.nodes)}")
+    _require(1 <= len(config.shards) <= SHARDS_MAX, f"need 1..{SHARDS_MAX} shards, got {len(config.shards)}")
+    for index, node in enumerate(config.nodes):
+        _validate_node(node, f"nodes[{index}]")
     node_ids = [n.node_id for n in config.nodes]
     _require(len(set(node_ids)) == len(node_ids), "node ids must be unique")
-    grpc_addresses = [n.grpc_address for n in config.nodes]
-    _require(len(set(grpc_addresses)) == len(grpc_addresses), "node gRPC addresses must be unique")
+    _validate_endpoints(config.nodes)
     shard_ids = [s.shard_id for s in config.shards]
     _require(len(set(shard_ids)) == len(shard_ids), "shard ids must be unique")
     _validate_coverage(config.shards)
-    _validate_replicas(config)
+    for index, shard in enumerate(config.shards):
+        _validate_shard_replicas(shard, f"shards[{index}] ({shard.shard_id})", set(node_ids))
+
+
+def _validate_node(node: NodeConfig, where: str) -> None:
+    _require(_NAME_PATTERN.fullmatch(node.node_id) is not None, f"{where}: bad node id {node.node_id!r}")
+    _validate_address(node.grpc_address, f"{where}.grpc_address")
+    _validate_address(node.raft_address, f"{where}.raft_address")
+    if node.metrics_address is not None:
+        _validate_address(node.metrics_address, f"{where}.metrics_address")
+
+
+def _validate_address(address: str, where: str) -> None:
+    host, separator, port = address.rpartition(":")
+    _require(bool(separator) and bool(host), f"{where}: address {address!r} must be HOST:PORT")
+    _require(port.isdigit() and 1 <= int(port) <= PORT_MAX, f"{where}: bad port in {address!r}")
+
+
+def _node_endpoints(node: NodeConfig) -> list[tuple[str, str]]:
+    """(field name, HOST:PORT) of every socket the node listens on."""
+    endpoints = [("grpc_address", node.grpc_address), ("raft_address", node.raft_address)]
+    if node.metrics_address is not None:
+        endpoints.append(("metrics_address", node.metrics_address))
+    return endpoints
+
+
+def _validate_endpoints(nodes: tuple[NodeConfig, ...]) -> None:
+    # Two listeners on one HOST:PORT cannot both bind: the second process would fail at start.
+    # The port is compared as a number, so "7000" and "07000" are the same endpoint.
+    owners: dict[tuple[str, int], str] = {}
+    for node in nodes:
+        for field_name, address in _node_endpoints(node):
+            host, _, port = address.rpartition(":")
+            endpoint = (host, int(port))
+            owner = f"{node.node_id}'s {field_name}"
+            if endpoint in owners:
+                raise ConfigError(f"{address} is both {owners[endpoint]} and {owner}")
+            owners[endpoint] = owner
 
 
 def _validate_coverage(shards: tuple[ShardConfig, ...]) -> None:
@@ -199,48 +261,61 @@ def _validate_coverage(shards: tuple[ShardConfig, ...]) -> None:
     _require(expected_lower == SHARD_KEY_MAX + 1, "shards must cover the key space up to 2**32-1")
 
 
-def _validate_replicas(config: ClusterConfig) -> None:
-    node_hosts = {n.node_id: n.raft_host for n in config.nodes}
-    used_ports: set[tuple[str, int]] = set()
-    for node in config.nodes:
-        host, _, port = node.grpc_address.rpartition(":")
-        used_ports.add((host, int(port)))
-    for node in config.nodes:
-        if node.metrics_address is not None:
-            host, _, port = node.metrics_address.rpartition(":")
-            endpoint = (host, int(port))
-            _require(endpoint not in used_ports, f"port {host}:{port} used twice")
-            used_ports.add(endpoint)
-    for shard in config.shards:
-        _require(
-            1 <= len(shard.replicas) <= REPLICAS_MAX,
-            f"shard {shard.shard_id} needs 1..{REPLICAS_MAX} replicas",
-        )
-        replica_nodes = [r.node_id for r in shard.replicas]
-        _require(
-            len(set(replica_nodes)) == len(replica_nodes),
-            f"shard {shard.shard_id}: replicas must be on distinct nodes",
-        )
-        for replica in shard.replicas:
-            _require(
-                replica.node_id in node_hosts,
-                f"shard {shard.shard_id}: unknown node {replica.node_id!r}",
-            )
-            _require(
-                1 <= replica.raft_port <= PORT_MAX,
-                f"shard {shard.shard_id}: bad raft port {replica.raft_port}",
-            )
-            endpoint = (node_hosts[replica.node_id], replica.raft_port)
-            _require(endpoint not in used_ports, f"port {endpoint[0]}:{endpoint[1]} used twice")
-            used_ports.add(endpoint)
+def _validate_shard_replicas(shard: ShardConfig, where: str, node_ids: set[str]) -> None:
+    _require(_NAME_PATTERN.fullmatch(shard.shard_id) is not None, f"{where}: bad shard id {shard.shard_id!r}")
+    _require(
+        1 <= len(shard.replicas) <= REPLICAS_MAX,
+        f"{where}: needs 1..{REPLICAS_MAX} replicas, got {len(shard.replicas)}",
+    )
+    replica_nodes = [r.node_id for r in shard.replicas]
+    _require(len(set(replica_nodes)) == len(replica_nodes), f"{where}: replicas must be on distinct nodes")
+    for node_id in replica_nodes:
+        _require(node_id in node_ids, f"{where}: replica on unknown node {node_id!r}")
+    _require(
+        shard.preferred_leader in replica_nodes,
+        f"{where}: preferred_leader {shard.preferred_leader!r} is not one of its replicas {replica_nodes}",
+    )
+
+
+def _format_1_refusal(obj: dict[str, Any]) -> str:
+    return (
+        f"format_version {CONFIG_FORMAT_VERSION_PER_REPLICA_RAFT_PORTS} is no longer supported (format "
+        f"{CONFIG_FORMAT_VERSION} gives each node one raft_address for all its shards instead of a "
+        "raft_port per replica, and adds cluster_id and preferred_leader): regenerate the file with "
+        f"`ledger-dev seed-cluster-config{_format_1_layout_options(obj)} --out <file>`; "
+        "data directories are unaffected"
+    )
+
+
+def _format_1_layout_options(obj: dict[str, Any]) -> str:
+    """The seed-cluster-config options that rebuild a format 1 file's layout (same node ids,
+    shard ranges and replica placement, which is all a data directory depends on); "" when the
+    file is too damaged to tell."""
+    try:
+        nodes, shards = obj["nodes"], obj["shards"]
+        replica_count = len(shards[0]["replicas"])
+        host = nodes[0]["grpc_address"].rpartition(":")[0]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return ""
+    # Quoted: the message is a command to paste, and an IPv6 host's brackets are a shell glob.
+    host_option = "" if host == DEFAULT_HOST else f" --host {shlex.quote(host)}"
+    return f" --nodes {len(nodes)} --shards {len(shards)} --replicas {replica_count}{host_option}"
 
 
 def parse(obj: Any) -> ClusterConfig:
     version = json_field(obj, "format_version", int, "config")
-    _require(version == CONFIG_FORMAT_VERSION, f"unsupported config format_version {version}")
-    nodes = tuple(_parse_node(n, i) for i, n in enumerate(json_field(obj, "nodes", list, "config")))
-    shards = tuple(_parse_shard(s, i) for i, s in enumerate(json_field(obj, "shards", list, "config")))
-    config = ClusterConfig(nodes=nodes, shards=shards)
+    if version == CONFIG_FORMAT_VERSION_PER_REPLICA_RAFT_PORTS:
+        raise ConfigError(_format_1_refusal(obj))
+    _require(
+        version == CONFIG_FORMAT_VERSION,
+        f"unsupported config format_version {version}; this version reads {CONFIG_FORMAT_VERSION}",
+    )
+    _reject_unknown_fields(obj, _CONFIG_FIELDS, "config")
+    config = ClusterConfig(
+        cluster_id=json_field(obj, "cluster_id", str, "config"),
+        nodes=tuple(_parse_node(n, i) for i, n in enumerate(json_field(obj, "nodes", list, "config"))),
+        shards=tuple(_parse_shard(s, i) for i, s in enumerate(json_field(obj, "shards", list, "config"))),
+    )
     validate(config)
     return config
 
@@ -254,7 +329,12 @@ def load(path: str | os.PathLike[str]) -> ClusterConfig:
         obj = json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigError(f"cluster config {str(path)!r} is not valid JSON: {error}") from error
-    return parse(obj)
+    try:
+        return parse(obj)
+    except ConfigError as error:
+        # parse() knows positions in the JSON, not which file: a node started with the wrong
+        # --config should say which one.
+        raise ConfigError(f"cluster config {str(path)!r}: {error}") from error
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -294,45 +374,121 @@ def generate(
     grpc_port_base: int = DEFAULT_NODE_GRPC_PORT_BASE,
     raft_port_base: int = DEFAULT_RAFT_PORT_BASE,
     metrics_port_base: int = DEFAULT_METRICS_PORT_BASE,
+    cluster_id: str | None = None,
 ) -> ClusterConfig:
-    """Equal key ranges; each shard's replicas go to the least-loaded nodes, ties broken by
-    rotating from node i for shard i, so every node holds the same number of replicas (+-1)
-    and the first replica of each shard (the likely first leader) rotates too."""
+    """Equal key ranges, replicas spread evenly over the nodes (`_place_replicas`), preferred
+    leaders spread evenly too (`_choose_preferred_leaders`); node i listens on the three port
+    bases + i. `cluster_id` None draws a random one, so two generated clusters never share it."""
     _require(1 <= replica_count <= node_count, "replicas must be between 1 and the node count")
     nodes = tuple(
         NodeConfig(
             node_id=f"node{index + 1:02d}",
             grpc_address=f"{host}:{grpc_port_base + index}",
-            raft_host=host,
+            raft_address=f"{host}:{raft_port_base + index}",
             metrics_address=f"{host}:{metrics_port_base + index}",
         )
         for index in range(node_count)
     )
+    placements = _place_replicas(node_count, shard_count, replica_count)
+    preferred_leaders = _choose_preferred_leaders(placements, node_count)
     key_space = SHARD_KEY_MAX + 1
+    shards = tuple(
+        ShardConfig(
+            shard_id=f"shard-{shard_index:02d}",
+            lower_bound=shard_index * key_space // shard_count,
+            upper_bound=(shard_index + 1) * key_space // shard_count - 1,
+            replicas=tuple(ReplicaConfig(node_id=nodes[node_index].node_id) for node_index in placement),
+            preferred_leader=nodes[preferred_leaders[shard_index]].node_id,
+        )
+        for shard_index, placement in enumerate(placements)
+    )
+    config = ClusterConfig(
+        cluster_id=secrets.token_hex(CLUSTER_ID_BYTES) if cluster_id is None else cluster_id,
+        nodes=nodes,
+        shards=shards,
+    )
+    validate(config)
+    return config
+
+
+def _place_replicas(node_count: int, shard_count: int, replica_count: int) -> list[list[int]]:
+    """Node indexes of each shard's replicas: the least-loaded nodes, ties broken by rotating
+    from node i for shard i, so every node holds the same number of replicas (+-1)."""
     replica_load = [0] * node_count
-    shards = []
+    placements = []
     for shard_index in range(shard_count):
         chosen = sorted(
             range(node_count),
             key=lambda node_index: (replica_load[node_index], (node_index - shard_index) % node_count),
         )[:replica_count]
-        replicas = []
         for node_index in chosen:
             replica_load[node_index] += 1
-            replicas.append(
-                ReplicaConfig(
-                    node_id=nodes[node_index].node_id,
-                    raft_port=raft_port_base + node_index * shard_count + shard_index,
-                )
-            )
-        shards.append(
-            ShardConfig(
-                shard_id=f"shard-{shard_index:02d}",
-                lower_bound=shard_index * key_space // shard_count,
-                upper_bound=(shard_index + 1) * key_space // shard_count - 1,
-                replicas=tuple(replicas),
-            )
+        placements.append(chosen)
+    return placements
+
+
+def _choose_preferred_leaders(placements: list[list[int]], node_count: int) -> list[int]:
+    """Each shard's preferred leader, one of its replicas, spread so that each node leads
+    shard_count/node_count shards (+-1) wherever the placement allows it: leaders do the
+    proposing and the fsync-waiting, so an uneven spread makes one node the bottleneck.
+
+    First the replica preferred least often so far, ties broken by the same rotation as the
+    placement; that greedy pass can strand a node (5 nodes, 5 shards, 3 replicas leaves node05
+    with none), so preferences then move along chains until no chain can even out two nodes."""
+    preferred = []
+    leader_load = [0] * node_count
+    for shard_index, placement in enumerate(placements):
+        leader = min(
+            placement,
+            key=lambda node_index: (leader_load[node_index], (node_index - shard_index) % node_count),
         )
-    config = ClusterConfig(nodes=nodes, shards=tuple(shards))
-    validate(config)
-    return config
+        leader_load[leader] += 1
+        preferred.append(leader)
+    # Each move lowers the sum of squared loads by at least 2, from at most shard_count**2.
+    moves_max = len(placements) ** 2 // 2 + 1
+    for _ in range(moves_max):
+        chain = _leadership_chain(placements, preferred, node_count)
+        if chain is None:
+            return preferred
+        for shard_index, node_index in chain:
+            preferred[shard_index] = node_index
+    raise ConfigError("preferred leaders did not settle")  # unreachable: see moves_max
+
+
+def _leadership_chain(
+    placements: list[list[int]], preferred: list[int], node_count: int
+) -> list[tuple[int, int]] | None:
+    """(shard, new preferred node) moves that give one more shard to a least-loaded node and
+    one fewer to a node with at least two more, each shard moving to another of its replicas;
+    None when there is none, which means the spread is as even as the placement allows (a
+    semi-matching without such a path is optimal: Harvey, Ladner, Lovasz, Tamir 2006)."""
+    leader_load = [preferred.count(node_index) for node_index in range(node_count)]
+    lightest = min(leader_load)
+    for start in (node for node in range(node_count) if leader_load[node] == lightest):
+        # Breadth-first from `start`; taken_from[giver] = (shard, taker): `taker` reaches
+        # `giver` by taking over one of the shards `giver` is preferred for.
+        taken_from: dict[int, tuple[int, int]] = {}
+        frontier = [start]
+        while frontier:
+            next_frontier = []
+            for taker in frontier:
+                for shard_index, placement in enumerate(placements):
+                    giver = preferred[shard_index]
+                    if taker not in placement or giver == start or giver in taken_from:
+                        continue
+                    taken_from[giver] = (shard_index, taker)
+                    if leader_load[giver] >= lightest + 2:
+                        return _unwind_chain(taken_from, giver, start)
+                    next_frontier.append(giver)
+            frontier = next_frontier
+    return None
+
+
+def _unwind_chain(taken_from: dict[int, tuple[int, int]], end: int, start: int) -> list[tuple[int, int]]:
+    chain = []
+    node = end
+    while node != start:
+        shard_index, taker = taken_from[node]
+        chain.append((shard_index, taker))
+        node = taker
+    return chain

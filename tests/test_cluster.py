@@ -458,11 +458,23 @@ def test_dev_status_shows_a_leader_for_every_shard(healthy: Cluster) -> None:
     lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
     for node in healthy.config.nodes:
         assert lines[node.node_id][1:3] == [node.grpc_address, "up"], result.stdout
+    assert lines["shard"][:4] == ["shard", "leader", "preferred", "term"], result.stdout
+    not_preferred = []
     for shard in healthy.config.shards:
         row = lines.get(shard.shard_id)
         assert row is not None, f"no row for {shard.shard_id}:\n{result.stdout}"
-        assert row[1] == leaders[shard.shard_id], f"{shard.shard_id} leader:\n{result.stdout}"
-        assert row[1] != "NONE"
+        leader = leaders[shard.shard_id]
+        # Where the leader is not the config's preferred leader, its cell carries the mark.
+        mark = "" if leader == shard.preferred_leader else "*"
+        assert row[1] == leader + mark, f"{shard.shard_id} leader:\n{result.stdout}"
+        assert row[2] == shard.preferred_leader, f"{shard.shard_id} preferred leader:\n{result.stdout}"
+        if mark:
+            not_preferred.append(shard.shard_id)
+    if not_preferred:
+        summary = f"* led by a node other than its preferred leader: {', '.join(not_preferred)}"
+        assert summary in result.stdout, result.stdout
+    else:
+        assert "preferred leader:" not in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("repeat", ["same-bytes", "same-request-id"])

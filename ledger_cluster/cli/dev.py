@@ -23,7 +23,7 @@ from ledger_cluster.cli.common import (
     load_config,
     version_option,
 )
-from ledger_cluster.client import node_statuses_now
+from ledger_cluster.client import NodeStatus, node_statuses_now
 from ledger_cluster.errors import ConfigError, LedgerError
 from ledger_cluster.limits import BATCH_ITEMS_MAX
 from ledger_cluster.localcluster.cluster import config_ports
@@ -380,40 +380,75 @@ def nemesis_command(
         sys.exit(1)
 
 
+# Marks a shard whose leader is not its preferred leader (the node that should lead it when healthy).
+NOT_PREFERRED_MARK = "*"
+
+
+def _shard_replicas(
+    shard: cluster_config.ShardConfig, by_node: dict[str, NodeStatus]
+) -> dict[str, node_pb2.ReplicaStatus | None]:
+    """Each replica's status by node id, None where its node did not report the shard."""
+    return {
+        replica.node_id: next(
+            (r for r in by_node[replica.node_id].replicas if r.shard_id == shard.shard_id), None
+        )
+        for replica in shard.replicas
+    }
+
+
+def _acting_leader(replicas: dict[str, node_pb2.ReplicaStatus | None]) -> node_pb2.ReplicaStatus | None:
+    # A leader that lost its majority still calls itself leader until it falls back, but it can
+    # commit nothing: it does not count.
+    leaders = [r for r in replicas.values() if r is not None and r.is_leader and r.has_quorum]
+    return max(leaders, key=lambda r: r.term) if leaders else None
+
+
+def _leader_cell(leader: node_pb2.ReplicaStatus | None, preferred_leader: str) -> str:
+    if leader is None:
+        return "NONE"
+    return leader.node_id + ("" if leader.node_id == preferred_leader else NOT_PREFERRED_MARK)
+
+
+def _replica_cells(replicas: dict[str, node_pb2.ReplicaStatus | None], by_node: dict[str, NodeStatus]) -> str:
+    cells = []
+    for node_id, replica in replicas.items():
+        numbers = f"{replica.commit_index}/{replica.last_applied}" if replica else "-/-"
+        cells.append(f"{node_id} {numbers} {_replica_health(replica, by_node[node_id].error)}")
+    return " | ".join(cells)
+
+
 @main.command("status")
 @config_option
 @timeout_option
 def status(config_path: str, timeout_seconds: float) -> None:
-    """Per shard: its leader, term, and each replica's commit and applied index and health.
-    Exits 1 when any shard has no leader."""
+    """Per shard: its leader beside its preferred leader (a * marks a leader that is not the
+    preferred one), term, and each replica's commit and applied index and health. Exits 1 when
+    any shard has no leader; a leader other than the preferred one is reported, not an error."""
     config = load_config(config_path)
     statuses = node_statuses_now(config, timeout_seconds)
     by_node = {status.node_id: status for status in statuses}
     for node_status in statuses:
         state = f"down ({node_status.error})" if node_status.error else "up"
         click.echo(f"{node_status.node_id}  {node_status.address}  {state}")
-    click.echo(f"{'shard':10}  {'leader':8}  {'term':>5}  replicas (commit/applied health)")
-    leaderless = []
+    click.echo(f"{'shard':10}  {'leader':8}  {'preferred':9}  {'term':>5}  replicas (commit/applied health)")
+    leaderless, not_preferred = [], []
     for shard in config.shards:
-        replicas = {}
-        for replica_config in shard.replicas:
-            node_status = by_node[replica_config.node_id]
-            replicas[replica_config.node_id] = next(
-                (r for r in node_status.replicas if r.shard_id == shard.shard_id), None
-            )
-        # A leader that lost its majority still calls itself leader until it falls back, but
-        # it can commit nothing: it does not count.
-        leaders = [r for r in replicas.values() if r is not None and r.is_leader and r.has_quorum]
-        leader = max(leaders, key=lambda r: r.term) if leaders else None
+        replicas = _shard_replicas(shard, by_node)
+        leader = _acting_leader(replicas)
         if leader is None:
             leaderless.append(shard.shard_id)
+        elif leader.node_id != shard.preferred_leader:
+            not_preferred.append(shard.shard_id)
         term = max((r.term for r in replicas.values() if r is not None), default=0)
-        cells = []
-        for node_id, replica in replicas.items():
-            numbers = f"{replica.commit_index}/{replica.last_applied}" if replica else "-/-"
-            cells.append(f"{node_id} {numbers} {_replica_health(replica, by_node[node_id].error)}")
-        leader_name = leader.node_id if leader else "NONE"
-        click.echo(f"{shard.shard_id:10}  {leader_name:8}  {term:>5}  " + " | ".join(cells))
+        leader_cell = _leader_cell(leader, shard.preferred_leader)
+        click.echo(
+            f"{shard.shard_id:10}  {leader_cell:8}  {shard.preferred_leader:9}  {term:>5}  "
+            + _replica_cells(replicas, by_node)
+        )
+    if not_preferred:
+        click.echo(
+            f"{NOT_PREFERRED_MARK} led by a node other than its preferred leader: {', '.join(not_preferred)}"
+        )
     if leaderless:
         click.echo(f"shards without a leader: {', '.join(leaderless)}", err=True)
         sys.exit(1)

@@ -1,6 +1,6 @@
 """A real replicated ledger cluster on this machine, for tests and `ledger-dev nemesis`: N
 `ledger-node` processes and one `ledger-gateway` on 127.0.0.1, each node with its own data
-directory under a base directory, every port (node gRPC and every replica's Raft port) chosen
+directory under a base directory, every port (each node's gRPC, Raft and metrics port) chosen
 free when the cluster is built, never one of the ports the caller asks to avoid (the checked-in
 config's, so a cluster started with honcho keeps running alongside).
 
@@ -56,28 +56,27 @@ DEV_CLI_TIMEOUT_SECONDS = 60.0
 CLUSTER_LOG_TAIL_LINES = 25
 # Port sets are re-drawn when they meet the checked-in config's ports; a bound on the loop.
 PORT_DRAWS_MAX = 10
+# gRPC, Raft (one transport for all of the node's shards) and metrics.
+PORTS_PER_NODE = 3
 
 
 def config_ports(config: ClusterConfig) -> set[int]:
     """Every TCP port a config makes a process listen on."""
-    ports = {int(node.grpc_address.rpartition(":")[2]) for node in config.nodes}
-    ports.update(
-        int(node.metrics_address.rpartition(":")[2])
+    return {
+        int(address.rpartition(":")[2])
         for node in config.nodes
-        if node.metrics_address is not None
-    )
-    ports.update(replica.raft_port for shard in config.shards for replica in shard.replicas)
-    return ports
+        for address in (node.grpc_address, node.raft_address, node.metrics_address)
+        if address is not None
+    }
 
 
 def loopback_config(
     nodes: int = 3, shards: int = 4, replicas: int = 3, avoided_ports: frozenset[int] = frozenset()
 ) -> ClusterConfig:
-    """`config.generate(nodes, shards, replicas)` with every node gRPC and metrics port and every
-    replica Raft port replaced by a distinct free loopback port, none of them in
-    `avoided_ports`."""
+    """`config.generate(nodes, shards, replicas)` with every node's gRPC, Raft and metrics port
+    replaced by a distinct free loopback port, none of them in `avoided_ports`."""
     generated = cluster_config.generate(nodes, shards, replicas, host=LOOPBACK_HOST)
-    port_count = 2 * len(generated.nodes) + sum(len(shard.replicas) for shard in generated.shards)
+    port_count = PORTS_PER_NODE * len(generated.nodes)
     avoided = set(avoided_ports) | config_ports(generated)
     for _ in range(PORT_DRAWS_MAX):
         ports = free_ports(port_count)
@@ -86,24 +85,16 @@ def loopback_config(
     else:
         raise LocalClusterError(f"no free port set outside {sorted(avoided)} in {PORT_DRAWS_MAX} draws")
     next_port = iter(ports).__next__
-    config = ClusterConfig(
+    config = dataclasses.replace(
+        generated,
         nodes=tuple(
             dataclasses.replace(
                 node,
                 grpc_address=f"{LOOPBACK_HOST}:{next_port()}",
+                raft_address=f"{LOOPBACK_HOST}:{next_port()}",
                 metrics_address=f"{LOOPBACK_HOST}:{next_port()}",
-                raft_host=LOOPBACK_HOST,
             )
             for node in generated.nodes
-        ),
-        shards=tuple(
-            dataclasses.replace(
-                shard,
-                replicas=tuple(
-                    dataclasses.replace(replica, raft_port=next_port()) for replica in shard.replicas
-                ),
-            )
-            for shard in generated.shards
         ),
     )
     cluster_config.validate(config)
