@@ -70,6 +70,12 @@ GROUP_COMMIT_FAILED_IN_FLIGHT = Counter(
     "Proposals answered OUTCOME_UNKNOWN because Raft would not answer them (a snapshot installed"
     " past them, or leadership lost).",
 )
+RAFT_FRAMES_REJECTED = Counter(
+    "ledger_raft_frames_rejected_total",
+    "Raft transport input refused, by reason: a bad handshake, a frame that fails authentication"
+    " (the connection is closed), a malformed message, or a message for a shard this node lacks.",
+    ["reason"],
+)
 APPLY_LATENCY = Histogram(
     "ledger_apply_latency_seconds",
     "Time to apply one log entry or standalone write: one LMDB write transaction and its fsync.",

@@ -27,7 +27,7 @@ from ledger_cluster.errors import BackendTimeoutError, NotLeaderError, SnapshotE
 from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.metrics import MetricsServer, ShardFigures, serve_metrics
 from ledger_cluster.node_protocol import NODE_ID_METADATA_KEY, NodeReason, node_error
-from ledger_cluster.replica import ReplicaOptions, ShardReplica
+from ledger_cluster.replica import NodeRaft, ReplicaOptions, ShardReplica
 from ledger_cluster.status import ApiError
 from ledger_cluster.storage import (
     RESTORE_MARKER_FILE_NAME,
@@ -348,15 +348,18 @@ class NodeServer:
             )
         self.replicas: dict[str, ShardReplica] = {}
         self._snapshot_spool = data_dir / SNAPSHOT_SPOOL_DIRECTORY_NAME
+        self._raft: NodeRaft | None = None
         try:
             # Left over by a process that died while streaming; nobody else uses it (the lock).
             shutil.rmtree(self._snapshot_spool, ignore_errors=True)
             make_private_directory(self._snapshot_spool)
+            self._raft = NodeRaft(config, node_id, options)  # binds the Raft address
             for shard in config.shards:
                 if any(replica.node_id == node_id for replica in shard.replicas):
-                    self.replicas[shard.shard_id] = ShardReplica(config, shard, node_id, data_dir, options)
-            for replica in self.replicas.values():
-                replica.wait_bound()
+                    self.replicas[shard.shard_id] = ShardReplica(
+                        config, shard, node_id, data_dir, options, raft=self._raft
+                    )
+            self._raft.start()
         except BaseException:
             self._close_replicas()
             raise
@@ -420,14 +423,20 @@ class NodeServer:
     async def stop(self) -> None:
         for service in ("", NODE_SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._raft is not None:
+            # Peers take over this node's shards before it goes: writes pause for an election's
+            # worth of a TimeoutNow instead of an election timeout.
+            await asyncio.to_thread(self._raft.hand_off_leaderships)
         if self._server is not None:
             await self._server.stop(NODE_SHUTDOWN_GRACE_SECONDS)
         if self._metrics is not None:
             self._metrics.close()
-        # Joins every replica's tick thread: off the event loop.
+        # Joins the Raft loop and every replica's applier: off the event loop.
         await asyncio.to_thread(self._close_replicas)
 
     def _close_replicas(self) -> None:
+        if self._raft is not None:
+            self._raft.stop()  # nothing ticks the groups from here on
         for replica in self.replicas.values():
             replica.close()
         self.replicas.clear()
