@@ -46,7 +46,7 @@ from ledger_cluster.raft_codec import (
 logger = logging.getLogger(__name__)
 
 # Every group is ticked this often for its timers; a group with news is ticked at once.
-LOOP_TICK_PERIOD_SECONDS = 0.05
+LOOP_TICK_PERIOD_SECONDS = 0.1
 # A dialer retries a peer it cannot reach this often.
 LINK_RETRY_SECONDS = 0.5
 # A connection from which nothing (not even a keepalive) arrived for this long is closed, so a
