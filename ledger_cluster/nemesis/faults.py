@@ -23,7 +23,7 @@ import grpc
 from ledger_cluster.api.v1 import node_pb2
 from ledger_cluster.localcluster.cluster import Cluster
 from ledger_cluster.localcluster.processes import LocalClusterError, log_tail
-from ledger_cluster.nemesis.leadership import shard_leaders
+from ledger_cluster.nemesis.leadership import LeadershipSample, shard_leaders
 from ledger_cluster.node_protocol import NodeReason
 from ledger_cluster.status import error_details
 
@@ -89,6 +89,8 @@ class NemesisLog:
     faults: list[FaultRecord] = field(default_factory=list)
     unexpected_exits: list[ProcessExit] = field(default_factory=list)
     heal_failures: list[str] = field(default_factory=list)
+    # Who led each shard, about once a second while the clients ran.
+    leadership: list[LeadershipSample] = field(default_factory=list)
 
 
 class Nemesis:

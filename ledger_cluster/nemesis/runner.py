@@ -29,6 +29,7 @@ from ledger_cluster.localcluster.cluster import Cluster, new_cluster, started_cl
 from ledger_cluster.nemesis import checks
 from ledger_cluster.nemesis import history as h
 from ledger_cluster.nemesis.faults import FAULT_KINDS, FaultRecord, Nemesis, NemesisLog
+from ledger_cluster.nemesis.leadership import LeadershipSampler
 from ledger_cluster.nemesis.workload import Workload, account_view, transaction_view
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.status import error_details
@@ -175,11 +176,21 @@ def _drive(
     progress(
         f"cluster healthy; {options.clients} clients and the nemesis run for {options.duration_seconds:g} s"
     )
+    sampler = LeadershipSampler(
+        (node.address for node in cluster.nodes.values()), history.now, log.leadership
+    )
     workload.start()
+    sampler.start()
     try:
         nemesis.run(until_seconds=history.now() + options.duration_seconds)
     finally:
-        workload.stop()
+        try:
+            workload.stop()
+        finally:
+            # After the clients: its last sample says who led each shard until they stopped.
+            sampler.stop()
+        if sampler.failure:
+            notes.append(f"note: {sampler.failure}")
         progress(f"faults stopped after {len(log.faults)}; healing the cluster")
         nemesis.heal()
     candidates = _candidate_accounts(history.operations())
