@@ -298,6 +298,9 @@ def test_seeded_nemesis_run_keeps_every_promise(tmp_path: Path) -> None:
     history_lines = (options.base_dir / "history.jsonl").read_text().splitlines()
     assert len(history_lines) == operations
     assert json.loads((options.base_dir / "report.json").read_text())["passed"] is True
+    # Leadership was sampled about once a second throughout, so the progress check had data.
+    samples = (options.base_dir / "leadership.jsonl").read_text().splitlines()
+    assert len(samples) >= duration_seconds / 2, text
     # A wiped follower came back through a snapshot from its leader.
     logs = "".join(path.read_text(errors="replace") for path in (options.base_dir / "logs").glob("node*.log"))
     assert "restored snapshot" in logs

@@ -8,13 +8,16 @@ request_id has an id derived from it, so even an account whose creation is unkno
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from ledger_cluster.nemesis import history as h
 from ledger_cluster.nemesis.faults import FaultRecord, NemesisLog
+from ledger_cluster.nemesis.leadership import LeadershipSample, ShardLeader
 
 # Violations listed per check in the report (the count says how many there were).
 VIOLATION_EXAMPLES_MAX = 10
@@ -526,3 +529,257 @@ def check_cluster_health(log: NemesisLog) -> CheckResult:
             f"{exit_.log_tail}"
         )
     return result
+
+
+# -- progress after a fault heals --------------------------------------------------------------
+
+# A shard that, after a fault healed, has a leader for longer than this without acknowledging a
+# write fails the run: an elected leader that cannot commit (a proposal slot never freed, say) passes
+# every other check, since nothing it refuses is ever applied.
+PROGRESS_AFTER_HEAL_SECONDS_MAX = 10.0
+
+
+@dataclass
+class _Tenure:
+    """Consecutive leadership samples in which one shard had the same leader at the same term."""
+
+    leader: ShardLeader
+    first_seconds: float
+    last_seconds: float
+
+
+def _tenures(samples: list[LeadershipSample], shard_id: str) -> list[_Tenure]:
+    tenures: list[_Tenure] = []
+    previous: ShardLeader | None = None
+    for sample in samples:
+        leader = sample.leaders.get(shard_id)
+        if leader is not None and leader == previous:
+            tenures[-1].last_seconds = sample.at_seconds
+        elif leader is not None:
+            tenures.append(_Tenure(leader, sample.at_seconds, sample.at_seconds))
+        previous = leader
+    return tenures
+
+
+@dataclass
+class _ShardWrites:
+    acknowledged_seconds: list[float] = field(default_factory=list)  # completions, in order
+    # Invocations of the writes the shard left undecided (failed for want of a leader able to
+    # commit, or unknown), in order: evidence that clients were asking it to make progress.
+    undecided_seconds: list[float] = field(default_factory=list)
+
+
+def _writes_by_shard(
+    operations: Iterable[h.Operation], shard_for_account: Callable[[str], str]
+) -> dict[str, _ShardWrites]:
+    writes: dict[str, _ShardWrites] = defaultdict(_ShardWrites)
+    for op in operations:
+        account_id = op.account_id
+        if not op.is_write or account_id is None:
+            continue
+        shard = writes[shard_for_account(account_id)]
+        if op.outcome == h.OUTCOME_OK:
+            shard.acknowledged_seconds.append(op.complete_seconds)
+        elif not op.decided:
+            shard.undecided_seconds.append(op.invoke_seconds)
+    for shard in writes.values():
+        shard.acknowledged_seconds.sort()
+        shard.undecided_seconds.sort()
+    return writes
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One leader's tenure from a heal on: from its first sample at or after the heal until its
+    last sample or the run's end."""
+
+    leader: ShardLeader
+    start_seconds: float
+    end_seconds: float
+
+
+def _windows_after(
+    heal_seconds: float, tenures: list[_Tenure], sample_seconds: list[float], run_end_seconds: float
+) -> Iterator[_Window]:
+    """The tenures from the heal until the run's end, in order (`sample_seconds`: the moment
+    of every sample, in order)."""
+    first = bisect_left(tenures, heal_seconds, key=lambda tenure: tenure.last_seconds)
+    for tenure in islice(tenures, first, None):
+        # A tenure that began before the heal (the fault spared this shard's leader) counts
+        # from the first sample after it; consecutive samples lie in the same tenure.
+        start = max(tenure.first_seconds, sample_seconds[bisect_left(sample_seconds, heal_seconds)])
+        if start > run_end_seconds:
+            return
+        yield _Window(tenure.leader, start, min(tenure.last_seconds, run_end_seconds))
+
+
+def _first_at_or_after(moments: list[float], start_seconds: float) -> float | None:
+    index = bisect_left(moments, start_seconds)
+    return moments[index] if index < len(moments) else None
+
+
+def _count_between(moments: list[float], start_seconds: float, end_seconds: float) -> int:
+    """How many of the moments lie in [start, end)."""
+    return bisect_left(moments, end_seconds) - bisect_left(moments, start_seconds)
+
+
+@dataclass
+class _Stall:
+    """A shard's leadership from the first sample after a heal that shows it a leader, until a
+    write to it was acknowledged (or its last leader's tenure or the run ended)."""
+
+    start_seconds: float
+    next_acknowledged_seconds: float | None
+    end_seconds: float = 0.0
+    led_seconds: float = 0.0  # within [start, end], the time the shard had a leader
+    leaders: list[ShardLeader] = field(default_factory=list)
+    # When `led_seconds` reached the bound; None if the acknowledgement or the run came first.
+    bound_reached_seconds: float | None = None
+    undecided_writes: int = 0  # invoked from the start until the bound was reached
+
+    def add(self, window: _Window, bound_seconds: float) -> float | None:
+        """Count the window (up to the acknowledgement); the moment the bound was reached, if
+        that was in this window."""
+        end = window.end_seconds
+        if self.next_acknowledged_seconds is not None:
+            end = min(end, self.next_acknowledged_seconds)
+        reached = None
+        if (
+            self.bound_reached_seconds is None
+            and self.led_seconds + end - window.start_seconds >= bound_seconds
+        ):
+            reached = self.bound_reached_seconds = window.start_seconds + bound_seconds - self.led_seconds
+        self.led_seconds += end - window.start_seconds
+        self.leaders.append(window.leader)
+        self.end_seconds = end
+        return reached
+
+
+def _follow_leadership(
+    windows: Iterator[_Window], writes: _ShardWrites, acknowledged_seconds: float | None, bound_seconds: float
+) -> _Stall | None:
+    """The leadership until `acknowledged_seconds`, or only until the bound was reached if no
+    write to the shard failed by then (idle, not stalled: what follows does not matter); None
+    if the shard had no leader before."""
+    stall: _Stall | None = None
+    for window in windows:
+        if acknowledged_seconds is not None and window.start_seconds >= acknowledged_seconds:
+            break
+        if stall is None:
+            stall = _Stall(window.start_seconds, acknowledged_seconds)
+        reached = stall.add(window, bound_seconds)
+        if reached is not None:
+            stall.undecided_writes = _count_between(writes.undecided_seconds, stall.start_seconds, reached)
+            if not stall.undecided_writes:
+                break
+    return stall
+
+
+@dataclass
+class _ProgressTally:
+    """What became of each (heal, shard) pair, for the check's detail."""
+
+    progressed: int = 0
+    cut_short: int = 0
+    leaderless: int = 0
+    idle: int = 0
+    stalled: int = 0
+
+    def describe(self, heals: int, shards: int, samples: int, bound_seconds: float) -> str:
+        return (
+            f"{heals} heals x {shards} shards: {self.progressed} acknowledged a write within"
+            f" {bound_seconds:g} s with a leader, {self.cut_short} were cut short by the run's end or a"
+            f" lost leader, {self.leaderless} had no leader after the heal, {self.idle} saw no write"
+            f" fail, {self.stalled} stalled; {samples} leadership samples"
+        )
+
+
+def check_progress_after_heal(
+    operations: list[h.Operation],
+    faults: list[FaultRecord],
+    leadership: list[LeadershipSample],
+    shard_for_account: Callable[[str], str],
+    bound_seconds: float = PROGRESS_AFTER_HEAL_SECONDS_MAX,
+) -> CheckResult:
+    """For every healed fault and every shard: some write to the shard is acknowledged before
+    it has had a leader for `bound_seconds` since the heal. Only time with a leader counts (a
+    new election's is the election check's business); the run's end (its last operation)
+    coming first says nothing, and neither does a span in which no write to the shard failed.
+    The next fault does not stop the count: a shard whose leader it spares still has a majority
+    and must go on committing (and faults come a few seconds apart, so a count they stopped
+    would never reach the bound)."""
+    result = CheckResult(
+        "progress-after-heal",
+        f"after every fault heals, each shard acknowledges a write before it has had a leader for"
+        f" {bound_seconds:g} s",
+    )
+    writes = _writes_by_shard(operations, shard_for_account)
+    shard_ids = sorted(set(writes) | {shard_id for sample in leadership for shard_id in sample.leaders})
+    sample_seconds = [sample.at_seconds for sample in leadership]
+    run_end_seconds = max((op.invoke_seconds for op in operations), default=0.0)
+    heals = [fault for fault in faults if 0 < fault.healed_seconds < run_end_seconds]
+    tally = _ProgressTally()
+    for shard_id in shard_ids:
+        tenures = _tenures(leadership, shard_id)
+        shard_writes = writes.get(shard_id, _ShardWrites())
+        reported_until = 0.0
+        for fault in heals:
+            if fault.healed_seconds < reported_until:
+                tally.stalled += 1  # inside a stall already reported
+                continue
+            windows = _windows_after(fault.healed_seconds, tenures, sample_seconds, run_end_seconds)
+            stall = _judge(fault.healed_seconds, windows, shard_writes, bound_seconds, tally)
+            if stall is not None:
+                reported_until = stall.end_seconds
+                result.add(_describe_stall(shard_id, fault, stall))
+    result.detail = tally.describe(len(heals), len(shard_ids), len(leadership), bound_seconds)
+    if len(heals) < len(faults):
+        result.detail += f"; {len(faults) - len(heals)} faults healed after the last operation"
+    return result
+
+
+def _judge(
+    heal_seconds: float,
+    windows: Iterator[_Window],
+    writes: _ShardWrites,
+    bound_seconds: float,
+    tally: _ProgressTally,
+) -> _Stall | None:
+    """The stall after this heal, if the shard had a leader for the bound without
+    acknowledging a write while writes to it failed."""
+    acknowledged = _first_at_or_after(writes.acknowledged_seconds, heal_seconds)
+    stall = _follow_leadership(windows, writes, acknowledged, bound_seconds)
+    if stall is None or stall.bound_reached_seconds is None:
+        if acknowledged is not None:
+            tally.progressed += 1
+        elif stall is None:
+            tally.leaderless += 1
+        else:
+            tally.cut_short += 1
+        return None
+    if not stall.undecided_writes:
+        tally.idle += 1
+        return None
+    tally.stalled += 1
+    return stall
+
+
+def _describe_stall(shard_id: str, fault: FaultRecord, stall: _Stall) -> str:
+    first, last = stall.leaders[0], stall.leaders[-1]
+    if first == last:
+        leaders = f"{first.node_id} (term {first.term})"
+    else:
+        leaders = (
+            f"{len(stall.leaders)} leaders in turn, from {first.node_id} (term {first.term}) to"
+            f" {last.node_id} (term {last.term})"
+        )
+    if stall.next_acknowledged_seconds is None:
+        until = f"none before {stall.end_seconds:.1f} s, when the run ended or the shard lost its leader"
+    else:
+        until = f"the next at {stall.next_acknowledged_seconds:.1f} s"
+    return (
+        f"{shard_id}: {fault.kind} at {fault.injected_seconds:.1f} s healed at {fault.healed_seconds:.1f} s;"
+        f" from {stall.start_seconds:.1f} s the shard had a leader for {stall.led_seconds:.1f} s"
+        f" ({leaders}) and acknowledged no write ({until}), while {stall.undecided_writes} writes to it"
+        f" failed or stayed unknown"
+    )

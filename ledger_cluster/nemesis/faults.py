@@ -23,6 +23,7 @@ import grpc
 from ledger_cluster.api.v1 import node_pb2
 from ledger_cluster.localcluster.cluster import Cluster
 from ledger_cluster.localcluster.processes import LocalClusterError, log_tail
+from ledger_cluster.nemesis.leadership import LeadershipSample, shard_leaders
 from ledger_cluster.node_protocol import NodeReason
 from ledger_cluster.status import error_details
 
@@ -88,6 +89,8 @@ class NemesisLog:
     faults: list[FaultRecord] = field(default_factory=list)
     unexpected_exits: list[ProcessExit] = field(default_factory=list)
     heal_failures: list[str] = field(default_factory=list)
+    # Who led each shard, about once a second while the clients ran.
+    leadership: list[LeadershipSample] = field(default_factory=list)
 
 
 class Nemesis:
@@ -254,9 +257,8 @@ class Nemesis:
     # -- targets and leaders --
 
     def _leaders(self, excluded: set[str]) -> dict[str, str]:
-        """Shard id -> node id of a replica that claims leadership with a quorum, at the highest
-        term any reachable replica of the shard reports."""
-        claims: dict[str, list[node_pb2.ReplicaStatus]] = {}
+        """Shard id -> node id of its leader (`shard_leaders`) among the reachable nodes."""
+        statuses: list[node_pb2.StatusResponse] = []
         for node_id in self._cluster.nodes:
             if (
                 node_id in excluded
@@ -265,18 +267,10 @@ class Nemesis:
             ):
                 continue
             try:
-                status = self._cluster.status(node_id, STATUS_TIMEOUT_SECONDS)
+                statuses.append(self._cluster.status(node_id, STATUS_TIMEOUT_SECONDS))
             except grpc.RpcError:
                 continue
-            for replica in status.replicas:
-                claims.setdefault(replica.shard_id, []).append(replica)
-        leaders: dict[str, str] = {}
-        for shard_id, views in claims.items():
-            top_term = max(view.term for view in views)
-            leading = [view for view in views if view.is_leader and view.has_quorum and view.term == top_term]
-            if len(leading) == 1:
-                leaders[shard_id] = leading[0].node_id
-        return leaders
+        return {shard_id: leader.node_id for shard_id, leader in shard_leaders(statuses).items()}
 
     def _wait_for_leaders(self, excluded: set[str]) -> float | None:
         """Seconds until every shard has a leader outside `excluded`; None past the wait bound."""

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import grpc
 
 from ledger_cluster.gateway.outcomes import NOT_APPLIED_REASONS
+from ledger_cluster.ids import ACCOUNT_ID_HEX_LENGTH
 from ledger_cluster.status import error_details
 
 OUTCOME_OK = "ok"
@@ -71,6 +72,24 @@ class Operation:
     @property
     def is_write(self) -> bool:
         return self.kind in WRITES
+
+    @property
+    def account_id(self) -> str | None:
+        """The account the operation is about: its request's, or the one its transaction's id
+        starts with."""
+        if "account_id" in self.request:
+            return str(self.request["account_id"])
+        if "transaction_id" in self.request:
+            return str(self.request["transaction_id"])[:ACCOUNT_ID_HEX_LENGTH]
+        return None
+
+    @property
+    def decided(self) -> bool:
+        """Whether the service said what became of it: acknowledged, or refused on its merits;
+        not failed for want of a shard able to decide it, nor left unknown."""
+        return self.outcome == OUTCOME_OK or (
+            self.outcome == OUTCOME_FAILED and self.code in _DOMAIN_CODE_NAMES
+        )
 
 
 def classify_error(error: grpc.RpcError) -> tuple[str, str, str]:

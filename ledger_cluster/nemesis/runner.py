@@ -4,7 +4,8 @@ heal it, read the final state through the gateway and every replica's own LMDB f
 checks and build the report.
 
 Everything lands under the run's directory: the cluster's config, data and logs,
-`history.jsonl` (every operation) and `report.json`.
+`history.jsonl` (every operation), `leadership.jsonl` (who led each shard, about once a second)
+and `report.json`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ledger_cluster.localcluster.cluster import Cluster, new_cluster, started_cl
 from ledger_cluster.nemesis import checks
 from ledger_cluster.nemesis import history as h
 from ledger_cluster.nemesis.faults import FAULT_KINDS, FaultRecord, Nemesis, NemesisLog
+from ledger_cluster.nemesis.leadership import LeadershipSample, LeadershipSampler
 from ledger_cluster.nemesis.workload import Workload, account_view, transaction_view
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.status import error_details
@@ -141,6 +143,7 @@ def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> Nem
         replica_states = _read_replicas(cluster, final)
     finally:
         history.close()
+        _write_leadership(options.base_dir / "leadership.jsonl", log.leadership)
     operations = history.operations()
     results = [
         checks.check_acknowledged_writes(operations, final),
@@ -150,6 +153,9 @@ def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> Nem
         checks.check_consistent_reads(operations, final),
         checks.check_reads_never_show_lost_writes(operations, final),
         checks.check_elections(log.faults, options.election_bound_seconds),
+        checks.check_progress_after_heal(
+            operations, log.faults, log.leadership, _shard_for_account(cluster.config)
+        ),
         checks.check_cluster_health(log),
     ]
     report = _report(
@@ -175,11 +181,21 @@ def _drive(
     progress(
         f"cluster healthy; {options.clients} clients and the nemesis run for {options.duration_seconds:g} s"
     )
+    sampler = LeadershipSampler(
+        (node.address for node in cluster.nodes.values()), history.now, log.leadership
+    )
     workload.start()
+    sampler.start()
     try:
         nemesis.run(until_seconds=history.now() + options.duration_seconds)
     finally:
-        workload.stop()
+        try:
+            workload.stop()
+        finally:
+            # After the clients: its last sample says who led each shard until they stopped.
+            sampler.stop()
+        if sampler.failure:
+            notes.append(f"note: {sampler.failure}")
         progress(f"faults stopped after {len(log.faults)}; healing the cluster")
         nemesis.heal()
     candidates = _candidate_accounts(history.operations())
@@ -189,6 +205,12 @@ def _drive(
     verify_problems = _verify_replicas(cluster)
     nemesis.collect_unexpected_exits()
     return final, digests, verify_problems
+
+
+def _write_leadership(path: Path, samples: list[LeadershipSample]) -> None:
+    with path.open("w", encoding="utf-8") as file:
+        for sample in samples:
+            file.write(json.dumps(asdict(sample), sort_keys=True) + "\n")
 
 
 def _candidate_accounts(operations: Iterable[h.Operation]) -> list[str]:
@@ -345,22 +367,17 @@ def _replica_account(core: AccountsCore, account_id: str) -> checks.AccountState
 # -- the report --------------------------------------------------------------------------------
 
 
-def _operation_account(op: h.Operation) -> str | None:
-    if "account_id" in op.request:
-        return str(op.request["account_id"])
-    if "transaction_id" in op.request:
-        return str(op.request["transaction_id"])[:16]
-    return None
+def _shard_for_account(config: ClusterConfig) -> Callable[[str], str]:
+    return lambda account_id: config.shard_for_key(shard_key(parse_account_id(account_id))).shard_id
 
 
 def _write_times_by_shard(operations: list[h.Operation], config: ClusterConfig) -> dict[str, list[float]]:
+    shard_for_account = _shard_for_account(config)
     times: dict[str, list[float]] = defaultdict(list)
     for op in operations:
-        account_id = _operation_account(op)
+        account_id = op.account_id
         if op.is_write and op.outcome == h.OUTCOME_OK and account_id is not None:
-            times[config.shard_for_key(shard_key(parse_account_id(account_id))).shard_id].append(
-                op.complete_seconds
-            )
+            times[shard_for_account(account_id)].append(op.complete_seconds)
     return {shard_id: sorted(moments) for shard_id, moments in times.items()}
 
 
