@@ -91,6 +91,12 @@ class ShardTransport(Transport):  # type: ignore[misc]  # pysyncobj ships no typ
         node = self._partners.get(peer_id)
         if node is None:
             return False
+        if message["type"] == "append_entries" and "prevLogIdx" not in message:
+            # A snapshot chunk. PySyncObj raises a follower's commit index from any
+            # append_entries, up to the follower's own last entry, although a chunk checked
+            # nothing against its log: a deposed leader would apply its own uncommitted entry
+            # before the snapshot replaced it. Only entries that matched the leader's may move it.
+            message = {**message, "commit_index": 0}
         self._onMessageReceived(node, message)
         return True
 
@@ -229,6 +235,9 @@ class RaftLoop:
         with self._wake_lock:
             due = self._woken | self._dirty
             self._woken = set()
+            # Only now may the next wake signal again: a wake that came after the socket was
+            # drained but before this found its shard here, and one after this writes a byte.
+            self._wake_signalled = False
         self._dirty = set()
         return due
 
@@ -255,8 +264,6 @@ class RaftLoop:
                 logger.exception("a task on the Raft loop failed")
 
     def _drain_wake(self, sock: Any, mask: int) -> None:
-        with self._wake_lock:
-            self._wake_signalled = False
         try:
             while self._wake_reader.recv(4096):
                 pass

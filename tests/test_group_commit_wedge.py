@@ -293,6 +293,9 @@ def test_a_leader_that_installed_a_snapshot_past_its_proposal_takes_writes_again
             assert f"shard {shard_id}: restored snapshot" in since_resume, (
                 f"{a} caught up without a snapshot:\n{cluster.logs()}"
             )
+            # A never applied its own uncommitted entry i: snapshot chunks do not move a
+            # follower's commit index (PySyncObj would raise it to the follower's last entry).
+            assert f"(was {stranded_index - 1})" in since_resume, since_resume[-3000:]
 
             # 4. A leads again: writes and a consistent read through it are answered (before the
             # fix they waited behind the dead slot and failed as DEADLINE_EXCEEDED NOT_PROPOSED).
