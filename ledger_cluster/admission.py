@@ -74,7 +74,8 @@ class CallGate:
             f"{self._service} already serves {self._calls_in_flight_max} calls; retry later",
         )
 
-    def _failure(self, error: Exception) -> ApiError:
+    def failure(self, error: Exception) -> ApiError:
+        """The status an error of a handler stands for."""
         if isinstance(error, ApiError):
             return error
         translated = self._translate(error)
@@ -104,7 +105,7 @@ class CallGate:
             except grpc.aio.AbortError:
                 raise  # a handler that ended the call itself
             except Exception as error:
-                failure = self._failure(error)
+                failure = self.failure(error)
             else:
                 self._account(method, grpc.StatusCode.OK, started_seconds)
                 return response

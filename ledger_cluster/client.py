@@ -32,6 +32,7 @@ from ledger_cluster.errors import (
     UnknownOutcomeError,
 )
 from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
+from ledger_cluster.node_calls import NodeCalls
 from ledger_cluster.node_protocol import LEADER_HINT_METADATA_KEY, NodeReason, is_not_taken
 from ledger_cluster.status import ErrorDetails, error_details
 
@@ -216,6 +217,7 @@ class ClusterClient:
         self._stubs = {
             node_id: node_pb2_grpc.NodeServiceStub(channel) for node_id, channel in self._channels.items()
         }
+        self._node_calls = {node_id: NodeCalls(node_id, stub) for node_id, stub in self._stubs.items()}
         self._shards_by_id = {shard.shard_id: shard for shard in config.shards}
         self._leaders: dict[str, str] = {}
         # When each shard was last seen without a usable leader (absent: it has one, or unknown).
@@ -327,10 +329,9 @@ class ClusterClient:
             command=commands.batch([items[index] for index in open_indexes]),
             item_budgets_us=budgets_us,
         )
-        try:
-            response = await self._stubs[node_id].Update(request, timeout=call_deadline.remaining_seconds())
-        except grpc.aio.AioRpcError as error:
-            verdict = route.failed(node_id, error_details(error))
+        response = await self._node_calls[node_id].update(request, call_deadline)
+        if isinstance(response, ErrorDetails):
+            verdict = route.failed(node_id, response)
             if verdict is _Verdict.MAYBE_TAKEN:
                 for index in open_indexes:
                     fates.maybe_applied[index] = True

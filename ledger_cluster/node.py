@@ -26,7 +26,12 @@ from ledger_cluster.deadlines import Deadline, work_deadline
 from ledger_cluster.errors import BackendTimeoutError, NotLeaderError, SnapshotError, StorageError
 from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.metrics import MetricsServer, ShardFigures, serve_metrics
-from ledger_cluster.node_protocol import NODE_ID_METADATA_KEY, NodeReason, node_error
+from ledger_cluster.node_protocol import (
+    NODE_ID_METADATA_KEY,
+    UPDATE_MANY_UPDATES_MAX,
+    NodeReason,
+    node_error,
+)
 from ledger_cluster.replica import NodeRaft, ReplicaOptions, ShardReplica
 from ledger_cluster.status import ApiError
 from ledger_cluster.storage import (
@@ -122,6 +127,36 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, NodeReason.INVALID_ITEM_BUDGETS, str(error)
             ) from None
         return node_pb2.UpdateResponse(result=answer.result, expired_items=answer.expired_items)
+
+    async def UpdateMany(
+        self, request: node_pb2.UpdateManyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> node_pb2.UpdateManyResponse:
+        return await self._gate.run("UpdateMany", context, lambda: self._update_many(request, context))
+
+    async def _update_many(
+        self, request: node_pb2.UpdateManyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> node_pb2.UpdateManyResponse:
+        if len(request.updates) > UPDATE_MANY_UPDATES_MAX:
+            raise ApiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                NodeReason.TOO_MANY_UPDATES,
+                f"{len(request.updates)} updates in one call; at most {UPDATE_MANY_UPDATES_MAX}",
+            )
+        outcomes = await asyncio.gather(
+            *(self._update_outcome(update, context) for update in request.updates)
+        )
+        return node_pb2.UpdateManyResponse(outcomes=outcomes)
+
+    async def _update_outcome(
+        self, request: node_pb2.UpdateRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> node_pb2.UpdateOutcome:
+        """One update of an UpdateMany, answered as Update would answer it alone."""
+        try:
+            response = await self._update(request, context)
+        except Exception as error:
+            failure = self._gate.failure(error)
+            return node_pb2.UpdateOutcome(status=failure.to_google_status().SerializeToString())
+        return node_pb2.UpdateOutcome(response=response)
 
     async def Read(
         self, request: node_pb2.ReadRequest, context: grpc.aio.ServicerContext[object, object]

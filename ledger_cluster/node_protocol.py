@@ -30,6 +30,9 @@ from ledger_cluster.status import ApiError
 LEADER_HINT_METADATA_KEY = "leader_node_id"
 # ErrorInfo.metadata key naming the node that answered SHARD_NOT_HOSTED.
 NODE_ID_METADATA_KEY = "node_id"
+# Updates in one UpdateMany call: one per shard a node can lead is plenty (a gateway sends at most
+# one update per shard in a call).
+UPDATE_MANY_UPDATES_MAX = 1024
 
 
 class NodeReason(enum.StrEnum):
@@ -53,6 +56,8 @@ class NodeReason(enum.StrEnum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # DEADLINE_EXCEEDED: an admin call's deadline passed
     # INVALID_ARGUMENT: item_budgets_us that do not match the command (a client bug; not taken)
     INVALID_ITEM_BUDGETS = "INVALID_ITEM_BUDGETS"
+    # INVALID_ARGUMENT: an UpdateMany of more than UPDATE_MANY_UPDATES_MAX updates (not taken)
+    TOO_MANY_UPDATES = "TOO_MANY_UPDATES"
 
 
 NOT_TAKEN_REASONS = frozenset(

@@ -30,18 +30,20 @@ class ApiError(Exception):
     message: str
     metadata: Mapping[str, str] = field(default_factory=dict)
 
-    def to_grpc_status(self) -> grpc.Status:
+    def to_google_status(self) -> status_pb2.Status:
         info = error_details_pb2.ErrorInfo(
             reason=self.reason, domain=ERROR_DOMAIN, metadata=dict(self.metadata)
         )
         detail = any_pb2.Any()
         detail.Pack(info)
-        status = status_pb2.Status(
+        return status_pb2.Status(
             code=getattr(code_pb2, self.code.name),
             message=self.message,
             details=[detail],
         )
-        grpc_status: grpc.Status = rpc_status.to_status(status)
+
+    def to_grpc_status(self) -> grpc.Status:
+        grpc_status: grpc.Status = rpc_status.to_status(self.to_google_status())
         return grpc_status
 
 
@@ -57,14 +59,26 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
     """The status code, message and ErrorInfo of a failed call (reason empty if it has none)."""
     # Every RpcError that grpc's client raises is also a grpc.Call; the stubs cannot say so.
     call = cast(grpc.Call, error)
-    reason, metadata = "", {}
-    status = rpc_status.from_call(call)
+    reason, metadata = _error_info(rpc_status.from_call(call))
+    return ErrorDetails(code=call.code(), message=call.details() or "", reason=reason, metadata=metadata)
+
+
+def status_details(status: status_pb2.Status) -> ErrorDetails:
+    """The same, of a google.rpc.Status carried inside a response (UpdateMany's outcomes)."""
+    reason, metadata = _error_info(status)
+    code = _CODES_BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN)
+    return ErrorDetails(code=code, message=status.message, reason=reason, metadata=metadata)
+
+
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _error_info(status: status_pb2.Status | None) -> tuple[str, dict[str, str]]:
     for detail in status.details if status is not None else []:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            reason, metadata = info.reason, dict(info.metadata)
-            break
-    return ErrorDetails(code=call.code(), message=call.details() or "", reason=reason, metadata=metadata)
+            return info.reason, dict(info.metadata)
+    return "", {}
 
 
 def abort(context: grpc.ServicerContext, failure: ApiError) -> NoReturn:

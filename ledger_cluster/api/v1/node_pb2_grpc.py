@@ -39,6 +39,11 @@ class NodeServiceStub:
                 request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateRequest.SerializeToString,
                 response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateResponse.FromString,
                 _registered_method=True)
+        self.UpdateMany = channel.unary_unary(
+                '/ledger_cluster.api.v1.NodeService/UpdateMany',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyResponse.FromString,
+                _registered_method=True)
         self.Read = channel.unary_unary(
                 '/ledger_cluster.api.v1.NodeService/Read',
                 request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.ReadRequest.SerializeToString,
@@ -81,6 +86,16 @@ class NodeServiceServicer:
         PROPOSAL_DENIED / NODE_UNAVAILABLE, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
         DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
         OUTCOME_UNKNOWN.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateMany(self, request, context):
+        """Several Updates in one call, each for its own shard and each answered on its own, exactly as
+        Update would answer it: a gateway sends together the writes of all the shards this node
+        leads that gathered while its previous call was in flight (one gRPC call's cost for all).
+        INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX updates.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +159,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateRequest.FromString,
                     response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateResponse.SerializeToString,
             ),
+            'UpdateMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMany,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyResponse.SerializeToString,
+            ),
             'Read': grpc.unary_unary_rpc_method_handler(
                     servicer.Read,
                     request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.ReadRequest.FromString,
@@ -202,6 +222,33 @@ class NodeService:
             '/ledger_cluster.api.v1.NodeService/Update',
             ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateRequest.SerializeToString,
             ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.NodeService/UpdateMany',
+            ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

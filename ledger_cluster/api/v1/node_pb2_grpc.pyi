@@ -42,6 +42,12 @@ class NodeServiceStub:
     DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
     OUTCOME_UNKNOWN.
     """
+    UpdateMany: _grpc.UnaryUnaryMultiCallable[_node_pb2.UpdateManyRequest, _node_pb2.UpdateManyResponse]
+    """Several Updates in one call, each for its own shard and each answered on its own, exactly as
+    Update would answer it: a gateway sends together the writes of all the shards this node
+    leads that gathered while its previous call was in flight (one gRPC call's cost for all).
+    INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX updates.
+    """
     Read: _grpc.UnaryUnaryMultiCallable[_node_pb2.ReadRequest, _node_pb2.ReadResponse]
     Status: _grpc.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusResponse]
     Digest: _grpc.UnaryUnaryMultiCallable[_node_pb2.DigestRequest, _node_pb2.DigestResponse]
@@ -77,6 +83,12 @@ class NodeServiceAsyncStub(NodeServiceStub):
     PROPOSAL_DENIED / NODE_UNAVAILABLE, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
     DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
     OUTCOME_UNKNOWN.
+    """
+    UpdateMany: _aio.UnaryUnaryMultiCallable[_node_pb2.UpdateManyRequest, _node_pb2.UpdateManyResponse]  # type: ignore[assignment]
+    """Several Updates in one call, each for its own shard and each answered on its own, exactly as
+    Update would answer it: a gateway sends together the writes of all the shards this node
+    leads that gathered while its previous call was in flight (one gRPC call's cost for all).
+    INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX updates.
     """
     Read: _aio.UnaryUnaryMultiCallable[_node_pb2.ReadRequest, _node_pb2.ReadResponse]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusResponse]  # type: ignore[assignment]
@@ -116,6 +128,18 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         PROPOSAL_DENIED / NODE_UNAVAILABLE, RESOURCE_EXHAUSTED QUEUE_FULL / TOO_MANY_REQUESTS,
         DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
         OUTCOME_UNKNOWN.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateMany(
+        self,
+        request: _node_pb2.UpdateManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.UpdateManyResponse, _abc.Awaitable[_node_pb2.UpdateManyResponse]]:
+        """Several Updates in one call, each for its own shard and each answered on its own, exactly as
+        Update would answer it: a gateway sends together the writes of all the shards this node
+        leads that gathered while its previous call was in flight (one gRPC call's cost for all).
+        INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX updates.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,147 @@
+"""One node's Update calls from a gateway, coalesced across shards: an update to an idle node is
+sent at once as a plain Update; updates that arrive while a call to that node is in flight go
+together in its next UpdateMany call, each answered on its own. A node leading several shards
+then pays one gRPC call's cost for all of their writes instead of one per shard.
+
+Each update keeps its own deadline: one still waiting when its deadline passes is never sent and
+hears NOT_PROPOSED (not taken); one sent whose answer is late hears DEADLINE_EXCEEDED with no
+reason, exactly as a timed-out call of its own would (it may have been taken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import grpc
+from google.rpc import status_pb2
+
+from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
+from ledger_cluster.deadlines import Deadline
+from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
+from ledger_cluster.node_protocol import UPDATE_MANY_UPDATES_MAX, NodeReason
+from ledger_cluster.status import ErrorDetails, error_details, status_details
+
+logger = logging.getLogger(__name__)
+
+# What one call carries at most: the node's update count limit, and half its message limit
+# (one update alone is never refused by this bound: it is always sent, on its own).
+NODE_CALL_UPDATES_MAX = UPDATE_MANY_UPDATES_MAX
+NODE_CALL_BYTES_MAX = NODE_MESSAGE_BYTES_MAX // 2
+# Updates waiting for a node's next call; beyond it, QUEUE_FULL (not taken). A gateway has at
+# most one update per shard in flight, so this is only reached by a bug.
+NODE_CALL_WAITING_MAX = 10_000
+
+Outcome = node_pb2.UpdateResponse | ErrorDetails
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: node_pb2.UpdateRequest
+    deadline: Deadline
+    answer: asyncio.Future[Outcome]
+    size_bytes: int
+    sent: bool = field(default=False)
+
+
+class NodeCalls:
+    """Lives on the event loop's thread."""
+
+    def __init__(self, node_id: str, stub: node_pb2_grpc.NodeServiceAsyncStub) -> None:
+        self._node_id = node_id
+        self._stub = stub
+        self._waiting: deque[_Pending] = deque()
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def update(self, request: node_pb2.UpdateRequest, deadline: Deadline) -> Outcome:
+        """The node's answer to `request`: its response, or the status it failed with."""
+        if len(self._waiting) >= NODE_CALL_WAITING_MAX:
+            return ErrorDetails(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{NODE_CALL_WAITING_MAX} updates already wait for node {self._node_id}",
+                NodeReason.QUEUE_FULL,
+                {},
+            )
+        loop = asyncio.get_running_loop()
+        pending = _Pending(request, deadline, loop.create_future(), request.ByteSize())
+        self._waiting.append(pending)
+        if self._drain_task is None:
+            self._drain_task = loop.create_task(self._drain(), name=f"node-calls-{self._node_id}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.answer), deadline.remaining_seconds())
+        except TimeoutError:
+            return self._late(pending)
+        except asyncio.CancelledError:
+            pending.answer.cancel()  # never sent if it still waits
+            raise
+
+    def _late(self, pending: _Pending) -> Outcome:
+        if pending.answer.done() and not pending.answer.cancelled():
+            return pending.answer.result()
+        if not pending.sent:
+            pending.answer.cancel()  # the drain skips it: never sent
+            return ErrorDetails(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the deadline passed while the update waited for node {self._node_id}; not sent",
+                NodeReason.NOT_PROPOSED,
+                {},
+            )
+        return ErrorDetails(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer before the deadline", "", {})
+
+    def _take(self) -> list[_Pending]:
+        taken: list[_Pending] = []
+        size_bytes = 0
+        while self._waiting:
+            pending = self._waiting[0]
+            fits = (
+                len(taken) < NODE_CALL_UPDATES_MAX and size_bytes + pending.size_bytes <= NODE_CALL_BYTES_MAX
+            )
+            if taken and not fits:
+                break
+            self._waiting.popleft()
+            if pending.answer.done():
+                continue  # its caller left or timed out while it waited: never sent
+            pending.sent = True
+            taken.append(pending)
+            size_bytes += pending.size_bytes
+        return taken
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                taken = self._take()
+                if taken:
+                    await self._call(taken)
+        finally:
+            self._drain_task = None
+
+    async def _call(self, taken: list[_Pending]) -> None:
+        timeout_seconds = max(pending.deadline.remaining_seconds() for pending in taken)
+        outcomes: list[Outcome]
+        try:
+            if len(taken) == 1:
+                outcomes = [await self._stub.Update(taken[0].request, timeout=timeout_seconds)]
+            else:
+                request = node_pb2.UpdateManyRequest(updates=[pending.request for pending in taken])
+                response = await self._stub.UpdateMany(request, timeout=timeout_seconds)
+                outcomes = [_outcome(outcome) for outcome in response.outcomes]
+        except grpc.aio.AioRpcError as error:
+            outcomes = [error_details(error)] * len(taken)
+        except asyncio.CancelledError:
+            for pending in taken:
+                pending.answer.cancel()
+            raise
+        if len(outcomes) != len(taken):
+            message = f"node {self._node_id} answered {len(outcomes)} of {len(taken)} updates"
+            outcomes = [ErrorDetails(grpc.StatusCode.INTERNAL, message, "", {})] * len(taken)
+        for pending, outcome in zip(taken, outcomes, strict=True):
+            if not pending.answer.done():
+                pending.answer.set_result(outcome)
+
+
+def _outcome(outcome: node_pb2.UpdateOutcome) -> Outcome:
+    if outcome.HasField("response"):
+        return outcome.response
+    return status_details(status_pb2.Status.FromString(outcome.status))
