@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -83,6 +83,33 @@ class CallGate:
             return translated
         logger.error("unexpected error while serving a request", exc_info=error)
         return ApiError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error: {type(error).__name__}")
+
+    async def stream(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[object, object],
+        handler: Callable[[], AsyncIterator[Response]],
+    ) -> AsyncIterator[Response]:
+        """As `run`, for a server-streaming call: counted in flight while it streams."""
+        started_seconds = time.perf_counter()
+        if self._in_flight >= self._calls_in_flight_max:
+            failure = self._refusal()
+        else:
+            self._in_flight += 1
+            try:
+                async for response in handler():
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                failure = self.failure(error)
+            else:
+                self._account(method, grpc.StatusCode.OK, started_seconds)
+                return
+            finally:
+                self._in_flight -= 1
+        self._account(method, failure.code, started_seconds)
+        await abort(context, failure)
 
     async def run(
         self,

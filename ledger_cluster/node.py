@@ -130,33 +130,43 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
 
     async def UpdateMany(
         self, request: node_pb2.UpdateManyRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> node_pb2.UpdateManyResponse:
-        return await self._gate.run("UpdateMany", context, lambda: self._update_many(request, context))
+    ) -> AsyncIterator[node_pb2.UpdateManyAnswers]:
+        async for answers in self._gate.stream(
+            "UpdateMany", context, lambda: self._update_many(request, context)
+        ):
+            yield answers
 
     async def _update_many(
         self, request: node_pb2.UpdateManyRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> node_pb2.UpdateManyResponse:
+    ) -> AsyncIterator[node_pb2.UpdateManyAnswers]:
         if len(request.updates) > UPDATE_MANY_UPDATES_MAX:
             raise ApiError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 NodeReason.TOO_MANY_UPDATES,
                 f"{len(request.updates)} updates in one call; at most {UPDATE_MANY_UPDATES_MAX}",
             )
-        outcomes = await asyncio.gather(
-            *(self._update_outcome(update, context) for update in request.updates)
-        )
-        return node_pb2.UpdateManyResponse(outcomes=outcomes)
+        pending = {
+            asyncio.ensure_future(self._update_outcome(index, update, context))
+            for index, update in enumerate(request.updates)
+        }
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                yield node_pb2.UpdateManyAnswers(outcomes=[task.result() for task in done])
+        finally:
+            for task in pending:
+                task.cancel()  # the call went away: what is not yet proposed never will be
 
     async def _update_outcome(
-        self, request: node_pb2.UpdateRequest, context: grpc.aio.ServicerContext[object, object]
+        self, index: int, request: node_pb2.UpdateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> node_pb2.UpdateOutcome:
         """One update of an UpdateMany, answered as Update would answer it alone."""
         try:
             response = await self._update(request, context)
         except Exception as error:
             failure = self._gate.failure(error)
-            return node_pb2.UpdateOutcome(status=failure.to_google_status().SerializeToString())
-        return node_pb2.UpdateOutcome(response=response)
+            return node_pb2.UpdateOutcome(index=index, status=failure.to_google_status().SerializeToString())
+        return node_pb2.UpdateOutcome(index=index, response=response)
 
     async def Read(
         self, request: node_pb2.ReadRequest, context: grpc.aio.ServicerContext[object, object]

@@ -119,26 +119,38 @@ class NodeCalls:
 
     async def _call(self, taken: list[_Pending]) -> None:
         timeout_seconds = max(pending.deadline.remaining_seconds() for pending in taken)
-        outcomes: list[Outcome]
         try:
             if len(taken) == 1:
-                outcomes = [await self._stub.Update(taken[0].request, timeout=timeout_seconds)]
+                _answer(taken[0], await self._stub.Update(taken[0].request, timeout=timeout_seconds))
             else:
-                request = node_pb2.UpdateManyRequest(updates=[pending.request for pending in taken])
-                response = await self._stub.UpdateMany(request, timeout=timeout_seconds)
-                outcomes = [_outcome(outcome) for outcome in response.outcomes]
+                await self._call_many(taken, timeout_seconds)
         except grpc.aio.AioRpcError as error:
-            outcomes = [error_details(error)] * len(taken)
+            details = error_details(error)
+            for pending in taken:
+                _answer(pending, details)
         except asyncio.CancelledError:
             for pending in taken:
                 pending.answer.cancel()
             raise
-        if len(outcomes) != len(taken):
-            message = f"node {self._node_id} answered {len(outcomes)} of {len(taken)} updates"
-            outcomes = [ErrorDetails(grpc.StatusCode.INTERNAL, message, "", {})] * len(taken)
-        for pending, outcome in zip(taken, outcomes, strict=True):
-            if not pending.answer.done():
-                pending.answer.set_result(outcome)
+        missing = ErrorDetails(
+            grpc.StatusCode.INTERNAL, f"node {self._node_id} left an update unanswered", "", {}
+        )
+        for pending in taken:
+            _answer(pending, missing)
+
+    async def _call_many(self, taken: list[_Pending], timeout_seconds: float) -> None:
+        """One UpdateMany: each update answered as soon as its answer streams in."""
+        request = node_pb2.UpdateManyRequest(updates=[pending.request for pending in taken])
+        async for answers in self._stub.UpdateMany(request, timeout=timeout_seconds):
+            for outcome in answers.outcomes:
+                if outcome.index < len(taken):
+                    _answer(taken[outcome.index], _outcome(outcome))
+
+
+def _answer(pending: _Pending, outcome: Outcome) -> None:
+    """The first answer counts; a caller that left has nobody to hear it."""
+    if not pending.answer.done():
+        pending.answer.set_result(outcome)
 
 
 def _outcome(outcome: node_pb2.UpdateOutcome) -> Outcome:

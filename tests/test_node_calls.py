@@ -46,16 +46,20 @@ class HeldNode(node_pb2_grpc.NodeServiceServicer):
 
     async def UpdateMany(
         self, request: node_pb2.UpdateManyRequest, context: Context
-    ) -> node_pb2.UpdateManyResponse:
+    ) -> AsyncIterator[node_pb2.UpdateManyAnswers]:
+        """The refusals first, then the answers, each in its own message, last first."""
         self.calls.append(("UpdateMany", [update.shard_id for update in request.updates]))
-        outcomes = []
-        for update in request.updates:
-            if update.shard_id in self.led_shards:
-                outcomes.append(node_pb2.UpdateOutcome(response=answer_of(update)))
-            else:
+        for index, update in enumerate(request.updates):
+            if update.shard_id not in self.led_shards:
                 refusal = not_leader(f"not the leader of {update.shard_id}", "node02")
-                outcomes.append(node_pb2.UpdateOutcome(status=refusal.to_google_status().SerializeToString()))
-        return node_pb2.UpdateManyResponse(outcomes=outcomes)
+                status = refusal.to_google_status().SerializeToString()
+                yield node_pb2.UpdateManyAnswers(
+                    outcomes=[node_pb2.UpdateOutcome(index=index, status=status)]
+                )
+        for index, update in reversed(list(enumerate(request.updates))):
+            if update.shard_id in self.led_shards:
+                outcome = node_pb2.UpdateOutcome(index=index, response=answer_of(update))
+                yield node_pb2.UpdateManyAnswers(outcomes=[outcome])
 
 
 @asynccontextmanager

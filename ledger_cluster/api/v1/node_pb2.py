@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ledger_cluster.api.v1 import core_pb2 as ledger__cluster_dot_api_dot_v1_dot_core__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ledger_cluster/api/v1/node.proto\x12\x15ledger_cluster.api.v1\x1a ledger_cluster/api/v1/core.proto\"K\n\rUpdateRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\x0c\x12\x17\n\x0fitem_budgets_us\x18\x03 \x03(\x04\"]\n\x0eUpdateResponse\x12\x34\n\x06result\x18\x01 \x01(\x0b\x32$.ledger_cluster.api.v1.CommandResult\x12\x15\n\rexpired_items\x18\x02 \x03(\r\"J\n\x11UpdateManyRequest\x12\x35\n\x07updates\x18\x01 \x03(\x0b\x32$.ledger_cluster.api.v1.UpdateRequest\"X\n\rUpdateOutcome\x12\x37\n\x08response\x18\x01 \x01(\x0b\x32%.ledger_cluster.api.v1.UpdateResponse\x12\x0e\n\x06status\x18\x02 \x01(\x0c\"L\n\x12UpdateManyResponse\x12\x36\n\x08outcomes\x18\x01 \x03(\x0b\x32$.ledger_cluster.api.v1.UpdateOutcome\"d\n\x0bReadRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12/\n\x05query\x18\x02 \x01(\x0b\x32 .ledger_cluster.api.v1.ReadQuery\x12\x12\n\nconsistent\x18\x03 \x01(\x08\"A\n\x0cReadResponse\x12\x31\n\x06result\x18\x01 \x01(\x0b\x32!.ledger_cluster.api.v1.ReadResult\"\x0f\n\rStatusRequest\"\xdc\x01\n\rReplicaStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tis_leader\x18\x03 \x01(\x08\x12\x16\n\x0eleader_node_id\x18\x04 \x01(\t\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\x12\x14\n\x0clast_applied\x18\x07 \x01(\x04\x12\x1a\n\x12\x63ore_applied_index\x18\x08 \x01(\x04\x12\x12\n\nhas_quorum\x18\t \x01(\x08\x12\x13\n\x0blog_entries\x18\n \x01(\x04\"Y\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x36\n\x08replicas\x18\x02 \x03(\x0b\x32$.ledger_cluster.api.v1.ReplicaStatus\"!\n\rDigestRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\"7\n\x0e\x44igestResponse\x12\x15\n\rapplied_index\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"#\n\x0fSnapshotRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\"\xd4\x01\n\rSnapshotChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x15\n\rapplied_index\x18\x06 \x01(\x04\x12\x14\n\x0crecord_count\x18\x07 \x01(\x04\x12\x19\n\x11shard_lower_bound\x18\x08 \x01(\r\x12\x19\n\x11shard_upper_bound\x18\t \x01(\r\x12\x0f\n\x07node_id\x18\n \x01(\t\"!\n\rVerifyRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\"\x84\x01\n\x0eVerifyResponse\x12\x15\n\rapplied_index\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x10\n\x08problems\x18\x03 \x03(\t\x12\x15\n\rproblem_count\x18\x04 \x01(\x04\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x11\n\tis_leader\x18\x06 \x01(\x08\"E\n\x19TransferLeadershipRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x16\n\x0etarget_node_id\x18\x02 \x01(\t\"U\n\x1aTransferLeadershipResponse\x12\x16\n\x0eleader_node_id\x18\x01 \x01(\t\x12\x1f\n\x17previous_leader_node_id\x18\x02 \x01(\t2\xf4\x05\n\x0bNodeService\x12U\n\x06Update\x12$.ledger_cluster.api.v1.UpdateRequest\x1a%.ledger_cluster.api.v1.UpdateResponse\x12\x61\n\nUpdateMany\x12(.ledger_cluster.api.v1.UpdateManyRequest\x1a).ledger_cluster.api.v1.UpdateManyResponse\x12O\n\x04Read\x12\".ledger_cluster.api.v1.ReadRequest\x1a#.ledger_cluster.api.v1.ReadResponse\x12U\n\x06Status\x12$.ledger_cluster.api.v1.StatusRequest\x1a%.ledger_cluster.api.v1.StatusResponse\x12U\n\x06\x44igest\x12$.ledger_cluster.api.v1.DigestRequest\x1a%.ledger_cluster.api.v1.DigestResponse\x12Z\n\x08Snapshot\x12&.ledger_cluster.api.v1.SnapshotRequest\x1a$.ledger_cluster.api.v1.SnapshotChunk0\x01\x12U\n\x06Verify\x12$.ledger_cluster.api.v1.VerifyRequest\x1a%.ledger_cluster.api.v1.VerifyResponse\x12y\n\x12TransferLeadership\x12\x30.ledger_cluster.api.v1.TransferLeadershipRequest\x1a\x31.ledger_cluster.api.v1.TransferLeadershipResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ledger_cluster/api/v1/node.proto\x12\x15ledger_cluster.api.v1\x1a ledger_cluster/api/v1/core.proto\"K\n\rUpdateRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\x0c\x12\x17\n\x0fitem_budgets_us\x18\x03 \x03(\x04\"]\n\x0eUpdateResponse\x12\x34\n\x06result\x18\x01 \x01(\x0b\x32$.ledger_cluster.api.v1.CommandResult\x12\x15\n\rexpired_items\x18\x02 \x03(\r\"J\n\x11UpdateManyRequest\x12\x35\n\x07updates\x18\x01 \x03(\x0b\x32$.ledger_cluster.api.v1.UpdateRequest\"g\n\rUpdateOutcome\x12\x37\n\x08response\x18\x01 \x01(\x0b\x32%.ledger_cluster.api.v1.UpdateResponse\x12\x0e\n\x06status\x18\x02 \x01(\x0c\x12\r\n\x05index\x18\x03 \x01(\r\"K\n\x11UpdateManyAnswers\x12\x36\n\x08outcomes\x18\x01 \x03(\x0b\x32$.ledger_cluster.api.v1.UpdateOutcome\"d\n\x0bReadRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12/\n\x05query\x18\x02 \x01(\x0b\x32 .ledger_cluster.api.v1.ReadQuery\x12\x12\n\nconsistent\x18\x03 \x01(\x08\"A\n\x0cReadResponse\x12\x31\n\x06result\x18\x01 \x01(\x0b\x32!.ledger_cluster.api.v1.ReadResult\"\x0f\n\rStatusRequest\"\xdc\x01\n\rReplicaStatus\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tis_leader\x18\x03 \x01(\x08\x12\x16\n\x0eleader_node_id\x18\x04 \x01(\t\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\x12\x14\n\x0clast_applied\x18\x07 \x01(\x04\x12\x1a\n\x12\x63ore_applied_index\x18\x08 \x01(\x04\x12\x12\n\nhas_quorum\x18\t \x01(\x08\x12\x13\n\x0blog_entries\x18\n \x01(\x04\"Y\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x36\n\x08replicas\x18\x02 \x03(\x0b\x32$.ledger_cluster.api.v1.ReplicaStatus\"!\n\rDigestRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\"7\n\x0e\x44igestResponse\x12\x15\n\rapplied_index\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"#\n\x0fSnapshotRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\"\xd4\x01\n\rSnapshotChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x15\n\rapplied_index\x18\x06 \x01(\x04\x12\x14\n\x0crecord_count\x18\x07 \x01(\x04\x12\x19\n\x11shard_lower_bound\x18\x08 \x01(\r\x12\x19\n\x11shard_upper_bound\x18\t \x01(\r\x12\x0f\n\x07node_id\x18\n \x01(\t\"!\n\rVerifyRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\"\x84\x01\n\x0eVerifyResponse\x12\x15\n\rapplied_index\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x10\n\x08problems\x18\x03 \x03(\t\x12\x15\n\rproblem_count\x18\x04 \x01(\x04\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x11\n\tis_leader\x18\x06 \x01(\x08\"E\n\x19TransferLeadershipRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x16\n\x0etarget_node_id\x18\x02 \x01(\t\"U\n\x1aTransferLeadershipResponse\x12\x16\n\x0eleader_node_id\x18\x01 \x01(\t\x12\x1f\n\x17previous_leader_node_id\x18\x02 \x01(\t2\xf5\x05\n\x0bNodeService\x12U\n\x06Update\x12$.ledger_cluster.api.v1.UpdateRequest\x1a%.ledger_cluster.api.v1.UpdateResponse\x12\x62\n\nUpdateMany\x12(.ledger_cluster.api.v1.UpdateManyRequest\x1a(.ledger_cluster.api.v1.UpdateManyAnswers0\x01\x12O\n\x04Read\x12\".ledger_cluster.api.v1.ReadRequest\x1a#.ledger_cluster.api.v1.ReadResponse\x12U\n\x06Status\x12$.ledger_cluster.api.v1.StatusRequest\x1a%.ledger_cluster.api.v1.StatusResponse\x12U\n\x06\x44igest\x12$.ledger_cluster.api.v1.DigestRequest\x1a%.ledger_cluster.api.v1.DigestResponse\x12Z\n\x08Snapshot\x12&.ledger_cluster.api.v1.SnapshotRequest\x1a$.ledger_cluster.api.v1.SnapshotChunk0\x01\x12U\n\x06Verify\x12$.ledger_cluster.api.v1.VerifyRequest\x1a%.ledger_cluster.api.v1.VerifyResponse\x12y\n\x12TransferLeadership\x12\x30.ledger_cluster.api.v1.TransferLeadershipRequest\x1a\x31.ledger_cluster.api.v1.TransferLeadershipResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,35 +39,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEMANYREQUEST']._serialized_start=265
   _globals['_UPDATEMANYREQUEST']._serialized_end=339
   _globals['_UPDATEOUTCOME']._serialized_start=341
-  _globals['_UPDATEOUTCOME']._serialized_end=429
-  _globals['_UPDATEMANYRESPONSE']._serialized_start=431
-  _globals['_UPDATEMANYRESPONSE']._serialized_end=507
-  _globals['_READREQUEST']._serialized_start=509
-  _globals['_READREQUEST']._serialized_end=609
-  _globals['_READRESPONSE']._serialized_start=611
-  _globals['_READRESPONSE']._serialized_end=676
-  _globals['_STATUSREQUEST']._serialized_start=678
-  _globals['_STATUSREQUEST']._serialized_end=693
-  _globals['_REPLICASTATUS']._serialized_start=696
-  _globals['_REPLICASTATUS']._serialized_end=916
-  _globals['_STATUSRESPONSE']._serialized_start=918
-  _globals['_STATUSRESPONSE']._serialized_end=1007
-  _globals['_DIGESTREQUEST']._serialized_start=1009
-  _globals['_DIGESTREQUEST']._serialized_end=1042
-  _globals['_DIGESTRESPONSE']._serialized_start=1044
-  _globals['_DIGESTRESPONSE']._serialized_end=1099
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1101
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1136
-  _globals['_SNAPSHOTCHUNK']._serialized_start=1139
-  _globals['_SNAPSHOTCHUNK']._serialized_end=1351
-  _globals['_VERIFYREQUEST']._serialized_start=1353
-  _globals['_VERIFYREQUEST']._serialized_end=1386
-  _globals['_VERIFYRESPONSE']._serialized_start=1389
-  _globals['_VERIFYRESPONSE']._serialized_end=1521
-  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_start=1523
-  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_end=1592
-  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_start=1594
-  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_end=1679
-  _globals['_NODESERVICE']._serialized_start=1682
-  _globals['_NODESERVICE']._serialized_end=2438
+  _globals['_UPDATEOUTCOME']._serialized_end=444
+  _globals['_UPDATEMANYANSWERS']._serialized_start=446
+  _globals['_UPDATEMANYANSWERS']._serialized_end=521
+  _globals['_READREQUEST']._serialized_start=523
+  _globals['_READREQUEST']._serialized_end=623
+  _globals['_READRESPONSE']._serialized_start=625
+  _globals['_READRESPONSE']._serialized_end=690
+  _globals['_STATUSREQUEST']._serialized_start=692
+  _globals['_STATUSREQUEST']._serialized_end=707
+  _globals['_REPLICASTATUS']._serialized_start=710
+  _globals['_REPLICASTATUS']._serialized_end=930
+  _globals['_STATUSRESPONSE']._serialized_start=932
+  _globals['_STATUSRESPONSE']._serialized_end=1021
+  _globals['_DIGESTREQUEST']._serialized_start=1023
+  _globals['_DIGESTREQUEST']._serialized_end=1056
+  _globals['_DIGESTRESPONSE']._serialized_start=1058
+  _globals['_DIGESTRESPONSE']._serialized_end=1113
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1115
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1150
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1153
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1365
+  _globals['_VERIFYREQUEST']._serialized_start=1367
+  _globals['_VERIFYREQUEST']._serialized_end=1400
+  _globals['_VERIFYRESPONSE']._serialized_start=1403
+  _globals['_VERIFYRESPONSE']._serialized_end=1535
+  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_start=1537
+  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_end=1606
+  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_start=1608
+  _globals['_TRANSFERLEADERSHIPRESPONSE']._serialized_end=1693
+  _globals['_NODESERVICE']._serialized_start=1696
+  _globals['_NODESERVICE']._serialized_end=2453
 # @@protoc_insertion_point(module_scope)

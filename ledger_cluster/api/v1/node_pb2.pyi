@@ -109,8 +109,11 @@ class UpdateOutcome(_message.Message):
 
     RESPONSE_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     status: _builtins.bytes
     """Otherwise: a serialized google.rpc.Status, with the ErrorInfo that Update's status carries."""
+    index: _builtins.int
+    """the update's position in UpdateManyRequest.updates"""
     @_builtins.property
     def response(self) -> Global___UpdateResponse:
         """Set when the update was answered OK."""
@@ -120,23 +123,24 @@ class UpdateOutcome(_message.Message):
         *,
         response: Global___UpdateResponse | None = ...,
         status: _builtins.bytes = ...,
+        index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "response", b"response", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateOutcome: _TypeAlias = UpdateOutcome  # noqa: Y015
 
 @_typing.final
-class UpdateManyResponse(_message.Message):
+class UpdateManyAnswers(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTCOMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpdateOutcome]:
-        """one per update, in order"""
+        """every update is answered exactly once over the stream"""
 
     def __init__(
         self,
@@ -149,7 +153,7 @@ class UpdateManyResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___UpdateManyResponse: _TypeAlias = UpdateManyResponse  # noqa: Y015
+Global___UpdateManyAnswers: _TypeAlias = UpdateManyAnswers  # noqa: Y015
 
 @_typing.final
 class ReadRequest(_message.Message):

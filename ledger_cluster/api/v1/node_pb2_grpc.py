@@ -39,10 +39,10 @@ class NodeServiceStub:
                 request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateRequest.SerializeToString,
                 response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateResponse.FromString,
                 _registered_method=True)
-        self.UpdateMany = channel.unary_unary(
+        self.UpdateMany = channel.unary_stream(
                 '/ledger_cluster.api.v1.NodeService/UpdateMany',
                 request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyRequest.SerializeToString,
-                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyResponse.FromString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyAnswers.FromString,
                 _registered_method=True)
         self.Read = channel.unary_unary(
                 '/ledger_cluster.api.v1.NodeService/Read',
@@ -95,7 +95,8 @@ class NodeServiceServicer:
         """Several Updates in one call, each for its own shard and each answered on its own, exactly as
         Update would answer it: a gateway sends together the writes of all the shards this node
         leads that gathered while its previous call was in flight (one gRPC call's cost for all).
-        INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX updates.
+        The answers stream back as they are ready, those ready together in one message, so one slow
+        shard holds up no other. INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,10 +160,10 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateRequest.FromString,
                     response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateResponse.SerializeToString,
             ),
-            'UpdateMany': grpc.unary_unary_rpc_method_handler(
+            'UpdateMany': grpc.unary_stream_rpc_method_handler(
                     servicer.UpdateMany,
                     request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyRequest.FromString,
-                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyResponse.SerializeToString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyAnswers.SerializeToString,
             ),
             'Read': grpc.unary_unary_rpc_method_handler(
                     servicer.Read,
@@ -243,12 +244,12 @@ class NodeService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/ledger_cluster.api.v1.NodeService/UpdateMany',
             ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyRequest.SerializeToString,
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyResponse.FromString,
+            ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyAnswers.FromString,
             options,
             channel_credentials,
             insecure,

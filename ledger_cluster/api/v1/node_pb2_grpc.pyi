@@ -42,11 +42,12 @@ class NodeServiceStub:
     DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
     OUTCOME_UNKNOWN.
     """
-    UpdateMany: _grpc.UnaryUnaryMultiCallable[_node_pb2.UpdateManyRequest, _node_pb2.UpdateManyResponse]
+    UpdateMany: _grpc.UnaryStreamMultiCallable[_node_pb2.UpdateManyRequest, _node_pb2.UpdateManyAnswers]
     """Several Updates in one call, each for its own shard and each answered on its own, exactly as
     Update would answer it: a gateway sends together the writes of all the shards this node
     leads that gathered while its previous call was in flight (one gRPC call's cost for all).
-    INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX updates.
+    The answers stream back as they are ready, those ready together in one message, so one slow
+    shard holds up no other. INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX.
     """
     Read: _grpc.UnaryUnaryMultiCallable[_node_pb2.ReadRequest, _node_pb2.ReadResponse]
     Status: _grpc.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusResponse]
@@ -84,11 +85,12 @@ class NodeServiceAsyncStub(NodeServiceStub):
     DEADLINE_EXCEEDED NOT_PROPOSED, NOT_FOUND SHARD_NOT_HOSTED; fate unknown: UNAVAILABLE
     OUTCOME_UNKNOWN.
     """
-    UpdateMany: _aio.UnaryUnaryMultiCallable[_node_pb2.UpdateManyRequest, _node_pb2.UpdateManyResponse]  # type: ignore[assignment]
+    UpdateMany: _aio.UnaryStreamMultiCallable[_node_pb2.UpdateManyRequest, _node_pb2.UpdateManyAnswers]  # type: ignore[assignment]
     """Several Updates in one call, each for its own shard and each answered on its own, exactly as
     Update would answer it: a gateway sends together the writes of all the shards this node
     leads that gathered while its previous call was in flight (one gRPC call's cost for all).
-    INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX updates.
+    The answers stream back as they are ready, those ready together in one message, so one slow
+    shard holds up no other. INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX.
     """
     Read: _aio.UnaryUnaryMultiCallable[_node_pb2.ReadRequest, _node_pb2.ReadResponse]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusResponse]  # type: ignore[assignment]
@@ -135,11 +137,12 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _node_pb2.UpdateManyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_node_pb2.UpdateManyResponse, _abc.Awaitable[_node_pb2.UpdateManyResponse]]:
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.UpdateManyAnswers], _abc.AsyncIterator[_node_pb2.UpdateManyAnswers]]:
         """Several Updates in one call, each for its own shard and each answered on its own, exactly as
         Update would answer it: a gateway sends together the writes of all the shards this node
         leads that gathered while its previous call was in flight (one gRPC call's cost for all).
-        INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX updates.
+        The answers stream back as they are ready, those ready together in one message, so one slow
+        shard holds up no other. INVALID_ARGUMENT TOO_MANY_UPDATES beyond UPDATE_MANY_UPDATES_MAX.
         """
 
     @_abc_1.abstractmethod
