@@ -26,14 +26,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import status_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc, node_pb2
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.ids import parse_account_id
-from ledger_cluster.status import error_details
+from ledger_cluster.node_protocol import LEADER_HINT_METADATA_KEY, UPDATE_MANY_UPDATES_MAX, NodeReason
+from ledger_cluster.status import error_details, status_details
 from tests.cluster import (
+    NODE_RPC_TIMEOUT_SECONDS,
     SMALL_LOG_COMPACTION_MIN_ENTRIES,
     Cluster,
     running_cluster,
@@ -632,6 +635,43 @@ def test_concurrent_writes_to_one_shard_share_log_entries(healthy: Cluster) -> N
     )
     assert after - before < GROUP_COMMIT_WRITES
     check_ledger(stub, accounts, records)
+
+
+def test_update_many_answers_each_shard_as_update_would(healthy: Cluster) -> None:
+    """One UpdateMany to a node carries writes of a shard it leads and of one it does not: the
+    first is applied and answered OK, the second refused NOT_LEADER with a hint, each in its own
+    outcome; more updates than the limit are refused whole."""
+    cluster = healthy
+    stub = cluster.ledger_stub()
+    leaders = cluster.wait_leaders()
+    node_id = cluster.config.shards[0].replicas[0].node_id
+    led = next(shard for shard, leader in leaders.items() if leader == node_id)
+    not_led = next(shard for shard, leader in leaders.items() if leader != node_id)
+    accounts = accounts_by_shard(stub, cluster.config, per_shard=1)
+    account, other = accounts[led][0], accounts[not_led][0]
+    request = node_pb2.UpdateManyRequest(
+        updates=[
+            node_pb2.UpdateRequest(shard_id=not_led, command=create_transaction_command(other, 5)),
+            node_pb2.UpdateRequest(shard_id=led, command=create_transaction_command(account, 7)),
+        ]
+    )
+    outcomes: dict[int, node_pb2.UpdateOutcome] = {}
+    for answers in cluster.node_stub(node_id).UpdateMany(request, timeout=NODE_RPC_TIMEOUT_SECONDS):
+        for outcome in answers.outcomes:
+            assert outcome.index not in outcomes, "each update is answered once"
+            outcomes[outcome.index] = outcome
+    assert sorted(outcomes) == [0, 1]
+    assert outcomes[1].response.result.outcome == core_pb2.OUTCOME_OK
+    refusal = status_details(status_pb2.Status.FromString(outcomes[0].status))
+    assert refusal.reason == NodeReason.NOT_LEADER
+    assert refusal.metadata[LEADER_HINT_METADATA_KEY] == leaders[not_led]
+    assert get_account(stub, account).available_balance == 7
+    assert get_account(stub, other).available_balance == 0
+    too_many = node_pb2.UpdateManyRequest(updates=[request.updates[1]] * (UPDATE_MANY_UPDATES_MAX + 1))
+    with pytest.raises(grpc.RpcError) as refused:
+        list(cluster.node_stub(node_id).UpdateMany(too_many, timeout=NODE_RPC_TIMEOUT_SECONDS))
+    assert error_details(refused.value).reason == NodeReason.TOO_MANY_UPDATES
+    assert get_account(stub, account).available_balance == 7, "nothing of a refused call applied"
 
 
 def test_concurrent_batch_calls_to_one_shard_share_log_entries(healthy: Cluster) -> None:
