@@ -76,6 +76,9 @@ RAFT_FRAMES_REJECTED = Counter(
     " (the connection is closed), a malformed message, or a message for a shard this node lacks.",
     ["reason"],
 )
+# Exported at 0 from the start, so a first rejection shows as a change.
+for _reason in ("handshake", "frame", "message", "shard"):
+    RAFT_FRAMES_REJECTED.labels(reason=_reason)
 APPLY_LATENCY = Histogram(
     "ledger_apply_latency_seconds",
     "Time to apply one log entry or standalone write: one LMDB write transaction and its fsync.",

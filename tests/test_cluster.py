@@ -34,12 +34,16 @@ from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc, node_pb
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.ids import parse_account_id
 from ledger_cluster.node_protocol import LEADER_HINT_METADATA_KEY, UPDATE_MANY_UPDATES_MAX, NodeReason
+from ledger_cluster.raft_codec import master_key
 from ledger_cluster.status import error_details, status_details
+from tests import test_raft_transport as transport
 from tests.cluster import (
     NODE_RPC_TIMEOUT_SECONDS,
+    PREFERRED_LEADERS_SECONDS,
     SMALL_LOG_COMPACTION_MIN_ENTRIES,
     Cluster,
     running_cluster,
+    wait_for_preferred_leaders,
 )
 from tests.processes import LOOPBACK_HOST, POLL_INTERVAL_SECONDS
 
@@ -644,9 +648,14 @@ def test_update_many_answers_each_shard_as_update_would(healthy: Cluster) -> Non
     cluster = healthy
     stub = cluster.ledger_stub()
     leaders = cluster.wait_leaders()
-    node_id = cluster.config.shards[0].replicas[0].node_id
-    led = next(shard for shard, leader in leaders.items() if leader == node_id)
-    not_led = next(shard for shard, leader in leaders.items() if leader != node_id)
+    led = cluster.config.shards[0].shard_id
+    node_id = leaders[led]
+    not_led = next((shard for shard, leader in leaders.items() if leader != node_id), None)
+    if not_led is None:  # just after a start one node may lead them all, for a few seconds
+        wait_for_preferred_leaders(cluster, PREFERRED_LEADERS_SECONDS)
+        leaders = cluster.wait_leaders()
+        node_id = leaders[led]
+        not_led = next(shard for shard, leader in leaders.items() if leader != node_id)
     accounts = accounts_by_shard(stub, cluster.config, per_shard=1)
     account, other = accounts[led][0], accounts[not_led][0]
     request = node_pb2.UpdateManyRequest(
@@ -672,6 +681,62 @@ def test_update_many_answers_each_shard_as_update_would(healthy: Cluster) -> Non
         list(cluster.node_stub(node_id).UpdateMany(too_many, timeout=NODE_RPC_TIMEOUT_SECONDS))
     assert error_details(refused.value).reason == NodeReason.TOO_MANY_UPDATES
     assert get_account(stub, account).available_balance == 7, "nothing of a refused call applied"
+
+
+def forged_frames(metrics_address: str) -> float:
+    return value_of(scrape(metrics_address), "ledger_raft_frames_rejected_total", reason="frame")
+
+
+def test_a_forged_raft_frame_changes_nothing_on_a_real_node(healthy: Cluster) -> None:
+    """A peer that knows the protocol but not the cluster's secret dials node02's Raft port as
+    node01 and sends an append_entries with a higher term and a write: node02 closes the
+    connection, counts the frame, and neither its term nor any balance moves."""
+    cluster = healthy
+    stub = cluster.ledger_stub()
+    shard_id = transport.SHARD_ID
+    account = accounts_by_shard(stub, cluster.config, per_shard=1)[shard_id][0]
+    node = cluster.config.node(transport.NODE_ID)
+    assert node.metrics_address is not None
+    before_digest = cluster.wait_converged([shard_id])[shard_id]
+    term_before = next(
+        replica.term for replica in cluster.status(transport.NODE_ID).replicas if replica.shard_id == shard_id
+    )
+    rejected_before = value_of(
+        scrape(node.metrics_address), "ledger_raft_frames_rejected_total", reason="frame"
+    )
+    wrong_key = master_key("not the cluster secret, though long enough to pass", cluster.config.cluster_id)
+    forger = transport.Peer(int(node.raft_address.rpartition(":")[2]), wrong_key)
+    try:
+        forged_entry = (
+            bytes([0]) + create_transaction_command(account, 1_000_000),
+            1_000_000,
+            term_before + 100,
+        )
+        forger.send(
+            forger.frame(
+                {
+                    "type": "append_entries",
+                    "term": term_before + 100,
+                    "commit_index": 1_000_000,
+                    "prevLogIdx": before_digest.applied_index,
+                    "prevLogTerm": term_before,
+                    "entries": [forged_entry],
+                }
+            )
+        )
+        assert forger.closed_by_node()
+    finally:
+        forger.close()
+    rejected_after = value_of(
+        scrape(node.metrics_address), "ledger_raft_frames_rejected_total", reason="frame"
+    )
+    assert rejected_after == rejected_before + 1
+    term_after = next(
+        replica.term for replica in cluster.status(transport.NODE_ID).replicas if replica.shard_id == shard_id
+    )
+    assert term_after == term_before
+    assert get_account(stub, account).available_balance == 0
+    assert cluster.wait_converged([shard_id])[shard_id].digest == before_digest.digest
 
 
 def test_concurrent_batch_calls_to_one_shard_share_log_entries(healthy: Cluster) -> None:
