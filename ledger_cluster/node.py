@@ -60,6 +60,8 @@ SNAPSHOT_STREAMS_MAX = 2
 # Where the Snapshot RPC spools its temporary snapshot files, under the node's data directory
 # (same file system, mode 0700); emptied when the node starts.
 SNAPSHOT_SPOOL_DIRECTORY_NAME = "snapshot-spool"
+# UpdateMany: answers ready together share a stream message up to this size.
+UPDATE_MANY_ANSWER_BYTES_MAX = NODE_MESSAGE_BYTES_MAX // 4
 # Verify RPC: at most this many problem lines in one answer (problem_count says how many).
 VERIFY_PROBLEMS_MAX = 100
 
@@ -86,6 +88,22 @@ async def _in_thread(deadline: Deadline, function: Callable[..., Result], *argum
             NodeReason.DEADLINE_EXCEEDED,
             "the call's deadline passed first",
         ) from None
+
+
+def _within_message_limit(outcomes: list[node_pb2.UpdateOutcome]) -> Iterator[list[node_pb2.UpdateOutcome]]:
+    """Outcomes ready together, in messages of at most UPDATE_MANY_ANSWER_BYTES_MAX each (a
+    larger outcome alone), so a stream message never nears the gRPC limit."""
+    message: list[node_pb2.UpdateOutcome] = []
+    message_bytes = 0
+    for outcome in outcomes:
+        size_bytes = outcome.ByteSize()
+        if message and message_bytes + size_bytes > UPDATE_MANY_ANSWER_BYTES_MAX:
+            yield message
+            message, message_bytes = [], 0
+        message.append(outcome)
+        message_bytes += size_bytes
+    if message:
+        yield message
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
@@ -152,7 +170,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                yield node_pb2.UpdateManyAnswers(outcomes=[task.result() for task in done])
+                for outcomes in _within_message_limit([task.result() for task in done]):
+                    yield node_pb2.UpdateManyAnswers(outcomes=outcomes)
         finally:
             for task in pending:
                 task.cancel()  # the call went away: what is not yet proposed never will be

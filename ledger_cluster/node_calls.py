@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import grpc
 from google.rpc import status_pb2
 
 from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
-from ledger_cluster.deadlines import Deadline
+from ledger_cluster.deadlines import MICROSECONDS_PER_SECOND, Deadline
 from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.node_protocol import UPDATE_MANY_UPDATES_MAX, NodeReason
 from ledger_cluster.status import ErrorDetails, error_details, status_details
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 # (one update alone is never refused by this bound: it is always sent, on its own).
 NODE_CALL_UPDATES_MAX = UPDATE_MANY_UPDATES_MAX
 NODE_CALL_BYTES_MAX = NODE_MESSAGE_BYTES_MAX // 2
+# A call in flight for longer than this (a normal one takes a Raft round and an fsync, a few
+# milliseconds) no longer holds back what waits: another call starts, up to the limit.
+NODE_CALL_STALL_SECONDS = 0.05
+NODE_CALLS_IN_FLIGHT_MAX = 4
 # Updates waiting for a node's next call; beyond it, QUEUE_FULL (not taken). A gateway has at
 # most one update per shard in flight, so this is only reached by a bug.
 NODE_CALL_WAITING_MAX = 10_000
@@ -43,6 +48,7 @@ class _Pending:
     deadline: Deadline
     answer: asyncio.Future[Outcome]
     size_bytes: int
+    created_seconds: float = field(default_factory=time.monotonic)
     sent: bool = field(default=False)
 
 
@@ -54,6 +60,9 @@ class NodeCalls:
         self._stub = stub
         self._waiting: deque[_Pending] = deque()
         self._drain_task: asyncio.Task[None] | None = None
+        # Set when an update arrives, so a drain waiting on stalled calls looks again.
+        self._arrived = asyncio.Event()
+        self._update_many_served = True
 
     async def update(self, request: node_pb2.UpdateRequest, deadline: Deadline) -> Outcome:
         """The node's answer to `request`: its response, or the status it failed with."""
@@ -67,6 +76,7 @@ class NodeCalls:
         loop = asyncio.get_running_loop()
         pending = _Pending(request, deadline, loop.create_future(), request.ByteSize())
         self._waiting.append(pending)
+        self._arrived.set()
         if self._drain_task is None:
             self._drain_task = loop.create_task(self._drain(), name=f"node-calls-{self._node_id}")
         try:
@@ -109,22 +119,50 @@ class NodeCalls:
         return taken
 
     async def _drain(self) -> None:
+        """Send what waits whenever no call is in flight, or when every call in flight has
+        taken longer than NODE_CALL_STALL_SECONDS (a shard that cannot commit must not hold up
+        the node's other shards), up to NODE_CALLS_IN_FLIGHT_MAX calls."""
+        in_flight: dict[asyncio.Future[object], float] = {}
         try:
-            while self._waiting:
-                taken = self._take()
-                if taken:
-                    await self._call(taken)
+            while self._waiting or in_flight:
+                until = _until_another_call(in_flight)
+                if self._waiting and until is not None and until <= 0:
+                    taken = self._take()
+                    if taken:
+                        in_flight[asyncio.ensure_future(self._call(taken))] = time.monotonic()
+                    continue
+                self._arrived.clear()
+                arrival: asyncio.Future[object] = asyncio.ensure_future(self._arrived.wait())
+                timeout = until if until is not None and until > 0 else None
+                watched: list[asyncio.Future[object]] = [*in_flight, arrival]
+                done, _ = await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                arrival.cancel()
+                for call in list(in_flight):
+                    if call in done:
+                        del in_flight[call]
         finally:
+            for call in in_flight:
+                call.cancel()
             self._drain_task = None
 
     async def _call(self, taken: list[_Pending]) -> None:
+        for pending in taken:
+            _spend_waiting_time(pending)
         timeout_seconds = max(pending.deadline.remaining_seconds() for pending in taken)
         try:
-            if len(taken) == 1:
-                _answer(taken[0], await self._stub.Update(taken[0].request, timeout=timeout_seconds))
+            if len(taken) == 1 or not self._update_many_served:
+                await asyncio.gather(*(self._call_one(pending, timeout_seconds) for pending in taken))
             else:
                 await self._call_many(taken, timeout_seconds)
         except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED and len(taken) > 1:
+                # A node of an older release (a rolling upgrade): none of them was taken.
+                logger.warning(
+                    "node %s does not serve UpdateMany; sending its updates one by one", self._node_id
+                )
+                self._update_many_served = False
+                await asyncio.gather(*(self._call_one(pending, timeout_seconds) for pending in taken))
+                return
             details = error_details(error)
             for pending in taken:
                 _answer(pending, details)
@@ -138,6 +176,12 @@ class NodeCalls:
         for pending in taken:
             _answer(pending, missing)
 
+    async def _call_one(self, pending: _Pending, timeout_seconds: float) -> None:
+        try:
+            _answer(pending, await self._stub.Update(pending.request, timeout=timeout_seconds))
+        except grpc.aio.AioRpcError as error:
+            _answer(pending, error_details(error))
+
     async def _call_many(self, taken: list[_Pending], timeout_seconds: float) -> None:
         """One UpdateMany: each update answered as soon as its answer streams in."""
         request = node_pb2.UpdateManyRequest(updates=[pending.request for pending in taken])
@@ -145,6 +189,25 @@ class NodeCalls:
             for outcome in answers.outcomes:
                 if outcome.index < len(taken):
                     _answer(taken[outcome.index], _outcome(outcome))
+
+
+def _until_another_call(in_flight: dict[asyncio.Future[object], float]) -> float | None:
+    """Seconds until another call may start (0: now; None: only when one finishes)."""
+    if not in_flight:
+        return 0.0
+    if len(in_flight) >= NODE_CALLS_IN_FLIGHT_MAX:
+        return None
+    return max(in_flight.values()) + NODE_CALL_STALL_SECONDS - time.monotonic()
+
+
+def _spend_waiting_time(pending: _Pending) -> None:
+    """Item budgets were set when the update was made; the time it waited here is gone from
+    each, so the node never proposes an item whose caller has stopped waiting."""
+    waited_us = int((time.monotonic() - pending.created_seconds) * MICROSECONDS_PER_SECOND)
+    if waited_us > 0 and pending.request.item_budgets_us:
+        budgets = [max(budget - waited_us, 0) for budget in pending.request.item_budgets_us]
+        del pending.request.item_budgets_us[:]
+        pending.request.item_budgets_us.extend(budgets)
 
 
 def _answer(pending: _Pending, outcome: Outcome) -> None:

@@ -43,9 +43,11 @@ MASTER_KEY_CONTEXT = b"ledger-cluster raft transport v1"
 LINK_KEY_CONTEXT = b"ledger-cluster raft link v1"
 FRAME_HEADER = struct.Struct(">I")
 GCM_TAG_BYTES = 16
+# The first frame each side sends is empty: it proves the key before anything else is taken.
+KEY_PROOF_FRAME_BYTES = GCM_TAG_BYTES
 NONCE_PREFIX = bytes(4)
-# One frame carries what a node sends a peer in one loop turn: at most one append batch of
-# entries (each entry at most one node command) plus small messages of other shards.
+# A frame holds messages up to about 1 MiB together, or one larger message alone: at most one
+# append batch of entries (replica.APPEND_ENTRIES_BATCH_BYTES_MAX, twice a node command).
 FRAME_BYTES_MAX = 4 * NODE_MESSAGE_BYTES_MAX
 
 # The message types PySyncObj sends between group members, and the fields each one needs.
@@ -152,13 +154,14 @@ class FrameOpener:
         self._cipher = AESGCM(key)
         self._counter = 0
 
-    def take(self, buffer: bytearray) -> bytes | None:
+    def take(self, buffer: bytearray, length_max: int | None = None) -> bytes | None:
         """Remove the first whole frame from `buffer` and return its plaintext; None while the
-        frame is incomplete. Raises FrameError."""
+        frame is incomplete. Raises FrameError, also for a frame longer than `length_max`
+        (sealed bytes; default FRAME_BYTES_MAX)."""
         if len(buffer) < FRAME_HEADER.size:
             return None
         (length,) = FRAME_HEADER.unpack_from(buffer)
-        if not GCM_TAG_BYTES <= length <= FRAME_BYTES_MAX:
+        if not GCM_TAG_BYTES <= length <= (FRAME_BYTES_MAX if length_max is None else length_max):
             raise FrameError(f"a frame of {length} bytes")
         end = FRAME_HEADER.size + length
         if len(buffer) < end:

@@ -22,13 +22,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from pysyncobj.node import Node
 from pysyncobj.transport import Transport
 
 from ledger_cluster import metrics
 from ledger_cluster.raft_codec import (
+    KEY_PROOF_FRAME_BYTES,
     FrameError,
     FrameOpener,
     FrameSealer,
@@ -59,6 +60,10 @@ HANDSHAKE_TIMEOUT_SECONDS = 3.0
 # groups resend from their match index after it reconnects).
 LINK_OUTBOUND_BYTES_MAX = 256 * 1024 * 1024
 RECEIVE_CHUNK_BYTES = 256 * 1024
+# Messages of one turn are sealed together up to about this size per frame.
+FRAME_PACK_BYTES = 1024 * 1024
+# Accepted connections that have not yet proved the key; beyond it, new ones are closed at once.
+HANDSHAKING_LINKS_MAX = 64
 LISTEN_BACKLOG = 16
 # Work handed to the loop by other threads (leadership transfers); an admin asks for few.
 LOOP_TASKS_MAX = 1024
@@ -138,8 +143,16 @@ class RaftLoop:
     group. Build it, `add_group` every shard, then `start()`; `stop()` before destroying the
     groups."""
 
-    def __init__(self, node_id: str, listen_address: str, peers: Mapping[str, str], key: bytes) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        listen_address: str,
+        peers: Mapping[str, str],
+        key: bytes,
+        on_broken: Callable[[BaseException], NoReturn],
+    ) -> None:
         self.node_id = node_id
+        self._on_broken = on_broken
         self._peers = dict(peers)
         self._key = key
         self._selector = selectors.DefaultSelector()
@@ -180,6 +193,10 @@ class RaftLoop:
         self._signal()
         if self._thread is not None:
             self._thread.join(LOOP_JOIN_TIMEOUT_SECONDS)
+            if self._thread.is_alive():
+                raise RuntimeError(
+                    f"the Raft loop of {self.node_id} did not stop within {LOOP_JOIN_TIMEOUT_SECONDS} s"
+                )
         for link in list(self._links.values()) + list(self._handshaking):
             link.sock.close()
         self._listener.close()
@@ -219,17 +236,26 @@ class RaftLoop:
         while not self._stopping:
             timeout = max(0.0, next_tick_seconds - time.monotonic())
             for key, mask in self._selector.select(timeout):
-                key.data(key.fileobj, mask)
+                self._guarded(key.data, key.fileobj, mask)
             self._run_tasks()
             due = self._take_due()
             now = time.monotonic()
             if now >= next_tick_seconds:
                 next_tick_seconds = now + LOOP_TICK_PERIOD_SECONDS
                 due = set(self._groups)
-                self._maintain_links(now)
+                self._guarded(self._maintain_links, now)
             for shard_id in due:
                 self._tick(shard_id)
-            self._flush_links()
+            self._guarded(self._flush_links)
+
+    def _guarded(self, step: Callable[..., None], *arguments: Any) -> None:
+        """One step of a loop turn. The loop must outlive any one connection's trouble (a full
+        file table, a peer whose name does not resolve): a dead loop would leave the process
+        serving while none of its shards ticks."""
+        try:
+            step(*arguments)
+        except Exception:
+            logger.exception("a step of the Raft loop failed")
 
     def _take_due(self) -> set[str]:
         with self._wake_lock:
@@ -287,13 +313,18 @@ class RaftLoop:
 
     def _dial(self, peer_id: str, now: float) -> None:
         host, _, port = self._peers[peer_id].rpartition(":")
+        self._next_dial_seconds[peer_id] = now + LINK_RETRY_SECONDS  # unless this connects
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        result = sock.connect_ex((host, int(port)))
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            result = sock.connect_ex((host, int(port)))
+        except OSError as error:  # a name that does not resolve, a full file table
+            sock.close()
+            logger.warning("cannot dial %s at %s: %s", peer_id, self._peers[peer_id], error)
+            return
         if result not in (0, errno.EINPROGRESS):
             sock.close()
-            self._next_dial_seconds[peer_id] = now + LINK_RETRY_SECONDS
             return
         link = _Link(sock, peer_id, dialer=True, now=now)
         self._links[peer_id] = link
@@ -303,6 +334,14 @@ class RaftLoop:
         try:
             sock, _address = self._listener.accept()
         except BlockingIOError:
+            return
+        except OSError as error:  # a full file table: the next turn tries again
+            logger.warning("cannot accept a Raft connection: %s", error)
+            return
+        if len(self._handshaking) >= HANDSHAKING_LINKS_MAX:
+            # Whoever opens connections without finishing handshakes gets no more of them.
+            metrics.RAFT_FRAMES_REJECTED.labels(reason="handshake").inc()
+            sock.close()
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -355,6 +394,9 @@ class RaftLoop:
                     self._close(link, "closed by the peer")
                     return
                 link.inbound += chunk
+                if link.authenticated:
+                    # A large frame takes a while to arrive; bytes of it prove the peer alive.
+                    link.last_received_seconds = time.monotonic()
                 if len(chunk) < RECEIVE_CHUNK_BYTES:
                     break
         except BlockingIOError:
@@ -409,7 +451,9 @@ class RaftLoop:
     def _read_frames(self, link: _Link) -> None:
         assert link.opener is not None and link.peer_id is not None
         while not link.is_closed():
-            plaintext = link.opener.take(link.inbound)
+            # Until the peer proved the key, only its empty key-proof frame is taken: nobody
+            # without the key makes this node buffer a large frame.
+            plaintext = link.opener.take(link.inbound, None if link.authenticated else KEY_PROOF_FRAME_BYTES)
             if plaintext is None:
                 return
             link.last_received_seconds = time.monotonic()
@@ -417,12 +461,20 @@ class RaftLoop:
                 self._open(link)
             for shard_id, message in decode_messages(plaintext):
                 group = self._groups.get(shard_id)
-                if group is None or not group.transport.deliver(link.peer_id, message):
+                if group is None or not self._deliver(group, link.peer_id, message):
                     metrics.RAFT_FRAMES_REJECTED.labels(reason="shard").inc()
                     continue
                 self._dirty.add(shard_id)
                 if link.is_closed():  # a group's send overflowed the connection
                     return
+
+    def _deliver(self, group: _Group, peer_id: str, message: dict[str, Any]) -> bool:
+        try:
+            return group.transport.deliver(peer_id, message)
+        except Exception as error:
+            # PySyncObj failed halfway through a message (its journal could not grow, say):
+            # its state is no longer known to be whole.
+            self._on_broken(error)
 
     def _open(self, link: _Link) -> None:
         """The peer proved it holds the cluster key: from now on its groups are connected."""
@@ -478,11 +530,20 @@ class RaftLoop:
                 self._flush(link)
 
     def _flush(self, link: _Link) -> None:
+        """Seal what is pending into frames of about FRAME_PACK_BYTES each (a larger message
+        goes alone), so no frame comes near the receiver's limit however much a turn sent."""
         assert link.sealer is not None
-        plaintext = b"".join(link.pending)
+        frame: list[bytes] = []
+        frame_bytes = 0
+        for message in link.pending:
+            if frame and frame_bytes + len(message) > FRAME_PACK_BYTES:
+                link.outbound += link.sealer.seal(b"".join(frame))
+                frame, frame_bytes = [], 0
+            frame.append(message)
+            frame_bytes += len(message)
+        link.outbound += link.sealer.seal(b"".join(frame))
         link.pending = []
         link.pending_bytes = 0
-        link.outbound += link.sealer.seal(plaintext)
         link.last_sent_seconds = time.monotonic()
         self._write(link)
 

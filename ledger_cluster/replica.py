@@ -135,6 +135,13 @@ class _LoopNotifier:
         self.notify = wake
 
 
+def _close_pipe_notifier(notifier: Any) -> None:
+    """The pipe PySyncObj opened for its own poller; nothing reads it once the loop wakes
+    the group instead."""
+    for descriptor in (notifier._PipeNotifier__pipeR, notifier._PipeNotifier__pipeW):
+        os.close(descriptor)
+
+
 class _LedgerSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no type information
     def __init__(
         self,
@@ -174,11 +181,18 @@ class NodeRaft:
     """The node's Raft side: one loop and connection set for every shard replica on the node,
     the hand-back of leaderships to their preferred replicas, and the hand-off at a stop."""
 
-    def __init__(self, config: ClusterConfig, node_id: str, options: ReplicaOptions) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        node_id: str,
+        options: ReplicaOptions,
+        *,
+        on_broken: Callable[[BaseException], NoReturn] = stop_broken_process,
+    ) -> None:
         self.node_id = node_id
         peers = {node.node_id: node.raft_address for node in config.nodes if node.node_id != node_id}
         key = master_key(options.raft_password, config.cluster_id)
-        self.loop = RaftLoop(node_id, config.node(node_id).raft_address, peers, key)
+        self.loop = RaftLoop(node_id, config.node(node_id).raft_address, peers, key, on_broken)
         self._replicas: dict[str, ShardReplica] = {}
         self._balancing = threading.Event()
         self._balancer: threading.Thread | None = None
@@ -292,6 +306,7 @@ class ShardReplica:
             Node(self.node_id), partners, self._conf(raft_dir, options), transport, self._apply_entry
         )
         # The node's loop does the waiting and the waking for every group.
+        _close_pipe_notifier(self._sync_obj._SyncObj__pipeNotifier)
         self._sync_obj._poller = _NoPoller()
         self._sync_obj._SyncObj__pipeNotifier = _LoopNotifier(lambda: loop.wake(self.shard.shard_id))
         self._transfer = LeadershipTransfer(
@@ -512,6 +527,9 @@ class ShardReplica:
             self._preferred_healthy_since = now
         if now - self._preferred_healthy_since < PREFERRED_HEALTHY_SECONDS:
             return
+        # A hand-back holds this shard's writes while it runs; after one that failed, wait as
+        # long again before the next.
+        self._preferred_healthy_since = now
         new_leader = self.transfer_leadership(preferred, HAND_BACK_TIMEOUT_SECONDS)
         logger.info("shard %s: leadership handed back to %s", self.shard.shard_id, new_leader)
 

@@ -5,6 +5,7 @@ arrive meanwhile must travel together in one UpdateMany and each get its own out
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,7 +20,9 @@ from ledger_cluster.status import ErrorDetails
 from tests.processes import LOOPBACK_HOST, free_port
 
 LONG_DEADLINE_SECONDS = 10.0
-SHORT_DEADLINE_SECONDS = 0.05
+# Well inside NODE_CALL_STALL_SECONDS: an update this short-lived waits behind the held call.
+SHORT_DEADLINE_SECONDS = 0.01
+HELD_SHARD = "shard-00"
 TEST_TIMEOUT_SECONDS = 20.0
 Context = grpc.aio.ServicerContext[object, object]
 
@@ -41,7 +44,8 @@ class HeldNode(node_pb2_grpc.NodeServiceServicer):
 
     async def Update(self, request: node_pb2.UpdateRequest, context: Context) -> node_pb2.UpdateResponse:
         self.calls.append(("Update", [request.shard_id]))
-        await self.release.wait()
+        if request.shard_id == HELD_SHARD:
+            await self.release.wait()
         return answer_of(request)
 
     async def UpdateMany(
@@ -130,5 +134,75 @@ def test_an_update_whose_deadline_passes_while_it_waits_is_never_sent() -> None:
         assert isinstance(late, ErrorDetails)
         assert late.reason == NodeReason.NOT_PROPOSED, "not sent, so certainly not taken"
         assert node.calls == [("Update", ["shard-00"])]
+
+    run(scenario())
+
+
+def test_a_call_that_stalls_does_not_hold_up_the_nodes_other_shards() -> None:
+    async def scenario() -> None:
+        node = HeldNode(led_shards={"shard-00", "shard-01"})  # type: ignore[abstract]
+        async with node_calls(node) as calls:
+            deadline = Deadline.after(LONG_DEADLINE_SECONDS)
+            held = asyncio.create_task(calls.update(update(HELD_SHARD), deadline))
+            await wait_for_calls(node, 1)
+            started = time.monotonic()
+            other = await calls.update(update("shard-01"), deadline)
+            waited_seconds = time.monotonic() - started
+            assert not held.done(), "the first call is still held"
+            node.release.set()
+            await held
+        assert isinstance(other, node_pb2.UpdateResponse) and other.result.message == "shard-01"
+        assert waited_seconds < LONG_DEADLINE_SECONDS / 2
+        assert node.calls == [("Update", [HELD_SHARD]), ("Update", ["shard-01"])]
+
+    run(scenario())
+
+
+class OlderNode(node_pb2_grpc.NodeServiceServicer):
+    """A node of a release without UpdateMany (a rolling upgrade): Update only."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.shards: list[str] = []
+
+    async def Update(self, request: node_pb2.UpdateRequest, context: Context) -> node_pb2.UpdateResponse:
+        self.shards.append(request.shard_id)
+        if request.shard_id == HELD_SHARD:
+            await self.release.wait()
+        return answer_of(request)
+
+
+def test_a_node_without_update_many_gets_each_update_on_its_own() -> None:
+    async def scenario() -> None:
+        node = OlderNode()  # type: ignore[abstract]
+        server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServiceServicer_to_server(node, server)
+        address = f"{LOOPBACK_HOST}:{free_port()}"
+        server.add_insecure_port(address)
+        await server.start()
+        channel = grpc.aio.insecure_channel(address)
+        try:
+            calls = NodeCalls("node01", node_pb2_grpc.NodeServiceStub(channel))
+            deadline = Deadline.after(LONG_DEADLINE_SECONDS)
+            held = asyncio.create_task(calls.update(update(HELD_SHARD), deadline))
+            while not node.shards:
+                await asyncio.sleep(0.001)
+            others = [
+                asyncio.create_task(calls.update(update(shard), deadline))
+                for shard in ("shard-01", "shard-02")
+            ]
+            node.release.set()
+            outcomes = await asyncio.gather(held, *others)
+        finally:
+            await channel.close()
+            await server.stop(None)
+        assert [
+            outcome.result.message for outcome in outcomes if isinstance(outcome, node_pb2.UpdateResponse)
+        ] == [
+            HELD_SHARD,
+            "shard-01",
+            "shard-02",
+        ]
+        assert sorted(node.shards) == [HELD_SHARD, "shard-01", "shard-02"]
 
     run(scenario())

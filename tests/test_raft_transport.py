@@ -5,10 +5,11 @@ reaches a real cluster's state is checked in tests/test_cluster.py."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from pysyncobj.node import Node
@@ -16,6 +17,8 @@ from pysyncobj.node import Node
 from ledger_cluster import metrics
 from ledger_cluster.localcluster.processes import LOOPBACK_HOST, free_port
 from ledger_cluster.raft_codec import (
+    FRAME_BYTES_MAX,
+    FRAME_HEADER,
     FrameOpener,
     FrameSealer,
     Hello,
@@ -27,7 +30,7 @@ from ledger_cluster.raft_codec import (
     master_key,
     new_nonce,
 )
-from ledger_cluster.raft_loop import RaftLoop, ShardTransport
+from ledger_cluster.raft_loop import FRAME_PACK_BYTES, RaftLoop, ShardTransport
 
 CLUSTER_ID = "0123456789abcdef0123456789abcdef"
 SECRET = "a test secret that is long enough to pass for real"
@@ -65,10 +68,16 @@ class NodeUnderTest:
         self.port = port
 
 
+def broken(error: BaseException) -> NoReturn:
+    raise AssertionError(f"the loop found its node broken: {error!r}")
+
+
 @pytest.fixture
 def node(key: bytes) -> Iterator[NodeUnderTest]:
     port = free_port()
-    loop = RaftLoop(NODE_ID, f"{LOOPBACK_HOST}:{port}", {PEER_ID: f"{LOOPBACK_HOST}:{free_port()}"}, key)
+    loop = RaftLoop(
+        NODE_ID, f"{LOOPBACK_HOST}:{port}", {PEER_ID: f"{LOOPBACK_HOST}:{free_port()}"}, key, broken
+    )
     transport = loop.new_transport(SHARD_ID, [Node(PEER_ID)])
     received = Received()
     transport.setOnMessageReceivedCallback(received.on_message)
@@ -84,7 +93,7 @@ def node(key: bytes) -> Iterator[NodeUnderTest]:
 class Peer:
     """node01's side of one connection, driven by hand."""
 
-    def __init__(self, port: int, key: bytes) -> None:
+    def __init__(self, port: int, key: bytes, *, prove_key: bool = True) -> None:
         self.sock = socket.create_connection((LOOPBACK_HOST, port), timeout=WAIT_SECONDS)
         hello = Hello(PEER_ID, NODE_ID, new_nonce())
         self.sock.sendall(encode_hello(hello))
@@ -99,12 +108,16 @@ class Peer:
         self.sealer = FrameSealer(outgoing)
         self.opener = FrameOpener(incoming)
         self.inbound = buffer
+        if prove_key:
+            self.send(self.sealer.seal(b""))  # the empty first frame, as a node sends it
 
     def frame(self, *messages: dict[str, Any]) -> bytes:
         return self.sealer.seal(b"".join(encode_message(SHARD_ID, message) for message in messages))
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        # A node that already closed the connection (a bad key) is what some tests wait for.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.sock.sendall(data)
 
     def closed_by_node(self) -> bool:
         """Whether the node closes this connection within the wait."""
@@ -258,5 +271,53 @@ def test_messages_the_node_sends_arrive_sealed_for_the_peer(node: NodeUnderTest,
             while (plaintext := peer.opener.take(peer.inbound)) is not None:
                 terms.extend(message["term"] for _, message in decode_messages(plaintext))
         assert terms == [5]
+    finally:
+        peer.close()
+
+
+def test_a_peer_that_has_not_proved_the_key_cannot_announce_a_large_frame(
+    node: NodeUnderTest, key: bytes
+) -> None:
+    forger = Peer(
+        node.port, master_key("a different secret, also long enough to pass", CLUSTER_ID), prove_key=False
+    )
+    before = rejected("frame")
+    try:
+        forger.send(FRAME_HEADER.pack(FRAME_BYTES_MAX))  # the header alone: nothing to buffer
+        assert forger.closed_by_node()
+    finally:
+        forger.close()
+    assert rejected("frame") == before + 1
+
+
+def test_what_a_turn_sends_is_sealed_into_frames_of_bounded_size(node: NodeUnderTest, key: bytes) -> None:
+    peer = Peer(node.port, key)
+    big_message_count = 12
+    try:
+        peer.send(peer.frame(vote(1)))
+        wait_for(lambda: node.received.connected == [PEER_ID], "the connection")
+
+        def send_a_lot() -> None:
+            for term in range(big_message_count):
+                message = {"type": "apply_command", "command": bytes(FRAME_PACK_BYTES // 4), "term": term}
+                assert node.transport.send(Node(PEER_ID), message)
+
+        node.loop.call_soon(send_a_lot)
+        peer.sock.settimeout(WAIT_SECONDS)
+        frame_sizes: list[int] = []
+        received = 0
+        while received < big_message_count:
+            peer.inbound += peer.sock.recv(RECEIVE_BYTES)
+            while len(peer.inbound) >= FRAME_HEADER.size:
+                (length,) = FRAME_HEADER.unpack_from(peer.inbound)
+                plaintext = peer.opener.take(peer.inbound)
+                if plaintext is None:
+                    break
+                messages = list(decode_messages(plaintext))
+                if messages:
+                    frame_sizes.append(length)
+                received += len(messages)
+        assert len(frame_sizes) > 1, "one turn's messages went out in several frames"
+        assert max(frame_sizes) <= FRAME_PACK_BYTES + FRAME_PACK_BYTES // 4 + 1024
     finally:
         peer.close()
