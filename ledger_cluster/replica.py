@@ -12,6 +12,7 @@ are applied on the shard's applier thread.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import io
 import logging
 import os
@@ -161,7 +162,11 @@ class _LedgerSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no type 
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> NoReturn:
+    def find_class(self, module: str, name: str) -> Any:
+        # Protocol 2, which PySyncObj used, rebuilds bytes with codecs.encode(text, "latin1");
+        # nothing else may be named.
+        if (module, name) == ("_codecs", "encode"):
+            return codecs.encode
         raise ReplicaBrokenError(f"a first-wave log entry names {module}.{name}")
 
 
