@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ledger_cluster.api.v1 import core_pb2, ledger_pb2
 from ledger_cluster.core import SNAPSHOT_TABLES
 from ledger_cluster.errors import SnapshotCorruptError
 from ledger_cluster.sharding import shard_key
@@ -153,6 +154,8 @@ def test_snapshot_write_is_atomic(ledger: Ledger, tmp_path: Path) -> None:
         ("idempotency", "delete a request_id row"),
         ("transactions", "store an undecodable transaction"),
         ("transactions", "store a transaction under a short key"),
+        ("transactions", "give a refused purchase status 99"),
+        ("transactions", "give a refused purchase status cancelled"),
     ],
 )
 def test_snapshot_that_passes_its_checksum_but_is_inconsistent_is_rejected(
@@ -169,6 +172,14 @@ def test_snapshot_that_passes_its_checksum_but_is_inconsistent_is_rejected(
             transaction.delete(table, account_key + b"seed")
         elif damage.startswith("store an undecodable"):
             transaction.put(table, account_key + (99).to_bytes(8, "big"), b"\xff\xff\xff")
+        elif damage.startswith("give a"):
+            # Transaction 4 was refused (INSUFFICIENT_FUNDS): it counts in no balance, so the
+            # balances still add up; only its status says what no command ever produced.
+            key = account_key + (4).to_bytes(8, "big")
+            record = core_pb2.TransactionRecord.FromString(transaction.get(table, key) or b"")
+            assert record.status == ledger_pb2.TRANSACTION_STATUS_INSUFFICIENT_FUNDS
+            record.status = 99 if "99" in damage else ledger_pb2.TRANSACTION_STATUS_CANCELLED  # type: ignore[assignment]
+            transaction.put(table, key, record.SerializeToString())
         else:
             transaction.put(table, b"abc", b"")
 

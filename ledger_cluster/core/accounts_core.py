@@ -568,6 +568,15 @@ def _read(
 # -- whole-state checks ---------------------------------------------------------------------
 
 
+# What a transaction's status can become from the status it was created with: a settled or
+# refused one never changes; a pending one is settled or cancelled once.
+_REACHABLE_STATUSES: dict[int, frozenset[int]] = {
+    SETTLED: frozenset({SETTLED}),
+    INSUFFICIENT_FUNDS: frozenset({INSUFFICIENT_FUNDS}),
+    PENDING: frozenset({PENDING, SETTLED, CANCELLED}),
+}
+
+
 def _record_problems(view: ReadTransaction) -> list[str]:
     """Every row of every table well-formed and referenced as the key layout says: a snapshot
     can pass its checksum and still describe an impossible state."""
@@ -583,6 +592,12 @@ def _record_problems(view: ReadTransaction) -> list[str]:
             problems.append(f"{where} does not match its record")
         elif view.get(tables.ACCOUNTS, key[:8]) is None:
             problems.append(f"{where} belongs to a missing account")
+        elif record.status not in _REACHABLE_STATUSES.get(record.initial_status, ()):
+            # An unknown status restores cleanly, then stops every replica that touches it.
+            problems.append(
+                f"{where} has status {record.status} after initial status {record.initial_status},"
+                " which no command produces"
+            )
         elif view.get(
             tables.ACCOUNT_TRANSACTIONS, tables.sequence_key(record.account_id, record.sequence)
         ) != tables.encode_u64(record.transaction_number):
