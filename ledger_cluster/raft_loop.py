@@ -7,8 +7,10 @@ every group every `LOOP_TICK_PERIOD_SECONDS` for its timers (heartbeats, electio
 share one connection per peer node: the node with the smaller id dials, the other accepts.
 What the groups send during one turn of the loop goes out as one sealed frame per peer.
 
-Nothing here blocks on disk: the replica applies committed entries and writes its compaction
-dumps on other threads (`replica_apply`, `replica_dump`).
+Nothing here waits on disk: the replica applies committed entries, restores installed snapshots
+and writes its compaction dumps on other threads (`replica_apply`, `replica_dump`). The one
+exception is back pressure: when a shard's applier has APPLY_QUEUE_ENTRIES_MAX entries waiting,
+handing it the next one waits.
 """
 
 from __future__ import annotations

@@ -86,12 +86,6 @@ class ShardApplier:
         (and before any later one)."""
         self._jobs.put(task)
 
-    def drain(self) -> None:
-        """Wait until every entry handed over so far is applied."""
-        applied = threading.Event()
-        self._jobs.put(applied.set)
-        applied.wait()
-
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(APPLIER_JOIN_TIMEOUT_SECONDS)

@@ -29,6 +29,8 @@ from ledger_cluster.storage import fsync_directory, read_snapshot_header
 logger = logging.getLogger(__name__)
 
 RAFT_POSITION_FORMAT_VERSION = 1
+# A snapshot waiting for the applier to restore it is kept under this name (hard link + number).
+PINNED_DUMP_PREFIX = "dump.installing."
 Entry = tuple[bytes, int, int]
 
 
@@ -62,6 +64,10 @@ class CompactionDump:
         self.path = raft_dir / "dump"
         self._next_path = raft_dir / "dump.next"
         self._next_path.unlink(missing_ok=True)  # an unfinished one from before a crash
+        self._pin_directory = raft_dir
+        self._pins_made = 0
+        for stale in raft_dir.glob(f"{PINNED_DUMP_PREFIX}*"):
+            stale.unlink()  # pinned for an install a crash interrupted; the log brings it again
         self._install_generation = 0
         self._dump_generation = 0
         self._lock = threading.Lock()
@@ -213,22 +219,11 @@ class CompactionDump:
         position = core_pb2.RaftPosition.FromString(header.metadata)
         if position.format_version != RAFT_POSITION_FORMAT_VERSION:
             raise ReplicaBrokenError(f"unknown raft position version {position.format_version}")
-        # Entries handed to the applier before the snapshot are older than it; they must be
-        # applied (or skipped by index) before the state is replaced.
-        self._applier.drain()
-        local_index = self._core.applied_index()
-        if local_index < header.applied_index:
-            self._core.restore_snapshot(path)  # checks the checksum and every row
-            logger.info(
-                "shard %s: restored snapshot at applied index %d (was %d)",
-                self._shard_id,
-                header.applied_index,
-                local_index,
-            )
-        else:
-            # The LMDB state is durable on its own and already at or past the dump; still,
-            # trust nothing of a file that fails its checksum.
-            self._core.check_snapshot(path)
+        # Restored on the applier, in log order: after the entries handed over before it (older
+        # than the snapshot), before every later one. The Raft loop goes on ticking the node's
+        # other groups meanwhile. The file is pinned: a later snapshot or dump may replace it.
+        pinned = self._pin(path)
+        self._applier.after_applied(lambda: self._install(pinned, header.applied_index))
         last_entry = _decode_entry(position.last_entry)
         previous_entry = _decode_entry(position.previous_entry)
         if startup:
@@ -239,6 +234,32 @@ class CompactionDump:
             # PySyncObj never answers a proposal whose index the snapshot skipped.
             self._on_snapshot_installed()
         return (last_entry, previous_entry, None)
+
+    def _pin(self, path: str) -> Path:
+        self._pins_made += 1
+        pinned = self._pin_directory / f"{PINNED_DUMP_PREFIX}{self._pins_made}"
+        pinned.unlink(missing_ok=True)
+        os.link(path, pinned)
+        return pinned
+
+    def _install(self, pinned: Path, snapshot_index: int) -> None:
+        """On the applier thread (a failure here stops the process, as any apply's does)."""
+        try:
+            local_index = self._core.applied_index()
+            if local_index < snapshot_index:
+                self._core.restore_snapshot(pinned)  # checks the checksum and every row
+                logger.info(
+                    "shard %s: restored snapshot at applied index %d (was %d)",
+                    self._shard_id,
+                    snapshot_index,
+                    local_index,
+                )
+            else:
+                # The LMDB state is durable on its own and already at or past the dump; still,
+                # trust nothing of a file that fails its checksum.
+                self._core.check_snapshot(pinned)
+        finally:
+            pinned.unlink(missing_ok=True)
 
     def _journal_start_if_it_holds(self, entry: Entry) -> tuple[Any, Any, Any] | None:
         """PySyncObj truncates the journal one tick after the dump is written. A crash in between
