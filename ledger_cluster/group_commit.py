@@ -183,7 +183,7 @@ class GroupCommit:
         self, command: bytes, deadline: Deadline, item_budgets_us: Sequence[int], on_answer: OnAnswer
     ) -> Waiter:
         """Queue a write; `on_answer` is called once, from the thread that learns the answer
-        (PySyncObj's tick thread, or this one). Raises QueueFullError (nothing queued) and
+        (the shard's applier or the node's Raft loop, or this one). Raises QueueFullError (nothing queued) and
         ValueError (budgets that do not match the command)."""
         waiter = new_waiter(command, deadline, item_budgets_us, on_answer)
         with self._lock:
@@ -299,7 +299,7 @@ class GroupCommit:
         self._propose(entry, lambda result, error: self._on_answer(number, result, error))
 
     def _on_answer(self, number: int, result: Any, error: int) -> None:
-        """On the Raft thread: hand every waiter its own answer, then propose what gathered
+        """On the applier or the Raft loop: hand every waiter its own answer, then propose what gathered
         meanwhile. A proposal already ended by `fail_in_flight` is left as it was answered."""
         with self._lock:
             proposal = self._in_flight.pop(number, None)

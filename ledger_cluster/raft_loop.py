@@ -134,8 +134,7 @@ class _Link:
 
 
 class _Group:
-    def __init__(self, shard_id: str, tick: Callable[[], None], transport: ShardTransport) -> None:
-        self.shard_id = shard_id
+    def __init__(self, tick: Callable[[], None], transport: ShardTransport) -> None:
         self.tick = tick
         self.transport = transport
 
@@ -184,7 +183,7 @@ class RaftLoop:
     def add_group(self, transport: ShardTransport, tick: Callable[[], None]) -> None:
         if self._thread is not None:
             raise RuntimeError("groups are added before the loop starts")
-        self._groups[transport.shard_id] = _Group(transport.shard_id, tick, transport)
+        self._groups[transport.shard_id] = _Group(tick, transport)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"raft-loop-{self.node_id}", daemon=True)
@@ -222,9 +221,6 @@ class RaftLoop:
             self._wake_signalled = True
         if not signalled:
             self._signal()
-
-    def is_loop_thread(self) -> bool:
-        return threading.current_thread() is self._thread
 
     def _signal(self) -> None:
         # A full socket already wakes the loop; a closed one means it stopped.

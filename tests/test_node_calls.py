@@ -67,7 +67,7 @@ class HeldNode(node_pb2_grpc.NodeServiceServicer):
 
 
 @asynccontextmanager
-async def node_calls(node: HeldNode) -> AsyncIterator[NodeCalls]:
+async def node_calls(node: node_pb2_grpc.NodeServiceServicer) -> AsyncIterator[NodeCalls]:
     server = grpc.aio.server()
     node_pb2_grpc.add_NodeServiceServicer_to_server(node, server)
     address = f"{LOOPBACK_HOST}:{free_port()}"
@@ -175,14 +175,7 @@ class OlderNode(node_pb2_grpc.NodeServiceServicer):
 def test_a_node_without_update_many_gets_each_update_on_its_own() -> None:
     async def scenario() -> None:
         node = OlderNode()  # type: ignore[abstract]
-        server = grpc.aio.server()
-        node_pb2_grpc.add_NodeServiceServicer_to_server(node, server)
-        address = f"{LOOPBACK_HOST}:{free_port()}"
-        server.add_insecure_port(address)
-        await server.start()
-        channel = grpc.aio.insecure_channel(address)
-        try:
-            calls = NodeCalls("node01", node_pb2_grpc.NodeServiceStub(channel))
+        async with node_calls(node) as calls:
             deadline = Deadline.after(LONG_DEADLINE_SECONDS)
             held = asyncio.create_task(calls.update(update(HELD_SHARD), deadline))
             while not node.shards:
@@ -193,9 +186,6 @@ def test_a_node_without_update_many_gets_each_update_on_its_own() -> None:
             ]
             node.release.set()
             outcomes = await asyncio.gather(held, *others)
-        finally:
-            await channel.close()
-            await server.stop(None)
         assert [
             outcome.result.message for outcome in outcomes if isinstance(outcome, node_pb2.UpdateResponse)
         ] == [
