@@ -32,11 +32,11 @@ from typing import Any
 
 import grpc
 
-from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.client import CHANNEL_OPTIONS, leaders_of, node_statuses_now
 from ledger_cluster.config import ClusterConfig, ShardConfig, json_field, write_json_atomic
-from ledger_cluster.core import SNAPSHOT_TABLES, AccountsCore
+from ledger_cluster.core import SNAPSHOT_TABLE_IDS, AccountsCore
 from ledger_cluster.errors import ConfigError, LedgerError, SnapshotError, StorageError
+from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.node_protocol import LEADER_HINT_METADATA_KEY, NodeReason
 from ledger_cluster.sharding import SHARD_KEY_MAX
 from ledger_cluster.status import error_details
@@ -306,7 +306,7 @@ def _receive_snapshot(
         )
         what = f"shard {shard.shard_id} snapshot from {node_id}"
         try:
-            header = check_snapshot(partial, SNAPSHOT_TABLES)
+            header = check_snapshot(partial, SNAPSHOT_TABLE_IDS)
         except SnapshotError as error:
             raise BackupError(f"{what} fails its own check: {error}") from error
         _check_snapshot_header(
@@ -450,7 +450,7 @@ def validate_backup(backup_dir: Path, progress: Progress) -> Manifest:
             f"{what} is damaged: sha256 {actual}, the manifest says {shard.sha256}",
         )
         try:
-            header = check_snapshot(path, SNAPSHOT_TABLES)
+            header = check_snapshot(path, SNAPSHOT_TABLE_IDS)
         except SnapshotError as error:
             raise BackupError(f"{what} fails its snapshot check: {error}") from error
         _check_snapshot_header(

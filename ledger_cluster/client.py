@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import grpc
 
-from ledger_cluster.api.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.config import ClusterConfig, ShardConfig
 from ledger_cluster.core import commands
 from ledger_cluster.core.commands import ItemAnswer
@@ -31,6 +30,7 @@ from ledger_cluster.errors import (
     LedgerError,
     UnknownOutcomeError,
 )
+from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.node_calls import NodeCalls
 from ledger_cluster.node_protocol import LEADER_HINT_METADATA_KEY, NodeReason, is_not_taken

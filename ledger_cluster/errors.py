@@ -7,7 +7,8 @@ that owns the library, so callers catch one tree::
     ├── InvalidIdError            a malformed account or transaction id
     ├── ConfigError               a cluster config that is missing, unreadable or inconsistent
     ├── StorageError              the LMDB environment failed
-    │   ├── StorageLayoutError    a data directory that belongs to other shard bounds
+    │   ├── StorageLayoutError    a data directory of other shard bounds or state format
+    │   ├── RecordFormatError     a stored row that does not decode as its table's layout
     │   ├── DataDirectoryInUseError  another process holds the data directory
     │   └── SnapshotError         a snapshot that cannot be written or read
     │       └── SnapshotCorruptError   bad magic, truncated, or checksum mismatch
@@ -43,6 +44,10 @@ class StorageError(LedgerError):
 
 class StorageLayoutError(StorageError):
     """A data directory opened with shard bounds other than the ones it was created with."""
+
+
+class RecordFormatError(StorageError):
+    """A stored row whose bytes are not a record of its table's layout."""
 
 
 class DataDirectoryInUseError(StorageError):

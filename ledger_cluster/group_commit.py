@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ledger_cluster import metrics
-from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.core import commands
 from ledger_cluster.deadlines import MICROSECONDS_PER_SECOND, Deadline
 from ledger_cluster.errors import (
@@ -35,6 +34,7 @@ from ledger_cluster.errors import (
     QueueFullError,
     UnknownOutcomeError,
 )
+from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.limits import BATCH_ITEMS_MAX
 
 logger = logging.getLogger(__name__)

@@ -20,10 +20,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ledger_cluster.admission import CallGate, abort
-from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.deadlines import Deadline, work_deadline
 from ledger_cluster.errors import BackendTimeoutError, NotLeaderError, SnapshotError, StorageError
+from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.metrics import MetricsServer, ShardFigures, serve_metrics
 from ledger_cluster.node_protocol import (
@@ -51,7 +51,7 @@ Result = TypeVar("Result")
 NODE_CALLS_IN_FLIGHT_MAX = 1024
 NODE_SHUTDOWN_GRACE_SECONDS = 3.0
 DEFAULT_NODE_TIMEOUT_SECONDS = 5.0
-NODE_SERVICE_NAME = "ledger_cluster.api.v1.NodeService"
+NODE_SERVICE_NAME = "ledger_cluster.internal.v1.NodeService"
 # Snapshot RPC: the largest `data` of one chunk (well below NODE_MESSAGE_BYTES_MAX and gRPC's
 # default 4 MiB receive limit), and how many snapshots one node streams at a time (each holds
 # a temporary copy of its shard on disk).

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import grpc
 from google.rpc import status_pb2
 
-from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.deadlines import MICROSECONDS_PER_SECOND, Deadline
+from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.node_protocol import UPDATE_MANY_UPDATES_MAX, NodeReason
 from ledger_cluster.status import ErrorDetails, error_details, status_details

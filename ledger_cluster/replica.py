@@ -29,7 +29,6 @@ from pysyncobj.journal import createJournal
 from pysyncobj.node import Node
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 
-from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.config import ClusterConfig, ShardConfig
 from ledger_cluster.core import AccountsCore, commands
 from ledger_cluster.deadlines import Deadline
@@ -44,6 +43,7 @@ from ledger_cluster.errors import (
     UnknownOutcomeError,
 )
 from ledger_cluster.group_commit import Answer, GroupCommit
+from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.process import stop_broken_process
 from ledger_cluster.raft_codec import master_key

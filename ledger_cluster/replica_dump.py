@@ -20,9 +20,9 @@ from typing import Any, NoReturn
 
 from pysyncobj.config import SERIALIZER_STATE
 
-from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.core import AccountsCore
 from ledger_cluster.errors import ReplicaBrokenError, SnapshotError
+from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.replica_apply import ShardApplier
 from ledger_cluster.storage import fsync_directory, read_snapshot_header
 

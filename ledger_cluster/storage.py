@@ -6,31 +6,32 @@ MapFullError: the failed write transaction is aborted, the map doubled while no 
 this process is open, and the whole write is run again (writes are deterministic functions of
 their input, so running one again is safe).
 
-Snapshot stream (format version 1; big-endian)::
+Snapshot stream (big-endian)::
 
-    header   magic "LEDGSNAP" | u16 format version | u32 shard lower bound
-             | u32 shard upper bound | u64 applied index | u64 record count
+    header   magic "LEDGSNAP" | u16 format version (of the rows: the caller's to interpret)
+             | u32 shard lower bound | u32 shard upper bound | u64 applied index | u64 record count
              | u32 metadata length | metadata (opaque to storage: the replica keeps its Raft
              position there)
     record   u8 table id | u16 key length | u32 value length | key | value   (record count times)
     trailer  magic "LEDGEND!" | sha256 of every byte before the trailer
 
 Records carry no shard prefix, so a snapshot of one shard can be restored into another layout:
-restore keeps only the rows its caller accepts.
+restore hands every row to its caller, which keeps (or converts) the ones it wants.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import lmdb
 
@@ -55,7 +56,6 @@ FILE_MODE = 0o600
 
 SNAPSHOT_MAGIC = b"LEDGSNAP"
 SNAPSHOT_TRAILER_MAGIC = b"LEDGEND!"
-SNAPSHOT_FORMAT_VERSION = 1
 SNAPSHOT_BUFFER_BYTES = 1024 * 1024
 _HEADER = struct.Struct(">8sHIIQQI")
 METADATA_BYTES_MAX = 1024 * 1024
@@ -74,6 +74,18 @@ class SnapshotHeader:
     metadata: bytes = b""
 
 
+class RowSink(Protocol):
+    """Where restore sends each snapshot record: `table_ids` maps each format version the sink
+    reads to the table ids it may hold; `put` writes what it keeps of a record."""
+
+    @property
+    def table_ids(self) -> Mapping[int, frozenset[int]]: ...
+
+    def put(
+        self, transaction: WriteTransaction, header: SnapshotHeader, table_id: int, key: bytes, value: bytes
+    ) -> None: ...
+
+
 class ReadTransaction:
     """A consistent view of every table at one moment."""
 
@@ -85,6 +97,13 @@ class ReadTransaction:
     def get(self, table: str, key: bytes) -> bytes | None:
         value: bytes | None = self._transaction.get(key, db=self._tables[table])
         return value
+
+    def getter(self, table: str) -> Callable[[bytes], bytes | None]:
+        """`get` of one table, bound once: for loops that read a row per item."""
+        getter: Callable[[bytes], bytes | None] = functools.partial(
+            self._transaction.get, db=self._tables[table]
+        )
+        return getter
 
     def scan(self, table: str, start_key: bytes, prefix: bytes, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to `limit` records whose key starts with `prefix`, from `start_key` on, in key order."""
@@ -109,6 +128,13 @@ class ReadTransaction:
 class WriteTransaction(ReadTransaction):
     def put(self, table: str, key: bytes, value: bytes) -> None:
         self._transaction.put(key, value, db=self._tables[table])
+
+    def putter(self, table: str) -> Callable[[bytes, bytes], bool]:
+        """`put` of one table, bound once: for loops that write a row per item."""
+        putter: Callable[[bytes, bytes], bool] = functools.partial(
+            self._transaction.put, db=self._tables[table]
+        )
+        return putter
 
     def delete(self, table: str, key: bytes) -> None:
         self._transaction.delete(key, db=self._tables[table])
@@ -214,19 +240,19 @@ class Storage:
         with self._gate.transaction(), self._environment.begin(write=False) as transaction:
             yield ReadTransaction(transaction, self._tables)
 
-    def write(self, operation: Callable[[WriteTransaction], T], commit: bool = True) -> T:
-        """Run `operation` in one write transaction and commit it (or abort, with commit=False).
+    def write(self, operation: Callable[[WriteTransaction], T]) -> T:
+        """Run `operation` in one write transaction and commit it.
 
         An exception from `operation` aborts the transaction and propagates."""
         with self._write_lock:
             for _ in range(MAP_GROWTH_ATTEMPTS_MAX):
                 try:
-                    return self._write_once(operation, commit)
+                    return self._write_once(operation)
                 except lmdb.MapFullError:
                     self._grow_map()
             raise StorageError(f"write still does not fit after {MAP_GROWTH_ATTEMPTS_MAX} map growths")
 
-    def _write_once(self, operation: Callable[[WriteTransaction], T], commit: bool) -> T:
+    def _write_once(self, operation: Callable[[WriteTransaction], T]) -> T:
         with self._gate.transaction():
             transaction = self._environment.begin(write=True)
             try:
@@ -235,10 +261,7 @@ class Storage:
                 transaction.abort()
                 raise
             try:
-                if commit:
-                    transaction.commit()
-                else:
-                    transaction.abort()
+                transaction.commit()
             except lmdb.MapFullError:
                 raise
             except lmdb.Error as error:
@@ -286,25 +309,26 @@ class Storage:
     def restore_snapshot(
         self,
         path: str | os.PathLike[str],
-        tables: Mapping[int, str],
-        keep: Callable[[str, bytes], bool],
+        tables: Iterable[str],
+        put_row: RowSink,
         finish: Callable[[WriteTransaction, SnapshotHeader], None],
         replace: bool = True,
     ) -> SnapshotHeader:
-        """Replace the contents of `tables` with the snapshot's records that `keep` accepts, in
-        one write transaction. `finish` runs in the same transaction after the checksum was
-        verified (to set metadata, check invariants); if anything fails, nothing changes.
+        """In one write transaction, clear `tables` and hand every record of the snapshot to
+        `put_row`, which writes what it keeps. `finish` runs in the same transaction after the
+        checksum was verified (to set metadata, check invariants); if anything fails, nothing
+        changes. `put_row` also says which table ids each format version may hold.
 
-        With `replace=False` the records are added to the existing ones instead (a record with
-        an existing key overwrites it): several snapshots merged into one state."""
+        With `replace=False` nothing is cleared (a record with an existing key overwrites it):
+        several snapshots merged into one state."""
 
         def restore(transaction: WriteTransaction) -> SnapshotHeader:
             if replace:
-                for name in tables.values():
+                for name in tables:
                     transaction.clear(name)
             try:
                 with open(path, "rb", buffering=SNAPSHOT_BUFFER_BYTES) as file:
-                    header = _read_stream(file, tables, keep, transaction)
+                    header = _read_stream(file, put_row.table_ids, put_row.put, transaction)
             except OSError as error:
                 raise SnapshotError(f"cannot read snapshot {path}: {error}") from error
             finish(transaction, header)
@@ -360,11 +384,12 @@ class DirectoryLock:
         self._descriptor = -1
 
 
-def check_snapshot(path: str | os.PathLike[str], tables: Mapping[int, str]) -> SnapshotHeader:
-    """Read a whole snapshot and verify its structure and checksum without applying it."""
+def check_snapshot(path: str | os.PathLike[str], table_ids: Mapping[int, frozenset[int]]) -> SnapshotHeader:
+    """Read a whole snapshot and verify its structure and checksum without applying it.
+    `table_ids` maps each format version the caller reads to the table ids it may hold."""
     try:
         with open(path, "rb", buffering=SNAPSHOT_BUFFER_BYTES) as file:
-            return _read_stream(file, tables, lambda table, key: False, None)
+            return _read_stream(file, table_ids, None, None)
     except OSError as error:
         raise SnapshotError(f"cannot read snapshot {path}: {error}") from error
 
@@ -429,8 +454,6 @@ def _read_header(file: BinaryIO, digest: hashlib._Hash) -> SnapshotHeader:
     magic, version, lower, upper, applied_index, record_count, metadata_length = _HEADER.unpack(data)
     if magic != SNAPSHOT_MAGIC:
         raise SnapshotCorruptError("not a ledger-cluster snapshot (bad magic)")
-    if version != SNAPSHOT_FORMAT_VERSION:
-        raise SnapshotCorruptError(f"unsupported snapshot format version {version}")
     if metadata_length > METADATA_BYTES_MAX:
         raise SnapshotCorruptError(f"snapshot metadata of {metadata_length} bytes is implausible")
     metadata = _read_exactly(file, metadata_length, "metadata")
@@ -440,24 +463,25 @@ def _read_header(file: BinaryIO, digest: hashlib._Hash) -> SnapshotHeader:
 
 def _read_stream(
     file: BinaryIO,
-    tables: Mapping[int, str],
-    keep: Callable[[str, bytes], bool],
+    table_ids: Mapping[int, frozenset[int]],
+    put: Callable[[WriteTransaction, SnapshotHeader, int, bytes, bytes], None] | None,
     transaction: WriteTransaction | None,
 ) -> SnapshotHeader:
     digest = hashlib.sha256()
     header = _read_header(file, digest)
+    known = table_ids.get(header.format_version)
+    if known is None:
+        raise SnapshotCorruptError(f"unsupported snapshot format version {header.format_version}")
     for index in range(header.record_count):
         record_header = _read_exactly(file, _RECORD.size, f"record {index}")
         table_id, key_length, value_length = _RECORD.unpack(record_header)
-        if table_id not in tables or not 0 < key_length <= KEY_BYTES_MAX:
+        if table_id not in known or not 0 < key_length <= KEY_BYTES_MAX:
             raise SnapshotCorruptError(f"record {index} has table {table_id}, key length {key_length}")
         body = _read_exactly(file, key_length + value_length, f"record {index}")
         digest.update(record_header)
         digest.update(body)
-        key = body[:key_length]
-        table = tables[table_id]
-        if transaction is not None and keep(table, key):
-            transaction.put(table, key, body[key_length:])
+        if transaction is not None and put is not None:
+            put(transaction, header, table_id, body[:key_length], body[key_length:])
     trailer = _read_exactly(file, len(SNAPSHOT_TRAILER_MAGIC) + _DIGEST_BYTES, "trailer")
     if trailer[: len(SNAPSHOT_TRAILER_MAGIC)] != SNAPSHOT_TRAILER_MAGIC:
         raise SnapshotCorruptError("snapshot trailer is missing or damaged")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf.message import Message
 
-from ledger_cluster.api.v1 import core_pb2, ledger_pb2
+from ledger_cluster.api.v1 import ledger_pb2
 from ledger_cluster.core import TABLE_NAMES, AccountsCore
+from ledger_cluster.gateway import views
+from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.storage import Storage
 
 FULL_RANGE = (0, 2**32 - 1)
@@ -18,6 +21,51 @@ SETTLED = ledger_pb2.TRANSACTION_STATUS_SETTLED
 CANCELLED = ledger_pb2.TRANSACTION_STATUS_CANCELLED
 INSUFFICIENT_FUNDS = ledger_pb2.TRANSACTION_STATUS_INSUFFICIENT_FUNDS
 OK = core_pb2.OUTCOME_OK
+
+
+@dataclass
+class Answer:
+    """A core answer with its records turned into the public views the gateway would build, so
+    tests compare what a client would see. Reads and writes share it; unused fields stay empty."""
+
+    outcome: core_pb2.Outcome.ValueType
+    message: str = ""
+    log_index: int = 0
+    account: ledger_pb2.Account = field(default_factory=ledger_pb2.Account)
+    transaction: ledger_pb2.Transaction = field(default_factory=ledger_pb2.Transaction)
+    item_results: list[Answer] = field(default_factory=list)
+    transactions: list[ledger_pb2.Transaction] = field(default_factory=list)
+    next_sequence: int = 0
+    applied_index: int = 0
+
+
+def viewed(result: core_pb2.CommandResult) -> Answer:
+    return Answer(
+        outcome=result.outcome,
+        message=result.message,
+        log_index=result.log_index,
+        account=views.account_view(result.account, result.repeat) if result.account else ledger_pb2.Account(),
+        transaction=(
+            views.transaction_view(result.transaction, result.repeat)
+            if result.transaction
+            else ledger_pb2.Transaction()
+        ),
+        item_results=[viewed(item) for item in result.item_results],
+    )
+
+
+def viewed_read(result: core_pb2.ReadResult) -> Answer:
+    return Answer(
+        outcome=result.outcome,
+        message=result.message,
+        account=views.account_view(result.account) if result.account else ledger_pb2.Account(),
+        transaction=views.transaction_view(result.transaction)
+        if result.transaction
+        else ledger_pb2.Transaction(),
+        transactions=[views.transaction_view(data) for data in result.transactions],
+        next_sequence=result.next_sequence,
+        applied_index=result.applied_index,
+    )
 
 
 class Ledger:
@@ -35,13 +83,11 @@ class Ledger:
         self.storage = Storage(self.directory, TABLE_NAMES)
         self.core = AccountsCore(self.storage, *self.bounds)
 
-    def submit(self, command: bytes) -> core_pb2.CommandResult:
+    def submit(self, command: bytes) -> Answer:
         self.log.append(command)
-        return self.core.apply(command, len(self.log))
+        return viewed(self.core.apply(command, len(self.log)))
 
-    def create_account(
-        self, now: int, account_id: int = ACCOUNT, request_id: str = ""
-    ) -> core_pb2.CommandResult:
+    def create_account(self, now: int, account_id: int = ACCOUNT, request_id: str = "") -> Answer:
         payload = core_pb2.CreateAccountCommand(account_id=account_id, request_id=request_id)
         return self.submit(envelope(core_pb2.COMMAND_TYPE_CREATE_ACCOUNT, now, payload))
 
@@ -55,7 +101,7 @@ class Ledger:
         account_id: int = ACCOUNT,
         request_id: str = "",
         description: str = "",
-    ) -> core_pb2.CommandResult:
+    ) -> Answer:
         payload = core_pb2.CreateTransactionCommand(
             account_id=account_id,
             transaction_number=number,
@@ -66,17 +112,17 @@ class Ledger:
         )
         return self.submit(envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSACTION, now, payload))
 
-    def settle(self, now: int, number: int, account_id: int = ACCOUNT) -> core_pb2.CommandResult:
+    def settle(self, now: int, number: int, account_id: int = ACCOUNT) -> Answer:
         payload = core_pb2.SettleTransactionCommand(account_id=account_id, transaction_number=number)
         return self.submit(envelope(core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION, now, payload))
 
-    def cancel(self, now: int, number: int, account_id: int = ACCOUNT) -> core_pb2.CommandResult:
+    def cancel(self, now: int, number: int, account_id: int = ACCOUNT) -> Answer:
         payload = core_pb2.CancelTransactionCommand(account_id=account_id, transaction_number=number)
         return self.submit(envelope(core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION, now, payload))
 
     def account(self, account_id: int = ACCOUNT) -> ledger_pb2.Account:
         query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id))
-        result = self.core.read(query)
+        result = viewed_read(self.core.read(query))
         assert result.outcome == OK, core_pb2.Outcome.Name(result.outcome)
         return result.account
 
@@ -84,19 +130,19 @@ class Ledger:
         account = self.account(account_id)
         return account.available_balance, account.settled_balance
 
-    def transaction(self, number: int, account_id: int = ACCOUNT) -> core_pb2.ReadResult:
+    def transaction(self, number: int, account_id: int = ACCOUNT) -> Answer:
         query = core_pb2.ReadQuery(
             get_transaction=core_pb2.GetTransactionQuery(account_id=account_id, transaction_number=number)
         )
-        return self.core.read(query)
+        return viewed_read(self.core.read(query))
 
-    def listing(self, start: int, limit: int, account_id: int = ACCOUNT) -> core_pb2.ReadResult:
+    def listing(self, start: int, limit: int, account_id: int = ACCOUNT) -> Answer:
         query = core_pb2.ReadQuery(
             list_transactions=core_pb2.ListTransactionsQuery(
                 account_id=account_id, start_sequence=start, limit=limit
             )
         )
-        return self.core.read(query)
+        return viewed_read(self.core.read(query))
 
 
 def envelope(kind: core_pb2.CommandType.ValueType, now: int, payload: Message) -> bytes:

@@ -21,10 +21,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ledger_cluster.api.v1 import ledger_pb2, node_pb2
+from ledger_cluster.api.v1 import ledger_pb2
 from ledger_cluster.backup import MANIFEST_FILE_NAME, file_sha256
-from ledger_cluster.core import TABLE_NAMES, tables
+from ledger_cluster.core import TABLE_NAMES, records, tables
 from ledger_cluster.ids import parse_transaction_id
+from ledger_cluster.internal.v1 import node_pb2
 from ledger_cluster.node import SNAPSHOT_CHUNK_BYTES_MAX
 from ledger_cluster.status import error_details
 from ledger_cluster.storage import Storage, WriteTransaction
@@ -334,17 +335,16 @@ def tamper(data_dir: Path, shard_id: str, change: str, transaction_id: str) -> N
             key = tables.account_key(parsed.account_id)
             data = transaction.get(tables.ACCOUNTS, key)
             assert data is not None, f"no account row for {transaction_id} in {shard_id} on {data_dir}"
-            account = tables.decode_account(data)
-            account.settled_balance += 1
-            account.available_balance += 1
-            transaction.put(tables.ACCOUNTS, key, tables.encode_record(account))
+            account = records.decode_account(data)
+            account.credits_settled += 1
+            transaction.put(tables.ACCOUNTS, key, account.encode())
         else:
             key = tables.transaction_key(parsed.account_id, parsed.transaction_number)
             data = transaction.get(tables.TRANSACTIONS, key)
             assert data is not None, f"no row for {transaction_id} in {shard_id} on {data_dir}"
-            record = tables.decode_transaction(data)
+            record = records.decode_transaction(data)
             record.description = "tampered"
-            transaction.put(tables.TRANSACTIONS, key, tables.encode_record(record))
+            transaction.put(tables.TRANSACTIONS, key, record.encode())
 
     try:
         storage.write(write)

@@ -15,12 +15,12 @@ import pytest
 
 from ledger_cluster import config as cluster_config
 from ledger_cluster.admission import abort
-from ledger_cluster.api.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.client import ClusterClient
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.core import commands
 from ledger_cluster.deadlines import Deadline
 from ledger_cluster.errors import BackendUnavailableError, UnknownOutcomeError
+from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.node_protocol import not_leader
 from ledger_cluster.status import ApiError
 from tests.processes import LOOPBACK_HOST, free_port

@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.deadlines import Deadline
 from ledger_cluster.errors import (
@@ -21,6 +20,7 @@ from ledger_cluster.errors import (
 )
 from ledger_cluster.gateway import coalescer
 from ledger_cluster.gateway.coalescer import ShardCoalescer
+from ledger_cluster.internal.v1 import core_pb2
 
 LONG_DEADLINE_SECONDS = 30.0
 SHORT_DEADLINE_SECONDS = 0.05

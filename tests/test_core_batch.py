@@ -5,9 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ledger_cluster.api.v1 import core_pb2
+from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.limits import BATCH_ITEMS_MAX
-from tests.core_ledger import ACCOUNT, INSUFFICIENT_FUNDS, OK, OTHER_ACCOUNT, SETTLED, Ledger, envelope
+from tests.core_ledger import (
+    ACCOUNT,
+    INSUFFICIENT_FUNDS,
+    OK,
+    OTHER_ACCOUNT,
+    SETTLED,
+    Answer,
+    Ledger,
+    envelope,
+    viewed,
+)
 
 
 def create_account_item(now: int, account_id: int = ACCOUNT) -> bytes:
@@ -27,7 +37,7 @@ def batch(items: list[bytes], now: int = 0) -> bytes:
     return envelope(core_pb2.COMMAND_TYPE_BATCH, now, core_pb2.BatchCommand(commands=items))
 
 
-def outcomes(result: core_pb2.CommandResult) -> list[str]:
+def outcomes(result: Answer) -> list[str]:
     return [core_pb2.Outcome.Name(item.outcome) for item in result.item_results]
 
 
@@ -76,7 +86,7 @@ def test_a_replayed_batch_entry_changes_nothing_and_answers_the_same(tmp_path: P
     entry = batch([create_account_item(1), create_item(2, 1, 700), create_item(3, 2, -200)])
     original = ledger.submit(entry)
     ledger.reopen()
-    replayed = ledger.core.apply(entry, 1)
+    replayed = viewed(ledger.core.apply(entry, 1))
     assert replayed == original
     assert ledger.balances() == (500, 500)
 
@@ -103,10 +113,10 @@ def test_a_replica_nobody_waits_on_reaches_the_same_state_without_building_answe
     follower = Ledger(tmp_path / "follower")
     answers = []
     for index, entry in enumerate(entries, start=1):
-        answers.append(leader.core.apply(entry, index))
+        answers.append(viewed(leader.core.apply(entry, index)))
         unanswered = follower.core.apply(entry, index, answering=False)
         assert unanswered.outcome == answers[-1].outcome == OK
-        assert not unanswered.item_results and not unanswered.HasField("transaction")
+        assert not unanswered.item_results and not unanswered.transaction
     assert outcomes(answers[1]) == ["OUTCOME_OK", "OUTCOME_REQUEST_ID_REUSED", "OUTCOME_OK"]
     assert answers[1].item_results[0].transaction.status == INSUFFICIENT_FUNDS
     assert answers[2].transaction.amount == -100

@@ -8,7 +8,11 @@ and every account's balances, the stored row counts and the applied index must a
 The model follows API.md, plus the core's own documented choices where API.md leaves room:
 
 - a top-up is refused with BALANCE_OVERFLOW when the settled balance plus every pending top-up
-  plus the new amount would leave int64 (room is reserved so settling can never overflow);
+  plus the new amount would leave int64 (room is reserved so settling can never overflow), or
+  when the account's lifetime credits (settled and pending) plus the amount would; a purchase
+  that would be taken, when its lifetime debits would;
+- request ids move from the recent table into the main one every RECENT_REQUESTS_MAX new ids
+  (lowered here so that a run moves them many times): lookups find them in either;
 - a gateway-chosen id that meets an existing object is an ID_COLLISION (the gateway draws again),
   except for an exact re-delivery of the command that created it (same payload, same `now`);
 - an entry at or below the applied index answers what a repeat would answer and changes nothing.
@@ -19,7 +23,7 @@ from __future__ import annotations
 import copy
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import TypeAlias
@@ -35,9 +39,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from ledger_cluster.api.v1 import core_pb2, ledger_pb2
+from ledger_cluster.api.v1 import ledger_pb2
 from ledger_cluster.core import TABLE_NAMES, AccountsCore, tables
 from ledger_cluster.gateway import account_id_for_request
+from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.limits import (
     DESCRIPTION_BYTES_MAX,
     INT64_MAX,
@@ -46,8 +51,11 @@ from ledger_cluster.limits import (
     REQUEST_ID_BYTES_MAX,
 )
 from ledger_cluster.storage import Storage
+from tests.core_ledger import Answer, viewed, viewed_read
 
 SHARD_BOUNDS = (0, 2**32 - 1)
+# Small, so a run of 50 steps moves its request ids from the recent table several times.
+RECENT_REQUESTS_MAX = 3
 UINT64_MAX = 2**64 - 1
 
 OK = core_pb2.OUTCOME_OK
@@ -192,6 +200,10 @@ class ModelAccount:
     settled: int = 0
     # Sum of pending top-ups: the core keeps room for them below int64's maximum.
     pending_credits: int = 0
+    pending_debits: int = 0
+    # Lifetime totals of settled money in and out, which must fit int64 too.
+    credits_settled: int = 0
+    debits_settled: int = 0
     # Transaction numbers in the order the ledger applied them.
     order: list[int] = field(default_factory=list)
 
@@ -246,8 +258,8 @@ class ModelTransaction:
         return view
 
 
-def _failure(outcome: Outcome) -> core_pb2.CommandResult:
-    return core_pb2.CommandResult(outcome=outcome)
+def _failure(outcome: Outcome) -> Answer:
+    return Answer(outcome=outcome)
 
 
 @dataclass
@@ -259,7 +271,7 @@ class Model:
 
     # -- writes --
 
-    def apply(self, command: Command) -> core_pb2.CommandResult:
+    def apply(self, command: Command) -> Answer:
         """The answer to `command` (without log index and message); updates the model."""
         if isinstance(command, CreateAccount):
             return self._create_account(command)
@@ -267,9 +279,9 @@ class Model:
             return self._create_transaction(command)
         if isinstance(command, Finish):
             return self._finish(command)
-        return core_pb2.CommandResult(outcome=OK)
+        return Answer(outcome=OK)
 
-    def _create_account(self, command: CreateAccount) -> core_pb2.CommandResult:
+    def _create_account(self, command: CreateAccount) -> Answer:
         if len(command.request_id.encode()) > REQUEST_ID_BYTES_MAX:
             return _failure(INVALID_COMMAND)
         existing = self.accounts.get(command.account_id)
@@ -277,7 +289,7 @@ class Model:
             repeat_by_request = bool(command.request_id) and command.request_id == existing.request_id
             redelivery = command.request_id == existing.request_id and command.now == existing.created_at
             if repeat_by_request or redelivery:
-                return core_pb2.CommandResult(outcome=OK, account=existing.original_view())
+                return Answer(outcome=OK, account=existing.original_view())
             return _failure(ACCOUNT_ID_COLLISION)
         account = ModelAccount(
             account_id=command.account_id,
@@ -286,9 +298,9 @@ class Model:
             updated_at=command.now,
         )
         self.accounts[command.account_id] = account
-        return core_pb2.CommandResult(outcome=OK, account=account.view())
+        return Answer(outcome=OK, account=account.view())
 
-    def _create_transaction(self, command: CreateTransaction) -> core_pb2.CommandResult:
+    def _create_transaction(self, command: CreateTransaction) -> Answer:
         if (
             command.amount == 0
             or len(command.description.encode()) > DESCRIPTION_BYTES_MAX
@@ -302,16 +314,16 @@ class Model:
             number = self.requests[(command.account_id, command.request_id)]
             earlier = self.transactions[(command.account_id, number)]
             if earlier.payload() == command.payload():
-                return core_pb2.CommandResult(outcome=OK, transaction=earlier.original_view())
+                return Answer(outcome=OK, transaction=earlier.original_view())
             return _failure(REQUEST_ID_REUSED)
         existing = self.transactions.get((command.account_id, command.number))
         if existing is not None:
             if existing.payload() == command.payload() and existing.created_at == command.now:
-                return core_pb2.CommandResult(outcome=OK, transaction=existing.original_view())
+                return Answer(outcome=OK, transaction=existing.original_view())
             return _failure(TRANSACTION_ID_COLLISION)
-        amount = command.amount
-        if amount > 0 and account.settled + account.pending_credits + amount > INT64_MAX:
+        if self._overflows(account, command.amount):
             return _failure(BALANCE_OVERFLOW)
+        amount = command.amount
 
         status = self._record_balances(account, command)
         transaction = ModelTransaction(
@@ -330,7 +342,17 @@ class Model:
         account.order.append(command.number)
         if command.request_id:
             self.requests[(command.account_id, command.request_id)] = command.number
-        return core_pb2.CommandResult(outcome=OK, transaction=transaction.view())
+        return Answer(outcome=OK, transaction=transaction.view())
+
+    @staticmethod
+    def _overflows(account: ModelAccount, amount: int) -> bool:
+        if amount > 0:
+            return (
+                account.settled + account.pending_credits + amount > INT64_MAX
+                or account.credits_settled + account.pending_credits + amount > INT64_MAX
+            )
+        refused = account.available + amount < 0
+        return not refused and account.debits_settled + account.pending_debits - amount > INT64_MAX
 
     @staticmethod
     def _record_balances(account: ModelAccount, command: CreateTransaction) -> Status:
@@ -343,22 +365,27 @@ class Model:
             status = SETTLED
             account.available += amount
             account.settled += amount
+            if amount > 0:
+                account.credits_settled += amount
+            else:
+                account.debits_settled -= amount
         else:
             status = PENDING
             if amount < 0:
                 account.available += amount  # the hold
+                account.pending_debits -= amount
             else:
                 account.pending_credits += amount
         if (account.available, account.settled) != before:
             account.updated_at = command.now
         return status
 
-    def _finish(self, command: Finish) -> core_pb2.CommandResult:
+    def _finish(self, command: Finish) -> Answer:
         transaction = self.transactions.get((command.account_id, command.number))
         if transaction is None:
             return _failure(TRANSACTION_NOT_FOUND)
         if transaction.status == command.target:
-            return core_pb2.CommandResult(outcome=OK, transaction=transaction.view())
+            return Answer(outcome=OK, transaction=transaction.view())
         if transaction.status != PENDING:
             return _failure(TRANSACTION_NOT_PENDING)
         account = self.accounts[command.account_id]
@@ -369,38 +396,40 @@ class Model:
                 account.pending_credits -= amount
                 account.available += amount
                 account.settled += amount
+                account.credits_settled += amount
             else:
                 account.settled += amount  # the hold becomes settled
+                account.pending_debits += amount
+                account.debits_settled -= amount
         elif amount < 0:
             account.available -= amount  # the hold returns
+            account.pending_debits += amount
         else:
             account.pending_credits -= amount
         if (account.available, account.settled) != before:
             account.updated_at = command.now
         transaction.status = command.target
         transaction.updated_at = command.now
-        return core_pb2.CommandResult(outcome=OK, transaction=transaction.view())
+        return Answer(outcome=OK, transaction=transaction.view())
 
     # -- reads (every answer names the applied index of the state it read) --
 
-    def _read_failure(self, outcome: Outcome) -> core_pb2.ReadResult:
-        return core_pb2.ReadResult(outcome=outcome, applied_index=self.applied_index)
+    def _read_failure(self, outcome: Outcome) -> Answer:
+        return Answer(outcome=outcome, applied_index=self.applied_index)
 
-    def get_account(self, account_id: int) -> core_pb2.ReadResult:
+    def get_account(self, account_id: int) -> Answer:
         account = self.accounts.get(account_id)
         if account is None:
             return self._read_failure(ACCOUNT_NOT_FOUND)
-        return core_pb2.ReadResult(outcome=OK, account=account.view(), applied_index=self.applied_index)
+        return Answer(outcome=OK, account=account.view(), applied_index=self.applied_index)
 
-    def get_transaction(self, account_id: int, number: int) -> core_pb2.ReadResult:
+    def get_transaction(self, account_id: int, number: int) -> Answer:
         transaction = self.transactions.get((account_id, number))
         if transaction is None:
             return self._read_failure(TRANSACTION_NOT_FOUND)
-        return core_pb2.ReadResult(
-            outcome=OK, transaction=transaction.view(), applied_index=self.applied_index
-        )
+        return Answer(outcome=OK, transaction=transaction.view(), applied_index=self.applied_index)
 
-    def list_transactions(self, account_id: int, start: int, limit: int) -> core_pb2.ReadResult:
+    def list_transactions(self, account_id: int, start: int, limit: int) -> Answer:
         if not 1 <= limit <= PAGE_SIZE_MAX:
             return self._read_failure(INVALID_COMMAND)
         account = self.accounts.get(account_id)
@@ -410,7 +439,7 @@ class Model:
             return self._read_failure(INVALID_PAGE_TOKEN)
         page = account.order[start : start + limit]
         following = start + len(page)
-        return core_pb2.ReadResult(
+        return Answer(
             outcome=OK,
             transactions=[self.transactions[(account_id, number)].view() for number in page],
             next_sequence=following if following < len(account.order) else 0,
@@ -425,32 +454,17 @@ def _outcome_name(outcome: Outcome) -> str:
     return core_pb2.Outcome.Name(outcome)
 
 
-def check_command_result(actual: core_pb2.CommandResult, expected: core_pb2.CommandResult) -> None:
+def check_answer(actual: Answer, expected: Answer) -> None:
     """Equal in every field but the free-text message, which is present exactly on failures."""
     assert bool(actual.message) == (actual.outcome != OK), (
         f"{_outcome_name(actual.outcome)} with message {actual.message!r}"
     )
-    stripped = core_pb2.CommandResult()
-    stripped.CopyFrom(actual)
-    stripped.ClearField("message")
+    stripped = replace(actual, message="")
     assert stripped == expected, f"core answered\n{stripped}\nmodel expects\n{expected}"
 
 
-def check_read_result(actual: core_pb2.ReadResult, expected: core_pb2.ReadResult) -> None:
-    assert bool(actual.message) == (actual.outcome != OK), (
-        f"{_outcome_name(actual.outcome)} with message {actual.message!r}"
-    )
-    stripped = core_pb2.ReadResult()
-    stripped.CopyFrom(actual)
-    stripped.ClearField("message")
-    assert stripped == expected, f"core answered\n{stripped}\nmodel expects\n{expected}"
-
-
-def without_log_index(result: core_pb2.CommandResult) -> core_pb2.CommandResult:
-    stripped = core_pb2.CommandResult()
-    stripped.CopyFrom(result)
-    stripped.ClearField("log_index")
-    return stripped
+def without_log_index(result: Answer) -> Answer:
+    return replace(result, log_index=0)
 
 
 @dataclass(frozen=True)
@@ -458,7 +472,7 @@ class LogEntry:
     command: Command
     data: bytes
     index: int
-    result: core_pb2.CommandResult
+    result: Answer
 
 
 # -- the state machine ------------------------------------------------------------------------------
@@ -469,7 +483,7 @@ class CoreModelMachine(RuleBasedStateMachine):
         super().__init__()
         self.directory = Path(tempfile.mkdtemp(prefix="core-model-"))
         self.storage = Storage(self.directory / "shard", TABLE_NAMES)
-        self.core = AccountsCore(self.storage, *SHARD_BOUNDS)
+        self.core = AccountsCore(self.storage, *SHARD_BOUNDS, recent_requests_max=RECENT_REQUESTS_MAX)
         self.model = Model()
         self.now = 0
         self.log: list[LogEntry] = []
@@ -487,23 +501,23 @@ class CoreModelMachine(RuleBasedStateMachine):
         self.now += gap
         return self.now
 
-    def submit(self, command: Command, data: bytes | None = None) -> core_pb2.CommandResult:
+    def submit(self, command: Command, data: bytes | None = None) -> Answer:
         """Apply `command` (or its exact bytes `data`) at the next log index, on both sides."""
         encoded = command.encode() if data is None else data
         index = self.model.applied_index + 1
         expected = self.model.apply(command)
         expected.log_index = index
         self.model.applied_index = index
-        actual = self.core.apply(encoded, index)
-        check_command_result(actual, expected)
+        actual = viewed(self.core.apply(encoded, index))
+        check_answer(actual, expected)
         self.log.append(LogEntry(command, encoded, index, actual))
         return actual
 
     def digest(self) -> str:
         return self.core.state_digest()[1]
 
-    def read(self, query: core_pb2.ReadQuery) -> core_pb2.ReadResult:
-        return self.core.read(query)
+    def read(self, query: core_pb2.ReadQuery) -> Answer:
+        return viewed_read(self.core.read(query))
 
     def draw_account_id(self, data: st.DataObject) -> int:
         """Mostly an existing account, sometimes any id (usually unknown)."""
@@ -553,7 +567,7 @@ class CoreModelMachine(RuleBasedStateMachine):
 
     # -- transactions --
 
-    def _create(self, command: CreateTransaction) -> core_pb2.CommandResult:
+    def _create(self, command: CreateTransaction) -> Answer:
         key = (command.account_id, command.request_id)
         is_new_request = bool(command.request_id) and key not in self.model.requests
         result = self.submit(command)
@@ -637,7 +651,7 @@ class CoreModelMachine(RuleBasedStateMachine):
         """Amounts right at the edges: spend exactly the available balance or one more; top up
         exactly to int64's maximum (counting pending top-ups) or one more."""
         account = self.model.accounts[data.draw(st.sampled_from(sorted(self.model.accounts)))]
-        room = INT64_MAX - account.settled - account.pending_credits
+        room = INT64_MAX - max(account.settled, account.credits_settled) - account.pending_credits
         candidates = [-account.available, -account.available - 1, room, room + 1]
         amounts = [amount for amount in candidates if amount != 0 and INT64_MIN <= amount <= INT64_MAX]
         amount = data.draw(st.sampled_from(amounts), label="amount")
@@ -813,8 +827,8 @@ class CoreModelMachine(RuleBasedStateMachine):
         applied_index, before = self.core.state_digest()
         repeat = copy.deepcopy(self.model).apply(entry.command)
         repeat.log_index = entry.index
-        result = self.core.apply(entry.data, entry.index)
-        check_command_result(result, repeat)
+        result = viewed(self.core.apply(entry.data, entry.index))
+        check_answer(result, repeat)
         if entry.result.outcome in FINAL_OUTCOMES:
             assert without_log_index(result) == without_log_index(entry.result)
         # Not asserted for the other outcomes: the core re-evaluates rather than returning a stored
@@ -828,7 +842,7 @@ class CoreModelMachine(RuleBasedStateMachine):
     def get_account(self, data: st.DataObject) -> None:
         account_id = self.draw_account_id(data)
         query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id))
-        check_read_result(self.read(query), self.model.get_account(account_id))
+        check_answer(self.read(query), self.model.get_account(account_id))
 
     @rule(data=st.data(), which=st.sampled_from(["known", "unknown number", "other account"]), number=IDS_64)
     def get_transaction(self, data: st.DataObject, which: str, number: int) -> None:
@@ -841,7 +855,7 @@ class CoreModelMachine(RuleBasedStateMachine):
         query = core_pb2.ReadQuery(
             get_transaction=core_pb2.GetTransactionQuery(account_id=account_id, transaction_number=number)
         )
-        check_read_result(self.read(query), self.model.get_transaction(account_id, number))
+        check_answer(self.read(query), self.model.get_transaction(account_id, number))
 
     @rule(data=st.data(), limit=LIMITS)
     def list_transactions(self, data: st.DataObject, limit: int) -> None:
@@ -854,7 +868,7 @@ class CoreModelMachine(RuleBasedStateMachine):
                 account_id=account_id, start_sequence=start, limit=limit
             )
         )
-        check_read_result(self.read(query), self.model.list_transactions(account_id, start, limit))
+        check_answer(self.read(query), self.model.list_transactions(account_id, start, limit))
 
     @precondition(lambda self: bool(self.model.accounts))
     @rule(data=st.data(), limit=st.integers(min_value=1, max_value=4))
@@ -870,7 +884,7 @@ class CoreModelMachine(RuleBasedStateMachine):
                 )
             )
             result = self.read(query)
-            check_read_result(result, self.model.list_transactions(account.account_id, start, limit))
+            check_answer(result, self.model.list_transactions(account.account_id, start, limit))
             seen.extend(transaction.id for transaction in result.transactions)
             start = result.next_sequence
             if start == 0:
@@ -902,13 +916,21 @@ class CoreModelMachine(RuleBasedStateMachine):
     def nothing_else_stored(self) -> None:
         """Failed commands store nothing: row counts equal the model's."""
         with self.storage.read() as view:
-            counts = {name: view.count(name) for name in tables.SNAPSHOT_TABLES.values()}
+            counts = {
+                name: view.count(name)
+                for name in (tables.ACCOUNTS, tables.TRANSACTIONS, tables.ACCOUNT_TRANSACTIONS)
+            }
+            recent = sum(
+                len(value) // tables.REQUEST_ENTRY.size for _, value in view.iterate(tables.RECENT_REQUESTS)
+            )
+            request_ids = view.count(tables.REQUESTS) + recent
         assert counts == {
             tables.ACCOUNTS: len(self.model.accounts),
             tables.TRANSACTIONS: len(self.model.transactions),
             tables.ACCOUNT_TRANSACTIONS: len(self.model.transactions),
-            tables.IDEMPOTENCY: len(self.model.requests),
         }
+        assert request_ids == len(self.model.requests)
+        assert recent < RECENT_REQUESTS_MAX
 
 
 SETTINGS = settings(

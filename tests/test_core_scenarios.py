@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.core import TABLE_NAMES, AccountsCore
 from ledger_cluster.errors import DataDirectoryInUseError, StorageLayoutError
+from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.limits import INT64_MAX, PAGE_SIZE_MAX
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.storage import DirectoryLock, Storage
@@ -24,6 +24,7 @@ from tests.core_ledger import (
     SETTLED,
     Ledger,
     envelope,
+    viewed,
 )
 
 
@@ -286,7 +287,7 @@ def test_restart_reapplying_a_log_suffix_changes_nothing(ledger: Ledger) -> None
     ledger.reopen()
     # PySyncObj replays its journal after a restart: every entry arrives again at its index.
     for index in range(3, len(ledger.log) + 1):
-        replay = ledger.core.apply(ledger.log[index - 1], index)
+        replay = viewed(ledger.core.apply(ledger.log[index - 1], index))
         assert replay.log_index == index
     assert ledger.core.state_digest() == before
     assert ledger.balances() == (90, 90)
@@ -299,7 +300,7 @@ def test_restart_reapplying_a_log_suffix_changes_nothing(ledger: Ledger) -> None
 def test_replayed_entry_answers_like_a_repeat(ledger: Ledger) -> None:
     ledger.create_account(now=1)
     created = ledger.create(now=2, number=1, amount=40, settled=True)
-    replayed = ledger.core.apply(ledger.log[1], 2)
+    replayed = viewed(ledger.core.apply(ledger.log[1], 2))
     assert replayed.outcome == OK
     assert replayed.transaction == created.transaction
 

@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from ledger_cluster import config as cluster_config
-from ledger_cluster.api.v1 import node_pb2
 from ledger_cluster.cli import dev
 from ledger_cluster.client import NodeStatus
 from ledger_cluster.config import ClusterConfig
+from ledger_cluster.internal.v1 import node_pb2
 
 TERM = 7
 

@@ -47,7 +47,7 @@ def poll_until(condition: Callable[[], bool], what: str) -> None:
 
 @contextmanager
 def writer_held(backend: StandaloneBackend) -> Iterator[None]:
-    """Hold the shard's LMDB writer (a write transaction that waits, then aborts), so the
+    """Hold the shard's LMDB writer (a write transaction that waits, then commits nothing), so the
     shard's next apply blocks until the block ends. It reaches into the core's storage: the
     only way to stall a real LMDB writer at a chosen moment from inside this process."""
     holding = threading.Event()
@@ -58,7 +58,7 @@ def writer_held(backend: StandaloneBackend) -> Iterator[None]:
         release.wait(HOLD_TIMEOUT_SECONDS)
 
     storage = backend.core(SHARD_ID)._storage
-    holder = threading.Thread(target=storage.write, args=(hold,), kwargs={"commit": False})
+    holder = threading.Thread(target=storage.write, args=(hold,))
     holder.start()
     try:
         assert holding.wait(HOLD_TIMEOUT_SECONDS)

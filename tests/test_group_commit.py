@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.core import commands
 from ledger_cluster.deadlines import Deadline
 from ledger_cluster.errors import BackendTimeoutError, LedgerError, UnknownOutcomeError
 from ledger_cluster.group_commit import Answer, GroupCommit
+from ledger_cluster.internal.v1 import core_pb2
 
 LONG_DEADLINE_SECONDS = 30.0
 SHORT_DEADLINE_SECONDS = 0.02

@@ -39,8 +39,10 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
-from ledger_cluster.api.v1 import core_pb2, ledger_pb2, node_pb2
+from ledger_cluster.api.v1 import ledger_pb2
+from ledger_cluster.gateway import views
 from ledger_cluster.ids import parse_account_id
+from ledger_cluster.internal.v1 import core_pb2, node_pb2
 from ledger_cluster.node_protocol import NodeReason
 from ledger_cluster.replica import LEADER_FALLBACK_TIMEOUT_SECONDS
 from ledger_cluster.status import error_details
@@ -200,7 +202,7 @@ def consistent_balance(cluster: Cluster, node_id: str, shard_id: str, account_id
         result = cluster.node_stub(node_id).Read(request, timeout=ANSWER_TIMEOUT_SECONDS).result
     except grpc.RpcError as error:
         node_failure(cluster, node_id, "a consistent read", error)
-    return result.account.settled_balance
+    return views.account_view(result.account).settled_balance
 
 
 def test_a_leader_that_installed_a_snapshot_past_its_proposal_takes_writes_again(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ cluster: leadership is given as samples, as the runner's sampler records it."""
 
 from __future__ import annotations
 
-from ledger_cluster.api.v1 import node_pb2
+from ledger_cluster.internal.v1 import node_pb2
 from ledger_cluster.nemesis import checks
 from ledger_cluster.nemesis import history as h
 from ledger_cluster.nemesis.faults import FaultRecord

@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
-from ledger_cluster.api.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.deadlines import Deadline
+from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.node_calls import NodeCalls
 from ledger_cluster.node_protocol import LEADER_HINT_METADATA_KEY, NodeReason, not_leader
 from ledger_cluster.status import ErrorDetails

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ledger_cluster.api.v1 import core_pb2, ledger_pb2
-from ledger_cluster.core import SNAPSHOT_TABLES
+from ledger_cluster.core import SNAPSHOT_TABLES, records
 from ledger_cluster.errors import SnapshotCorruptError
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.storage import WriteTransaction, read_snapshot_header
@@ -151,7 +150,10 @@ def test_snapshot_write_is_atomic(ledger: Ledger, tmp_path: Path) -> None:
     [
         ("accounts", "delete the account of live transactions"),
         ("account_transactions", "delete an order-index row"),
-        ("idempotency", "delete a request_id row"),
+        ("recent_requests", "delete a request_id row"),
+        ("requests", "point a request digest at no transaction"),
+        ("accounts", "raise an account's settled credits"),
+        ("transactions", "settle a transaction for less than its amount"),
         ("transactions", "store an undecodable transaction"),
         ("transactions", "store a transaction under a short key"),
         ("transactions", "give a refused purchase status 99"),
@@ -169,17 +171,30 @@ def test_snapshot_that_passes_its_checksum_but_is_inconsistent_is_rejected(
         elif damage.startswith("delete an order"):
             transaction.delete(table, account_key + (0).to_bytes(8, "big"))
         elif damage.startswith("delete a request_id"):
-            transaction.delete(table, account_key + b"seed")
+            ((key, _),) = transaction.scan(table, account_key, account_key, 2)
+            transaction.delete(table, key)
+        elif damage.startswith("point a request"):
+            transaction.put(table, account_key + bytes(16), (12345).to_bytes(8, "big"))
+        elif damage.startswith("raise an account"):
+            account = records.decode_account(transaction.get(table, account_key) or b"")
+            account.credits_settled += 1
+            transaction.put(table, account_key, account.encode())
+        elif damage.startswith("settle a transaction"):
+            key = account_key + (1).to_bytes(8, "big")
+            settled = records.decode_transaction(transaction.get(table, key) or b"")
+            assert settled.status == records.Status.SETTLED
+            settled.settled_amount -= 1
+            transaction.put(table, key, settled.encode())
         elif damage.startswith("store an undecodable"):
             transaction.put(table, account_key + (99).to_bytes(8, "big"), b"\xff\xff\xff")
         elif damage.startswith("give a"):
             # Transaction 4 was refused (INSUFFICIENT_FUNDS): it counts in no balance, so the
             # balances still add up; only its status says what no command ever produced.
             key = account_key + (4).to_bytes(8, "big")
-            record = core_pb2.TransactionRecord.FromString(transaction.get(table, key) or b"")
-            assert record.status == ledger_pb2.TRANSACTION_STATUS_INSUFFICIENT_FUNDS
-            record.status = 99 if "99" in damage else ledger_pb2.TRANSACTION_STATUS_CANCELLED  # type: ignore[assignment]
-            transaction.put(table, key, record.SerializeToString())
+            record = records.decode_transaction(transaction.get(table, key) or b"")
+            assert record.status == records.Status.INSUFFICIENT_FUNDS
+            record.status = 99 if "99" in damage else records.Status.CANCELLED
+            transaction.put(table, key, record.encode())
         else:
             transaction.put(table, b"abc", b"")
 

@@ -15,7 +15,7 @@ import grpc
 from ledger_cluster import backup as cluster_backup
 from ledger_cluster import bench, bench_metrics
 from ledger_cluster import config as cluster_config
-from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc, node_pb2
+from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.cli.common import (
     CONTEXT_SETTINGS,
     config_option,
@@ -25,6 +25,7 @@ from ledger_cluster.cli.common import (
 )
 from ledger_cluster.client import NodeStatus, node_statuses_now
 from ledger_cluster.errors import ConfigError, LedgerError
+from ledger_cluster.internal.v1 import node_pb2
 from ledger_cluster.limits import BATCH_ITEMS_MAX
 from ledger_cluster.localcluster.cluster import config_ports
 from ledger_cluster.nemesis import runner as nemesis_runner

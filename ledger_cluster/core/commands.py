@@ -11,8 +11,8 @@ from typing import TypeAlias
 
 from google.protobuf.message import DecodeError
 
-from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.errors import LedgerError
+from ledger_cluster.internal.v1 import core_pb2
 
 CommandType: TypeAlias = core_pb2.CommandType.ValueType
 # What a caller learns of one command: its result, or a LedgerError saying it was not applied

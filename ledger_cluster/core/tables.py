@@ -1,38 +1,64 @@
-"""Key layout of the core's tables. Every key is big-endian and fixed-width where it can be, so
+"""Key layout of the core's tables (state format 2). Every key is big-endian and fixed-width, so
 an LMDB cursor walks records in a meaningful order, and every data key starts with the 8-byte
 account id, so the shard of any record is known from its key alone (snapshots rely on it).
 
-    accounts              account id (8)                    -> AccountRecord
-    transactions          account id (8) + number (8)       -> TransactionRecord
-    account_transactions  account id (8) + sequence (8)     -> number (8)   apply order
-    idempotency           account id (8) + request id UTF-8 -> number (8)
-    meta                  name                              -> value
+    accounts              account id (8)                         -> AccountRecord (records.py)
+    transactions          account id (8) + number (8)            -> TransactionRecord
+    account_transactions  account id (8) + sequence (8)          -> number (8)   apply order
+    requests              account id (8) + request digest (16)   -> number (8)
+    recent_requests       account id (8) + log index (8)         -> (digest (16) + number (8))*
+    metadata              account id (8) + kind (1) + number (8) -> metadata (issue 14)
+    meta                  name                                   -> value
+
+Idempotency lives in two tables. `requests` is keyed by a random digest, so one insert per item
+would dirty one B-tree leaf per item. New request ids go to `recent_requests` instead, one row
+per account per log entry (appended, like the transactions themselves), and a copy of them is
+kept in memory for lookups. When that table holds RECENT_REQUESTS_MAX ids, the entry that
+reached it moves them all into `requests` in key order: one pass over the leaves for many ids.
 """
 
 from __future__ import annotations
 
 import struct
 
-from ledger_cluster.api.v1 import core_pb2
-
 ACCOUNTS = "accounts"
 TRANSACTIONS = "transactions"
 ACCOUNT_TRANSACTIONS = "account_transactions"
-IDEMPOTENCY = "idempotency"
+REQUESTS = "requests"
+RECENT_REQUESTS = "recent_requests"
+METADATA = "metadata"
 META = "meta"
-TABLE_NAMES = (ACCOUNTS, TRANSACTIONS, ACCOUNT_TRANSACTIONS, IDEMPOTENCY, META)
+TABLE_NAMES = (ACCOUNTS, TRANSACTIONS, ACCOUNT_TRANSACTIONS, REQUESTS, RECENT_REQUESTS, METADATA, META)
 
 # Snapshot table ids: a wire contract, never renumbered. Meta is not shipped: the restoring
-# side writes its own from the snapshot header and its own shard bounds.
-SNAPSHOT_TABLES = {1: ACCOUNTS, 2: TRANSACTIONS, 3: ACCOUNT_TRANSACTIONS, 4: IDEMPOTENCY}
+# side writes its own from the snapshot header and its own shard bounds. Id 4 was format 1's
+# idempotency table (account + request id text -> number), read only to migrate.
+SNAPSHOT_TABLES = {
+    1: ACCOUNTS,
+    2: TRANSACTIONS,
+    3: ACCOUNT_TRANSACTIONS,
+    5: REQUESTS,
+    6: RECENT_REQUESTS,
+    7: METADATA,
+}
+SNAPSHOT_TABLE_V1_IDEMPOTENCY = 4
+SNAPSHOT_TABLE_IDS_V1 = frozenset({1, 2, 3, SNAPSHOT_TABLE_V1_IDEMPOTENCY})
 
 META_APPLIED_INDEX = b"applied_index"
 META_SHARD_BOUNDS = b"shard_bounds"
 META_FORMAT_VERSION = b"format_version"
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2
+
+# Request ids held in `recent_requests` (and in memory, about 130 bytes each) before they move
+# into `requests`. Larger means fewer leaf writes per id and more memory: at a million ids in
+# `requests` (about 16k leaves), a move of 65,536 ids writes about 1 KiB per id.
+RECENT_REQUESTS_MAX = 65_536
 
 _U64 = struct.Struct(">Q")
+_TWO_U64 = struct.Struct(">QQ")
 _BOUNDS = struct.Struct(">II")
+ACCOUNT_KEY_BYTES = 8
+REQUEST_ENTRY = struct.Struct(">16sQ")
 
 
 def account_key(account_id: int) -> bytes:
@@ -40,15 +66,19 @@ def account_key(account_id: int) -> bytes:
 
 
 def transaction_key(account_id: int, transaction_number: int) -> bytes:
-    return _U64.pack(account_id) + _U64.pack(transaction_number)
+    return _TWO_U64.pack(account_id, transaction_number)
 
 
 def sequence_key(account_id: int, sequence: int) -> bytes:
-    return _U64.pack(account_id) + _U64.pack(sequence)
+    return _TWO_U64.pack(account_id, sequence)
 
 
-def idempotency_key(account_id: int, request_id: str) -> bytes:
-    return _U64.pack(account_id) + request_id.encode()
+def request_key(account_id: int, digest: bytes) -> bytes:
+    return _U64.pack(account_id) + digest
+
+
+def recent_requests_key(account_id: int, log_index: int) -> bytes:
+    return _TWO_U64.pack(account_id, log_index)
 
 
 def encode_u64(value: int) -> bytes:
@@ -66,16 +96,3 @@ def encode_bounds(lower_bound: int, upper_bound: int) -> bytes:
 def decode_bounds(data: bytes) -> tuple[int, int]:
     lower, upper = _BOUNDS.unpack(data)
     return int(lower), int(upper)
-
-
-def encode_record(record: core_pb2.AccountRecord | core_pb2.TransactionRecord) -> bytes:
-    # Deterministic serialization: every replica must store identical bytes.
-    return record.SerializeToString(deterministic=True)
-
-
-def decode_account(data: bytes) -> core_pb2.AccountRecord:
-    return core_pb2.AccountRecord.FromString(data)
-
-
-def decode_transaction(data: bytes) -> core_pb2.TransactionRecord:
-    return core_pb2.TransactionRecord.FromString(data)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import NoReturn, Protocol
 
 from ledger_cluster import metrics
-from ledger_cluster.api.v1 import core_pb2
 from ledger_cluster.client import ClusterClient
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.core import AccountsCore, commands
@@ -24,6 +23,7 @@ from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.deadlines import Deadline
 from ledger_cluster.errors import BackendTimeoutError, BackendUnavailableError, UnknownOutcomeError
 from ledger_cluster.gateway.coalescer import ShardCoalescer
+from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.metrics import ShardFigures
 from ledger_cluster.process import stop_broken_process
 from ledger_cluster.storage import DirectoryLock

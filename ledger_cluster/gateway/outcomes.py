@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 
 from ledger_cluster.admission import TOO_MANY_REQUESTS_REASON
-from ledger_cluster.api.v1 import core_pb2, ledger_pb2
+from ledger_cluster.api.v1 import ledger_pb2
 from ledger_cluster.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
@@ -14,6 +14,7 @@ from ledger_cluster.errors import (
     QueueFullError,
     UnknownOutcomeError,
 )
+from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.status import ApiError
 
 # Reasons with which the gateway says "not applied, safe to retry" or "unknown: retry with the

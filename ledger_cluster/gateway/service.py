@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import grpc
 
 from ledger_cluster.admission import CallGate
-from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc
+from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.core import commands
 from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.deadlines import Deadline, work_deadline
 from ledger_cluster.errors import LedgerError, UnknownOutcomeError
+from ledger_cluster.gateway import views
 from ledger_cluster.gateway.backends import CoreApi
 from ledger_cluster.gateway.outcomes import (
     backend_error,
@@ -43,6 +44,7 @@ from ledger_cluster.gateway.validation import (
     transaction_id_of,
 )
 from ledger_cluster.ids import TransactionId
+from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.status import ApiError
 
 logger = logging.getLogger(__name__)
@@ -140,7 +142,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             if result.outcome != core_pb2.OUTCOME_ACCOUNT_ID_COLLISION or request.request_id:
                 break
         raise_for_outcome(result.outcome, result.message)
-        return ledger_pb2.CreateAccountResponse(account=result.account)
+        return ledger_pb2.CreateAccountResponse(account=views.account_view(result.account, result.repeat))
 
     async def GetAccount(
         self, request: ledger_pb2.GetAccountRequest, context: Context
@@ -150,7 +152,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id))
             result = await self._read(account_id, query, request.consistent, context)
             raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
-            return ledger_pb2.GetAccountResponse(account=result.account)
+            return ledger_pb2.GetAccountResponse(account=views.account_view(result.account))
 
         return await self.gate.run("GetAccount", context, run)
 
@@ -176,7 +178,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             if result.outcome != core_pb2.OUTCOME_TRANSACTION_ID_COLLISION:
                 break
         raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
-        return ledger_pb2.CreateTransactionResponse(transaction=result.transaction)
+        return ledger_pb2.CreateTransactionResponse(
+            transaction=views.transaction_view(result.transaction, result.repeat)
+        )
 
     def _create_transaction_command(
         self,
@@ -220,7 +224,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             )
             result = await self._read(wanted.account_id, query, request.consistent, context)
             raise_for_outcome(result.outcome, result.message, transaction_id=request.transaction_id)
-            return ledger_pb2.GetTransactionResponse(transaction=result.transaction)
+            return ledger_pb2.GetTransactionResponse(transaction=views.transaction_view(result.transaction))
 
         return await self.gate.run("GetTransaction", context, run)
 
@@ -240,7 +244,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
             token = encode_page_token(account_id, result.next_sequence) if result.next_sequence else ""
             return ledger_pb2.ListTransactionsResponse(
-                transactions=result.transactions, next_page_token=token
+                transactions=[views.transaction_view(data) for data in result.transactions],
+                next_page_token=token,
             )
 
         return await self.gate.run("ListTransactions", context, run)
@@ -277,7 +282,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         )
         result = await self._write(wanted.account_id, command, deadline)
         raise_for_outcome(result.outcome, result.message, transaction_id=transaction_id)
-        return result.transaction
+        return views.transaction_view(result.transaction, result.repeat)
 
     # -- batches --
 
@@ -407,7 +412,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                 item.result = (
                     item_error(refusal)
                     if refusal
-                    else ledger_pb2.TransactionResult(transaction=answer.transaction)
+                    else ledger_pb2.TransactionResult(
+                        transaction=views.transaction_view(answer.transaction, answer.repeat)
+                    )
                 )
         return collided
 

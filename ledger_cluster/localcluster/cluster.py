@@ -28,8 +28,9 @@ from typing import NoReturn, cast
 import grpc
 
 from ledger_cluster import config as cluster_config
-from ledger_cluster.api.v1 import ledger_pb2_grpc, node_pb2, node_pb2_grpc
+from ledger_cluster.api.v1 import ledger_pb2_grpc
 from ledger_cluster.config import ClusterConfig
+from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.localcluster.processes import (
     LEDGER_SERVICE_NAME,
     LOOPBACK_HOST,
@@ -47,7 +48,7 @@ from ledger_cluster.localcluster.processes import (
 )
 from ledger_cluster.replica import RAFT_PASSWORD_ENVIRONMENT_VARIABLE
 
-NODE_SERVICE_NAME = "ledger_cluster.api.v1.NodeService"
+NODE_SERVICE_NAME = "ledger_cluster.internal.v1.NodeService"
 NODE_READY_TIMEOUT_SECONDS = 30.0
 CLUSTER_READY_TIMEOUT_SECONDS = 45.0
 CONVERGE_TIMEOUT_SECONDS = 30.0

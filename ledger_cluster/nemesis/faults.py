@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from ledger_cluster.api.v1 import node_pb2
+from ledger_cluster.internal.v1 import node_pb2
 from ledger_cluster.localcluster.cluster import Cluster
 from ledger_cluster.localcluster.processes import LocalClusterError, log_tail
 from ledger_cluster.nemesis.leadership import LeadershipSample, shard_leaders

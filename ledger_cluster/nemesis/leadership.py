@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from ledger_cluster.api.v1 import node_pb2, node_pb2_grpc
+from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
 
 SAMPLE_INTERVAL_SECONDS = 1.0
 # Short: a paused node never answers, and a sample must not wait long for it.

@@ -22,10 +22,12 @@ from typing import Any
 
 import grpc
 
-from ledger_cluster.api.v1 import core_pb2, ledger_pb2, ledger_pb2_grpc, node_pb2
+from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.core import AccountsCore
+from ledger_cluster.gateway import views
 from ledger_cluster.ids import parse_account_id
+from ledger_cluster.internal.v1 import core_pb2, node_pb2
 from ledger_cluster.localcluster.cluster import Cluster, new_cluster, started_cluster
 from ledger_cluster.nemesis import checks
 from ledger_cluster.nemesis import history as h
@@ -357,11 +359,11 @@ def _replica_account(core: AccountsCore, account_id: str) -> checks.AccountState
             account_id=number, start_sequence=sequence, limit=REPLICA_PAGE_SIZE
         )
         page = core.read(core_pb2.ReadQuery(list_transactions=query))
-        transactions.extend(transaction_view(transaction) for transaction in page.transactions)
+        transactions.extend(transaction_view(views.transaction_view(data)) for data in page.transactions)
         sequence = page.next_sequence
         if not sequence:
             break
-    return checks.AccountState(account_view(found.account), transactions)
+    return checks.AccountState(account_view(views.account_view(found.account)), transactions)
 
 
 # -- the report --------------------------------------------------------------------------------

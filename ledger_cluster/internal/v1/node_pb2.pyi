@@ -10,7 +10,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from ledger_cluster.api.v1 import core_pb2 as _core_pb2
+from ledger_cluster.internal.v1 import core_pb2 as _core_pb2
 import builtins as _builtins
 import sys
 import typing as _typing

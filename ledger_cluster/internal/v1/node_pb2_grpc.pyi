@@ -8,7 +8,7 @@ nodes and gateways of adjacent versions can talk during a rolling upgrade.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from ledger_cluster.api.v1 import node_pb2 as _node_pb2
+from ledger_cluster.internal.v1 import node_pb2 as _node_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

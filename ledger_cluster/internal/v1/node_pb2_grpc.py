@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from ledger_cluster.api.v1 import node_pb2 as ledger__cluster_dot_api_dot_v1_dot_node__pb2
+from ledger_cluster.internal.v1 import node_pb2 as ledger__cluster_dot_internal_dot_v1_dot_node__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in ledger_cluster/api/v1/node_pb2_grpc.py depends on'
+        + ' but the generated code in ledger_cluster/internal/v1/node_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -35,44 +35,44 @@ class NodeServiceStub:
             channel: A grpc.Channel.
         """
         self.Update = channel.unary_unary(
-                '/ledger_cluster.api.v1.NodeService/Update',
-                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateRequest.SerializeToString,
-                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateResponse.FromString,
+                '/ledger_cluster.internal.v1.NodeService/Update',
+                request_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateResponse.FromString,
                 _registered_method=True)
         self.UpdateMany = channel.unary_stream(
-                '/ledger_cluster.api.v1.NodeService/UpdateMany',
-                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyRequest.SerializeToString,
-                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyAnswers.FromString,
+                '/ledger_cluster.internal.v1.NodeService/UpdateMany',
+                request_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateManyRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateManyAnswers.FromString,
                 _registered_method=True)
         self.Read = channel.unary_unary(
-                '/ledger_cluster.api.v1.NodeService/Read',
-                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.ReadRequest.SerializeToString,
-                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.ReadResponse.FromString,
+                '/ledger_cluster.internal.v1.NodeService/Read',
+                request_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.ReadRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.ReadResponse.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
-                '/ledger_cluster.api.v1.NodeService/Status',
-                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusRequest.SerializeToString,
-                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusResponse.FromString,
+                '/ledger_cluster.internal.v1.NodeService/Status',
+                request_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.StatusRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.StatusResponse.FromString,
                 _registered_method=True)
         self.Digest = channel.unary_unary(
-                '/ledger_cluster.api.v1.NodeService/Digest',
-                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestRequest.SerializeToString,
-                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestResponse.FromString,
+                '/ledger_cluster.internal.v1.NodeService/Digest',
+                request_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.DigestRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.DigestResponse.FromString,
                 _registered_method=True)
         self.Snapshot = channel.unary_stream(
-                '/ledger_cluster.api.v1.NodeService/Snapshot',
-                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotRequest.SerializeToString,
-                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotChunk.FromString,
+                '/ledger_cluster.internal.v1.NodeService/Snapshot',
+                request_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.SnapshotChunk.FromString,
                 _registered_method=True)
         self.Verify = channel.unary_unary(
-                '/ledger_cluster.api.v1.NodeService/Verify',
-                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyRequest.SerializeToString,
-                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyResponse.FromString,
+                '/ledger_cluster.internal.v1.NodeService/Verify',
+                request_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.VerifyResponse.FromString,
                 _registered_method=True)
         self.TransferLeadership = channel.unary_unary(
-                '/ledger_cluster.api.v1.NodeService/TransferLeadership',
-                request_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipRequest.SerializeToString,
-                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipResponse.FromString,
+                '/ledger_cluster.internal.v1.NodeService/TransferLeadership',
+                request_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.TransferLeadershipRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.TransferLeadershipResponse.FromString,
                 _registered_method=True)
 
 
@@ -157,49 +157,49 @@ def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Update': grpc.unary_unary_rpc_method_handler(
                     servicer.Update,
-                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateRequest.FromString,
-                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateResponse.SerializeToString,
+                    request_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateRequest.FromString,
+                    response_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateResponse.SerializeToString,
             ),
             'UpdateMany': grpc.unary_stream_rpc_method_handler(
                     servicer.UpdateMany,
-                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyRequest.FromString,
-                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyAnswers.SerializeToString,
+                    request_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateManyRequest.FromString,
+                    response_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateManyAnswers.SerializeToString,
             ),
             'Read': grpc.unary_unary_rpc_method_handler(
                     servicer.Read,
-                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.ReadRequest.FromString,
-                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.ReadResponse.SerializeToString,
+                    request_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.ReadRequest.FromString,
+                    response_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.ReadResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusRequest.FromString,
-                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.StatusRequest.FromString,
+                    response_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.StatusResponse.SerializeToString,
             ),
             'Digest': grpc.unary_unary_rpc_method_handler(
                     servicer.Digest,
-                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestRequest.FromString,
-                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestResponse.SerializeToString,
+                    request_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.DigestRequest.FromString,
+                    response_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.DigestResponse.SerializeToString,
             ),
             'Snapshot': grpc.unary_stream_rpc_method_handler(
                     servicer.Snapshot,
-                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotRequest.FromString,
-                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotChunk.SerializeToString,
+                    request_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.SnapshotRequest.FromString,
+                    response_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.SnapshotChunk.SerializeToString,
             ),
             'Verify': grpc.unary_unary_rpc_method_handler(
                     servicer.Verify,
-                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyRequest.FromString,
-                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyResponse.SerializeToString,
+                    request_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.VerifyRequest.FromString,
+                    response_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.VerifyResponse.SerializeToString,
             ),
             'TransferLeadership': grpc.unary_unary_rpc_method_handler(
                     servicer.TransferLeadership,
-                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipRequest.FromString,
-                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipResponse.SerializeToString,
+                    request_deserializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.TransferLeadershipRequest.FromString,
+                    response_serializer=ledger__cluster_dot_internal_dot_v1_dot_node__pb2.TransferLeadershipResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'ledger_cluster.api.v1.NodeService', rpc_method_handlers)
+            'ledger_cluster.internal.v1.NodeService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('ledger_cluster.api.v1.NodeService', rpc_method_handlers)
+    server.add_registered_method_handlers('ledger_cluster.internal.v1.NodeService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -220,9 +220,9 @@ class NodeService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ledger_cluster.api.v1.NodeService/Update',
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateRequest.SerializeToString,
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateResponse.FromString,
+            '/ledger_cluster.internal.v1.NodeService/Update',
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateRequest.SerializeToString,
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -247,9 +247,9 @@ class NodeService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/ledger_cluster.api.v1.NodeService/UpdateMany',
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyRequest.SerializeToString,
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.UpdateManyAnswers.FromString,
+            '/ledger_cluster.internal.v1.NodeService/UpdateMany',
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateManyRequest.SerializeToString,
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.UpdateManyAnswers.FromString,
             options,
             channel_credentials,
             insecure,
@@ -274,9 +274,9 @@ class NodeService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ledger_cluster.api.v1.NodeService/Read',
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.ReadRequest.SerializeToString,
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.ReadResponse.FromString,
+            '/ledger_cluster.internal.v1.NodeService/Read',
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.ReadRequest.SerializeToString,
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.ReadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -301,9 +301,9 @@ class NodeService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ledger_cluster.api.v1.NodeService/Status',
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusRequest.SerializeToString,
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.StatusResponse.FromString,
+            '/ledger_cluster.internal.v1.NodeService/Status',
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.StatusRequest.SerializeToString,
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -328,9 +328,9 @@ class NodeService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ledger_cluster.api.v1.NodeService/Digest',
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestRequest.SerializeToString,
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.DigestResponse.FromString,
+            '/ledger_cluster.internal.v1.NodeService/Digest',
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.DigestRequest.SerializeToString,
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.DigestResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -355,9 +355,9 @@ class NodeService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/ledger_cluster.api.v1.NodeService/Snapshot',
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotRequest.SerializeToString,
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.SnapshotChunk.FromString,
+            '/ledger_cluster.internal.v1.NodeService/Snapshot',
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.SnapshotRequest.SerializeToString,
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -382,9 +382,9 @@ class NodeService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ledger_cluster.api.v1.NodeService/Verify',
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyRequest.SerializeToString,
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.VerifyResponse.FromString,
+            '/ledger_cluster.internal.v1.NodeService/Verify',
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.VerifyRequest.SerializeToString,
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -409,9 +409,9 @@ class NodeService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ledger_cluster.api.v1.NodeService/TransferLeadership',
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipRequest.SerializeToString,
-            ledger__cluster_dot_api_dot_v1_dot_node__pb2.TransferLeadershipResponse.FromString,
+            '/ledger_cluster.internal.v1.NodeService/TransferLeadership',
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.TransferLeadershipRequest.SerializeToString,
+            ledger__cluster_dot_internal_dot_v1_dot_node__pb2.TransferLeadershipResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,70 @@
+"""What one transaction adds to its account's four totals, and the checks every account meets.
+Shared by the apply path (which moves totals) and verification (which recomputes them)."""
+
+from __future__ import annotations
+
+from ledger_cluster.core.records import PENDING, SETTLED, AccountRecord, TransactionRecord
+from ledger_cluster.errors import InvariantViolationError
+from ledger_cluster.limits import INT64_MAX
+
+# (credits settled, debits settled, credits pending, debits pending)
+Totals = tuple[int, int, int, int]
+NO_TOTALS: Totals = (0, 0, 0, 0)
+
+
+def require_invariant(condition: bool, message: str) -> None:
+    """Like assert, but survives `python -O`: a broken invariant stops the replica."""
+    if not condition:
+        raise InvariantViolationError(message)
+
+
+def contribution(record: TransactionRecord | None) -> Totals:
+    """A settled transaction counts its settled amount; a pending one holds its whole amount."""
+    if record is None:
+        return NO_TOTALS
+    if record.status == SETTLED:
+        settled = record.settled_amount
+        return (settled, 0, 0, 0) if settled > 0 else (0, -settled, 0, 0)
+    if record.status == PENDING:
+        amount = record.amount
+        return (0, 0, amount, 0) if amount > 0 else (0, 0, 0, -amount)
+    return NO_TOTALS
+
+
+def totals_of(account: AccountRecord) -> Totals:
+    return (account.credits_settled, account.debits_settled, account.credits_pending, account.debits_pending)
+
+
+def add_totals(left: Totals, right: Totals) -> Totals:
+    return (left[0] + right[0], left[1] + right[1], left[2] + right[2], left[3] + right[3])
+
+
+def subtract_totals(left: Totals, right: Totals) -> Totals:
+    return (left[0] - right[0], left[1] - right[1], left[2] - right[2], left[3] - right[3])
+
+
+def account_problems(account: AccountRecord) -> list[str]:
+    """Every limit an account's stored totals must meet; empty when it meets them all."""
+    where = f"account {account.account_id:016x}"
+    problems = []
+    if min(totals_of(account)) < 0:
+        problems.append(f"{where}: a total is negative {totals_of(account)}")
+    if max(totals_of(account)) > INT64_MAX:
+        problems.append(f"{where}: a total leaves int64 {totals_of(account)}")
+    if account.overdraft_limit < 0:
+        problems.append(f"{where}: overdraft limit {account.overdraft_limit} is negative")
+    if account.available_balance < -account.overdraft_limit:
+        problems.append(
+            f"{where}: available balance {account.available_balance} is below the overdraft limit"
+            f" {account.overdraft_limit}"
+        )
+    if account.settled_balance + account.credits_pending > INT64_MAX:
+        problems.append(f"{where}: settled balance plus pending credits leave int64")
+    if account.created_at > account.updated_at:
+        problems.append(f"{where}: updated before it was created")
+    return problems
+
+
+def check_account(account: AccountRecord) -> None:
+    problems = account_problems(account)
+    require_invariant(not problems, "; ".join(problems))
