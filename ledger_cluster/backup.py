@@ -35,7 +35,7 @@ import grpc
 from ledger_cluster.client import CHANNEL_OPTIONS, leaders_of, node_statuses_now
 from ledger_cluster.config import ClusterConfig, ShardConfig, json_field, write_json_atomic
 from ledger_cluster.core import SNAPSHOT_TABLE_IDS, AccountsCore
-from ledger_cluster.errors import ConfigError, LedgerError, SnapshotError, StorageError
+from ledger_cluster.errors import BackupError, ConfigError, SnapshotError, StorageError
 from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.node_protocol import LEADER_HINT_METADATA_KEY, NodeReason
 from ledger_cluster.sharding import SHARD_KEY_MAX
@@ -73,10 +73,6 @@ _FILE_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}\.snapshot$")
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 Progress = Callable[[str], None]
-
-
-class BackupError(LedgerError):
-    """A backup, restore or verification that cannot be completed; the message says why."""
 
 
 # -- manifest ---------------------------------------------------------------------------------

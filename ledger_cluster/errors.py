@@ -1,10 +1,11 @@
 """The exception hierarchy of ledger-cluster.
 
 Lower-layer errors (lmdb, grpc, pysyncobj) are translated into these at the module boundary
-that owns the library, so callers catch one tree::
+that owns the library, so callers catch one tree. A class marked with a module is defined
+there, next to the only code that raises it or the types it carries (ApiError's gRPC code)::
 
     LedgerError
-    ├── InvalidIdError            a malformed account or transaction id
+    ├── InvalidIdError            a malformed account or transaction id (also a ValueError)
     ├── ConfigError               a cluster config that is missing, unreadable or inconsistent
     ├── StorageError              the LMDB environment failed
     │   ├── StorageLayoutError    a data directory of other shard bounds or state format
@@ -19,7 +20,16 @@ that owns the library, so callers catch one tree::
     │   ├── QueueFullError        the shard's queue of waiting writes is full
     │   └── ProposalDeniedError   the Raft group refused the proposal
     ├── BackendTimeoutError       the deadline passed before the shard took the request
-    └── UnknownOutcomeError       the command may or may not commit later; retry the same bytes
+    ├── UnknownOutcomeError       the command may or may not commit later; retry the same bytes
+    ├── LeadershipTransferDeniedError      the leader refused to hand its shard over
+    ├── LeadershipTransferIncompleteError  the handover was asked for; no new leader seen in time
+    ├── BackupError               a backup, restore or backup verification that cannot complete
+    ├── ApiError (status.py)      a request that fails with a precise gRPC status
+    ├── BenchError (bench.py)     a bench run that cannot finish
+    ├── HandshakeError (raft_codec.py)  a Raft peer's hello is malformed or names the wrong nodes
+    ├── FrameError (raft_codec.py)      a Raft frame fails authentication or is too long
+    ├── MessageError (raft_codec.py)    an authenticated Raft frame that is no PySyncObj message
+    └── LocalClusterError (localcluster/processes.py)  a local process did not do what was awaited
 
 Domain outcomes (account not found, insufficient funds, ...) are never exceptions: the core
 returns them as data.
@@ -108,3 +118,7 @@ class LeadershipTransferDeniedError(LedgerError):
 class LeadershipTransferIncompleteError(LedgerError):
     """The leader asked the target to start an election, but no new leader was seen in time.
     The election may still finish; the shard elects a leader either way."""
+
+
+class BackupError(LedgerError):
+    """A backup, restore or verification that cannot be completed; the message says why."""

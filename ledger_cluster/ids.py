@@ -64,7 +64,3 @@ def format_transaction_id(account_id: int, transaction_number: int) -> str:
     _check_uint64(account_id, "account id")
     _check_uint64(transaction_number, "transaction number")
     return f"{account_id:016x}{transaction_number:016x}"
-
-
-def account_id_bytes(account_id: int) -> bytes:
-    return account_id.to_bytes(8, "big")

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from ledger_cluster.errors import LedgerError
 from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 
 PROTOCOL_MAGIC = b"LCRAFT01"
@@ -62,15 +63,15 @@ _REQUIRED_FIELDS: dict[str, tuple[tuple[str, type | tuple[type, ...]], ...]] = {
 }
 
 
-class HandshakeError(Exception):
+class HandshakeError(LedgerError):
     """A peer's hello that is malformed, or names the wrong nodes."""
 
 
-class FrameError(Exception):
+class FrameError(LedgerError):
     """A frame that fails authentication or exceeds the size limit; the connection is closed."""
 
 
-class MessageError(Exception):
+class MessageError(LedgerError):
     """An authenticated frame whose content is not a well-formed PySyncObj message."""
 
 

@@ -603,10 +603,6 @@ def _check_journal_covers_state(journal_path: Path, applied_index: int, shard_id
         )
 
 
-def raft_password_from_environment() -> str | None:
-    return os.environ.get(RAFT_PASSWORD_ENVIRONMENT_VARIABLE) or None
-
-
 def _resolve(future: asyncio.Future[Answer | LedgerError], outcome: Answer | LedgerError) -> None:
     if not future.done():  # a caller that stopped waiting cancelled it
         future.set_result(outcome)

@@ -16,8 +16,3 @@ def shard_key(account_id: int) -> int:
     """First 4 bytes (big-endian) of sha256 of the account id as 8 big-endian bytes."""
     digest = hashlib.sha256(account_id.to_bytes(8, "big")).digest()
     return int.from_bytes(digest[:4], "big")
-
-
-def shard_key_of_account_bytes(account_id_bytes: bytes) -> int:
-    digest = hashlib.sha256(account_id_bytes).digest()
-    return int.from_bytes(digest[:4], "big")

@@ -14,6 +14,8 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from ledger_cluster.errors import LedgerError
+
 ERROR_DOMAIN = "ledger-cluster"
 
 logger = logging.getLogger(__name__)
@@ -21,7 +23,7 @@ Response = TypeVar("Response")
 
 
 @dataclass(frozen=True)
-class ApiError(Exception):
+class ApiError(LedgerError):
     """A request that fails with a precise status; raised inside servicers, turned into the
     RPC's status at the edge. Nothing has changed state when one is raised."""
 

@@ -62,13 +62,13 @@ def test_transaction_id_carries_its_account() -> None:
     ["", "123", "00000000DEADBEEF", "00000000deadbeeg", "0" * 17, " 00000000deadbee", "+000000000000001"],
 )
 def test_malformed_account_ids_are_rejected(text: str) -> None:
-    with pytest.raises(InvalidIdError):
+    with pytest.raises(InvalidIdError, match="account id must be 16 lowercase hex characters"):
         parse_account_id(text)
 
 
 @pytest.mark.parametrize("text", ["", "0" * 31, "0" * 33, "A" * 32, "z" * 32])
 def test_malformed_transaction_ids_are_rejected(text: str) -> None:
-    with pytest.raises(InvalidIdError):
+    with pytest.raises(InvalidIdError, match="transaction id must be 32 lowercase hex characters"):
         parse_transaction_id(text)
 
 
@@ -103,10 +103,41 @@ def test_generated_configs_cover_the_key_space_and_spread_replicas(
     config = cluster_config.generate(nodes, shards, replicas)
     assert config.shards[0].lower_bound == 0
     assert config.shards[-1].upper_bound == SHARD_KEY_MAX
-    for key in (0, 1, SHARD_KEY_MAX // 3, SHARD_KEY_MAX - 1, SHARD_KEY_MAX):
-        assert config.shard_for_key(key).contains(key)
+    for key in _keys_around_every_bound(config):
+        assert config.shard_for_key(key) == config.shards[_equal_split_index(key, shards)], key
     load = [sum(r.node_id == n.node_id for s in config.shards for r in s.replicas) for n in config.nodes]
     assert max(load) - min(load) <= 1
+
+
+def _equal_split_index(key: int, shard_count: int) -> int:
+    """Which of `shard_count` equal ranges of the key space holds `key`, by arithmetic rather
+    than from the config's bounds: the last range i whose start i * 2**32 // n is <= key."""
+    return ((key + 1) * shard_count - 1) // (SHARD_KEY_MAX + 1)
+
+
+def _keys_around_every_bound(config: cluster_config.ClusterConfig) -> set[int]:
+    # An off-by-one in the search shows at a bound or next to it.
+    bounds = {bound for shard in config.shards for bound in (shard.lower_bound, shard.upper_bound)}
+    near = {key + step for key in bounds for step in (-1, 0, 1)}
+    return {key for key in near | {SHARD_KEY_MAX // 3} if 0 <= key <= SHARD_KEY_MAX}
+
+
+# generate(4, 4, 3) splits the key space in quarters.
+SHARD_FOR_KEY_GOLDEN = [
+    (0, "shard-00"),
+    (2**30 - 1, "shard-00"),
+    (2**30, "shard-01"),
+    (2**31 - 1, "shard-01"),
+    (2**31, "shard-02"),
+    (3 * 2**30 - 1, "shard-02"),
+    (3 * 2**30, "shard-03"),
+    (SHARD_KEY_MAX, "shard-03"),
+]
+
+
+@pytest.mark.parametrize(("key", "shard_id"), SHARD_FOR_KEY_GOLDEN)
+def test_shard_for_key_maps_bounds_to_their_shards(key: int, shard_id: str) -> None:
+    assert cluster_config.generate(4, 4, 3).shard_for_key(key).shard_id == shard_id
 
 
 def test_loopback_config_gives_each_node_its_own_three_free_ports() -> None:
@@ -190,8 +221,8 @@ def _change(obj: dict[str, Any], path: JsonPath, value: object) -> None:
 # (what, where, new value, the error it must cause) on generate(4, 4, 3): four nodes, so that a
 # shard (three replicas) has a node it is not on; shard 1 starts at 2**30.
 INVALID_CONFIG_CHANGES: list[tuple[str, JsonPath, object, str]] = [
-    ("gap", ("shards", 1, "lower_bound"), 2**30 + 1, "starts at"),
-    ("overlap", ("shards", 1, "lower_bound"), 2**30 - 1, "starts at"),
+    ("gap", ("shards", 1, "lower_bound"), 2**30 + 1, f"shard-01 starts at {2**30 + 1}, expected {2**30}"),
+    ("overlap", ("shards", 1, "lower_bound"), 2**30 - 1, f"shard-01 starts at {2**30 - 1}, expected {2**30}"),
     ("short", ("shards", 3, "upper_bound"), SHARD_KEY_MAX - 1, "cover the key space"),
     ("same-node-twice", ("shards", 0, "replicas", 1, "node_id"), "node01", "distinct nodes"),
     ("unknown-node", ("shards", 0, "replicas", 0, "node_id"), "node99", "unknown node 'node99'"),

@@ -24,6 +24,8 @@ from typing import NoReturn, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ledger_cluster.errors import LedgerError
+
 LOOPBACK_HOST = "127.0.0.1"
 LEDGER_SERVICE_NAME = "ledger_cluster.api.v1.LedgerService"
 
@@ -43,9 +45,11 @@ _PROBE_CHANNEL_OPTIONS = [
 ]
 
 
-class LocalClusterError(AssertionError):
+class LocalClusterError(LedgerError):
     """A local process or cluster did not do what its caller waited for; the message carries
-    the last lines of the logs. An AssertionError, so pytest reports it as a failed check."""
+    the last lines of the logs. Not an AssertionError: pytest reports any exception from a
+    test anyway, and a harness that could not start or stop a process is not a failed check of
+    the code under test."""
 
 
 def free_port() -> int:
