@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from google.protobuf.message import Message
-
 from ledger_cluster.api.v1 import core_pb2, ledger_pb2
-from ledger_cluster.core import TABLE_NAMES, AccountsCore
+from ledger_cluster.core import TABLE_NAMES, AccountsCore, commands
 from ledger_cluster.storage import Storage
 
 FULL_RANGE = (0, 2**32 - 1)
@@ -42,8 +40,7 @@ class Ledger:
     def create_account(
         self, now: int, account_id: int = ACCOUNT, request_id: str = ""
     ) -> core_pb2.CommandResult:
-        payload = core_pb2.CreateAccountCommand(account_id=account_id, request_id=request_id)
-        return self.submit(envelope(core_pb2.COMMAND_TYPE_CREATE_ACCOUNT, now, payload))
+        return self.submit(commands.create_account(account_id, request_id, now))
 
     def create(
         self,
@@ -56,23 +53,22 @@ class Ledger:
         request_id: str = "",
         description: str = "",
     ) -> core_pb2.CommandResult:
-        payload = core_pb2.CreateTransactionCommand(
+        command = commands.create_transaction(
             account_id=account_id,
             transaction_number=number,
             amount=amount,
+            description=description,
             settled=settled,
             request_id=request_id,
-            description=description,
+            now=now,
         )
-        return self.submit(envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSACTION, now, payload))
+        return self.submit(command)
 
     def settle(self, now: int, number: int, account_id: int = ACCOUNT) -> core_pb2.CommandResult:
-        payload = core_pb2.SettleTransactionCommand(account_id=account_id, transaction_number=number)
-        return self.submit(envelope(core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION, now, payload))
+        return self.submit(commands.settle_transaction(account_id, number, now))
 
     def cancel(self, now: int, number: int, account_id: int = ACCOUNT) -> core_pb2.CommandResult:
-        payload = core_pb2.CancelTransactionCommand(account_id=account_id, transaction_number=number)
-        return self.submit(envelope(core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION, now, payload))
+        return self.submit(commands.cancel_transaction(account_id, number, now))
 
     def account(self, account_id: int = ACCOUNT) -> ledger_pb2.Account:
         query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id))
@@ -97,9 +93,3 @@ class Ledger:
             )
         )
         return self.core.read(query)
-
-
-def envelope(kind: core_pb2.CommandType.ValueType, now: int, payload: Message) -> bytes:
-    return core_pb2.CommandEnvelope(
-        type=kind, now=now, payload=payload.SerializeToString()
-    ).SerializeToString()
