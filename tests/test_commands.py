@@ -128,5 +128,7 @@ def test_parse_batch_tells_a_batch_from_anything_else() -> None:
 def test_a_batch_item_may_be_anything_but_a_batch() -> None:
     item = commands.create_account(1, "", 1)
     assert commands.parse_item(item) == commands.parse(item)
-    nested = commands.parse_item(commands.batch([item]))
-    assert nested == commands.Undecodable("a batch item cannot be a batch")
+    nested = commands.Undecodable("a batch item cannot be a batch")
+    assert commands.parse_item(commands.batch([item])) == nested
+    # Refused for being a batch, before (and whatever) its items are.
+    assert commands.parse_item(commands.envelope(core_pb2.COMMAND_TYPE_BATCH, 0, GARBAGE)) == nested

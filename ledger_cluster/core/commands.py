@@ -201,7 +201,12 @@ def _batch_of(payload: bytes, now: int) -> Batch:
     return Batch(parse_batch_items(payload))
 
 
-_PAYLOAD_READERS: dict[int, Callable[[bytes, int], Command]] = {
+def _nested_batch_of(payload: bytes, now: int) -> Undecodable:
+    return Undecodable("a batch item cannot be a batch")  # refused before its items are read
+
+
+_PayloadReader: TypeAlias = Callable[[bytes, int], Command]
+_PAYLOAD_READERS: dict[int, _PayloadReader] = {
     core_pb2.COMMAND_TYPE_CREATE_ACCOUNT: _create_account_of,
     core_pb2.COMMAND_TYPE_CREATE_TRANSACTION: _create_transaction_of,
     core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION: _settle_transaction_of,
@@ -209,27 +214,41 @@ _PAYLOAD_READERS: dict[int, Callable[[bytes, int], Command]] = {
     core_pb2.COMMAND_TYPE_NOOP: _noop_of,
     core_pb2.COMMAND_TYPE_BATCH: _batch_of,
 }
+_ITEM_PAYLOAD_READERS: dict[int, _PayloadReader] = {
+    **_PAYLOAD_READERS,
+    core_pb2.COMMAND_TYPE_BATCH: _nested_batch_of,
+}
 
 
 def _undecodable(error: DecodeError) -> Undecodable:
     return Undecodable(f"undecodable command: {error}")
 
 
-def parse(command: bytes) -> Command:
-    """The command that `command` encodes, or Undecodable saying why it is none. Never raises
-    for any bytes: a log entry that does not decode is a refusal, not a broken replica."""
+def _parse_with(command: bytes, readers: dict[int, _PayloadReader]) -> Command:
     try:
         decoded = core_pb2.CommandEnvelope.FromString(command)
     except DecodeError as error:
         return _undecodable(error)
     kind = decoded.type
-    read_payload = _PAYLOAD_READERS.get(kind)
+    read_payload = readers.get(kind)
     if read_payload is None:
         return Undecodable(f"unknown command type {kind}")
     try:
         return read_payload(decoded.payload, decoded.now)
     except DecodeError as error:
         return _undecodable(error)
+
+
+def parse(command: bytes) -> Command:
+    """The command that `command` encodes, or Undecodable saying why it is none. Never raises
+    for any bytes: a log entry that does not decode is a refusal, not a broken replica."""
+    return _parse_with(command, _PAYLOAD_READERS)
+
+
+def parse_item(command: bytes) -> Command:
+    """`parse` of one item of a batch, which may be anything but a batch: a batch there is
+    Undecodable (so the result is never a Batch)."""
+    return _parse_with(command, _ITEM_PAYLOAD_READERS)
 
 
 def parse_batch(command: bytes) -> Batch | Undecodable | None:
@@ -247,14 +266,6 @@ def parse_batch(command: bytes) -> Batch | Undecodable | None:
         return _batch_of(decoded.payload, decoded.now)
     except DecodeError as error:
         return _undecodable(error)
-
-
-def parse_item(command: bytes) -> Command:
-    """`parse` of one item of a batch: a batch inside a batch is refused."""
-    parsed = parse(command)
-    if isinstance(parsed, Batch):
-        return Undecodable("a batch item cannot be a batch")
-    return parsed
 
 
 # -- reading answers ---------------------------------------------------------------------------
