@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ledger_cluster import metrics
-from ledger_cluster.core import commands
+from ledger_cluster.core import commands, rules
 from ledger_cluster.deadlines import MICROSECONDS_PER_SECOND, Deadline
 from ledger_cluster.errors import (
     BackendTimeoutError,
@@ -103,18 +103,28 @@ class Waiter:
         return [self.items[position] for position in self.proposed]
 
 
+def _items_of(command: bytes) -> tuple[bool, list[bytes] | None]:
+    """Whether `command` is a batch, and what it adds to an entry: itself, a batch's items, or
+    None for a batch that is proposed alone (one the core refuses whole, undecodable or too
+    large, or an empty one, which has no item to add)."""
+    batch = commands.parse_batch(command)
+    if batch is None:
+        return False, [command]
+    if isinstance(batch, commands.Undecodable) or not batch.items:
+        return True, None
+    if rules.batch_size_problem(len(batch.items)) is not None:
+        return True, None
+    return True, list(batch.items)
+
+
 def new_waiter(
     command: bytes, deadline: Deadline, item_budgets_us: Sequence[int], on_answer: OnAnswer
 ) -> Waiter:
     """A batch command's items can join other writes' items in one entry: the core applies
     them one by one, each answered on its own, exactly as inside their own batch. A batch the
-    core refuses whole (empty, too large, undecodable) stays alone, refused exactly as sent.
+    core refuses whole (too large, undecodable) stays alone, refused exactly as sent.
     Raises ValueError when budgets are given for anything but each item of a batch."""
-    is_batch, items = commands.batch_items(command)
-    if not is_batch:
-        items = [command]
-    elif items is not None and not 1 <= len(items) <= BATCH_ITEMS_MAX:
-        items = None
+    is_batch, items = _items_of(command)
     item_deadlines = None
     if item_budgets_us:
         if not is_batch or items is None or len(item_budgets_us) != len(items):

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf.message import Message
-
 from ledger_cluster.api.v1 import ledger_pb2
-from ledger_cluster.core import TABLE_NAMES, AccountsCore
+from ledger_cluster.core import TABLE_NAMES, AccountsCore, commands
 from ledger_cluster.gateway import views
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.storage import Storage
@@ -88,8 +86,7 @@ class Ledger:
         return viewed(self.core.apply(command, len(self.log)))
 
     def create_account(self, now: int, account_id: int = ACCOUNT, request_id: str = "") -> Answer:
-        payload = core_pb2.CreateAccountCommand(account_id=account_id, request_id=request_id)
-        return self.submit(envelope(core_pb2.COMMAND_TYPE_CREATE_ACCOUNT, now, payload))
+        return self.submit(commands.create_account(account_id, request_id, now))
 
     def create(
         self,
@@ -102,23 +99,22 @@ class Ledger:
         request_id: str = "",
         description: str = "",
     ) -> Answer:
-        payload = core_pb2.CreateTransactionCommand(
+        command = commands.create_transaction(
             account_id=account_id,
             transaction_number=number,
             amount=amount,
+            description=description,
             settled=settled,
             request_id=request_id,
-            description=description,
+            now=now,
         )
-        return self.submit(envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSACTION, now, payload))
+        return self.submit(command)
 
     def settle(self, now: int, number: int, account_id: int = ACCOUNT) -> Answer:
-        payload = core_pb2.SettleTransactionCommand(account_id=account_id, transaction_number=number)
-        return self.submit(envelope(core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION, now, payload))
+        return self.submit(commands.settle_transaction(account_id, number, now))
 
     def cancel(self, now: int, number: int, account_id: int = ACCOUNT) -> Answer:
-        payload = core_pb2.CancelTransactionCommand(account_id=account_id, transaction_number=number)
-        return self.submit(envelope(core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION, now, payload))
+        return self.submit(commands.cancel_transaction(account_id, number, now))
 
     def account(self, account_id: int = ACCOUNT) -> ledger_pb2.Account:
         query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id))
@@ -143,9 +139,3 @@ class Ledger:
             )
         )
         return viewed_read(self.core.read(query))
-
-
-def envelope(kind: core_pb2.CommandType.ValueType, now: int, payload: Message) -> bytes:
-    return core_pb2.CommandEnvelope(
-        type=kind, now=now, payload=payload.SerializeToString()
-    ).SerializeToString()

@@ -32,6 +32,7 @@ from prometheus_client.samples import Sample
 
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.config import ClusterConfig
+from ledger_cluster.core import commands
 from ledger_cluster.gateway import views
 from ledger_cluster.ids import parse_account_id
 from ledger_cluster.internal.v1 import core_pb2, node_pb2
@@ -367,19 +368,15 @@ def create_transaction_command(
 ) -> bytes:
     """A CREATE_TRANSACTION command envelope built the way the gateway builds one: `now` and
     the transaction number chosen once, before the first attempt."""
-    payload = core_pb2.CreateTransactionCommand(
+    return commands.create_transaction(
         account_id=parse_account_id(account_id),
         transaction_number=secrets.randbits(64) if transaction_number is None else transaction_number,
         amount=amount,
         description=request_id or "duplicate delivery",
         settled=True,
         request_id=request_id,
-    )
-    return core_pb2.CommandEnvelope(
-        type=core_pb2.COMMAND_TYPE_CREATE_TRANSACTION,
         now=time.time_ns(),
-        payload=payload.SerializeToString(),
-    ).SerializeToString()
+    )
 
 
 def leaders_count(leaders: dict[str, str], node_id: str) -> int:

@@ -40,9 +40,9 @@ def run(coroutine: Coroutine[Any, Any, Result]) -> Result:
 
 
 def items_of(request: node_pb2.UpdateRequest) -> list[bytes]:
-    is_batch, items = commands.batch_items(request.command)
-    assert is_batch and items is not None
-    return items
+    batch = commands.parse_batch(request.command)
+    assert isinstance(batch, commands.Batch), batch
+    return list(batch.items)
 
 
 def answered(request: node_pb2.UpdateRequest, expired: tuple[int, ...] = ()) -> node_pb2.UpdateResponse:

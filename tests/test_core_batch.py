@@ -5,36 +5,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ledger_cluster.core import commands
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.limits import BATCH_ITEMS_MAX
-from tests.core_ledger import (
-    ACCOUNT,
-    INSUFFICIENT_FUNDS,
-    OK,
-    OTHER_ACCOUNT,
-    SETTLED,
-    Answer,
-    Ledger,
-    envelope,
-    viewed,
-)
+from tests.core_ledger import ACCOUNT, INSUFFICIENT_FUNDS, OK, OTHER_ACCOUNT, SETTLED, Answer, Ledger, viewed
 
 
 def create_account_item(now: int, account_id: int = ACCOUNT) -> bytes:
-    return envelope(
-        core_pb2.COMMAND_TYPE_CREATE_ACCOUNT, now, core_pb2.CreateAccountCommand(account_id=account_id)
-    )
+    return commands.create_account(account_id, "", now)
 
 
 def create_item(now: int, number: int, amount: int, request_id: str = "", account_id: int = ACCOUNT) -> bytes:
-    payload = core_pb2.CreateTransactionCommand(
-        account_id=account_id, transaction_number=number, amount=amount, settled=True, request_id=request_id
+    return commands.create_transaction(
+        account_id=account_id,
+        transaction_number=number,
+        amount=amount,
+        description="",
+        settled=True,
+        request_id=request_id,
+        now=now,
     )
-    return envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSACTION, now, payload)
-
-
-def batch(items: list[bytes], now: int = 0) -> bytes:
-    return envelope(core_pb2.COMMAND_TYPE_BATCH, now, core_pb2.BatchCommand(commands=items))
 
 
 def outcomes(result: Answer) -> list[str]:
@@ -44,7 +34,7 @@ def outcomes(result: Answer) -> list[str]:
 def test_items_apply_in_order_and_each_sees_the_ones_before(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     result = ledger.submit(
-        batch(
+        commands.batch(
             [
                 create_account_item(10),
                 create_item(11, 1, 500),
@@ -70,7 +60,7 @@ def test_items_apply_in_order_and_each_sees_the_ones_before(tmp_path: Path) -> N
 def test_a_repeated_request_id_inside_one_batch_answers_the_first(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     ledger.create_account(1)
-    result = ledger.submit(batch([create_item(2, 1, 300, "same"), create_item(3, 2, 300, "same")]))
+    result = ledger.submit(commands.batch([create_item(2, 1, 300, "same"), create_item(3, 2, 300, "same")]))
     assert outcomes(result) == ["OUTCOME_OK", "OUTCOME_OK"]
     first, second = result.item_results
     assert first.transaction.id == second.transaction.id
@@ -83,7 +73,7 @@ def test_a_repeated_request_id_inside_one_batch_answers_the_first(tmp_path: Path
 
 def test_a_replayed_batch_entry_changes_nothing_and_answers_the_same(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
-    entry = batch([create_account_item(1), create_item(2, 1, 700), create_item(3, 2, -200)])
+    entry = commands.batch([create_account_item(1), create_item(2, 1, 700), create_item(3, 2, -200)])
     original = ledger.submit(entry)
     ledger.reopen()
     replayed = viewed(ledger.core.apply(entry, 1))
@@ -94,9 +84,9 @@ def test_a_replayed_batch_entry_changes_nothing_and_answers_the_same(tmp_path: P
 def test_malformed_batches_are_consumed_without_effect(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     ledger.create_account(1)
-    nested = ledger.submit(batch([batch([create_item(2, 1, 5)]), create_item(3, 2, 7)]))
+    nested = ledger.submit(commands.batch([commands.batch([create_item(2, 1, 5)]), create_item(3, 2, 7)]))
     assert outcomes(nested) == ["OUTCOME_INVALID_COMMAND", "OUTCOME_OK"]
-    too_many = ledger.submit(batch([create_item(4, 10 + n, 1) for n in range(BATCH_ITEMS_MAX + 1)]))
+    too_many = ledger.submit(commands.batch([create_item(4, 10 + n, 1) for n in range(BATCH_ITEMS_MAX + 1)]))
     assert too_many.outcome == core_pb2.OUTCOME_INVALID_COMMAND and not too_many.item_results
     assert ledger.balances() == (7, 7)
     assert ledger.core.applied_index() == 3
@@ -104,9 +94,11 @@ def test_malformed_batches_are_consumed_without_effect(tmp_path: Path) -> None:
 
 def test_a_replica_nobody_waits_on_reaches_the_same_state_without_building_answers(tmp_path: Path) -> None:
     entries = [
-        batch([create_account_item(1), create_item(2, 1, 700, "top-up"), create_item(3, 2, -200)]),
+        commands.batch([create_account_item(1), create_item(2, 1, 700, "top-up"), create_item(3, 2, -200)]),
         # An overdraft, a reused request_id and a success: failures must not differ either.
-        batch([create_item(4, 3, -900), create_item(5, 4, 50, "top-up"), create_item(6, 5, 1, "other")]),
+        commands.batch(
+            [create_item(4, 3, -900), create_item(5, 4, 50, "top-up"), create_item(6, 5, 1, "other")]
+        ),
         create_item(7, 6, -100),
     ]
     leader = Ledger(tmp_path / "leader")

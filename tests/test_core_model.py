@@ -1,9 +1,9 @@
 """A hypothesis state machine: a real AccountsCore on real LMDB files against a plain model.
 
-Every command is built the way the gateway builds it (an encoded `CommandEnvelope` with an
-explicit, strictly increasing `now`) and applied at the next log index. After every step the
-core's answer (outcome, the full Account or Transaction, the log index) must equal the model's,
-and every account's balances, the stored row counts and the applied index must agree.
+Every command is built the way the gateway builds it (by `core.commands`, with an explicit,
+strictly increasing `now`) and applied at the next log index. After every step the core's
+answer (outcome, the full Account or Transaction, the log index) must equal the model's, and
+every account's balances, the stored row counts and the applied index must agree.
 
 The model follows API.md, plus the core's own documented choices where API.md leaves room:
 
@@ -40,7 +40,7 @@ from hypothesis.stateful import (
 )
 
 from ledger_cluster.api.v1 import ledger_pb2
-from ledger_cluster.core import TABLE_NAMES, AccountsCore, tables
+from ledger_cluster.core import TABLE_NAMES, AccountsCore, commands, tables
 from ledger_cluster.gateway import account_id_for_request
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.limits import (
@@ -113,10 +113,6 @@ LIMITS = st.one_of(
 # -- commands, encoded exactly as the gateway encodes them ----------------------------------
 
 
-def _envelope(kind: core_pb2.CommandType.ValueType, now: int, payload: bytes) -> bytes:
-    return core_pb2.CommandEnvelope(type=kind, now=now, payload=payload).SerializeToString()
-
-
 @dataclass(frozen=True)
 class CreateAccount:
     now: int
@@ -124,8 +120,7 @@ class CreateAccount:
     request_id: str
 
     def encode(self) -> bytes:
-        payload = core_pb2.CreateAccountCommand(account_id=self.account_id, request_id=self.request_id)
-        return _envelope(core_pb2.COMMAND_TYPE_CREATE_ACCOUNT, self.now, payload.SerializeToString())
+        return commands.create_account(self.account_id, self.request_id, self.now)
 
 
 @dataclass(frozen=True)
@@ -139,15 +134,15 @@ class CreateTransaction:
     request_id: str
 
     def encode(self) -> bytes:
-        payload = core_pb2.CreateTransactionCommand(
+        return commands.create_transaction(
             account_id=self.account_id,
             transaction_number=self.number,
             amount=self.amount,
             description=self.description,
             settled=self.settled,
             request_id=self.request_id,
+            now=self.now,
         )
-        return _envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSACTION, self.now, payload.SerializeToString())
 
     def payload(self) -> tuple[int, str, bool, str]:
         return (self.amount, self.description, self.settled, self.request_id)
@@ -163,13 +158,8 @@ class Finish:
     target: Status
 
     def encode(self) -> bytes:
-        if self.target == SETTLED:
-            settle = core_pb2.SettleTransactionCommand(
-                account_id=self.account_id, transaction_number=self.number
-            )
-            return _envelope(core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION, self.now, settle.SerializeToString())
-        cancel = core_pb2.CancelTransactionCommand(account_id=self.account_id, transaction_number=self.number)
-        return _envelope(core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION, self.now, cancel.SerializeToString())
+        finish = commands.settle_transaction if self.target == SETTLED else commands.cancel_transaction
+        return finish(self.account_id, self.number, self.now)
 
 
 @dataclass(frozen=True)
@@ -177,7 +167,7 @@ class Noop:
     now: int
 
     def encode(self) -> bytes:
-        return _envelope(core_pb2.COMMAND_TYPE_NOOP, self.now, b"")
+        return commands.noop(self.now)
 
 
 Command = CreateAccount | CreateTransaction | Finish | Noop

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ledger_cluster.core import TABLE_NAMES, AccountsCore
+from ledger_cluster.core import TABLE_NAMES, AccountsCore, commands
 from ledger_cluster.errors import DataDirectoryInUseError, StorageLayoutError
 from ledger_cluster.internal.v1 import core_pb2
-from ledger_cluster.limits import INT64_MAX, PAGE_SIZE_MAX
+from ledger_cluster.limits import DESCRIPTION_BYTES_MAX, INT64_MAX, PAGE_SIZE_MAX, REQUEST_ID_BYTES_MAX
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.storage import DirectoryLock, Storage
 from tests.core_ledger import (
@@ -23,7 +23,6 @@ from tests.core_ledger import (
     PENDING,
     SETTLED,
     Ledger,
-    envelope,
     viewed,
 )
 
@@ -191,10 +190,14 @@ def test_create_account_repeats(ledger: Ledger) -> None:
 
 def test_redelivered_command_applies_once(ledger: Ledger) -> None:
     ledger.create_account(now=1)
-    command = envelope(
-        core_pb2.COMMAND_TYPE_CREATE_TRANSACTION,
-        2,
-        core_pb2.CreateTransactionCommand(account_id=ACCOUNT, transaction_number=5, amount=30, settled=True),
+    command = commands.create_transaction(
+        account_id=ACCOUNT,
+        transaction_number=5,
+        amount=30,
+        description="",
+        settled=True,
+        request_id="",
+        now=2,
     )
     first = ledger.submit(command)
     second = ledger.submit(command)  # a client retry: committed twice in the log
@@ -238,21 +241,26 @@ def test_largest_purchase_is_insufficient_not_an_error(ledger: Ledger) -> None:
 def test_invalid_commands_are_consumed_without_effect(ledger: Ledger) -> None:
     ledger.create_account(now=1)
     digest_before = ledger.core.state_digest()[1]
+
+    def create(amount: int, description: str = "", request_id: str = "") -> bytes:
+        return commands.create_transaction(
+            account_id=ACCOUNT,
+            transaction_number=1,
+            amount=amount,
+            description=description,
+            settled=True,
+            request_id=request_id,
+            now=2,
+        )
+
     for command in (
         b"\xff\xff garbage",
-        core_pb2.CommandEnvelope(type=core_pb2.CommandType.ValueType(99), now=2).SerializeToString(),
-        envelope(
-            core_pb2.COMMAND_TYPE_CREATE_TRANSACTION,
-            2,
-            core_pb2.CreateTransactionCommand(account_id=ACCOUNT, transaction_number=1, amount=0),
-        ),
-        envelope(
-            core_pb2.COMMAND_TYPE_CREATE_TRANSACTION,
-            2,
-            core_pb2.CreateTransactionCommand(
-                account_id=ACCOUNT, transaction_number=1, amount=1, description="x" * 1025
-            ),
-        ),
+        commands.envelope(core_pb2.CommandType.ValueType(99), 2, b""),
+        commands.envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSACTION, 2, b"\xff\xff"),
+        create(0),
+        create(1, description="é" * (DESCRIPTION_BYTES_MAX // 2) + "x"),
+        create(1, request_id="x" * (REQUEST_ID_BYTES_MAX + 1)),
+        commands.create_account(OTHER_ACCOUNT, "é" * (REQUEST_ID_BYTES_MAX // 2) + "x", 2),
     ):
         assert ledger.submit(command).outcome == core_pb2.OUTCOME_INVALID_COMMAND
     applied_index, digest_after = ledger.core.state_digest()
@@ -326,8 +334,7 @@ def test_map_grows_when_full(tmp_path: Path) -> None:
         index = 0
         for account in range(1, 400):
             index += 1
-            payload = core_pb2.CreateAccountCommand(account_id=account)
-            result = core.apply(envelope(core_pb2.COMMAND_TYPE_CREATE_ACCOUNT, 1, payload), index)
+            result = core.apply(commands.create_account(account, "", 1), index)
             assert result.outcome == OK
         assert storage.map_size_bytes > initial_map_size
         assert core.applied_index() == index

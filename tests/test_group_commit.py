@@ -36,8 +36,16 @@ def write(number: int) -> bytes:
 
 
 def number_of(command: bytes) -> int:
-    envelope = core_pb2.CommandEnvelope.FromString(command)
-    return int(core_pb2.CreateTransactionCommand.FromString(envelope.payload).transaction_number)
+    parsed = commands.parse(command)
+    assert isinstance(parsed, commands.CreateTransaction), parsed
+    return parsed.transaction_number
+
+
+def batch_items(entry: bytes) -> tuple[bytes, ...] | None:
+    """The items of a batch entry; None for an entry of one command."""
+    batch = commands.parse_batch(entry)
+    assert not isinstance(batch, commands.Undecodable), batch
+    return None if batch is None else batch.items
 
 
 @dataclass
@@ -52,17 +60,17 @@ class Raft:
         self.callbacks.append(on_answer)
 
     def items(self, index: int) -> list[int]:
-        is_batch, items = commands.batch_items(self.entries[index])
-        return [number_of(item) for item in items or []] if is_batch else [number_of(self.entries[index])]
+        items = batch_items(self.entries[index])
+        return [number_of(self.entries[index])] if items is None else [number_of(item) for item in items]
 
     def apply(self, index: int) -> None:
-        is_batch, items = commands.batch_items(self.entries[index])
-        if is_batch:
+        items = batch_items(self.entries[index])
+        if items is not None:
             result = core_pb2.CommandResult(
                 outcome=core_pb2.OUTCOME_OK,
                 item_results=[
                     core_pb2.CommandResult(outcome=core_pb2.OUTCOME_OK, message=str(number_of(item)))
-                    for item in items or []
+                    for item in items
                 ],
             )
         else:

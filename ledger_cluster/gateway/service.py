@@ -254,9 +254,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.SettleTransactionRequest, context: Context
     ) -> ledger_pb2.SettleTransactionResponse:
         async def run() -> ledger_pb2.SettleTransactionResponse:
-            transaction = await self._finish(
-                request.transaction_id, core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION, context
-            )
+            transaction = await self._finish(request.transaction_id, commands.settle_transaction, context)
             return ledger_pb2.SettleTransactionResponse(transaction=transaction)
 
         return await self.gate.run("SettleTransaction", context, run)
@@ -265,21 +263,17 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.CancelTransactionRequest, context: Context
     ) -> ledger_pb2.CancelTransactionResponse:
         async def run() -> ledger_pb2.CancelTransactionResponse:
-            transaction = await self._finish(
-                request.transaction_id, core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION, context
-            )
+            transaction = await self._finish(request.transaction_id, commands.cancel_transaction, context)
             return ledger_pb2.CancelTransactionResponse(transaction=transaction)
 
         return await self.gate.run("CancelTransaction", context, run)
 
     async def _finish(
-        self, transaction_id: str, kind: core_pb2.CommandType.ValueType, context: Context
+        self, transaction_id: str, finish: commands.FinishTransaction, context: Context
     ) -> ledger_pb2.Transaction:
         wanted = transaction_id_of(transaction_id)
         deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
-        command = commands.finish_transaction(
-            kind, wanted.account_id, wanted.transaction_number, self._clock_ns()
-        )
+        command = finish(wanted.account_id, wanted.transaction_number, self._clock_ns())
         result = await self._write(wanted.account_id, command, deadline)
         raise_for_outcome(result.outcome, result.message, transaction_id=transaction_id)
         return views.transaction_view(result.transaction, result.repeat)
@@ -316,9 +310,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         return await self.gate.run(
             "SettleTransactions",
             context,
-            lambda: self._finish_batch(
-                request.transaction_ids, core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION, context
-            ),
+            lambda: self._finish_batch(request.transaction_ids, commands.settle_transaction, context),
         )
 
     async def CancelTransactions(
@@ -327,13 +319,11 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         return await self.gate.run(
             "CancelTransactions",
             context,
-            lambda: self._finish_batch(
-                request.transaction_ids, core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION, context
-            ),
+            lambda: self._finish_batch(request.transaction_ids, commands.cancel_transaction, context),
         )
 
     async def _finish_batch(
-        self, transaction_ids: Sequence[str], kind: core_pb2.CommandType.ValueType, context: Context
+        self, transaction_ids: Sequence[str], finish: commands.FinishTransaction, context: Context
     ) -> ledger_pb2.TransactionsResponse:
         check_batch_size(len(transaction_ids))
         deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
@@ -346,7 +336,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             except ApiError as error:
                 errors[index] = item_error(error)
                 continue
-            items.append(_BatchItem(index, wanted.account_id, _finish_builder(kind, wanted, now)))
+            items.append(_BatchItem(index, wanted.account_id, _finish_builder(finish, wanted, now)))
         results = await self._run_batch(items, errors, len(transaction_ids), deadline)
         return ledger_pb2.TransactionsResponse(results=results)
 
@@ -420,7 +410,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
 
 
 def _finish_builder(
-    kind: core_pb2.CommandType.ValueType, wanted: TransactionId, now: int
+    finish: commands.FinishTransaction, wanted: TransactionId, now: int
 ) -> Callable[[], bytes]:
-    command = commands.finish_transaction(kind, wanted.account_id, wanted.transaction_number, now)
+    command = finish(wanted.account_id, wanted.transaction_number, now)
     return lambda: command

@@ -1,7 +1,8 @@
-"""Request checks at the edge: everything the core may assume about a command is made true here
-(well-formed ids, limits, non-zero amounts), and a request that fails a check gets
-INVALID_ARGUMENT with a reason and never reaches a shard. Page tokens and the account id that a
-CreateAccount `request_id` stands for live here too."""
+"""Request checks at the edge: a request that fails one (a malformed id, a broken limit, a zero
+amount) gets INVALID_ARGUMENT with a reason and never reaches a shard. The rules on commands
+are `core.rules`, which the core applies again to every command; this module turns their
+problems into API errors. Page tokens and the account id that a CreateAccount `request_id`
+stands for live here too."""
 
 from __future__ import annotations
 
@@ -11,15 +12,11 @@ import hashlib
 import grpc
 
 from ledger_cluster.api.v1 import ledger_pb2
+from ledger_cluster.core import rules
+from ledger_cluster.core.rules import Problem
 from ledger_cluster.errors import InvalidIdError
 from ledger_cluster.ids import TransactionId, parse_account_id, parse_transaction_id
-from ledger_cluster.limits import (
-    BATCH_ITEMS_MAX,
-    DESCRIPTION_BYTES_MAX,
-    PAGE_SIZE_DEFAULT,
-    PAGE_SIZE_MAX,
-    REQUEST_ID_BYTES_MAX,
-)
+from ledger_cluster.limits import PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 from ledger_cluster.status import ApiError
 from ledger_cluster.text import escaped
 
@@ -51,28 +48,21 @@ def transaction_id_of(text: str) -> TransactionId:
         raise invalid("INVALID_TRANSACTION_ID", str(error), transaction_id=escaped(text)) from None
 
 
+def _raise_problem(problem: Problem | None) -> None:
+    if problem is not None:
+        raise invalid(problem.reason, problem.message)
+
+
 def check_request_id(request_id: str) -> None:
-    size = len(request_id.encode())
-    if size > REQUEST_ID_BYTES_MAX:
-        raise invalid(
-            "REQUEST_ID_TOO_LONG", f"request_id is {size} UTF-8 bytes; at most {REQUEST_ID_BYTES_MAX}"
-        )
+    _raise_problem(rules.request_id_problem(request_id))
 
 
 def check_create_transaction(request: ledger_pb2.CreateTransactionRequest) -> None:
-    if request.amount == 0:
-        raise invalid("INVALID_AMOUNT", "amount must not be zero: > 0 is a top-up, < 0 a purchase")
-    size = len(request.description.encode())
-    if size > DESCRIPTION_BYTES_MAX:
-        raise invalid(
-            "DESCRIPTION_TOO_LONG", f"description is {size} UTF-8 bytes; at most {DESCRIPTION_BYTES_MAX}"
-        )
-    check_request_id(request.request_id)
+    _raise_problem(rules.create_transaction_problem(request.amount, request.description, request.request_id))
 
 
 def check_batch_size(count: int) -> None:
-    if count > BATCH_ITEMS_MAX:
-        raise invalid("BATCH_TOO_LARGE", f"{count} items; a batch holds at most {BATCH_ITEMS_MAX}")
+    _raise_problem(rules.batch_size_problem(count))
 
 
 def page_size_of(requested: int) -> int:
