@@ -136,6 +136,14 @@ class WriteTransaction(ReadTransaction):
         )
         return putter
 
+    def inserter(self, table: str) -> Callable[[bytes, bytes], bool]:
+        """Like `putter`, but a key that exists keeps its value and the call returns False: the
+        existence check and the write of a new row in one B-tree descent."""
+        inserter: Callable[[bytes, bytes], bool] = functools.partial(
+            self._transaction.put, db=self._tables[table], overwrite=False
+        )
+        return inserter
+
     def delete(self, table: str, key: bytes) -> None:
         self._transaction.delete(key, db=self._tables[table])
 

@@ -12,10 +12,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-from google.protobuf.message import DecodeError
-
-from ledger_cluster.core import migration, tables, verification
+from ledger_cluster.core import commands, migration, rules, tables, verification
 from ledger_cluster.core.balances import (
     NO_TOTALS,
     Totals,
@@ -40,16 +39,14 @@ from ledger_cluster.core.records import (
     TransactionRecord,
     decode_account,
     decode_transaction,
+    encode_transaction,
     request_digest,
 )
 from ledger_cluster.errors import ReplicaBrokenError, SnapshotCorruptError, StorageLayoutError
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.limits import (
-    BATCH_ITEMS_MAX,
-    DESCRIPTION_BYTES_MAX,
     INT64_MAX,
     PAGE_SIZE_MAX,
-    REQUEST_ID_BYTES_MAX,
 )
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.storage import (
@@ -76,7 +73,8 @@ class _AccountChange:
 
     record: AccountRecord
     totals_before: Totals
-    moved: Totals = NO_TOTALS
+    # (credits settled, debits settled, credits pending, debits pending), summed in place.
+    moved: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     new_requests: list[bytes] = field(default_factory=list)
 
 
@@ -103,12 +101,14 @@ class _Changes:
         self._get_transaction = view.getter(tables.TRANSACTIONS)
         self._get_request = view.getter(tables.REQUESTS)
         self._put_transaction = None if transaction is None else transaction.putter(tables.TRANSACTIONS)
+        self._insert_transaction = None if transaction is None else transaction.inserter(tables.TRANSACTIONS)
         self._put_sequence = None if transaction is None else transaction.putter(tables.ACCOUNT_TRANSACTIONS)
         self.answering = answering
         self._recent_requests = recent_requests
         self._owns_account = owns_account
         self._owned: dict[int, bool] = {}
         self._accounts: dict[int, _AccountChange | None] = {}
+        # What this entry wrote, for a dry run only: a write transaction reads its own writes.
         self._transactions: dict[bytes, bytes] = {}
         self.new_requests: dict[bytes, int] = {}
 
@@ -136,7 +136,9 @@ class _Changes:
         return change
 
     def transaction_bytes(self, account_id: int, number: int) -> bytes | None:
-        key = tables.transaction_key(account_id, number)
+        return self.transaction_at(tables.transaction_key(account_id, number))
+
+    def transaction_at(self, key: bytes) -> bytes | None:
         data = self._transactions.get(key)
         return data if data is not None else self._get_transaction(key)
 
@@ -152,21 +154,32 @@ class _Changes:
         if before is not None:
             moved = subtract_totals(moved, contribution(before))
         if moved != NO_TOTALS:
-            change.moved = add_totals(change.moved, moved)
+            for position, amount in enumerate(moved):
+                change.moved[position] += amount
             _move_totals(change.record, moved, now)
         key = tables.transaction_key(record.account_id, record.transaction_number)
         data = record.encode()
-        self._transactions[key] = data
-        if self._put_transaction is not None:
+        if self._put_transaction is None:
+            self._transactions[key] = data
+        else:
             self._put_transaction(key, data)
         return data
+
+    def insert_transaction(self, key: bytes, data: bytes) -> bool:
+        """Store a new transaction row; False (and nothing stored) when its key is taken."""
+        if self._insert_transaction is not None:
+            return self._insert_transaction(key, data)
+        if self.transaction_at(key) is not None:
+            return False
+        self._transactions[key] = data
+        return True
 
     def put_sequence(self, account_id: int, sequence: int, number: int) -> None:
         if self._put_sequence is not None:
             self._put_sequence(tables.sequence_key(account_id, sequence), tables.encode_u64(number))
 
-    def find_request(self, account_id: int, digest: bytes) -> int | None:
-        key = tables.request_key(account_id, digest)
+    def find_request(self, key: bytes) -> int | None:
+        """The transaction number of a request key (tables.request_key), if it has one."""
         number = self.new_requests.get(key)
         if number is None:
             number = self._recent_requests.get(key)
@@ -175,8 +188,8 @@ class _Changes:
             number = None if data is None else tables.decode_u64(data)
         return number
 
-    def add_request(self, change: _AccountChange, digest: bytes, number: int) -> None:
-        self.new_requests[tables.request_key(change.record.account_id, digest)] = number
+    def add_request(self, change: _AccountChange, key: bytes, digest: bytes, number: int) -> None:
+        self.new_requests[key] = number
         change.new_requests.append(tables.REQUEST_ENTRY.pack(digest, number))
 
     def flush(self, log_index: int) -> None:
@@ -198,7 +211,9 @@ class _Changes:
             if change is None:
                 continue
             after = totals_of(change.record)
-            expected = add_totals(change.totals_before, change.moved)
+            expected = add_totals(
+                change.totals_before, (change.moved[0], change.moved[1], change.moved[2], change.moved[3])
+            )
             require_invariant(
                 after == expected,
                 f"account {account_id:016x}: totals moved to {after}, its transactions say {expected}",
@@ -248,16 +263,6 @@ def _ok_transaction(changes: _Changes, data: bytes, repeat: bool = False) -> cor
     return core_pb2.CommandResult(outcome=OK, transaction=data, repeat=repeat)
 
 
-def _invalid_create_transaction(command: core_pb2.CreateTransactionCommand) -> str | None:
-    if command.amount == 0:
-        return "amount must not be zero"
-    if len(command.description.encode()) > DESCRIPTION_BYTES_MAX:
-        return f"description exceeds {DESCRIPTION_BYTES_MAX} UTF-8 bytes"
-    if len(command.request_id.encode()) > REQUEST_ID_BYTES_MAX:
-        return f"request_id exceeds {REQUEST_ID_BYTES_MAX} UTF-8 bytes"
-    return None
-
-
 # -- command handlers --------------------------------------------------------------------------
 
 
@@ -265,11 +270,11 @@ def _digest_of(request_id: str) -> bytes:
     return request_digest(request_id) if request_id else NO_REQUEST_DIGEST
 
 
-def _create_account(
-    changes: _Changes, command: core_pb2.CreateAccountCommand, now: int
-) -> core_pb2.CommandResult:
-    if len(command.request_id.encode()) > REQUEST_ID_BYTES_MAX:
-        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, "request_id too long")
+def _create_account(changes: _Changes, command: commands.CreateAccount) -> core_pb2.CommandResult:
+    problem = rules.request_id_problem(command.request_id)
+    if problem is not None:
+        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, problem.message)
+    now = command.now
     digest = _digest_of(command.request_id)
     existing = changes.account(command.account_id)
     if existing is not None:
@@ -291,7 +296,7 @@ def _create_account(
 
 
 def _same_transaction_payload(
-    record: TransactionRecord, command: core_pb2.CreateTransactionCommand, digest: bytes
+    record: TransactionRecord, command: commands.CreateTransaction, digest: bytes
 ) -> bool:
     return (
         record.amount == command.amount
@@ -301,33 +306,42 @@ def _same_transaction_payload(
     )
 
 
-def _create_transaction(
-    changes: _Changes, command: core_pb2.CreateTransactionCommand, now: int
-) -> core_pb2.CommandResult:
-    problem = _invalid_create_transaction(command)
+def _create_transaction(changes: _Changes, command: commands.CreateTransaction) -> core_pb2.CommandResult:
+    problem = rules.create_transaction_problem(command.amount, command.description, command.request_id)
     if problem is not None:
-        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, problem)
+        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, problem.message)
     account_id = command.account_id
     change = changes.account(account_id)
     if change is None:
         return _failure(core_pb2.OUTCOME_ACCOUNT_NOT_FOUND, "account not found")
     digest = NO_REQUEST_DIGEST
+    request_key = b""
     if command.request_id:
         digest = request_digest(command.request_id)
-        number = changes.find_request(account_id, digest)
+        request_key = tables.request_key(account_id, digest)
+        number = changes.find_request(request_key)
         if number is not None:
             return _repeat_of_request(changes, command, digest, number)
-    existing = changes.transaction_bytes(account_id, command.transaction_number)
-    if existing is not None:
-        earlier = decode_transaction(existing)
-        if _same_transaction_payload(earlier, command, digest) and earlier.created_at == now:
-            return _ok_transaction(changes, existing, repeat=True)
-        return _failure(core_pb2.OUTCOME_TRANSACTION_ID_COLLISION, "transaction id already taken")
-    return _record_new_transaction(changes, change, command, digest, now)
+    key = tables.transaction_key(account_id, command.transaction_number)
+    return _record_new_transaction(changes, change, command, _NewRow(key, digest, request_key))
+
+
+def _number_taken(
+    changes: _Changes, command: commands.CreateTransaction, digest: bytes, key: bytes
+) -> core_pb2.CommandResult:
+    """The gateway drew a number that exists: a re-delivery of the very command that stored it
+    (same payload and `now`) answers it again; anything else is a collision to draw again."""
+    existing = changes.transaction_at(key)
+    require_invariant(existing is not None, "a taken transaction key without its row")
+    assert existing is not None  # narrowed for mypy; checked just above
+    earlier = decode_transaction(existing)
+    if _same_transaction_payload(earlier, command, digest) and earlier.created_at == command.now:
+        return _ok_transaction(changes, existing, repeat=True)
+    return _failure(core_pb2.OUTCOME_TRANSACTION_ID_COLLISION, "transaction id already taken")
 
 
 def _repeat_of_request(
-    changes: _Changes, command: core_pb2.CreateTransactionCommand, digest: bytes, number: int
+    changes: _Changes, command: commands.CreateTransaction, digest: bytes, number: int
 ) -> core_pb2.CommandResult:
     data = changes.transaction_bytes(command.account_id, number)
     require_invariant(data is not None, "request id recorded without its transaction")
@@ -352,46 +366,74 @@ def _overflows(account: AccountRecord, amount: int) -> bool:
     return account.debits_settled + account.debits_pending - amount > INT64_MAX
 
 
+class _NewRow(NamedTuple):
+    """The keys of a transaction about to be stored, computed once by the checks before."""
+
+    key: bytes
+    digest: bytes
+    request_key: bytes
+
+
 def _record_new_transaction(
-    changes: _Changes,
-    change: _AccountChange,
-    command: core_pb2.CreateTransactionCommand,
-    digest: bytes,
-    now: int,
+    changes: _Changes, change: _AccountChange, command: commands.CreateTransaction, row: _NewRow
 ) -> core_pb2.CommandResult:
+    """Written out in one piece, with no record object: every item of a batch of new
+    transactions runs through here on every replica, and each call or object costs. The row is
+    inserted before the account changes, so a taken number changes nothing."""
     account = change.record
     amount = command.amount
+    now = command.now
     if _overflows(account, amount):
+        if changes.transaction_at(row.key) is not None:  # a taken number answers first
+            return _number_taken(changes, command, row.digest, row.key)
         return _failure(core_pb2.OUTCOME_BALANCE_OVERFLOW, "balance would exceed int64")
     settled = command.settled
-    status = SETTLED if settled else PENDING
     if amount < 0 and account.available_balance + amount < -account.overdraft_limit:
         status = INSUFFICIENT_FUNDS
+    else:
+        status = SETTLED if settled else PENDING
     flags = TRANSACTION_SETTLED_REQUESTED if settled else 0
     if command.request_id:
         flags |= TRANSACTION_HAS_REQUEST_ID
-    # Positional, in field order: this runs once per item.
-    record = TransactionRecord(
-        account.account_id,
-        command.transaction_number,
-        account.transaction_count,
-        amount,
-        status,
-        status,
-        now,
-        now,
-        command.description,
-        amount if status == SETTLED else 0,
-        0,
-        flags,
-        digest,
-    )
-    account.transaction_count += 1
-    data = changes.put_transaction(change, None, record, now)
-    changes.put_sequence(account.account_id, record.sequence, record.transaction_number)
-    if command.request_id:
-        changes.add_request(change, digest, record.transaction_number)
-    return _ok_transaction(changes, data)
+    account_id = account.account_id
+    number = command.transaction_number
+    sequence = account.transaction_count
+    data = encode_transaction(
+        account_id, number, sequence, amount, status, status, now, now,
+        command.description, amount if status == SETTLED else 0, 0, flags, row.digest, 0, 0,
+    )  # fmt: skip
+    if not changes.insert_transaction(row.key, data):
+        return _number_taken(changes, command, row.digest, row.key)
+    account.transaction_count = sequence + 1
+    if status != INSUFFICIENT_FUNDS:
+        _add_new_transaction(change, amount, status == SETTLED, now)
+    changes.put_sequence(account_id, sequence, number)
+    if flags & TRANSACTION_HAS_REQUEST_ID:
+        changes.add_request(change, row.request_key, row.digest, number)
+    if not changes.answering:
+        return core_pb2.CommandResult(outcome=OK)
+    return core_pb2.CommandResult(outcome=OK, transaction=data)
+
+
+def _add_new_transaction(change: _AccountChange, amount: int, settled: bool, now: int) -> None:
+    """A new settled or pending transaction's move of its account's totals."""
+    account = change.record
+    moved = change.moved
+    if settled:
+        if amount > 0:
+            account.credits_settled += amount
+            moved[0] += amount
+        else:
+            account.debits_settled -= amount
+            moved[1] -= amount
+        account.updated_at = now
+    elif amount > 0:
+        account.credits_pending += amount  # visible in neither balance: updated_at stays
+        moved[2] += amount
+    else:
+        account.debits_pending -= amount
+        moved[3] -= amount
+        account.updated_at = now
 
 
 def _move_totals(account: AccountRecord, moved: Totals, now: int) -> None:
@@ -430,62 +472,39 @@ def _finish_pending(
     return _ok_transaction(changes, changes.put_transaction(change, before, after, now))
 
 
-_PAYLOAD_TYPES: dict[
-    int,
-    type[core_pb2.CreateAccountCommand]
-    | type[core_pb2.CreateTransactionCommand]
-    | type[core_pb2.SettleTransactionCommand]
-    | type[core_pb2.CancelTransactionCommand],
-] = {
-    core_pb2.COMMAND_TYPE_CREATE_ACCOUNT: core_pb2.CreateAccountCommand,
-    core_pb2.COMMAND_TYPE_CREATE_TRANSACTION: core_pb2.CreateTransactionCommand,
-    core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION: core_pb2.SettleTransactionCommand,
-    core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION: core_pb2.CancelTransactionCommand,
-}
-
-
-def _execute_batch(changes: _Changes, payload: bytes) -> core_pb2.CommandResult:
+def _execute_batch(changes: _Changes, items: tuple[bytes, ...]) -> core_pb2.CommandResult:
     """Every item in order against the same changes, so each sees the ones before it; one
     item's domain failure is its own answer and stops nothing else."""
-    batch = core_pb2.BatchCommand.FromString(payload)
-    if len(batch.commands) > BATCH_ITEMS_MAX:
-        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, f"a batch holds at most {BATCH_ITEMS_MAX} items")
+    problem = rules.batch_size_problem(len(items))
+    if problem is not None:
+        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, problem.message)
     result = core_pb2.CommandResult(outcome=OK)
     if not changes.answering:
-        for item in batch.commands:
-            _execute(changes, item, nested=True)
+        for item in items:
+            _execute(changes, commands.parse_item(item))
         return result
-    result.item_results.extend([_execute(changes, item, nested=True) for item in batch.commands])
+    result.item_results.extend([_execute(changes, commands.parse_item(item)) for item in items])
     return result
 
 
-def _execute(changes: _Changes, command_bytes: bytes, nested: bool = False) -> core_pb2.CommandResult:
-    try:
-        envelope = core_pb2.CommandEnvelope.FromString(command_bytes)
-        kind = envelope.type
-        if kind == core_pb2.COMMAND_TYPE_NOOP:
-            return core_pb2.CommandResult(outcome=OK)
-        if kind == core_pb2.COMMAND_TYPE_BATCH:
-            if nested:
-                return _failure(core_pb2.OUTCOME_INVALID_COMMAND, "a batch item cannot be a batch")
-            return _execute_batch(changes, envelope.payload)
-        payload_type = _PAYLOAD_TYPES.get(kind)
-        if payload_type is None:
-            return _failure(core_pb2.OUTCOME_INVALID_COMMAND, f"unknown command type {kind}")
-        command = payload_type.FromString(envelope.payload)
-    except DecodeError as error:
-        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, f"undecodable command: {error}")
+def _execute(changes: _Changes, command: commands.Command) -> core_pb2.CommandResult:
+    # The common case first: most items of most entries are new transactions.
+    if isinstance(command, commands.CreateTransaction) and changes.owns(command.account_id):
+        return _create_transaction(changes, command)
+    if isinstance(command, commands.Undecodable):
+        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, command.reason)
+    if isinstance(command, commands.Noop):
+        return core_pb2.CommandResult(outcome=OK)
+    if isinstance(command, commands.Batch):
+        return _execute_batch(changes, command.items)
     if not changes.owns(command.account_id):
         # A gateway with another config routed this here; storing it would strand the account
         # in a shard that will never be asked for it.
         return _failure(core_pb2.OUTCOME_SHARD_MISMATCH, "account belongs to another shard")
-    now = envelope.now
-    if isinstance(command, core_pb2.CreateTransactionCommand):
-        return _create_transaction(changes, command, now)
-    if isinstance(command, core_pb2.CreateAccountCommand):
-        return _create_account(changes, command, now)
-    target = SETTLED if isinstance(command, core_pb2.SettleTransactionCommand) else CANCELLED
-    return _finish_pending(changes, command.account_id, command.transaction_number, target, now)
+    if isinstance(command, commands.CreateAccount):
+        return _create_account(changes, command)
+    target = SETTLED if isinstance(command, commands.SettleTransaction) else CANCELLED
+    return _finish_pending(changes, command.account_id, command.transaction_number, target, command.now)
 
 
 # -- reads -------------------------------------------------------------------------------------
@@ -676,7 +695,7 @@ class AccountsCore:
         answering: bool,
     ) -> tuple[core_pb2.CommandResult, _Changes]:
         changes = _Changes(view, transaction, answering, self._recent_requests, self.owns_account)
-        result = _execute(changes, command_bytes)
+        result = _execute(changes, commands.parse(command_bytes))
         changes.flush(log_index)
         changes.check()
         result.log_index = log_index

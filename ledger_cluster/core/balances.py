@@ -60,8 +60,6 @@ def account_problems(account: AccountRecord) -> list[str]:
         )
     if account.settled_balance + account.credits_pending > INT64_MAX:
         problems.append(f"{where}: settled balance plus pending credits leave int64")
-    if account.created_at > account.updated_at:
-        problems.append(f"{where}: updated before it was created")
     return problems
 
 

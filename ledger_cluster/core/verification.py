@@ -133,8 +133,6 @@ def _transaction_problem(record: TransactionRecord) -> str | None:
         return "is a transfer leg, which this release does not make"
     if record.expires_at:
         return "has an expiry, which this release does not set"
-    if record.created_at > record.updated_at:
-        return "was updated before it was created"
     return None
 
 
