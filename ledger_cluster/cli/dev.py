@@ -228,11 +228,20 @@ def _replica_health(replica: node_pb2.ReplicaStatus | None, node_error: str) -> 
     f" is reported; repeatable, at most {bench_metrics.METRICS_URLS_MAX}. Default: those of"
     f" {', '.join(bench_metrics.DEFAULT_METRICS_URLS)} that answer.",
 )
+@click.option(
+    "--window-seconds",
+    type=click.FloatRange(min=bench.WINDOW_SECONDS_MIN),
+    default=bench.WINDOW_SECONDS_DEFAULT,
+    show_default=True,
+    help="Also report throughput per window of this length of the measured period, and the last"
+    " window's over the first's.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 @gateway_option
 def bench_command(
     *,
     accounts: int,
+    window_seconds: float,
     duration_seconds: float,
     warmup_seconds: float,
     concurrency: int,
@@ -273,6 +282,7 @@ def bench_command(
             batch=batch,
             # None: the dev cluster's ports, those that answer.
             metrics_urls=list(metrics_urls) or None,
+            window_seconds=window_seconds,
         )
     except grpc.RpcError as error:
         raise click.ClickException(f"{gateway}: {describe_rpc_error(error)}") from None
