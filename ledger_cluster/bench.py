@@ -54,6 +54,9 @@ DURATION_SECONDS_MAX = 3600.0
 WARMUP_SECONDS_MAX = 600.0
 CALL_TIMEOUT_SECONDS = 10.0
 SETUP_BALANCE = 10**12
+# `--mix create` draws top-ups and purchases of one unit: against SETUP_BALANCE no purchase is
+# ever refused, so every item is a real write.
+CREATE_MIX_AMOUNTS = (-1, 1)
 # Calls in flight while accounts are set up, unknown writes re-sent and balances checked: enough
 # to hide round trips, few enough not to queue behind each other at the server.
 SETUP_CONCURRENCY_MAX = 16
@@ -267,7 +270,8 @@ class _Tally:
         self.unresolved.extend(writes)
 
 
-def _request_id() -> str:
+def new_request_id() -> str:
+    """A request id as a client makes one: random, so every write is idempotent on retry."""
     return f"bench-{uuid.uuid4().hex}"
 
 
@@ -278,7 +282,7 @@ def _new_write(account_id: str, amount: int, settled: bool) -> _Write:
             amount=amount,
             settled=settled,
             description="bench",
-            request_id=_request_id(),
+            request_id=new_request_id(),
         )
     )
 
@@ -398,7 +402,9 @@ class _Client:
             await self._read(self._random.choice(self._accounts), count)
         elif operation == "create":
             writes = [
-                _new_write(self._random.choice(self._accounts), self._random.choice((-1, 1)), settled=True)
+                _new_write(
+                    self._random.choice(self._accounts), self._random.choice(CREATE_MIX_AMOUNTS), settled=True
+                )
                 for _ in range(self._batch)
             ]
             acknowledged = await self._create_batch(writes, count)
@@ -422,7 +428,7 @@ class _Client:
             await self._read(account_id, count)
             return
         if operation == "create":
-            amount = self._random.choice((-1, 1))
+            amount = self._random.choice(CREATE_MIX_AMOUNTS)
             if await self._create(_new_write(account_id, amount, settled=True), count) and count:
                 self._tally.add_transactions(1, self._started_monotonic)
             return
@@ -483,7 +489,7 @@ async def _setup_accounts(stub: Stub, count: int, progress: Callable[[str], None
         nonlocal created
         account = (
             await stub.CreateAccount(
-                ledger_pb2.CreateAccountRequest(request_id=_request_id()), timeout=CALL_TIMEOUT_SECONDS
+                ledger_pb2.CreateAccountRequest(request_id=new_request_id()), timeout=CALL_TIMEOUT_SECONDS
             )
         ).account
         await stub.CreateTransaction(
@@ -492,7 +498,7 @@ async def _setup_accounts(stub: Stub, count: int, progress: Callable[[str], None
                 amount=SETUP_BALANCE,
                 settled=True,
                 description="bench setup",
-                request_id=_request_id(),
+                request_id=new_request_id(),
             ),
             timeout=CALL_TIMEOUT_SECONDS,
         )
