@@ -57,6 +57,9 @@ SETUP_BALANCE = 10**12
 # `--mix create` draws top-ups and purchases of one unit: against SETUP_BALANCE no purchase is
 # ever refused, so every item is a real write.
 CREATE_MIX_AMOUNTS = (-1, 1)
+# Accounts named by --accounts-file must hold this much, or purchases soon fail on funds and the
+# run measures refusals (an account of scripts/preload-state holds SETUP_BALANCE).
+ACCOUNTS_FILE_BALANCE_MIN = 10**9
 # Calls in flight while accounts are set up, unknown writes re-sent and balances checked: enough
 # to hide round trips, few enough not to queue behind each other at the server.
 SETUP_CONCURRENCY_MAX = 16
@@ -510,6 +513,34 @@ async def _setup_accounts(stub: Stub, count: int, progress: Callable[[str], None
     return await _for_each(range(count), create, SETUP_CONCURRENCY_MAX)
 
 
+async def _check_existing_accounts(stub: Stub, account_ids: Sequence[str]) -> None:
+    """Every account named by --accounts-file exists and holds enough to pay for the run.
+    Raises BenchError otherwise: a missing account fails every write and a drained one every
+    purchase, and the run would measure refusals."""
+
+    async def check(account_id: str) -> str | None:
+        try:
+            account = (
+                await stub.GetAccount(
+                    ledger_pb2.GetAccountRequest(account_id=account_id), timeout=CALL_TIMEOUT_SECONDS
+                )
+            ).account
+        except grpc.RpcError as error:
+            if error_details(error).code == grpc.StatusCode.NOT_FOUND:
+                return f"{account_id} does not exist"
+            raise
+        if account.available_balance < ACCOUNTS_FILE_BALANCE_MIN:
+            return f"{account_id} holds {account.available_balance}, below {ACCOUNTS_FILE_BALANCE_MIN}"
+        return None
+
+    problems = [problem for problem in await _for_each(account_ids, check, SETUP_CONCURRENCY_MAX) if problem]
+    if problems:
+        raise BenchError(
+            f"{len(problems)} of the {len(account_ids)} accounts given cannot carry the run"
+            f" (was the preloaded state restored?): {'; '.join(problems[:3])}"
+        )
+
+
 async def _resolve_unknown(stub: Stub, unresolved: list[_Write]) -> None:
     """Re-send every write of unknown fate with its request_id until it is answered."""
 
@@ -648,8 +679,10 @@ async def run_bench_async(
     batch: int = 1,
     metrics_urls: Sequence[str] | None = None,
     window_seconds: float = WINDOW_SECONDS_DEFAULT,
+    existing_account_ids: Sequence[str] | None = None,
 ) -> BenchResult:
-    """The whole bench on the running loop. `metrics_urls` None tries the dev cluster's ports."""
+    """The whole bench on the running loop. `metrics_urls` None tries the dev cluster's ports;
+    `existing_account_ids` are used (after a check) instead of `accounts` new accounts."""
     for url in metrics_urls or ():
         problem = loopback_url_problem(url)
         if problem is not None:
@@ -660,7 +693,12 @@ async def run_bench_async(
     progress(f"reading CPU from {', '.join(answering)}" if answering else "no metrics endpoint answers")
     async with aio.insecure_channel(address) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        account_ids = await _setup_accounts(stub, accounts, progress)
+        if existing_account_ids is None:
+            account_ids = await _setup_accounts(stub, accounts, progress)
+        else:
+            account_ids = list(existing_account_ids)
+            await _check_existing_accounts(stub, account_ids)
+            progress(f"using {len(account_ids)} existing accounts")
         windows = max(1, math.ceil(duration_seconds / window_seconds - WINDOW_ROUNDING_SLACK))
         tally = _Tally(window_seconds, windows)
         clients = [
@@ -707,10 +745,11 @@ def run_bench(
     batch: int = 1,
     metrics_urls: Sequence[str] | None = None,
     window_seconds: float = WINDOW_SECONDS_DEFAULT,
+    existing_account_ids: Sequence[str] | None = None,
 ) -> BenchResult:
-    """Set up accounts, load `address` for the warm-up and the window, re-send writes of unknown
-    outcome, then check every account's balances. Raises grpc.RpcError when setup or the check
-    fails, BenchError when the run cannot finish."""
+    """Set up accounts (or check `existing_account_ids`), load `address` for the warm-up and the
+    window, re-send writes of unknown outcome, then check every account's balances. Raises
+    grpc.RpcError when setup or the check fails, BenchError when the run cannot finish."""
     return asyncio.run(
         run_bench_async(
             address,
@@ -723,5 +762,6 @@ def run_bench(
             batch=batch,
             metrics_urls=metrics_urls,
             window_seconds=window_seconds,
+            existing_account_ids=existing_account_ids,
         )
     )

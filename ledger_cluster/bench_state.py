@@ -1,5 +1,5 @@
 """Benchmark states built offline with the core alone (no Raft, no gRPC), and the core's own cost
-measured on them: what `scripts/bench-core` runs.
+measured on them: what `scripts/bench-core` and `scripts/preload-state` run.
 
 These tools use only the core's stable surface (`AccountsCore.open`, `apply`, `write_snapshot`,
 `close`, the constructors of `core.commands` and `tables.STATE_FORMAT_VERSION`) and count what a
@@ -15,20 +15,35 @@ and a time-ordered transaction number, in entries of up to BATCH_ITEMS_MAX items
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import resource
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import lmdb
 
+from ledger_cluster.backup import (
+    FILE_MODE,
+    MANIFEST_FILE_NAME,
+    MANIFEST_FORMAT_VERSION,
+    SNAPSHOT_FILE_SUFFIX,
+    Manifest,
+    ShardBackup,
+    file_sha256,
+    prepare_backup_directory,
+    validate_backup,
+)
 from ledger_cluster.bench import CREATE_MIX_AMOUNTS, SETUP_BALANCE, new_request_id
+from ledger_cluster.config import ClusterConfig, write_json_atomic
 from ledger_cluster.core import AccountsCore, commands, tables
 from ledger_cluster.errors import LedgerError
 from ledger_cluster.gateway import account_id_for_request, time_ordered_transaction_number
@@ -36,6 +51,7 @@ from ledger_cluster.gateway.service import TRANSACTION_NUMBER_RANDOM_BITS
 from ledger_cluster.ids import format_account_id
 from ledger_cluster.limits import BATCH_ITEMS_MAX
 from ledger_cluster.sharding import shard_key
+from ledger_cluster.storage import fsync_directory
 
 Progress = Callable[[str], None]
 
@@ -59,6 +75,10 @@ DEVICE_STAT_SECTORS_WRITTEN_FIELD = 6
 DEVICE_SECTOR_BYTES = 512
 BYTES_PER_KIB = 1024
 MICROSECONDS_PER_SECOND = 1_000_000
+# What a backup manifest names as the node a snapshot came from: this one came from no node.
+PRELOAD_SOURCE_NODE_ID = "preload-state"
+ACCOUNTS_FILE_NAME = "accounts.txt"
+WORK_DIRECTORY_NAME = ".work"
 CACHE_STATE_DIRECTORY_NAME = "lmdb"
 CACHE_DESCRIPTION_FILE_NAME = "preload.json"
 PARTIAL_SUFFIX = ".partial"
@@ -450,3 +470,136 @@ def store_cached_state(cache_dir: Path, key: str, data_dir: Path, preloaded: Pre
     (partial / CACHE_DESCRIPTION_FILE_NAME).write_text(json.dumps(description, indent=1), encoding="utf-8")
     shutil.rmtree(entry, ignore_errors=True)
     os.replace(partial, entry)
+
+
+# -- a whole cluster's state as a backup (scripts/preload-state) --------------------------------
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to build; plain fields, so it crosses into a worker process."""
+
+    shard_id: str
+    lower_bound: int
+    upper_bound: int
+    transactions: int
+    accounts: int
+    work_dir: str
+    snapshot_path: str
+
+
+@dataclass(frozen=True)
+class BuiltShard:
+    backup: ShardBackup
+    account_ids: tuple[int, ...]
+    seconds: float
+
+
+def build_shard_snapshot(job: ShardJob) -> BuiltShard:
+    """Preload one shard in its own LMDB environment under `work_dir`, write its snapshot, and
+    describe the file as `ledger-dev backup` would. Runs in a worker process."""
+
+    def progress(line: str) -> None:
+        print(f"{job.shard_id}: {line}", file=sys.stderr, flush=True)
+
+    directory = Path(job.work_dir) / job.shard_id
+    snapshot = Path(job.snapshot_path)
+    core = AccountsCore.open(directory, job.lower_bound, job.upper_bound)
+    try:
+        preloaded = preload(
+            ShardLog(core),
+            job.lower_bound,
+            job.upper_bound,
+            accounts=job.accounts,
+            transactions=job.transactions,
+            rng=random.Random(),
+            progress=progress,
+        )
+        header = core.write_snapshot(snapshot)
+    finally:
+        core.close()
+    shutil.rmtree(directory)
+    os.chmod(snapshot, FILE_MODE)  # private, as `ledger-dev backup` writes its files
+    backup = ShardBackup(
+        shard_id=job.shard_id,
+        file=snapshot.name,
+        sha256=file_sha256(snapshot),
+        size_bytes=snapshot.stat().st_size,
+        applied_index=header.applied_index,
+        record_count=header.record_count,
+        lower_bound=job.lower_bound,
+        upper_bound=job.upper_bound,
+        leader_node_id=PRELOAD_SOURCE_NODE_ID,
+    )
+    progress(
+        f"{job.transactions:,} transactions in {preloaded.seconds:.1f} s, snapshot of"
+        f" {backup.record_count:,} records, {backup.size_bytes / 1e6:,.1f} MB"
+    )
+    return BuiltShard(backup, preloaded.account_ids, preloaded.seconds)
+
+
+def interleaved(groups: Sequence[Sequence[int]]) -> list[int]:
+    """The first of every group, then the second of every group, ...: any prefix of the result
+    spreads over all groups (a bench using the first N accounts loads every shard)."""
+    longest = max((len(group) for group in groups), default=0)
+    return [group[index] for index in range(longest) for group in groups if index < len(group)]
+
+
+def build_backup(
+    config: ClusterConfig,
+    out_dir: Path,
+    *,
+    transactions_per_shard: int,
+    accounts_per_shard: int,
+    jobs: int,
+    progress: Progress,
+) -> Manifest:
+    """A backup directory of `config`'s shards, each preloaded offline, in `ledger-dev backup`'s
+    format (checked with its own validation at the end), and ACCOUNTS_FILE_NAME listing the
+    accounts shard by shard in turn. `jobs` shards are built at once, each in its own process."""
+    prepare_backup_directory(out_dir)
+    work_dir = out_dir / WORK_DIRECTORY_NAME
+    shard_jobs = [
+        ShardJob(
+            shard_id=shard.shard_id,
+            lower_bound=shard.lower_bound,
+            upper_bound=shard.upper_bound,
+            transactions=transactions_per_shard,
+            accounts=accounts_per_shard,
+            work_dir=str(work_dir),
+            snapshot_path=str(out_dir / f"{shard.shard_id}{SNAPSHOT_FILE_SUFFIX}"),
+        )
+        for shard in config.shards
+    ]
+    try:
+        if jobs == 1:
+            built = [build_shard_snapshot(job) for job in shard_jobs]
+        else:
+            # Spawned, not forked: the parent has imported grpc, whose threads do not survive a fork.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                built = list(pool.map(build_shard_snapshot, shard_jobs))
+        shutil.rmtree(work_dir)
+        accounts = interleaved([shard.account_ids for shard in built])
+        accounts_file = out_dir / ACCOUNTS_FILE_NAME
+        accounts_file.write_text(
+            "".join(f"{format_account_id(account)}\n" for account in accounts), encoding="ascii"
+        )
+        os.chmod(accounts_file, FILE_MODE)
+        fsync_directory(out_dir)
+        manifest = Manifest(
+            format_version=MANIFEST_FORMAT_VERSION,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            config=config.to_json_object(),
+            shards=tuple(shard.backup for shard in built),
+        )
+        # Last, as `ledger-dev backup` does: a directory without a manifest is no backup.
+        write_json_atomic(manifest.to_json_object(), out_dir / MANIFEST_FILE_NAME)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        for job in shard_jobs:
+            Path(job.snapshot_path).unlink(missing_ok=True)
+        (out_dir / ACCOUNTS_FILE_NAME).unlink(missing_ok=True)
+        raise
+    validate_backup(out_dir, progress)
+    return manifest
