@@ -362,7 +362,7 @@ def _backup_shard(
     )
 
 
-def _prepare_backup_directory(out_dir: Path) -> None:
+def prepare_backup_directory(out_dir: Path) -> None:
     if out_dir.exists():
         _require(out_dir.is_dir(), f"{out_dir} exists and is not a directory")
         entries = sorted(entry.name for entry in out_dir.iterdir())
@@ -382,7 +382,7 @@ def backup_cluster(
 ) -> Manifest:
     """Snapshot every shard from its leader into `out_dir`, then write the manifest. On any
     failure the files written so far are removed and no manifest exists."""
-    _prepare_backup_directory(out_dir)
+    prepare_backup_directory(out_dir)
     leaders = leaders_of(node_statuses_now(config, LEADER_DISCOVERY_TIMEOUT_SECONDS))
     written: list[Path] = []
     try:

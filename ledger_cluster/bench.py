@@ -18,6 +18,7 @@ right before and right after the measured window; the processes are named by the
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import statistics
 import time
@@ -53,6 +54,12 @@ DURATION_SECONDS_MAX = 3600.0
 WARMUP_SECONDS_MAX = 600.0
 CALL_TIMEOUT_SECONDS = 10.0
 SETUP_BALANCE = 10**12
+# `--mix create` draws top-ups and purchases of one unit: against SETUP_BALANCE no purchase is
+# ever refused, so every item is a real write.
+CREATE_MIX_AMOUNTS = (-1, 1)
+# Accounts named by --accounts-file must hold this much, or purchases soon fail on funds and the
+# run measures refusals (an account of scripts/preload-state holds SETUP_BALANCE).
+ACCOUNTS_FILE_BALANCE_MIN = 10**9
 # Calls in flight while accounts are set up, unknown writes re-sent and balances checked: enough
 # to hide round trips, few enough not to queue behind each other at the server.
 SETUP_CONCURRENCY_MAX = 16
@@ -64,6 +71,13 @@ LIST_PAGE_SIZE = 1000
 # 10^8 transactions on one account; more means the server never ends its listing.
 LIST_PAGES_PER_ACCOUNT_MAX = 100_000
 PROGRESS_INTERVAL_SECONDS = 1.0
+# Throughput is also reported per window of the measured period, so a run that slows down as its
+# tables grow shows it (issue 13: no decline beyond 15% from the first to the sixth 10 s).
+WINDOW_SECONDS_DEFAULT = 10.0
+WINDOW_SECONDS_MIN = 0.1
+# A duration that is a whole number of windows (60 s of 10 s) makes that many, not one more
+# for a float's last bit.
+WINDOW_ROUNDING_SLACK = 1e-9
 SETUP_PROGRESS_EVERY_ACCOUNTS = 100
 # Past this many latencies a uniform reservoir keeps the percentiles unbiased in bounded memory
 # (an hour at 20,000 calls/s would otherwise hold 72 million floats).
@@ -102,6 +116,27 @@ class BenchResult:
     balance_mismatches: list[str] = field(default_factory=list)
     cpu: CpuWindow = field(default_factory=lambda: CpuWindow({}, {}))
     load_generator_cpu_seconds: float = 0.0
+    window_seconds: float = WINDOW_SECONDS_DEFAULT
+    # Transactions of the operations that started in each window; they add up to `transactions`.
+    transactions_by_window: list[int] = field(default_factory=list)
+
+    def window_throughputs(self) -> list[float]:
+        """Transactions per second of each window; the last one ends with the measured period,
+        so it may be a little longer or shorter than the others."""
+        rates = []
+        for index, transactions in enumerate(self.transactions_by_window):
+            start = index * self.window_seconds
+            last = index == len(self.transactions_by_window) - 1
+            end = self.measured_seconds if last else start + self.window_seconds
+            rates.append(round(transactions / max(end - start, 1e-9), 1))
+        return rates
+
+    def window_ratio_last_to_first(self) -> float | None:
+        """The last window's throughput over the first's; None with fewer than two windows."""
+        rates = self.window_throughputs()
+        if len(rates) < 2 or rates[0] <= 0:
+            return None
+        return round(rates[-1] / rates[0], 3)
 
     def summary(self) -> dict[str, object]:
         ordered = sorted(self.latencies_ms)
@@ -139,6 +174,9 @@ class BenchResult:
             ),
             "load_generator_cpu_seconds": round(self.load_generator_cpu_seconds, 3),
             "metrics_missing": dict(self.cpu.missing),
+            "window_seconds": self.window_seconds,
+            "throughput_tx_per_s_by_window": self.window_throughputs(),
+            "window_ratio_last_to_first": self.window_ratio_last_to_first(),
         }
 
     def describe(self) -> str:
@@ -154,13 +192,20 @@ class BenchResult:
         else:
             cpu = "CPU per transaction: no metrics endpoint gave a reading"
         missing = f", metrics missing from {', '.join(self.cpu.missing)}" if self.cpu.missing else ""
+        windows = ""
+        if len(self.transactions_by_window) > 1:
+            rates = ", ".join(f"{rate:,.0f}" for rate in self.window_throughputs())
+            windows = (
+                f", tx/s per {self.window_seconds:g} s window {rates}"
+                f" (last/first {self.window_ratio_last_to_first()})"
+            )
         return (
             f"{summary['throughput_tx_per_s']} tx/s over {summary['measured_seconds']} s,"
             f" latency ms p50 {summary['latency_ms_p50']} p95 {summary['latency_ms_p95']}"
             f" p99 {summary['latency_ms_p99']} max {summary['latency_ms_max']},"
             f" errors {summary['errors_by_code'] or 'none'},"
             f" balances checked {summary['balances_checked']}, mismatches {len(self.balance_mismatches)},"
-            f" {cpu}, load generator {summary['load_generator_cpu_us_per_tx']} µs{missing}"
+            f" {cpu}, load generator {summary['load_generator_cpu_us_per_tx']} µs{missing}{windows}"
         )
 
 
@@ -198,16 +243,27 @@ class _Tally:
     """What all clients count. They are coroutines on one event loop thread, so these plain
     fields need no lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, window_seconds: float, windows: int) -> None:
         self.counting = False
         self.stopping = False
         self.measure_started_monotonic = 0.0
         self.operations = 0
         self.transactions = 0
+        self.window_seconds = window_seconds
+        self.transactions_by_window = [0] * windows
         self.latencies = _Latencies(seed=0)
         self.errors: Counter[str] = Counter()
         # Writes whose fate is unknown, re-sent after the run.
         self.unresolved: list[_Write] = []
+
+    def add_transactions(self, count: int, started_monotonic: float) -> None:
+        """Count the transactions of an operation that started at `started_monotonic`, in the
+        window it started in, as the total counts operations that start inside the period. One
+        that starts as the period closes goes to the last window."""
+        self.transactions += count
+        elapsed = started_monotonic - self.measure_started_monotonic
+        index = min(max(0, int(elapsed / self.window_seconds)), len(self.transactions_by_window) - 1)
+        self.transactions_by_window[index] += count
 
     def add_unresolved(self, writes: Sequence[_Write]) -> None:
         if len(self.unresolved) + len(writes) > UNRESOLVED_WRITES_MAX:
@@ -217,7 +273,8 @@ class _Tally:
         self.unresolved.extend(writes)
 
 
-def _request_id() -> str:
+def new_request_id() -> str:
+    """A request id as a client makes one: random, so every write is idempotent on retry."""
     return f"bench-{uuid.uuid4().hex}"
 
 
@@ -228,7 +285,7 @@ def _new_write(account_id: str, amount: int, settled: bool) -> _Write:
             amount=amount,
             settled=settled,
             description="bench",
-            request_id=_request_id(),
+            request_id=new_request_id(),
         )
     )
 
@@ -253,11 +310,13 @@ class _Client:
         self._batch = batch
         self._random = random.Random(seed)
         self._tally = tally
+        self._started_monotonic = 0.0
 
     async def run(self) -> None:
         while not self._tally.stopping:
             # An operation counts when it starts inside the window, as the CPU readings bracket it.
             count = self._tally.counting
+            self._started_monotonic = time.monotonic()
             if self._batch > 1:
                 await self._run_batch(count)
             else:
@@ -346,11 +405,14 @@ class _Client:
             await self._read(self._random.choice(self._accounts), count)
         elif operation == "create":
             writes = [
-                _new_write(self._random.choice(self._accounts), self._random.choice((-1, 1)), settled=True)
+                _new_write(
+                    self._random.choice(self._accounts), self._random.choice(CREATE_MIX_AMOUNTS), settled=True
+                )
                 for _ in range(self._batch)
             ]
             acknowledged = await self._create_batch(writes, count)
-            self._tally.transactions += len(acknowledged) if count else 0
+            if count:
+                self._tally.add_transactions(len(acknowledged), self._started_monotonic)
         else:
             pending = [
                 _new_write(self._random.choice(self._accounts), -1, settled=False) for _ in range(self._batch)
@@ -359,7 +421,8 @@ class _Client:
             if created:
                 ids = [write.answered.id for write in created if write.answered is not None]
                 succeeded = await self._finish_batch(operation, ids, count)
-                self._tally.transactions += succeeded if count else 0
+                if count:
+                    self._tally.add_transactions(succeeded, self._started_monotonic)
 
     async def _run_one(self, count: bool) -> None:
         operation = self._random.choice(self._mix)
@@ -368,9 +431,9 @@ class _Client:
             await self._read(account_id, count)
             return
         if operation == "create":
-            amount = self._random.choice((-1, 1))
+            amount = self._random.choice(CREATE_MIX_AMOUNTS)
             if await self._create(_new_write(account_id, amount, settled=True), count) and count:
-                self._tally.transactions += 1
+                self._tally.add_transactions(1, self._started_monotonic)
             return
         pending = _new_write(account_id, -1, settled=False)
         if not await self._create(pending, count) or pending.answered is None:
@@ -389,7 +452,7 @@ class _Client:
         # A settle or cancel of unknown fate is not re-sent: the balance check reads each
         # transaction's final status from the ledger, whatever it is.
         if await self._timed(finish, count) is not None and count:
-            self._tally.transactions += 1
+            self._tally.add_transactions(1, self._started_monotonic)
 
 
 # --- phases ------------------------------------------------------------------------------------
@@ -429,7 +492,7 @@ async def _setup_accounts(stub: Stub, count: int, progress: Callable[[str], None
         nonlocal created
         account = (
             await stub.CreateAccount(
-                ledger_pb2.CreateAccountRequest(request_id=_request_id()), timeout=CALL_TIMEOUT_SECONDS
+                ledger_pb2.CreateAccountRequest(request_id=new_request_id()), timeout=CALL_TIMEOUT_SECONDS
             )
         ).account
         await stub.CreateTransaction(
@@ -438,7 +501,7 @@ async def _setup_accounts(stub: Stub, count: int, progress: Callable[[str], None
                 amount=SETUP_BALANCE,
                 settled=True,
                 description="bench setup",
-                request_id=_request_id(),
+                request_id=new_request_id(),
             ),
             timeout=CALL_TIMEOUT_SECONDS,
         )
@@ -448,6 +511,34 @@ async def _setup_accounts(stub: Stub, count: int, progress: Callable[[str], None
         return account.id
 
     return await _for_each(range(count), create, SETUP_CONCURRENCY_MAX)
+
+
+async def _check_existing_accounts(stub: Stub, account_ids: Sequence[str]) -> None:
+    """Every account named by --accounts-file exists and holds enough to pay for the run.
+    Raises BenchError otherwise: a missing account fails every write and a drained one every
+    purchase, and the run would measure refusals."""
+
+    async def check(account_id: str) -> str | None:
+        try:
+            account = (
+                await stub.GetAccount(
+                    ledger_pb2.GetAccountRequest(account_id=account_id), timeout=CALL_TIMEOUT_SECONDS
+                )
+            ).account
+        except grpc.RpcError as error:
+            if error_details(error).code == grpc.StatusCode.NOT_FOUND:
+                return f"{account_id} does not exist"
+            raise
+        if account.available_balance < ACCOUNTS_FILE_BALANCE_MIN:
+            return f"{account_id} holds {account.available_balance}, below {ACCOUNTS_FILE_BALANCE_MIN}"
+        return None
+
+    problems = [problem for problem in await _for_each(account_ids, check, SETUP_CONCURRENCY_MAX) if problem]
+    if problems:
+        raise BenchError(
+            f"{len(problems)} of the {len(account_ids)} accounts given cannot carry the run"
+            f" (was the preloaded state restored?): {'; '.join(problems[:3])}"
+        )
 
 
 async def _resolve_unknown(stub: Stub, unresolved: list[_Write]) -> None:
@@ -587,8 +678,11 @@ async def run_bench_async(
     progress: Callable[[str], None],
     batch: int = 1,
     metrics_urls: Sequence[str] | None = None,
+    window_seconds: float = WINDOW_SECONDS_DEFAULT,
+    existing_account_ids: Sequence[str] | None = None,
 ) -> BenchResult:
-    """The whole bench on the running loop. `metrics_urls` None tries the dev cluster's ports."""
+    """The whole bench on the running loop. `metrics_urls` None tries the dev cluster's ports;
+    `existing_account_ids` are used (after a check) instead of `accounts` new accounts."""
     for url in metrics_urls or ():
         problem = loopback_url_problem(url)
         if problem is not None:
@@ -599,13 +693,19 @@ async def run_bench_async(
     progress(f"reading CPU from {', '.join(answering)}" if answering else "no metrics endpoint answers")
     async with aio.insecure_channel(address) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        account_ids = await _setup_accounts(stub, accounts, progress)
-        tally = _Tally()
+        if existing_account_ids is None:
+            account_ids = await _setup_accounts(stub, accounts, progress)
+        else:
+            account_ids = list(existing_account_ids)
+            await _check_existing_accounts(stub, account_ids)
+            progress(f"using {len(account_ids)} existing accounts")
+        windows = max(1, math.ceil(duration_seconds / window_seconds - WINDOW_ROUNDING_SLACK))
+        tally = _Tally(window_seconds, windows)
         clients = [
             _Client(stub, account_ids, mix, seed=seed, tally=tally, batch=batch)
             for seed in range(concurrency)
         ]
-        result = BenchResult()
+        result = BenchResult(window_seconds=window_seconds)
         await _measure(
             clients,
             tally,
@@ -618,6 +718,7 @@ async def run_bench_async(
         )
         result.operations = tally.operations
         result.transactions = tally.transactions
+        result.transactions_by_window = tally.transactions_by_window
         result.latencies_ms = tally.latencies.samples_ms
         result.latency_ms_max = tally.latencies.maximum_ms
         result.errors_by_code = tally.errors
@@ -643,10 +744,12 @@ def run_bench(
     progress: Callable[[str], None],
     batch: int = 1,
     metrics_urls: Sequence[str] | None = None,
+    window_seconds: float = WINDOW_SECONDS_DEFAULT,
+    existing_account_ids: Sequence[str] | None = None,
 ) -> BenchResult:
-    """Set up accounts, load `address` for the warm-up and the window, re-send writes of unknown
-    outcome, then check every account's balances. Raises grpc.RpcError when setup or the check
-    fails, BenchError when the run cannot finish."""
+    """Set up accounts (or check `existing_account_ids`), load `address` for the warm-up and the
+    window, re-send writes of unknown outcome, then check every account's balances. Raises
+    grpc.RpcError when setup or the check fails, BenchError when the run cannot finish."""
     return asyncio.run(
         run_bench_async(
             address,
@@ -658,5 +761,7 @@ def run_bench(
             progress=progress,
             batch=batch,
             metrics_urls=metrics_urls,
+            window_seconds=window_seconds,
+            existing_account_ids=existing_account_ids,
         )
     )

@@ -217,3 +217,32 @@ def test_the_bench_command_refuses_a_metrics_url_off_loopback() -> None:
     )
     assert completed.returncode == 2, completed.stderr
     assert "192.0.2.1 is not a loopback address" in completed.stderr
+
+
+def test_throughput_is_reported_per_window_of_the_measured_period() -> None:
+    result = bench.BenchResult(
+        transactions=5000,
+        measured_seconds=30.5,
+        window_seconds=10.0,
+        transactions_by_window=[2000, 1800, 1200],
+    )
+    summary = result.summary()
+    # The last window ends with the period: 10.5 s.
+    assert summary["throughput_tx_per_s_by_window"] == [200.0, 180.0, round(1200 / 10.5, 1)]
+    assert summary["window_ratio_last_to_first"] == round(round(1200 / 10.5, 1) / 200.0, 3)
+    assert summary["window_seconds"] == 10.0
+    assert "tx/s per 10 s window 200, 180, 114 (last/first 0.572)" in result.describe()
+    single = bench.BenchResult(transactions=10, measured_seconds=5.0, transactions_by_window=[10])
+    assert single.summary()["window_ratio_last_to_first"] is None
+    assert "window" not in single.describe()
+
+
+def test_transactions_count_in_the_window_their_operation_started_in() -> None:
+    tally = bench._Tally(window_seconds=10.0, windows=6)
+    tally.measure_started_monotonic = 100.0
+    tally.add_transactions(1000, 100.0)
+    tally.add_transactions(1000, 109.999)
+    tally.add_transactions(1000, 110.0)
+    tally.add_transactions(1000, 160.001)  # started as the 60 s period closed: the sixth window
+    assert tally.transactions_by_window == [2000, 1000, 0, 0, 0, 1000]
+    assert tally.transactions == 4000

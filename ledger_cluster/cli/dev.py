@@ -24,7 +24,8 @@ from ledger_cluster.cli.common import (
     version_option,
 )
 from ledger_cluster.client import NodeStatus, node_statuses_now
-from ledger_cluster.errors import ConfigError, LedgerError
+from ledger_cluster.errors import ConfigError, InvalidIdError, LedgerError
+from ledger_cluster.ids import parse_account_id
 from ledger_cluster.internal.v1 import node_pb2
 from ledger_cluster.limits import BATCH_ITEMS_MAX
 from ledger_cluster.localcluster.cluster import config_ports
@@ -182,8 +183,41 @@ def _replica_health(replica: node_pb2.ReplicaStatus | None, node_error: str) -> 
     return f"lagging {lag}" if lag else "ok"
 
 
+def _account_ids_of(path: Path, count: int) -> list[str]:
+    """The first `count` account ids of `path`, one per line (blank lines and # comments skipped)."""
+    account_ids = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            parse_account_id(line)
+        except InvalidIdError as error:
+            raise click.BadParameter(f"{path}:{number}: {error}", param_hint="--accounts-file") from None
+        account_ids.append(line)
+        if len(account_ids) == count:
+            break
+    if not account_ids:
+        raise click.BadParameter(f"{path} lists no account", param_hint="--accounts-file")
+    return account_ids
+
+
 @main.command("bench")
-@click.option("--accounts", type=click.IntRange(1, bench.ACCOUNTS_MAX), default=100, show_default=True)
+@click.option(
+    "--accounts",
+    type=click.IntRange(1, bench.ACCOUNTS_MAX),
+    default=100,
+    show_default=True,
+    help="Accounts to create and load; with --accounts-file, how many of the file's to use.",
+)
+@click.option(
+    "--accounts-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Use existing accounts instead of creating new ones: the first --accounts ids of this file"
+    " (one per line, as scripts/preload-state writes to accounts.txt). Each must exist and hold"
+    f" at least {bench.ACCOUNTS_FILE_BALANCE_MIN}.",
+)
 @click.option(
     "--duration",
     "duration_seconds",
@@ -229,11 +263,21 @@ def _replica_health(replica: node_pb2.ReplicaStatus | None, node_error: str) -> 
     f" is reported; repeatable, at most {bench_metrics.METRICS_URLS_MAX}. Default: those of"
     f" {', '.join(bench_metrics.DEFAULT_METRICS_URLS)} that answer.",
 )
+@click.option(
+    "--window-seconds",
+    type=click.FloatRange(min=bench.WINDOW_SECONDS_MIN),
+    default=bench.WINDOW_SECONDS_DEFAULT,
+    show_default=True,
+    help="Also report throughput per window of this length of the measured period, and the last"
+    " window's over the first's.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 @gateway_option
 def bench_command(
     *,
     accounts: int,
+    accounts_file: Path | None,
+    window_seconds: float,
     duration_seconds: float,
     warmup_seconds: float,
     concurrency: int,
@@ -262,6 +306,7 @@ def bench_command(
         problem = bench_metrics.loopback_url_problem(url)
         if problem is not None:
             raise click.BadParameter(problem, param_hint="--metrics")
+    existing_account_ids = None if accounts_file is None else _account_ids_of(accounts_file, accounts)
     try:
         result = bench.run_bench(
             gateway,
@@ -274,6 +319,8 @@ def bench_command(
             batch=batch,
             # None: the dev cluster's ports, those that answer.
             metrics_urls=list(metrics_urls) or None,
+            window_seconds=window_seconds,
+            existing_account_ids=existing_account_ids,
         )
     except grpc.RpcError as error:
         raise click.ClickException(f"{gateway}: {describe_rpc_error(error)}") from None
