@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import lmdb
-
 from ledger_cluster.backup import (
     FILE_MODE,
     MANIFEST_FILE_NAME,
@@ -51,7 +49,7 @@ from ledger_cluster.gateway.service import TRANSACTION_NUMBER_RANDOM_BITS
 from ledger_cluster.ids import format_account_id
 from ledger_cluster.limits import BATCH_ITEMS_MAX
 from ledger_cluster.sharding import shard_key
-from ledger_cluster.storage import fsync_directory
+from ledger_cluster.storage import Storage, fsync_directory
 
 Progress = Callable[[str], None]
 
@@ -66,8 +64,6 @@ ACCOUNT_DRAWS_MAX = 1_000_000
 # Bumped whenever what a preload writes changes (the mix, descriptions, top-ups), so a cached
 # state of the old recipe is never measured as if it were the new one.
 PRELOAD_RECIPE_VERSION = 1
-# The core's own tables and LMDB's main table that names them; generous, it only sizes a handle.
-LMDB_TABLES_MAX = 64
 LMDB_LOCK_FILE_NAME = "lock.mdb"
 PROC_IO_PATH = Path("/proc/self/io")
 # /sys/dev/block/<major>:<minor>/stat: the seventh field counts 512-byte sectors written.
@@ -257,25 +253,14 @@ def preload(
 
 
 def table_rows(directory: Path) -> dict[str, int]:
-    """Rows of every named table of the closed LMDB environment in `directory`.
-
-    Read from LMDB itself, not through the core or storage.py: the table names come from the
-    environment, so this counts any state format the same way. LMDB allows one handle on an
-    environment per process, so the core must be closed."""
-    environment = lmdb.open(
-        str(directory), readonly=True, lock=False, subdir=True, max_dbs=LMDB_TABLES_MAX, readahead=False
-    )
+    """Rows of every table of the core's closed environment in `directory` (LMDB allows one
+    handle on an environment per process, so the core must be closed)."""
+    storage = Storage(directory, tables.TABLE_NAMES)
     try:
-        with environment.begin() as view:
-            # LMDB's unnamed main table holds one key per named table.
-            names = [bytes(key) for key, _ in view.cursor()]
-            rows = {}
-            for name in names:
-                table = environment.open_db(name, txn=view, create=False)
-                rows[name.decode()] = int(view.stat(table)["entries"])
-        return rows
+        with storage.read() as view:
+            return {name: view.count(name) for name in tables.TABLE_NAMES}
     finally:
-        environment.close()
+        storage.close()
 
 
 def state_file_bytes(directory: Path) -> int:
