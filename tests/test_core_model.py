@@ -911,7 +911,7 @@ class CoreModelMachine(RuleBasedStateMachine):
                 for name in (tables.ACCOUNTS, tables.TRANSACTIONS, tables.ACCOUNT_TRANSACTIONS)
             }
             recent = sum(
-                len(value) // tables.REQUEST_ENTRY.size for _, value in view.iterate(tables.RECENT_REQUESTS)
+                len(value) // tables.RECENT_REQUEST.size for _, value in view.iterate(tables.RECENT_REQUESTS)
             )
             request_ids = view.count(tables.REQUESTS) + recent
         assert counts == {

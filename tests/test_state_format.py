@@ -48,7 +48,7 @@ def request_id_count(ledger: Ledger) -> tuple[int, int]:
     """(ids in `requests`, ids in `recent_requests`)."""
     with ledger.storage.read() as view:
         recent = sum(
-            len(value) // tables.REQUEST_ENTRY.size for _, value in view.iterate(tables.RECENT_REQUESTS)
+            len(value) // tables.RECENT_REQUEST.size for _, value in view.iterate(tables.RECENT_REQUESTS)
         )
         return view.count(tables.REQUESTS), recent
 

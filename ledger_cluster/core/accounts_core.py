@@ -25,6 +25,7 @@ from ledger_cluster.core.balances import (
     subtract_totals,
     totals_of,
 )
+from ledger_cluster.core.recent_requests import move_recent_requests, read_recent_requests
 from ledger_cluster.core.records import (
     ACCOUNT_HAS_REQUEST_ID,
     CANCELLED,
@@ -75,7 +76,6 @@ class _AccountChange:
     totals_before: Totals
     # (credits settled, debits settled, credits pending, debits pending), summed in place.
     moved: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
-    new_requests: list[bytes] = field(default_factory=list)
 
 
 class _Changes:
@@ -111,6 +111,7 @@ class _Changes:
         # What this entry wrote, for a dry run only: a write transaction reads its own writes.
         self._transactions: dict[bytes, bytes] = {}
         self.new_requests: dict[bytes, int] = {}
+        self._recent_rows: list[bytes] = []
 
     def owns(self, account_id: int) -> bool:
         # The shard key is a sha256: computed once per account per entry.
@@ -188,23 +189,22 @@ class _Changes:
             number = None if data is None else tables.decode_u64(data)
         return number
 
-    def add_request(self, change: _AccountChange, key: bytes, digest: bytes, number: int) -> None:
+    def add_request(self, key: bytes, number: int) -> None:
+        """`key` is the request key (account id + digest): the recent row holds it and the number."""
         self.new_requests[key] = number
-        change.new_requests.append(tables.REQUEST_ENTRY.pack(digest, number))
+        self._recent_rows.append(key + tables.encode_u64(number))
 
     def flush(self, log_index: int) -> None:
-        """Write every touched account once, and its new request ids as one row."""
+        """Write every touched account once, and the entry's new request ids as one row."""
         if self._transaction is None:
             return
         for account_id, change in sorted(self._accounts.items()):
-            if change is None:
-                continue
-            self._transaction.put(tables.ACCOUNTS, tables.account_key(account_id), change.record.encode())
-            if change.new_requests:
-                key = tables.recent_requests_key(account_id, log_index)
-                # A state restored from a backup restarts its log indexes: append, never replace.
-                earlier = self._transaction.get(tables.RECENT_REQUESTS, key) or b""
-                self._transaction.put(tables.RECENT_REQUESTS, key, earlier + b"".join(change.new_requests))
+            if change is not None:
+                self._transaction.put(tables.ACCOUNTS, tables.account_key(account_id), change.record.encode())
+        if self._recent_rows:
+            self._transaction.put(
+                tables.RECENT_REQUESTS, tables.recent_requests_key(log_index), b"".join(self._recent_rows)
+            )
 
     def check(self) -> None:
         for account_id, change in sorted(self._accounts.items()):
@@ -219,29 +219,6 @@ class _Changes:
                 f"account {account_id:016x}: totals moved to {after}, its transactions say {expected}",
             )
             check_account(change.record)
-
-
-def move_recent_requests(transaction: WriteTransaction) -> int:
-    """Every id of `recent_requests` into `requests`, in key order; returns how many moved."""
-    entries: list[tuple[bytes, bytes]] = []
-    for key, value in transaction.iterate(tables.RECENT_REQUESTS):
-        account = key[: tables.ACCOUNT_KEY_BYTES]
-        for digest, number in tables.REQUEST_ENTRY.iter_unpack(value):
-            entries.append((account + digest, tables.encode_u64(number)))
-    entries.sort()
-    for key, value in entries:
-        transaction.put(tables.REQUESTS, key, value)
-    transaction.clear(tables.RECENT_REQUESTS)
-    return len(entries)
-
-
-def read_recent_requests(view: ReadTransaction) -> dict[bytes, int]:
-    found: dict[bytes, int] = {}
-    for key, value in view.iterate(tables.RECENT_REQUESTS):
-        account = key[: tables.ACCOUNT_KEY_BYTES]
-        for digest, number in tables.REQUEST_ENTRY.iter_unpack(value):
-            found[account + digest] = number
-    return found
 
 
 # -- answers ---------------------------------------------------------------------------------
@@ -409,7 +386,7 @@ def _record_new_transaction(
         _add_new_transaction(change, amount, status == SETTLED, now)
     changes.put_sequence(account_id, sequence, number)
     if flags & TRANSACTION_HAS_REQUEST_ID:
-        changes.add_request(change, row.request_key, row.digest, number)
+        changes.add_request(row.request_key, number)
     if not changes.answering:
         return core_pb2.CommandResult(outcome=OK)
     return core_pb2.CommandResult(outcome=OK, transaction=data)

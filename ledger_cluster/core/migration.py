@@ -77,6 +77,12 @@ class RowSink:
                 f"snapshot is inconsistent: a key of table {table_id} ({key.hex()}) is shorter than an"
                 " account id, so it belongs to no shard"
             )
+        if (
+            header.format_version == SNAPSHOT_FORMAT_VERSION
+            and table_id == tables.SNAPSHOT_TABLE_RECENT_REQUESTS
+        ):
+            self._put_recent_requests(transaction, key, value)
+            return
         if not self._owns_account(_account_of(key)):
             return
         if header.format_version == SNAPSHOT_FORMAT_VERSION:
@@ -89,6 +95,23 @@ class RowSink:
             raise SnapshotCorruptError(
                 f"format 1 row {key.hex()} of table {table_id} does not convert: {error}"
             ) from None
+
+    def _put_recent_requests(self, transaction: WriteTransaction, key: bytes, value: bytes) -> None:
+        """A row of one log entry's new request ids names their accounts inside: this shard keeps
+        its own, appended to what another snapshot merged in under the same log index put
+        there. A malformed row is kept whole for verification to refuse."""
+        step = tables.RECENT_REQUEST.size
+        if len(value) % step:
+            transaction.put(tables.RECENT_REQUESTS, key, value)
+            return
+        kept = b"".join(
+            value[start : start + step]
+            for start in range(0, len(value), step)
+            if self._owns_account(_account_of(value[start : start + step]))
+        )
+        if kept:
+            earlier = transaction.get(tables.RECENT_REQUESTS, key) or b""
+            transaction.put(tables.RECENT_REQUESTS, key, earlier + kept)
 
     def _put_v1(self, transaction: WriteTransaction, table_id: int, key: bytes, value: bytes) -> None:
         if table_id == 1:

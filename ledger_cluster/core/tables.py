@@ -1,19 +1,20 @@
 """Key layout of the core's tables (state format 2). Every key is big-endian and fixed-width, so
-an LMDB cursor walks records in a meaningful order, and every data key starts with the 8-byte
-account id, so the shard of any record is known from its key alone (snapshots rely on it).
+an LMDB cursor walks records in a meaningful order, and every data key but one starts with the
+8-byte account id, so the shard of a record is known from its key alone (snapshots rely on it).
+The exception, recent_requests, names its accounts in its values, and restore splits them.
 
     accounts              account id (8)                         -> AccountRecord (records.py)
     transactions          account id (8) + number (8)            -> TransactionRecord
     account_transactions  account id (8) + sequence (8)          -> number (8)   apply order
     requests              account id (8) + request digest (16)   -> number (8)
-    recent_requests       account id (8) + log index (8)         -> (digest (16) + number (8))*
+    recent_requests       log index (8)            -> (account id (8) + digest (16) + number (8))*
     metadata              account id (8) + kind (1) + number (8) -> metadata (issue 14)
     meta                  name                                   -> value
 
 Idempotency lives in two tables. `requests` is keyed by a random digest, so one insert per item
 would dirty one B-tree leaf per item. New request ids go to `recent_requests` instead, one row
-per account per log entry (appended, like the transactions themselves), and a copy of them is
-kept in memory for lookups. When that table holds RECENT_REQUESTS_MAX ids, the entry that
+per log entry (appended at the end of the table, in a few contiguous pages), and a copy of them
+is kept in memory for lookups. When that table holds RECENT_REQUESTS_MAX ids, the entry that
 reached it moves them all into `requests` in key order: one pass over the leaves for many ids.
 """
 
@@ -41,6 +42,7 @@ SNAPSHOT_TABLES = {
     6: RECENT_REQUESTS,
     7: METADATA,
 }
+SNAPSHOT_TABLE_RECENT_REQUESTS = 6
 SNAPSHOT_TABLE_V1_IDEMPOTENCY = 4
 SNAPSHOT_TABLE_IDS_V1 = frozenset({1, 2, 3, SNAPSHOT_TABLE_V1_IDEMPOTENCY})
 
@@ -49,16 +51,19 @@ META_SHARD_BOUNDS = b"shard_bounds"
 META_FORMAT_VERSION = b"format_version"
 STATE_FORMAT_VERSION = 2
 
-# Request ids held in `recent_requests` (and in memory, about 130 bytes each) before they move
-# into `requests`. Larger means fewer leaf writes per id and more memory: at a million ids in
-# `requests` (about 16k leaves), a move of 65,536 ids writes about 1 KiB per id.
-RECENT_REQUESTS_MAX = 65_536
+# Request ids held in `recent_requests` (and in memory, about 130 bytes each: 17 MiB for a full
+# shard) before they move into `requests`. Larger means fewer leaf writes per id and more
+# memory: at 1.6 million ids in `requests` (about 16k leaves), a move writes every leaf, about
+# 0.5 KiB per id moved at this size.
+RECENT_REQUESTS_MAX = 131_072
 
 _U64 = struct.Struct(">Q")
 _TWO_U64 = struct.Struct(">QQ")
 _BOUNDS = struct.Struct(">II")
 ACCOUNT_KEY_BYTES = 8
-REQUEST_ENTRY = struct.Struct(">16sQ")
+# One new request id in a recent_requests row: account id, digest, transaction number.
+RECENT_REQUEST = struct.Struct(">Q16sQ")
+RECENT_REQUEST_KEY_BYTES = ACCOUNT_KEY_BYTES + 16
 
 
 def account_key(account_id: int) -> bytes:
@@ -77,8 +82,8 @@ def request_key(account_id: int, digest: bytes) -> bytes:
     return _U64.pack(account_id) + digest
 
 
-def recent_requests_key(account_id: int, log_index: int) -> bytes:
-    return _TWO_U64.pack(account_id, log_index)
+def recent_requests_key(log_index: int) -> bytes:
+    return _U64.pack(log_index)
 
 
 def encode_u64(value: int) -> bytes:

@@ -20,6 +20,7 @@ from ledger_cluster.core.balances import (
     contribution,
     totals_of,
 )
+from ledger_cluster.core.recent_requests import recent_request_entries
 from ledger_cluster.core.records import (
     AccountFlag,
     AccountRecord,
@@ -219,26 +220,27 @@ def _check_requests(
             problems.add(f"{where} {problem}")
         account_id = tables.decode_u64(key[:8])
         indexed[account_id] = indexed.get(account_id, 0) + 1
-    recent = 0
+    recent: set[bytes] = set()
     for key, value in view.iterate(tables.RECENT_REQUESTS):
         where = f"recent_requests row {key.hex()}"
-        entry_bytes = tables.REQUEST_ENTRY.size
-        if len(key) != 16 or not value or len(value) % entry_bytes:
+        if len(key) != 8 or not value or len(value) % tables.RECENT_REQUEST.size:
             problems.add(f"{where} is malformed")
             continue
-        if tables.decode_u64(key[8:]) > applied_index:
+        if tables.decode_u64(key) > applied_index:
             problems.add(f"{where} names a log entry past the applied index {applied_index}")
-        account_id = tables.decode_u64(key[:8])
-        for digest, number in tables.REQUEST_ENTRY.iter_unpack(value):
-            problem = _request_target_problem(view, key[:8], digest, number)
-            if problem is None and view.get(tables.REQUESTS, key[:8] + digest) is not None:
-                problem = "names a request id that requests holds too"
+        for digest_key, number in recent_request_entries(value):
+            problem = _request_target_problem(view, digest_key[:8], digest_key[8:], number)
+            if problem is None and (
+                digest_key in recent or view.get(tables.REQUESTS, digest_key) is not None
+            ):
+                problem = f"names request {digest_key.hex()} twice"
             if problem is not None:
                 problems.add(f"{where} {problem}")
+            account_id = tables.decode_u64(digest_key[:8])
             indexed[account_id] = indexed.get(account_id, 0) + 1
-            recent += 1
-    if recent >= recent_requests_max:
-        problems.add(f"recent_requests holds {recent} ids; they move at {recent_requests_max}")
+            recent.add(digest_key)
+    if len(recent) >= recent_requests_max:
+        problems.add(f"recent_requests holds {len(recent)} ids; they move at {recent_requests_max}")
     for account_id in sorted(set(indexed) | set(seen)):
         wanted = seen[account_id].with_request_ids if account_id in seen else 0
         if indexed.get(account_id, 0) != wanted:
