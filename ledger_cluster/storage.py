@@ -144,6 +144,11 @@ class WriteTransaction(ReadTransaction):
         )
         return inserter
 
+    def put_many(self, table: str, rows: Iterable[tuple[bytes, bytes]]) -> None:
+        """Every (key, value) of `rows`, in one call into LMDB (rows in key order go fastest)."""
+        with self._transaction.cursor(db=self._tables[table]) as cursor:
+            cursor.putmulti(rows)
+
     def delete(self, table: str, key: bytes) -> None:
         self._transaction.delete(key, db=self._tables[table])
 
