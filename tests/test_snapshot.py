@@ -209,3 +209,55 @@ def test_snapshot_that_passes_its_checksum_but_is_inconsistent_is_rejected(
         assert fresh.core.state_digest() == before
     finally:
         fresh.storage.close()
+
+
+def unmade_state(transaction: WriteTransaction, table: str, damage: str) -> None:
+    """One state that no command of this release makes."""
+    account_key = ACCOUNTS[0].to_bytes(8, "big")
+    if damage.startswith("grant an overdraft"):
+        account = records.decode_account(transaction.get(table, account_key) or b"")
+        account.overdraft_limit = 1_000_000
+        transaction.put(table, account_key, account.encode())
+    elif damage.startswith("pad the currency"):
+        data = bytearray(transaction.get(table, account_key) or b"")
+        data[10:14] = b"\0USD"  # the currency field starts after layout, flags and id
+        transaction.put(table, account_key, bytes(data))
+    elif damage.startswith("store a metadata"):
+        transaction.put(table, account_key + bytes(9), b"{}")
+    else:
+        key = account_key + (4).to_bytes(8, "big")
+        refused = records.decode_transaction(transaction.get(table, key) or b"")
+        if damage.startswith("turn a refused purchase"):
+            refused.amount = -refused.amount
+        else:
+            refused.description = "d" * 1_025
+        transaction.put(table, key, refused.encode())
+
+
+@pytest.mark.parametrize(
+    ("table", "damage"),
+    [
+        ("accounts", "grant an overdraft limit"),
+        ("accounts", "pad the currency with a leading NUL"),
+        ("transactions", "turn a refused purchase into a refused top-up"),
+        ("transactions", "store a description over the limit"),
+        ("metadata", "store a metadata row"),
+    ],
+)
+def test_a_snapshot_of_a_state_no_command_makes_is_rejected(
+    ledger: Ledger, tmp_path: Path, table: str, damage: str
+) -> None:
+    """An overdraft limit, say, would let a later purchase through: such a state is refused
+    at restore, before any replica acts on it."""
+    ledger.storage.write(lambda transaction: unmade_state(transaction, table, damage))
+    assert ledger.core.verify() != []
+    snapshot = tmp_path / "unmade.snapshot"
+    ledger.core.write_snapshot(snapshot)
+    fresh = Ledger(tmp_path / "fresh")
+    try:
+        before = fresh.core.state_digest()
+        with pytest.raises(SnapshotCorruptError, match="inconsistent"):
+            fresh.core.restore_snapshot(snapshot)
+        assert fresh.core.state_digest() == before
+    finally:
+        fresh.storage.close()

@@ -8,7 +8,9 @@ release of state format 1 (commit e63d42f), with every kind of transaction and r
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from pathlib import Path
 
 import grpc
@@ -17,7 +19,7 @@ from google.protobuf.json_format import ParseDict
 
 from ledger_cluster.api.v1 import ledger_pb2
 from ledger_cluster.core import TABLE_NAMES, AccountsCore, accounts_core, records, tables
-from ledger_cluster.errors import StorageLayoutError
+from ledger_cluster.errors import SnapshotCorruptError, StorageLayoutError
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.status import error_details
 from ledger_cluster.storage import Storage, WriteTransaction
@@ -133,6 +135,46 @@ def test_a_format_1_backup_restores_into_a_format_2_cluster(tmp_path: Path) -> N
                 stub.CreateTransaction(other, timeout=RPC_TIMEOUT_SECONDS)
             details = error_details(raised.value)
             assert (details.code, details.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+
+
+def test_a_format_1_account_whose_lifetime_totals_leave_int64_is_refused_by_name(tmp_path: Path) -> None:
+    """Format 1 kept net balances: 2^63-1 in, 2^63-1 out and 5 in is a balance of 5, but
+    lifetime credits beyond int64, which format 2 cannot hold. Restore says so and writes nothing."""
+    account_id = 0xA1
+    maximum = 2**63 - 1
+    amounts = [maximum, -maximum, 5]
+    rows: list[tuple[int, bytes, bytes]] = [
+        (1, tables.account_key(account_id), core_pb2.AccountRecordV1(
+            account_id=account_id, available_balance=5, settled_balance=5, transaction_count=3,
+        ).SerializeToString()),
+    ]  # fmt: skip
+    for number, amount in enumerate(amounts, start=1):
+        record = core_pb2.TransactionRecordV1(
+            account_id=account_id, transaction_number=number, amount=amount, status=2, initial_status=2,
+            settled_requested=True, sequence=number - 1,
+        )  # fmt: skip
+        rows.append((2, tables.transaction_key(account_id, number), record.SerializeToString()))
+        rows.append((3, tables.sequence_key(account_id, number - 1), tables.encode_u64(number)))
+    snapshot = tmp_path / "v1.snapshot"
+    write_v1_snapshot(snapshot, rows)
+    core = AccountsCore.open(tmp_path / "shard", 0, 2**32 - 1)
+    try:
+        before = core.state_digest()
+        with pytest.raises(SnapshotCorruptError, match="lifetime"):
+            core.restore_snapshot(snapshot)
+        assert core.state_digest() == before
+    finally:
+        core.close()
+
+
+def write_v1_snapshot(path: Path, rows: list[tuple[int, bytes, bytes]]) -> None:
+    """A format-1 snapshot stream of `rows` (table id, key, value), as storage.py lays it out."""
+    body = b"".join(
+        struct.pack(">BHI", table, len(key), len(value)) + key + value for table, key, value in rows
+    )
+    header = struct.pack(">8sHIIQQI", b"LEDGSNAP", 1, 0, 2**32 - 1, len(rows), len(rows), 0)
+    data = header + body
+    path.write_bytes(data + b"LEDGEND!" + hashlib.sha256(data).digest())
 
 
 # -- request ids ------------------------------------------------------------------------------

@@ -688,7 +688,9 @@ class AccountsCore:
 
     def verify(self) -> list[str]:
         with self._storage.read() as view:
-            return verification.verify_state(view, self._applied_index_in(view), self._recent_requests_max)
+            return verification.verify_state(
+                view, self._applied_index_in(view), self.owns_account, self._recent_requests_max
+            )
 
     def state_digest(self) -> tuple[int, str]:
         """(applied index, sha256 over every data record) from one view: equal on replicas
@@ -704,7 +706,7 @@ class AccountsCore:
             return (
                 applied_index,
                 verification.state_digest(view),
-                verification.verify_state(view, applied_index, self._recent_requests_max),
+                verification.verify_state(view, applied_index, self.owns_account, self._recent_requests_max),
             )
 
     def write_snapshot(
@@ -760,7 +762,9 @@ class AccountsCore:
                 # Log indexes in `recent_requests` keys belong to the source's log.
                 move_recent_requests(transaction)
             transaction.put(tables.META, tables.META_APPLIED_INDEX, tables.encode_u64(index))
-            problems = verification.verify_state(transaction, index, self._recent_requests_max)
+            problems = verification.verify_state(
+                transaction, index, self.owns_account, self._recent_requests_max
+            )
             if problems:
                 raise SnapshotCorruptError(
                     f"snapshot {path} passes its checksum but is inconsistent: {problems[:3]}"

@@ -29,6 +29,7 @@ from ledger_cluster.core.records import (
 )
 from ledger_cluster.errors import SnapshotCorruptError
 from ledger_cluster.internal.v1 import core_pb2
+from ledger_cluster.limits import INT64_MAX
 from ledger_cluster.storage import SnapshotHeader, WriteTransaction
 
 # Snapshot stream versions: 1 carries state format 1 rows, 2 carries state format 2 rows.
@@ -149,9 +150,15 @@ class RowSink:
             key = tables.account_key(account_id)
             data = transaction.get(tables.ACCOUNTS, key)
             if data is None:
-                continue  # merged over by a later snapshot's row of the same account
+                continue  # a key of another length: verification refuses that row
             account = decode_account(data)
             totals = totals_by_account.get(account_id, NO_TOTALS)
+            if max(totals) > INT64_MAX:
+                # Format 1 kept net balances; the lifetime totals of format 2 cannot hold these.
+                raise SnapshotCorruptError(
+                    f"format 1 account {account_id:016x} moved more than 2^63-1 in or out in its"
+                    f" lifetime {totals}, which state format 2's int64 totals cannot hold"
+                )
             (
                 account.credits_settled,
                 account.debits_settled,

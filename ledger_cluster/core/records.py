@@ -127,6 +127,9 @@ class AccountRecord:
         return self.credits_settled - self.debits_settled - self.debits_pending
 
     def encode(self) -> bytes:
+        # struct would cut a longer value to the field's width without a word.
+        if len(self.currency) > CURRENCY_BYTES_MAX or len(self.request_digest) != REQUEST_DIGEST_BYTES:
+            raise RecordFormatError(f"account {self.account_id:016x}: currency or digest does not fit")
         return _ACCOUNT.pack(
             ACCOUNT_LAYOUT,
             self.flags,
@@ -187,7 +190,7 @@ def decode_account(data: bytes) -> AccountRecord:
         account_id,
         created_at,
         updated_at,
-        _decode_currency(currency) if currency[0] else "",
+        _decode_currency(currency),
         overdraft_limit,
         credits_settled,
         debits_settled,
@@ -268,6 +271,8 @@ def encode_transaction(  # noqa: PLR0917 - the row's fields in order, positional
     """A transaction row from its fields, in TransactionRecord's order: a new transaction is
     written without building the record object first."""
     text = description.encode()
+    if len(digest) != REQUEST_DIGEST_BYTES or len(text) > DESCRIPTION_LENGTH_MAX:
+        raise RecordFormatError(f"transaction {transaction_number:016x}: digest or description does not fit")
     return (
         _TRANSACTION_HEAD.pack(
             TRANSACTION_LAYOUT,
