@@ -3,7 +3,8 @@
 isort:skip_file
 Internal service of a node process: the gateway's ClusterClient sends each shard's commands
 and reads to the replica that leads it. Not a public contract, but numbers only ever grow so
-nodes and gateways of adjacent versions can talk during a rolling upgrade.
+nodes and gateways of adjacent versions can talk during a rolling upgrade (except across a
+state format change, such as 1 to 2, which also moved this service's package).
 """
 
 from collections import abc as _abc
