@@ -51,6 +51,7 @@ from ledger_cluster.raft_loop import RaftLoop
 from ledger_cluster.replica_apply import PendingApply, ShardApplier
 from ledger_cluster.replica_dump import CompactionDump
 from ledger_cluster.replica_leadership import LeadershipTransfer
+from ledger_cluster.sharding import SHARD_KEY_MAX
 from ledger_cluster.storage import make_private_directory
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ APPEND_ENTRIES_BATCH_BYTES_MAX = 2 * NODE_MESSAGE_BYTES_MAX
 SNAPSHOT_TRANSFER_BATCH_BYTES = 2**20
 LOG_COMPACTION_MIN_ENTRIES_DEFAULT = 50_000
 LOG_COMPACTION_MIN_SECONDS_DEFAULT = 600.0
+# Shards compact every 600 to 900 s by default, spread by their place in the key space.
+COMPACTION_INTERVAL_SPREAD = 0.5
 RAFT_PASSWORD_ENVIRONMENT_VARIABLE = "LEDGER_RAFT_PASSWORD"
 # Preferred leaders: how often each node looks for shards to hand back, how long the preferred
 # replica must have been connected and caught up first (a node that just came back may go
@@ -329,6 +332,14 @@ class ShardReplica:
     def _start_transfer(self, target: Node | None, on_answer: Callable[[Any, int], None]) -> None:
         self._sync_obj.transferLeadership(target, callback=on_answer)
 
+    def _compaction_interval_seconds(self, options: ReplicaOptions) -> float:
+        """The interval stretched by up to COMPACTION_INTERVAL_SPREAD by where the shard's keys
+        start. PySyncObj aligns each group's compactions to multiples of its interval, so with
+        one interval for all, every shard of a node dumped its whole state in the same minute;
+        a dump of a shard of a million transactions costs seconds of CPU."""
+        position = self.shard.lower_bound / (SHARD_KEY_MAX + 1)
+        return options.log_compaction_min_seconds * (1 + COMPACTION_INTERVAL_SPREAD * position)
+
     def _conf(self, raft_dir: Path, options: ReplicaOptions) -> SyncObjConf:
         return SyncObjConf(
             # The node's Raft loop ticks the group: applies, heartbeats, elections.
@@ -343,7 +354,7 @@ class ShardReplica:
             appendEntriesUseBatch=False,
             appendEntriesBatchSizeBytes=APPEND_ENTRIES_BATCH_BYTES_MAX,
             logCompactionMinEntries=options.log_compaction_min_entries,
-            logCompactionMinTime=options.log_compaction_min_seconds,
+            logCompactionMinTime=self._compaction_interval_seconds(options),
             # Each replica compacts on its own schedule, writing its dump in the background.
             logCompactionSplit=False,
             logCompactionBatchSize=SNAPSHOT_TRANSFER_BATCH_BYTES,

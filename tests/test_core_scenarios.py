@@ -313,6 +313,21 @@ def test_replayed_entry_answers_like_a_repeat(ledger: Ledger) -> None:
     assert replayed.transaction == created.transaction
 
 
+def test_a_replayed_entry_nobody_waits_for_is_skipped(ledger: Ledger) -> None:
+    """A restart replays the journal with no caller waiting: no answer is built, no record is
+    read, and nothing changes; not even an entry that now would fail is looked at."""
+    ledger.create_account(now=1)
+    ledger.create(now=2, number=1, amount=40, settled=True)
+    ledger.create(now=3, number=2, amount=-100, settled=True)  # refused: insufficient funds
+    before = ledger.core.state_digest()
+    for index, entry in enumerate(ledger.log, start=1):
+        replayed = ledger.core.apply(entry, index, answering=False)
+        assert (replayed.outcome, replayed.log_index) == (OK, index)
+        assert not replayed.transaction and not replayed.account and not replayed.item_results
+    assert ledger.core.apply(b"not a command", 1, answering=False).outcome == OK
+    assert ledger.core.state_digest() == before
+
+
 def test_data_directory_remembers_its_shard_bounds(tmp_path: Path) -> None:
     storage = Storage(tmp_path / "shard", TABLE_NAMES)
     AccountsCore(storage, 0, 1000)

@@ -626,8 +626,9 @@ class AccountsCore:
         the same, but a success carries no record and a batch no item results.
 
         An entry at or below the stored applied index was applied before (PySyncObj replays its
-        journal after every restart): it is evaluated as a dry run on a read transaction, so it
-        changes nothing and answers what a repeat of it answers now. That answer is
+        journal after every restart): it changes nothing. Unanswered, it is skipped; answered, it
+        is evaluated as a dry run on a read transaction and answers what a repeat of it answers
+        now. That answer is
         the original one for every entry that stored something (ids make repeats return the
         stored object); an entry that originally failed without storing anything may answer
         differently. No caller waits on a replayed entry, and keeping every entry's result
@@ -636,6 +637,10 @@ class AccountsCore:
             raise ReplicaBrokenError(f"log index must be positive, got {log_index}")
         with self._storage.read() as view:
             if log_index <= self._applied_index_in(view):
+                if not answering:
+                    # A journal replayed after a restart: nobody waits, so nothing needs working
+                    # out (a restart would otherwise redo every entry since the last compaction).
+                    return core_pb2.CommandResult(outcome=OK, log_index=log_index)
                 return self._execute_checked(view, None, command_bytes, log_index, answering)[0]
 
         def run(transaction: WriteTransaction) -> tuple[core_pb2.CommandResult, _Changes, bool]:
