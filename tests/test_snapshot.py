@@ -145,6 +145,21 @@ def test_snapshot_write_is_atomic(ledger: Ledger, tmp_path: Path) -> None:
     assert sorted(path.name for path in tmp_path.iterdir() if path.is_file()) == ["shard.snapshot"]
 
 
+def assert_restore_refused(ledger: Ledger, tmp_path: Path) -> None:
+    """A snapshot of `ledger`'s (invalid) state is a valid stream, which a fresh shard refuses
+    to restore, keeping its own state."""
+    snapshot = tmp_path / "invalid-state.snapshot"
+    ledger.core.write_snapshot(snapshot)
+    fresh = Ledger(tmp_path / "fresh")
+    try:
+        before = fresh.core.state_digest()
+        with pytest.raises(SnapshotCorruptError, match="inconsistent"):
+            fresh.core.restore_snapshot(snapshot)
+        assert fresh.core.state_digest() == before
+    finally:
+        fresh.storage.close()
+
+
 @pytest.mark.parametrize(
     ("table", "damage"),
     [
@@ -199,16 +214,7 @@ def test_snapshot_that_passes_its_checksum_but_is_inconsistent_is_rejected(
             transaction.put(table, b"abc", b"")
 
     ledger.storage.write(corrupt)
-    snapshot = tmp_path / "inconsistent.snapshot"
-    ledger.core.write_snapshot(snapshot)  # a valid stream of an invalid state
-    fresh = Ledger(tmp_path / "fresh")
-    try:
-        before = fresh.core.state_digest()
-        with pytest.raises(SnapshotCorruptError, match="inconsistent"):
-            fresh.core.restore_snapshot(snapshot)
-        assert fresh.core.state_digest() == before
-    finally:
-        fresh.storage.close()
+    assert_restore_refused(ledger, tmp_path)
 
 
 def unmade_state(transaction: WriteTransaction, table: str, damage: str) -> None:
@@ -251,13 +257,4 @@ def test_a_snapshot_of_a_state_no_command_makes_is_rejected(
     at restore, before any replica acts on it."""
     ledger.storage.write(lambda transaction: unmade_state(transaction, table, damage))
     assert ledger.core.verify() != []
-    snapshot = tmp_path / "unmade.snapshot"
-    ledger.core.write_snapshot(snapshot)
-    fresh = Ledger(tmp_path / "fresh")
-    try:
-        before = fresh.core.state_digest()
-        with pytest.raises(SnapshotCorruptError, match="inconsistent"):
-            fresh.core.restore_snapshot(snapshot)
-        assert fresh.core.state_digest() == before
-    finally:
-        fresh.storage.close()
+    assert_restore_refused(ledger, tmp_path)
