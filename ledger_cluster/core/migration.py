@@ -17,7 +17,9 @@ from google.protobuf.message import DecodeError
 
 from ledger_cluster.core import tables
 from ledger_cluster.core.balances import NO_TOTALS, Totals, add_totals, contribution
+from ledger_cluster.core.recent_requests import recent_request_slices
 from ledger_cluster.core.records import (
+    NO_REQUEST_DIGEST,
     AccountFlag,
     AccountRecord,
     Status,
@@ -101,14 +103,11 @@ class RowSink:
         """A row of one log entry's new request ids names their accounts inside: this shard keeps
         its own, appended to what another snapshot merged in under the same log index put
         there. A malformed row is kept whole for verification to refuse."""
-        step = tables.RECENT_REQUEST.size
-        if len(value) % step:
+        if len(value) % tables.RECENT_REQUEST.size:
             transaction.put(tables.RECENT_REQUESTS, key, value)
             return
         kept = b"".join(
-            value[start : start + step]
-            for start in range(0, len(value), step)
-            if self._owns_account(_account_of(value[start : start + step]))
+            entry for entry in recent_request_slices(value) if self._owns_account(_account_of(entry))
         )
         if kept:
             earlier = transaction.get(tables.RECENT_REQUESTS, key) or b""
@@ -137,7 +136,7 @@ class RowSink:
             old.updated_at,
             transaction_count=old.transaction_count,
             flags=AccountFlag.HAS_REQUEST_ID if old.request_id else 0,
-            request_digest=request_digest(old.request_id) if old.request_id else bytes(16),
+            request_digest=request_digest(old.request_id) if old.request_id else NO_REQUEST_DIGEST,
         )
 
     def finish(self, transaction: WriteTransaction) -> None:
@@ -200,7 +199,7 @@ def _transaction_v1(key: bytes, value: bytes) -> TransactionRecord:
         # Format 1 settled whole amounts only.
         old.amount if old.status == Status.SETTLED else 0,
         flags=flags,
-        request_digest=request_digest(old.request_id) if old.request_id else bytes(16),
+        request_digest=request_digest(old.request_id) if old.request_id else NO_REQUEST_DIGEST,
     )
 
 

@@ -23,6 +23,7 @@ from ledger_cluster.core.balances import (
 )
 from ledger_cluster.core.recent_requests import recent_request_entries
 from ledger_cluster.core.records import (
+    NO_REQUEST_DIGEST,
     AccountFlag,
     AccountRecord,
     Status,
@@ -100,7 +101,7 @@ def _account_problem(account: AccountRecord, value: bytes, owns_account: Callabl
         return "is not in its canonical encoding"
     if not owns_account(account.account_id):
         return "belongs to another shard"
-    if bool(account.flags & AccountFlag.HAS_REQUEST_ID) == (account.request_digest == bytes(16)):
+    if bool(account.flags & AccountFlag.HAS_REQUEST_ID) == (account.request_digest == NO_REQUEST_DIGEST):
         return "request id flag and digest disagree"
     # What no command of this release sets changes how later commands behave: refused.
     if account.currency or account.overdraft_limit or account.flags & AccountFlag.HAS_METADATA:
@@ -162,7 +163,7 @@ def _transaction_problem(record: TransactionRecord) -> str | None:
     description = rules.description_problem(record.description)
     if description is not None:
         return description.message
-    if bool(record.flags & TransactionFlag.HAS_REQUEST_ID) == (record.request_digest == bytes(16)):
+    if bool(record.flags & TransactionFlag.HAS_REQUEST_ID) == (record.request_digest == NO_REQUEST_DIGEST):
         return "request id flag and digest disagree"
     # What no command of this release sets changes how later commands behave: refused.
     if record.flags & (_LEG_FLAGS | TransactionFlag.HAS_METADATA) or record.transfer_number:
