@@ -21,6 +21,7 @@ from ledger_cluster.core.balances import (
     add_totals,
     check_account,
     contribution,
+    contribution_of,
     require_invariant,
     subtract_totals,
     totals_of,
@@ -143,21 +144,11 @@ class _Changes:
         data = self._transactions.get(key)
         return data if data is not None else self._get_transaction(key)
 
-    def transaction(self, account_id: int, number: int) -> TransactionRecord | None:
-        data = self.transaction_bytes(account_id, number)
-        return None if data is None else decode_transaction(data)
-
     def put_transaction(
         self, change: _AccountChange, before: TransactionRecord | None, record: TransactionRecord, now: int
     ) -> bytes:
         """Store `record` (which was `before`) and move its account's totals by the difference."""
-        moved = contribution(record)
-        if before is not None:
-            moved = subtract_totals(moved, contribution(before))
-        if moved != NO_TOTALS:
-            for position, amount in enumerate(moved):
-                change.moved[position] += amount
-            _move_totals(change.record, moved, now)
+        _move_totals(change, subtract_totals(contribution(record), contribution(before)), now)
         key = tables.transaction_key(record.account_id, record.transaction_number)
         data = record.encode()
         if self._put_transaction is None:
@@ -331,16 +322,14 @@ def _repeat_of_request(
     )
 
 
-def _overflows(account: AccountRecord, amount: int) -> bool:
+def _overflows(account: AccountRecord, amount: int, refused: bool) -> bool:
     """A top-up counts against the settled balance and the lifetime credits, pending ones
     included, so settling it later can never overflow; a purchase that would be taken counts
-    against the lifetime debits (one that cannot be paid is recorded as refused instead)."""
+    against the lifetime debits (one that cannot be paid, `refused`, is recorded instead)."""
     if amount > 0:
         headroom = INT64_MAX - amount - account.credits_pending
         return account.settled_balance > headroom or account.credits_settled > headroom
-    if account.available_balance + amount < -account.overdraft_limit:
-        return False
-    return account.debits_settled + account.debits_pending - amount > INT64_MAX
+    return not refused and account.debits_settled + account.debits_pending - amount > INT64_MAX
 
 
 class _NewRow(NamedTuple):
@@ -360,64 +349,49 @@ def _record_new_transaction(
     account = change.record
     amount = command.amount
     now = command.now
-    if _overflows(account, amount):
+    refused = amount < 0 and account.available_balance + amount < -account.overdraft_limit
+    if _overflows(account, amount, refused):
         if changes.transaction_at(row.key) is not None:  # a taken number answers first
             return _number_taken(changes, command, row.digest, row.key)
         return _failure(core_pb2.OUTCOME_BALANCE_OVERFLOW, "balance would exceed int64")
     settled = command.settled
-    if amount < 0 and account.available_balance + amount < -account.overdraft_limit:
-        status = INSUFFICIENT_FUNDS
-    else:
-        status = SETTLED if settled else PENDING
+    status = INSUFFICIENT_FUNDS if refused else (SETTLED if settled else PENDING)
     flags = TRANSACTION_SETTLED_REQUESTED if settled else 0
     if command.request_id:
         flags |= TRANSACTION_HAS_REQUEST_ID
     account_id = account.account_id
     number = command.transaction_number
     sequence = account.transaction_count
+    settled_amount = amount if status == SETTLED else 0
     data = encode_transaction(
         account_id, number, sequence, amount, status, status, now, now,
-        command.description, amount if status == SETTLED else 0, 0, flags, row.digest, 0, 0,
+        command.description, settled_amount, 0, flags, row.digest, 0, 0,
     )  # fmt: skip
     if not changes.insert_transaction(row.key, data):
         return _number_taken(changes, command, row.digest, row.key)
     account.transaction_count = sequence + 1
-    if status != INSUFFICIENT_FUNDS:
-        _add_new_transaction(change, amount, status == SETTLED, now)
+    _move_totals(change, contribution_of(status, amount, settled_amount), now)
     changes.put_sequence(account_id, sequence, number)
     if flags & TRANSACTION_HAS_REQUEST_ID:
         changes.add_request(row.request_key, number)
-    if not changes.answering:
-        return core_pb2.CommandResult(outcome=OK)
-    return core_pb2.CommandResult(outcome=OK, transaction=data)
+    return _ok_transaction(changes, data)
 
 
-def _add_new_transaction(change: _AccountChange, amount: int, settled: bool, now: int) -> None:
-    """A new settled or pending transaction's move of its account's totals."""
+def _move_totals(change: _AccountChange, moved: Totals, now: int) -> None:
+    """The one place an account's totals move: the record, and on the side what its
+    transactions moved (which `check` holds the record against)."""
+    if moved == NO_TOTALS:
+        return
     account = change.record
-    moved = change.moved
-    if settled:
-        if amount > 0:
-            account.credits_settled += amount
-            moved[0] += amount
-        else:
-            account.debits_settled -= amount
-            moved[1] -= amount
-        account.updated_at = now
-    elif amount > 0:
-        account.credits_pending += amount  # visible in neither balance: updated_at stays
-        moved[2] += amount
-    else:
-        account.debits_pending -= amount
-        moved[3] -= amount
-        account.updated_at = now
-
-
-def _move_totals(account: AccountRecord, moved: Totals, now: int) -> None:
     account.credits_settled += moved[0]
     account.debits_settled += moved[1]
     account.credits_pending += moved[2]
     account.debits_pending += moved[3]
+    side = change.moved
+    side[0] += moved[0]
+    side[1] += moved[1]
+    side[2] += moved[2]
+    side[3] += moved[3]
     # The visible balances (settled, available) changed: a pending top-up alone changes neither.
     if moved[0] or moved[1] or moved[3]:
         account.updated_at = now
@@ -628,10 +602,9 @@ class AccountsCore:
         An entry at or below the stored applied index was applied before (PySyncObj replays its
         journal after every restart): it changes nothing. Unanswered, it is skipped; answered, it
         is evaluated as a dry run on a read transaction and answers what a repeat of it answers
-        now. That answer is
-        the original one for every entry that stored something (ids make repeats return the
-        stored object); an entry that originally failed without storing anything may answer
-        differently. No caller waits on a replayed entry, and keeping every entry's result
+        now. That answer is the original one for every entry that stored something (ids make
+        repeats return the stored object); an entry that originally failed without storing
+        anything may answer differently. No caller waits on a replayed entry, and keeping every entry's result
         instead would grow without bound."""
         if log_index <= 0:
             raise ReplicaBrokenError(f"log index must be positive, got {log_index}")
@@ -691,11 +664,12 @@ class AccountsCore:
             result.applied_index = self._applied_index_in(view)
             return result
 
+    def _problems_in(self, view: ReadTransaction, applied_index: int) -> list[str]:
+        return verification.verify_state(view, applied_index, self.owns_account, self._recent_requests_max)
+
     def verify(self) -> list[str]:
         with self._storage.read() as view:
-            return verification.verify_state(
-                view, self._applied_index_in(view), self.owns_account, self._recent_requests_max
-            )
+            return self._problems_in(view, self._applied_index_in(view))
 
     def state_digest(self) -> tuple[int, str]:
         """(applied index, sha256 over every data record) from one view: equal on replicas
@@ -711,7 +685,7 @@ class AccountsCore:
             return (
                 applied_index,
                 verification.state_digest(view),
-                verification.verify_state(view, applied_index, self.owns_account, self._recent_requests_max),
+                self._problems_in(view, applied_index),
             )
 
     def write_snapshot(
@@ -767,9 +741,7 @@ class AccountsCore:
                 # Log indexes in `recent_requests` keys belong to the source's log.
                 move_recent_requests(transaction)
             transaction.put(tables.META, tables.META_APPLIED_INDEX, tables.encode_u64(index))
-            problems = verification.verify_state(
-                transaction, index, self.owns_account, self._recent_requests_max
-            )
+            problems = self._problems_in(transaction, index)
             if problems:
                 raise SnapshotCorruptError(
                     f"snapshot {path} passes its checksum but is inconsistent: {problems[:3]}"

@@ -18,17 +18,19 @@ def require_invariant(condition: bool, message: str) -> None:
         raise InvariantViolationError(message)
 
 
-def contribution(record: TransactionRecord | None) -> Totals:
+def contribution_of(status: int, amount: int, settled_amount: int) -> Totals:
     """A settled transaction counts its settled amount; a pending one holds its whole amount."""
-    if record is None:
-        return NO_TOTALS
-    if record.status == SETTLED:
-        settled = record.settled_amount
-        return (settled, 0, 0, 0) if settled > 0 else (0, -settled, 0, 0)
-    if record.status == PENDING:
-        amount = record.amount
+    if status == SETTLED:
+        return (settled_amount, 0, 0, 0) if settled_amount > 0 else (0, -settled_amount, 0, 0)
+    if status == PENDING:
         return (0, 0, amount, 0) if amount > 0 else (0, 0, 0, -amount)
     return NO_TOTALS
+
+
+def contribution(record: TransactionRecord | None) -> Totals:
+    if record is None:
+        return NO_TOTALS
+    return contribution_of(record.status, record.amount, record.settled_amount)
 
 
 def totals_of(account: AccountRecord) -> Totals:
