@@ -84,6 +84,31 @@ class LedgerServiceStub:
                 request_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionsRequest.SerializeToString,
                 response_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.TransactionsResponse.FromString,
                 _registered_method=True)
+        self.CreateTransfer = channel.unary_unary(
+                '/ledger_cluster.api.v1.LedgerService/CreateTransfer',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransferRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransferResponse.FromString,
+                _registered_method=True)
+        self.GetTransfer = channel.unary_unary(
+                '/ledger_cluster.api.v1.LedgerService/GetTransfer',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.GetTransferRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.GetTransferResponse.FromString,
+                _registered_method=True)
+        self.SettleTransfer = channel.unary_unary(
+                '/ledger_cluster.api.v1.LedgerService/SettleTransfer',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.SettleTransferRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.SettleTransferResponse.FromString,
+                _registered_method=True)
+        self.CancelTransfer = channel.unary_unary(
+                '/ledger_cluster.api.v1.LedgerService/CancelTransfer',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransferRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransferResponse.FromString,
+                _registered_method=True)
+        self.CreateTransfers = channel.unary_unary(
+                '/ledger_cluster.api.v1.LedgerService/CreateTransfers',
+                request_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransfersRequest.SerializeToString,
+                response_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransfersResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -153,6 +178,40 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTransfer(self, request, context):
+        """Double-entry transfers between two accounts of one currency, on one shard or across two.
+        A transfer is atomic as seen by clients: once a call returns OK, both accounts show it; a
+        call that failed with UNAVAILABLE is driven to its end by the cluster, and a retry with the
+        same request_id returns that end. See docs/api.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTransfer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleTransfer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTransfer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateTransfers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +264,31 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.CancelTransactions,
                     request_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionsRequest.FromString,
                     response_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.TransactionsResponse.SerializeToString,
+            ),
+            'CreateTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTransfer,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransferRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransferResponse.SerializeToString,
+            ),
+            'GetTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTransfer,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.GetTransferRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.GetTransferResponse.SerializeToString,
+            ),
+            'SettleTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleTransfer,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.SettleTransferRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.SettleTransferResponse.SerializeToString,
+            ),
+            'CancelTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTransfer,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransferRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransferResponse.SerializeToString,
+            ),
+            'CreateTransfers': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTransfers,
+                    request_deserializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransfersRequest.FromString,
+                    response_serializer=ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransfersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +561,141 @@ class LedgerService:
             '/ledger_cluster.api.v1.LedgerService/CancelTransactions',
             ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransactionsRequest.SerializeToString,
             ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.TransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.LedgerService/CreateTransfer',
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransferRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.LedgerService/GetTransfer',
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.GetTransferRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.GetTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.LedgerService/SettleTransfer',
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.SettleTransferRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.SettleTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.LedgerService/CancelTransfer',
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransferRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CancelTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTransfers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger_cluster.api.v1.LedgerService/CreateTransfers',
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransfersRequest.SerializeToString,
+            ledger__cluster_dot_api_dot_v1_dot_ledger__pb2.CreateTransfersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,47 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%ledger_cluster/internal/v1/core.proto\x12\x1aledger_cluster.internal.v1\"f\n\x0f\x43ommandEnvelope\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.ledger_cluster.internal.v1.CommandType\x12\x0b\n\x03now\x18\x02 \x01(\x03\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\">\n\x14\x43reateAccountCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x94\x01\n\x18\x43reateTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0f\n\x07settled\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"J\n\x18SettleTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\" \n\x0c\x42\x61tchCommand\x12\x10\n\x08\x63ommands\x18\x01 \x03(\x0c\"J\n\x18\x43\x61ncelTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\"\xec\x01\n\rCommandResult\x12\x34\n\x07outcome\x18\x01 \x01(\x0e\x32#.ledger_cluster.internal.v1.Outcome\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tlog_index\x18\x05 \x01(\x04\x12?\n\x0citem_results\x18\x06 \x03(\x0b\x32).ledger_cluster.internal.v1.CommandResult\x12\x0f\n\x07\x61\x63\x63ount\x18\x07 \x01(\x0c\x12\x13\n\x0btransaction\x18\x08 \x01(\x0c\x12\x0e\n\x06repeat\x18\t \x01(\x08J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"%\n\x0fGetAccountQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\"E\n\x13GetTransactionQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\"R\n\x15ListTransactionsQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x16\n\x0estart_sequence\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\"\xf4\x01\n\tReadQuery\x12\x42\n\x0bget_account\x18\x01 \x01(\x0b\x32+.ledger_cluster.internal.v1.GetAccountQueryH\x00\x12J\n\x0fget_transaction\x18\x02 \x01(\x0b\x32/.ledger_cluster.internal.v1.GetTransactionQueryH\x00\x12N\n\x11list_transactions\x18\x03 \x01(\x0b\x32\x31.ledger_cluster.internal.v1.ListTransactionsQueryH\x00\x42\x07\n\x05query\"\xcf\x01\n\nReadResult\x12\x34\n\x07outcome\x18\x01 \x01(\x0e\x32#.ledger_cluster.internal.v1.Outcome\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rnext_sequence\x18\x06 \x01(\x04\x12\x15\n\rapplied_index\x18\x07 \x01(\x04\x12\x0f\n\x07\x61\x63\x63ount\x18\x08 \x01(\x0c\x12\x13\n\x0btransaction\x18\t \x01(\x0c\x12\x14\n\x0ctransactions\x18\n \x03(\x0cJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"\xe1\x01\n\x0f\x41\x63\x63ountRecordV1\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x19\n\x11\x61vailable_balance\x18\x02 \x01(\x03\x12\x17\n\x0fsettled_balance\x18\x03 \x01(\x03\x12\x17\n\x0fpending_credits\x18\x04 \x01(\x03\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\x12\x12\n\nupdated_at\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x19\n\x11transaction_count\x18\x08 \x01(\x04\x12\x16\n\x0epending_debits\x18\t \x01(\x03\"\xfb\x01\n\x13TransactionRecordV1\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\x05\x12\x16\n\x0einitial_status\x18\x06 \x01(\x05\x12\x19\n\x11settled_requested\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x03\x12\x12\n\nupdated_at\x18\n \x01(\x03\x12\x10\n\x08sequence\x18\x0b \x01(\x04\"9\n\tRaftEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xa0\x01\n\x0cRaftPosition\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x39\n\nlast_entry\x18\x02 \x01(\x0b\x32%.ledger_cluster.internal.v1.RaftEntry\x12=\n\x0eprevious_entry\x18\x03 \x01(\x0b\x32%.ledger_cluster.internal.v1.RaftEntry*\xea\x01\n\x0b\x43ommandType\x12\x1c\n\x18\x43OMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43OMMAND_TYPE_CREATE_ACCOUNT\x10\x01\x12#\n\x1f\x43OMMAND_TYPE_CREATE_TRANSACTION\x10\x02\x12#\n\x1f\x43OMMAND_TYPE_SETTLE_TRANSACTION\x10\x03\x12#\n\x1f\x43OMMAND_TYPE_CANCEL_TRANSACTION\x10\x04\x12\x15\n\x11\x43OMMAND_TYPE_NOOP\x10\x05\x12\x16\n\x12\x43OMMAND_TYPE_BATCH\x10\x06*\xf7\x02\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0e\n\nOUTCOME_OK\x10\x01\x12\x1d\n\x19OUTCOME_ACCOUNT_NOT_FOUND\x10\x02\x12!\n\x1dOUTCOME_TRANSACTION_NOT_FOUND\x10\x03\x12#\n\x1fOUTCOME_TRANSACTION_NOT_PENDING\x10\x04\x12\x1d\n\x19OUTCOME_REQUEST_ID_REUSED\x10\x05\x12\x1c\n\x18OUTCOME_BALANCE_OVERFLOW\x10\x06\x12 \n\x1cOUTCOME_ACCOUNT_ID_COLLISION\x10\x07\x12$\n OUTCOME_TRANSACTION_ID_COLLISION\x10\x08\x12\x1b\n\x17OUTCOME_INVALID_COMMAND\x10\t\x12\x1e\n\x1aOUTCOME_INVALID_PAGE_TOKEN\x10\n\x12\x1a\n\x16OUTCOME_SHARD_MISMATCH\x10\x0b\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%ledger_cluster/internal/v1/core.proto\x12\x1aledger_cluster.internal.v1\"f\n\x0f\x43ommandEnvelope\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.ledger_cluster.internal.v1.CommandType\x12\x0b\n\x03now\x18\x02 \x01(\x03\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\xa6\x01\n\x14\x43reateAccountCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x17\n\x0foverdraft_limit\x18\x04 \x01(\x03\x12;\n\x08metadata\x18\x05 \x03(\x0b\x32).ledger_cluster.internal.v1.MetadataEntry\"+\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xea\x01\n\x18\x43reateTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0f\n\x07settled\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12;\n\x08metadata\x18\x07 \x03(\x0b\x32).ledger_cluster.internal.v1.MetadataEntry\x12\x17\n\x0ftimeout_seconds\x18\x08 \x01(\x03\"Z\n\x18SettleTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\"\x97\x02\n\x15\x43reateTransferCommand\x12\x18\n\x10\x64\x65\x62it_account_id\x18\x01 \x01(\x06\x12\x17\n\x0ftransfer_number\x18\x02 \x01(\x06\x12\x19\n\x11\x63redit_account_id\x18\x03 \x01(\x06\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x0f\n\x07settled\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12;\n\x08metadata\x18\x08 \x03(\x0b\x32).ledger_cluster.internal.v1.MetadataEntry\x12\x17\n\x0ftimeout_seconds\x18\t \x01(\x03\x12\x10\n\x08\x63urrency\x18\n \x01(\t\"\x8d\x02\n\x10\x43reditLegCommand\x12\x19\n\x11\x63redit_account_id\x18\x01 \x01(\x06\x12\x18\n\x10\x64\x65\x62it_account_id\x18\x02 \x01(\x06\x12\x17\n\x0ftransfer_number\x18\x03 \x01(\x06\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x0f\n\x07settled\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12;\n\x08metadata\x18\x07 \x03(\x0b\x32).ledger_cluster.internal.v1.MetadataEntry\x12\x12\n\ncreated_at\x18\x08 \x01(\x03\x12\x12\n\nexpires_at\x18\t \x01(\x03\x12\x10\n\x08\x63urrency\x18\n \x01(\t\"k\n\x16ResolveTransferCommand\x12\x18\n\x10\x64\x65\x62it_account_id\x18\x01 \x01(\x06\x12\x17\n\x0ftransfer_number\x18\x02 \x01(\x06\x12\x0e\n\x06settle\x18\x03 \x01(\x08\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\"\x9d\x01\n\x11ResolveLegCommand\x12\x19\n\x11\x63redit_account_id\x18\x01 \x01(\x06\x12\x18\n\x10\x64\x65\x62it_account_id\x18\x02 \x01(\x06\x12\x17\n\x0ftransfer_number\x18\x03 \x01(\x06\x12\x0e\n\x06status\x18\x04 \x01(\r\x12\x16\n\x0esettled_amount\x18\x05 \x01(\x03\x12\x12\n\nupdated_at\x18\x06 \x01(\x03\"o\n\x15\x46inishTransferCommand\x12\x18\n\x10\x64\x65\x62it_account_id\x18\x01 \x01(\x06\x12\x17\n\x0ftransfer_number\x18\x02 \x01(\x06\x12\x12\n\ncredit_leg\x18\x03 \x01(\x0c\x12\x0f\n\x07refusal\x18\x04 \x01(\r\" \n\x0c\x42\x61tchCommand\x12\x10\n\x08\x63ommands\x18\x01 \x03(\x0c\"J\n\x18\x43\x61ncelTransactionCommand\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\"\x92\x02\n\rCommandResult\x12\x34\n\x07outcome\x18\x01 \x01(\x0e\x32#.ledger_cluster.internal.v1.Outcome\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tlog_index\x18\x05 \x01(\x04\x12?\n\x0citem_results\x18\x06 \x03(\x0b\x32).ledger_cluster.internal.v1.CommandResult\x12\x0f\n\x07\x61\x63\x63ount\x18\x07 \x01(\x0c\x12\x13\n\x0btransaction\x18\x08 \x01(\x0c\x12\x0e\n\x06repeat\x18\t \x01(\x08\x12\x10\n\x08metadata\x18\n \x01(\x0c\x12\x12\n\ncredit_leg\x18\x0b \x01(\x0cJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"%\n\x0fGetAccountQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\"E\n\x13GetTransactionQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\"R\n\x15ListTransactionsQuery\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x16\n\x0estart_sequence\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\"\"\n\x11TransferWorkQuery\x12\r\n\x05limit\x18\x01 \x01(\r\"\xbc\x02\n\tReadQuery\x12\x42\n\x0bget_account\x18\x01 \x01(\x0b\x32+.ledger_cluster.internal.v1.GetAccountQueryH\x00\x12J\n\x0fget_transaction\x18\x02 \x01(\x0b\x32/.ledger_cluster.internal.v1.GetTransactionQueryH\x00\x12N\n\x11list_transactions\x18\x03 \x01(\x0b\x32\x31.ledger_cluster.internal.v1.ListTransactionsQueryH\x00\x12\x46\n\rtransfer_work\x18\x04 \x01(\x0b\x32-.ledger_cluster.internal.v1.TransferWorkQueryH\x00\x42\x07\n\x05query\"\xf4\x01\n\nReadResult\x12\x34\n\x07outcome\x18\x01 \x01(\x0e\x32#.ledger_cluster.internal.v1.Outcome\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rnext_sequence\x18\x06 \x01(\x04\x12\x15\n\rapplied_index\x18\x07 \x01(\x04\x12\x0f\n\x07\x61\x63\x63ount\x18\x08 \x01(\x0c\x12\x13\n\x0btransaction\x18\t \x01(\x0c\x12\x14\n\x0ctransactions\x18\n \x03(\x0c\x12\x10\n\x08metadata\x18\x0b \x01(\x0c\x12\x11\n\tmetadatas\x18\x0c \x03(\x0cJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"\xe1\x01\n\x0f\x41\x63\x63ountRecordV1\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x19\n\x11\x61vailable_balance\x18\x02 \x01(\x03\x12\x17\n\x0fsettled_balance\x18\x03 \x01(\x03\x12\x17\n\x0fpending_credits\x18\x04 \x01(\x03\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\x12\x12\n\nupdated_at\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x19\n\x11transaction_count\x18\x08 \x01(\x04\x12\x16\n\x0epending_debits\x18\t \x01(\x03\"\xfb\x01\n\x13TransactionRecordV1\x12\x12\n\naccount_id\x18\x01 \x01(\x06\x12\x1a\n\x12transaction_number\x18\x02 \x01(\x06\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\x05\x12\x16\n\x0einitial_status\x18\x06 \x01(\x05\x12\x19\n\x11settled_requested\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x03\x12\x12\n\nupdated_at\x18\n \x01(\x03\x12\x10\n\x08sequence\x18\x0b \x01(\x04\"9\n\tRaftEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xa0\x01\n\x0cRaftPosition\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x39\n\nlast_entry\x18\x02 \x01(\x0b\x32%.ledger_cluster.internal.v1.RaftEntry\x12=\n\x0eprevious_entry\x18\x03 \x01(\x0b\x32%.ledger_cluster.internal.v1.RaftEntry*\xa9\x03\n\x0b\x43ommandType\x12\x1c\n\x18\x43OMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43OMMAND_TYPE_CREATE_ACCOUNT\x10\x01\x12#\n\x1f\x43OMMAND_TYPE_CREATE_TRANSACTION\x10\x02\x12#\n\x1f\x43OMMAND_TYPE_SETTLE_TRANSACTION\x10\x03\x12#\n\x1f\x43OMMAND_TYPE_CANCEL_TRANSACTION\x10\x04\x12\x15\n\x11\x43OMMAND_TYPE_NOOP\x10\x05\x12\x16\n\x12\x43OMMAND_TYPE_BATCH\x10\x06\x12 \n\x1c\x43OMMAND_TYPE_CREATE_TRANSFER\x10\x07\x12\x1b\n\x17\x43OMMAND_TYPE_CREDIT_LEG\x10\x08\x12!\n\x1d\x43OMMAND_TYPE_RESOLVE_TRANSFER\x10\t\x12\x1c\n\x18\x43OMMAND_TYPE_RESOLVE_LEG\x10\n\x12 \n\x1c\x43OMMAND_TYPE_FINISH_TRANSFER\x10\x0b\x12\x1b\n\x17\x43OMMAND_TYPE_EXPIRE_DUE\x10\x0c*\xe1\x04\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0e\n\nOUTCOME_OK\x10\x01\x12\x1d\n\x19OUTCOME_ACCOUNT_NOT_FOUND\x10\x02\x12!\n\x1dOUTCOME_TRANSACTION_NOT_FOUND\x10\x03\x12#\n\x1fOUTCOME_TRANSACTION_NOT_PENDING\x10\x04\x12\x1d\n\x19OUTCOME_REQUEST_ID_REUSED\x10\x05\x12\x1c\n\x18OUTCOME_BALANCE_OVERFLOW\x10\x06\x12 \n\x1cOUTCOME_ACCOUNT_ID_COLLISION\x10\x07\x12$\n OUTCOME_TRANSACTION_ID_COLLISION\x10\x08\x12\x1b\n\x17OUTCOME_INVALID_COMMAND\x10\t\x12\x1e\n\x1aOUTCOME_INVALID_PAGE_TOKEN\x10\n\x12\x1a\n\x16OUTCOME_SHARD_MISMATCH\x10\x0b\x12\x1d\n\x19OUTCOME_CURRENCY_MISMATCH\x10\x0c\x12\x1f\n\x1bOUTCOME_TRANSACTION_EXPIRED\x10\r\x12!\n\x1dOUTCOME_INVALID_SETTLE_AMOUNT\x10\x0e\x12\x18\n\x14OUTCOME_SAME_ACCOUNT\x10\x0f\x12\x1e\n\x1aOUTCOME_TRANSFER_NOT_FOUND\x10\x10\x12$\n OUTCOME_CREDIT_ACCOUNT_NOT_FOUND\x10\x11\x12%\n!OUTCOME_SETTLED_WITH_OTHER_AMOUNT\x10\x12\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ledger_cluster.internal.v1.core_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMMANDTYPE']._serialized_start=2169
-  _globals['_COMMANDTYPE']._serialized_end=2403
-  _globals['_OUTCOME']._serialized_start=2406
-  _globals['_OUTCOME']._serialized_end=2781
+  _globals['_COMMANDTYPE']._serialized_start=3540
+  _globals['_COMMANDTYPE']._serialized_end=3965
+  _globals['_OUTCOME']._serialized_start=3968
+  _globals['_OUTCOME']._serialized_end=4577
   _globals['_COMMANDENVELOPE']._serialized_start=69
   _globals['_COMMANDENVELOPE']._serialized_end=171
-  _globals['_CREATEACCOUNTCOMMAND']._serialized_start=173
-  _globals['_CREATEACCOUNTCOMMAND']._serialized_end=235
-  _globals['_CREATETRANSACTIONCOMMAND']._serialized_start=238
-  _globals['_CREATETRANSACTIONCOMMAND']._serialized_end=386
-  _globals['_SETTLETRANSACTIONCOMMAND']._serialized_start=388
-  _globals['_SETTLETRANSACTIONCOMMAND']._serialized_end=462
-  _globals['_BATCHCOMMAND']._serialized_start=464
-  _globals['_BATCHCOMMAND']._serialized_end=496
-  _globals['_CANCELTRANSACTIONCOMMAND']._serialized_start=498
-  _globals['_CANCELTRANSACTIONCOMMAND']._serialized_end=572
-  _globals['_COMMANDRESULT']._serialized_start=575
-  _globals['_COMMANDRESULT']._serialized_end=811
-  _globals['_GETACCOUNTQUERY']._serialized_start=813
-  _globals['_GETACCOUNTQUERY']._serialized_end=850
-  _globals['_GETTRANSACTIONQUERY']._serialized_start=852
-  _globals['_GETTRANSACTIONQUERY']._serialized_end=921
-  _globals['_LISTTRANSACTIONSQUERY']._serialized_start=923
-  _globals['_LISTTRANSACTIONSQUERY']._serialized_end=1005
-  _globals['_READQUERY']._serialized_start=1008
-  _globals['_READQUERY']._serialized_end=1252
-  _globals['_READRESULT']._serialized_start=1255
-  _globals['_READRESULT']._serialized_end=1462
-  _globals['_ACCOUNTRECORDV1']._serialized_start=1465
-  _globals['_ACCOUNTRECORDV1']._serialized_end=1690
-  _globals['_TRANSACTIONRECORDV1']._serialized_start=1693
-  _globals['_TRANSACTIONRECORDV1']._serialized_end=1944
-  _globals['_RAFTENTRY']._serialized_start=1946
-  _globals['_RAFTENTRY']._serialized_end=2003
-  _globals['_RAFTPOSITION']._serialized_start=2006
-  _globals['_RAFTPOSITION']._serialized_end=2166
+  _globals['_CREATEACCOUNTCOMMAND']._serialized_start=174
+  _globals['_CREATEACCOUNTCOMMAND']._serialized_end=340
+  _globals['_METADATAENTRY']._serialized_start=342
+  _globals['_METADATAENTRY']._serialized_end=385
+  _globals['_CREATETRANSACTIONCOMMAND']._serialized_start=388
+  _globals['_CREATETRANSACTIONCOMMAND']._serialized_end=622
+  _globals['_SETTLETRANSACTIONCOMMAND']._serialized_start=624
+  _globals['_SETTLETRANSACTIONCOMMAND']._serialized_end=714
+  _globals['_CREATETRANSFERCOMMAND']._serialized_start=717
+  _globals['_CREATETRANSFERCOMMAND']._serialized_end=996
+  _globals['_CREDITLEGCOMMAND']._serialized_start=999
+  _globals['_CREDITLEGCOMMAND']._serialized_end=1268
+  _globals['_RESOLVETRANSFERCOMMAND']._serialized_start=1270
+  _globals['_RESOLVETRANSFERCOMMAND']._serialized_end=1377
+  _globals['_RESOLVELEGCOMMAND']._serialized_start=1380
+  _globals['_RESOLVELEGCOMMAND']._serialized_end=1537
+  _globals['_FINISHTRANSFERCOMMAND']._serialized_start=1539
+  _globals['_FINISHTRANSFERCOMMAND']._serialized_end=1650
+  _globals['_BATCHCOMMAND']._serialized_start=1652
+  _globals['_BATCHCOMMAND']._serialized_end=1684
+  _globals['_CANCELTRANSACTIONCOMMAND']._serialized_start=1686
+  _globals['_CANCELTRANSACTIONCOMMAND']._serialized_end=1760
+  _globals['_COMMANDRESULT']._serialized_start=1763
+  _globals['_COMMANDRESULT']._serialized_end=2037
+  _globals['_GETACCOUNTQUERY']._serialized_start=2039
+  _globals['_GETACCOUNTQUERY']._serialized_end=2076
+  _globals['_GETTRANSACTIONQUERY']._serialized_start=2078
+  _globals['_GETTRANSACTIONQUERY']._serialized_end=2147
+  _globals['_LISTTRANSACTIONSQUERY']._serialized_start=2149
+  _globals['_LISTTRANSACTIONSQUERY']._serialized_end=2231
+  _globals['_TRANSFERWORKQUERY']._serialized_start=2233
+  _globals['_TRANSFERWORKQUERY']._serialized_end=2267
+  _globals['_READQUERY']._serialized_start=2270
+  _globals['_READQUERY']._serialized_end=2586
+  _globals['_READRESULT']._serialized_start=2589
+  _globals['_READRESULT']._serialized_end=2833
+  _globals['_ACCOUNTRECORDV1']._serialized_start=2836
+  _globals['_ACCOUNTRECORDV1']._serialized_end=3061
+  _globals['_TRANSACTIONRECORDV1']._serialized_start=3064
+  _globals['_TRANSACTIONRECORDV1']._serialized_end=3315
+  _globals['_RAFTENTRY']._serialized_start=3317
+  _globals['_RAFTENTRY']._serialized_end=3374
+  _globals['_RAFTPOSITION']._serialized_start=3377
+  _globals['_RAFTPOSITION']._serialized_end=3537
 # @@protoc_insertion_point(module_scope)

@@ -41,6 +41,25 @@ class _CommandTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CommandTy
     """Several commands in one log entry, applied in order in one LMDB write transaction (group
     commit and batch RPCs); each item keeps its own ids, `now` and idempotency.
     """
+    COMMAND_TYPE_CREATE_TRANSFER: _CommandType.ValueType  # 7
+    """Transfers (ledger_cluster/core/transfers.py). The debit shard D holds the transfer: its
+    debit leg is the record, and while work on the credit shard C is owed the leg is listed
+    in D's `transfer_work`. Every one of these is idempotent: a re-delivery answers the state.
+    on D: the debit leg (and the credit leg, same shard)
+    """
+    COMMAND_TYPE_CREDIT_LEG: _CommandType.ValueType  # 8
+    """on C: the credit leg, never refused for funds"""
+    COMMAND_TYPE_RESOLVE_TRANSFER: _CommandType.ValueType  # 9
+    """on D: settle (fully or partly) or cancel"""
+    COMMAND_TYPE_RESOLVE_LEG: _CommandType.ValueType  # 10
+    """on C: the credit leg follows D's decision"""
+    COMMAND_TYPE_FINISH_TRANSFER: _CommandType.ValueType  # 11
+    """on D: C confirmed; the owed work is done"""
+    COMMAND_TYPE_EXPIRE_DUE: _CommandType.ValueType  # 12
+    """Expire pending transactions whose deadline is at or before the envelope's `now`: the
+    leader proposes it when its clock passes the earliest deadline, so replicated time drives
+    expiry and no replica decides by its own clock.
+    """
 
 class CommandType(_CommandType, metaclass=_CommandTypeEnumTypeWrapper): ...
 
@@ -54,6 +73,25 @@ COMMAND_TYPE_NOOP: CommandType.ValueType  # 5
 COMMAND_TYPE_BATCH: CommandType.ValueType  # 6
 """Several commands in one log entry, applied in order in one LMDB write transaction (group
 commit and batch RPCs); each item keeps its own ids, `now` and idempotency.
+"""
+COMMAND_TYPE_CREATE_TRANSFER: CommandType.ValueType  # 7
+"""Transfers (ledger_cluster/core/transfers.py). The debit shard D holds the transfer: its
+debit leg is the record, and while work on the credit shard C is owed the leg is listed
+in D's `transfer_work`. Every one of these is idempotent: a re-delivery answers the state.
+on D: the debit leg (and the credit leg, same shard)
+"""
+COMMAND_TYPE_CREDIT_LEG: CommandType.ValueType  # 8
+"""on C: the credit leg, never refused for funds"""
+COMMAND_TYPE_RESOLVE_TRANSFER: CommandType.ValueType  # 9
+"""on D: settle (fully or partly) or cancel"""
+COMMAND_TYPE_RESOLVE_LEG: CommandType.ValueType  # 10
+"""on C: the credit leg follows D's decision"""
+COMMAND_TYPE_FINISH_TRANSFER: CommandType.ValueType  # 11
+"""on D: C confirmed; the owed work is done"""
+COMMAND_TYPE_EXPIRE_DUE: CommandType.ValueType  # 12
+"""Expire pending transactions whose deadline is at or before the envelope's `now`: the
+leader proposes it when its clock passes the earliest deadline, so replicated time drives
+expiry and no replica decides by its own clock.
 """
 Global___CommandType: _TypeAlias = CommandType  # noqa: Y015
 
@@ -79,6 +117,15 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     """The log entry could not be decoded or breaks a limit; the entry is consumed, nothing else."""
     OUTCOME_INVALID_PAGE_TOKEN: _Outcome.ValueType  # 10
     OUTCOME_SHARD_MISMATCH: _Outcome.ValueType  # 11
+    OUTCOME_CURRENCY_MISMATCH: _Outcome.ValueType  # 12
+    OUTCOME_TRANSACTION_EXPIRED: _Outcome.ValueType  # 13
+    OUTCOME_INVALID_SETTLE_AMOUNT: _Outcome.ValueType  # 14
+    OUTCOME_SAME_ACCOUNT: _Outcome.ValueType  # 15
+    OUTCOME_TRANSFER_NOT_FOUND: _Outcome.ValueType  # 16
+    OUTCOME_CREDIT_ACCOUNT_NOT_FOUND: _Outcome.ValueType  # 17
+    """ACCOUNT_NOT_FOUND of a transfer's credit side (the debit side's is ACCOUNT_NOT_FOUND)."""
+    OUTCOME_SETTLED_WITH_OTHER_AMOUNT: _Outcome.ValueType  # 18
+    """Settle with another amount than the settled one."""
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     """Domain outcomes are data, never exceptions (DESIGN §2 rule 2)."""
@@ -99,6 +146,15 @@ OUTCOME_INVALID_COMMAND: Outcome.ValueType  # 9
 """The log entry could not be decoded or breaks a limit; the entry is consumed, nothing else."""
 OUTCOME_INVALID_PAGE_TOKEN: Outcome.ValueType  # 10
 OUTCOME_SHARD_MISMATCH: Outcome.ValueType  # 11
+OUTCOME_CURRENCY_MISMATCH: Outcome.ValueType  # 12
+OUTCOME_TRANSACTION_EXPIRED: Outcome.ValueType  # 13
+OUTCOME_INVALID_SETTLE_AMOUNT: Outcome.ValueType  # 14
+OUTCOME_SAME_ACCOUNT: Outcome.ValueType  # 15
+OUTCOME_TRANSFER_NOT_FOUND: Outcome.ValueType  # 16
+OUTCOME_CREDIT_ACCOUNT_NOT_FOUND: Outcome.ValueType  # 17
+"""ACCOUNT_NOT_FOUND of a transfer's credit side (the debit side's is ACCOUNT_NOT_FOUND)."""
+OUTCOME_SETTLED_WITH_OTHER_AMOUNT: Outcome.ValueType  # 18
+"""Settle with another amount than the settled one."""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 @_typing.final
@@ -138,21 +194,57 @@ class CreateAccountCommand(_message.Message):
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    OVERDRAFT_LIMIT_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     account_id: _builtins.int
     request_id: _builtins.str
+    currency: _builtins.str
+    overdraft_limit: _builtins.int
+    @_builtins.property
+    def metadata(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetadataEntry]: ...
     def __init__(
         self,
         *,
         account_id: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        overdraft_limit: _builtins.int = ...,
+        metadata: _abc.Iterable[Global___MetadataEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "currency", b"currency", "metadata", b"metadata", "overdraft_limit", b"overdraft_limit", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateAccountCommand: _TypeAlias = CreateAccountCommand  # noqa: Y015
+
+@_typing.final
+class MetadataEntry(_message.Message):
+    """Metadata travels as entries sorted by key (commands.canonical_metadata), so equal metadata
+    is equal bytes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetadataEntry: _TypeAlias = MetadataEntry  # noqa: Y015
 
 @_typing.final
 class CreateTransactionCommand(_message.Message):
@@ -164,12 +256,17 @@ class CreateTransactionCommand(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SETTLED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.int
     transaction_number: _builtins.int
     amount: _builtins.int
     description: _builtins.str
     settled: _builtins.bool
     request_id: _builtins.str
+    timeout_seconds: _builtins.int
+    @_builtins.property
+    def metadata(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetadataEntry]: ...
     def __init__(
         self,
         *,
@@ -179,10 +276,12 @@ class CreateTransactionCommand(_message.Message):
         description: _builtins.str = ...,
         settled: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        metadata: _abc.Iterable[Global___MetadataEntry] | None = ...,
+        timeout_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "description", b"description", "request_id", b"request_id", "settled", b"settled", "transaction_number", b"transaction_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "description", b"description", "metadata", b"metadata", "request_id", b"request_id", "settled", b"settled", "timeout_seconds", b"timeout_seconds", "transaction_number", b"transaction_number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -194,21 +293,227 @@ class SettleTransactionCommand(_message.Message):
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     TRANSACTION_NUMBER_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
     account_id: _builtins.int
     transaction_number: _builtins.int
+    amount: _builtins.int
+    """0 = all; else signed like the transaction's (partial)"""
     def __init__(
         self,
         *,
         account_id: _builtins.int = ...,
         transaction_number: _builtins.int = ...,
+        amount: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "transaction_number", b"transaction_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "transaction_number", b"transaction_number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SettleTransactionCommand: _TypeAlias = SettleTransactionCommand  # noqa: Y015
+
+@_typing.final
+class CreateTransferCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_NUMBER_FIELD_NUMBER: _builtins.int
+    CREDIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SETTLED_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    debit_account_id: _builtins.int
+    transfer_number: _builtins.int
+    """the transfer's (and its debit leg's) number"""
+    credit_account_id: _builtins.int
+    amount: _builtins.int
+    """> 0"""
+    description: _builtins.str
+    settled: _builtins.bool
+    request_id: _builtins.str
+    """scoped to the debit account"""
+    timeout_seconds: _builtins.int
+    currency: _builtins.str
+    """The credit account's currency as the gateway read it (accounts never change currency):
+    D refuses a transfer whose debit account has another.
+    """
+    @_builtins.property
+    def metadata(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetadataEntry]: ...
+    def __init__(
+        self,
+        *,
+        debit_account_id: _builtins.int = ...,
+        transfer_number: _builtins.int = ...,
+        credit_account_id: _builtins.int = ...,
+        amount: _builtins.int = ...,
+        description: _builtins.str = ...,
+        settled: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+        metadata: _abc.Iterable[Global___MetadataEntry] | None = ...,
+        timeout_seconds: _builtins.int = ...,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "credit_account_id", b"credit_account_id", "currency", b"currency", "debit_account_id", b"debit_account_id", "description", b"description", "metadata", b"metadata", "request_id", b"request_id", "settled", b"settled", "timeout_seconds", b"timeout_seconds", "transfer_number", b"transfer_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTransferCommand: _TypeAlias = CreateTransferCommand  # noqa: Y015
+
+@_typing.final
+class CreditLegCommand(_message.Message):
+    """Built from the debit leg (commands.credit_leg_of) by whoever drives the transfer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_NUMBER_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    SETTLED_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    credit_account_id: _builtins.int
+    debit_account_id: _builtins.int
+    transfer_number: _builtins.int
+    amount: _builtins.int
+    """> 0, what the credit account gains"""
+    settled: _builtins.bool
+    """false: pending (credits_pending) until resolved"""
+    description: _builtins.str
+    created_at: _builtins.int
+    expires_at: _builtins.int
+    currency: _builtins.str
+    @_builtins.property
+    def metadata(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetadataEntry]: ...
+    def __init__(
+        self,
+        *,
+        credit_account_id: _builtins.int = ...,
+        debit_account_id: _builtins.int = ...,
+        transfer_number: _builtins.int = ...,
+        amount: _builtins.int = ...,
+        settled: _builtins.bool = ...,
+        description: _builtins.str = ...,
+        metadata: _abc.Iterable[Global___MetadataEntry] | None = ...,
+        created_at: _builtins.int = ...,
+        expires_at: _builtins.int = ...,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "created_at", b"created_at", "credit_account_id", b"credit_account_id", "currency", b"currency", "debit_account_id", b"debit_account_id", "description", b"description", "expires_at", b"expires_at", "metadata", b"metadata", "settled", b"settled", "transfer_number", b"transfer_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreditLegCommand: _TypeAlias = CreditLegCommand  # noqa: Y015
+
+@_typing.final
+class ResolveTransferCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_NUMBER_FIELD_NUMBER: _builtins.int
+    SETTLE_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    debit_account_id: _builtins.int
+    transfer_number: _builtins.int
+    settle: _builtins.bool
+    """true: settle; false: cancel"""
+    amount: _builtins.int
+    """settle only: 0 = all, else 1..amount"""
+    def __init__(
+        self,
+        *,
+        debit_account_id: _builtins.int = ...,
+        transfer_number: _builtins.int = ...,
+        settle: _builtins.bool = ...,
+        amount: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "debit_account_id", b"debit_account_id", "settle", b"settle", "transfer_number", b"transfer_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveTransferCommand: _TypeAlias = ResolveTransferCommand  # noqa: Y015
+
+@_typing.final
+class ResolveLegCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_NUMBER_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SETTLED_AMOUNT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    credit_account_id: _builtins.int
+    debit_account_id: _builtins.int
+    transfer_number: _builtins.int
+    status: _builtins.int
+    """records.Status: SETTLED, CANCELLED or EXPIRED"""
+    settled_amount: _builtins.int
+    """> 0 when SETTLED"""
+    updated_at: _builtins.int
+    def __init__(
+        self,
+        *,
+        credit_account_id: _builtins.int = ...,
+        debit_account_id: _builtins.int = ...,
+        transfer_number: _builtins.int = ...,
+        status: _builtins.int = ...,
+        settled_amount: _builtins.int = ...,
+        updated_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_account_id", b"credit_account_id", "debit_account_id", b"debit_account_id", "settled_amount", b"settled_amount", "status", b"status", "transfer_number", b"transfer_number", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveLegCommand: _TypeAlias = ResolveLegCommand  # noqa: Y015
+
+@_typing.final
+class FinishTransferCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_NUMBER_FIELD_NUMBER: _builtins.int
+    CREDIT_LEG_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    debit_account_id: _builtins.int
+    transfer_number: _builtins.int
+    credit_leg: _builtins.bytes
+    """The credit leg as C stored it (a TransactionRecord): its number and status tell D which
+    owed work is done, and whether C refused the credit (then D reverses the debit).
+    """
+    refusal: _builtins.int
+    """Set when C refused the credit leg outright (no leg stored); its outcome."""
+    def __init__(
+        self,
+        *,
+        debit_account_id: _builtins.int = ...,
+        transfer_number: _builtins.int = ...,
+        credit_leg: _builtins.bytes = ...,
+        refusal: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_leg", b"credit_leg", "debit_account_id", b"debit_account_id", "refusal", b"refusal", "transfer_number", b"transfer_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishTransferCommand: _TypeAlias = FinishTransferCommand  # noqa: Y015
 
 @_typing.final
 class BatchCommand(_message.Message):
@@ -269,6 +574,8 @@ class CommandResult(_message.Message):
     ACCOUNT_FIELD_NUMBER: _builtins.int
     TRANSACTION_FIELD_NUMBER: _builtins.int
     REPEAT_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    CREDIT_LEG_FIELD_NUMBER: _builtins.int
     outcome: Global___Outcome.ValueType
     message: _builtins.str
     log_index: _builtins.int
@@ -278,6 +585,12 @@ class CommandResult(_message.Message):
     """a TransactionRecord, on success of a transaction command"""
     repeat: _builtins.bool
     """The command repeated one applied earlier: answer with the object as first created."""
+    metadata: _builtins.bytes
+    """the record's metadata (records.encode_metadata), if any"""
+    credit_leg: _builtins.bytes
+    """A transfer's credit leg, when this shard holds it too (same-shard transfer) or as C
+    answered it to the gateway.
+    """
     @_builtins.property
     def item_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommandResult]:
         """a batch's: one per item, in order"""
@@ -292,10 +605,12 @@ class CommandResult(_message.Message):
         account: _builtins.bytes = ...,
         transaction: _builtins.bytes = ...,
         repeat: _builtins.bool = ...,
+        metadata: _builtins.bytes = ...,
+        credit_leg: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "item_results", b"item_results", "log_index", b"log_index", "message", b"message", "outcome", b"outcome", "repeat", b"repeat", "transaction", b"transaction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "credit_leg", b"credit_leg", "item_results", b"item_results", "log_index", b"log_index", "message", b"message", "metadata", b"metadata", "outcome", b"outcome", "repeat", b"repeat", "transaction", b"transaction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -369,30 +684,55 @@ class ListTransactionsQuery(_message.Message):
 Global___ListTransactionsQuery: _TypeAlias = ListTransactionsQuery  # noqa: Y015
 
 @_typing.final
+class TransferWorkQuery(_message.Message):
+    """The transfers of this shard with work owed to another shard (the driver's), oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferWorkQuery: _TypeAlias = TransferWorkQuery  # noqa: Y015
+
+@_typing.final
 class ReadQuery(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GET_ACCOUNT_FIELD_NUMBER: _builtins.int
     GET_TRANSACTION_FIELD_NUMBER: _builtins.int
     LIST_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    TRANSFER_WORK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def get_account(self) -> Global___GetAccountQuery: ...
     @_builtins.property
     def get_transaction(self) -> Global___GetTransactionQuery: ...
     @_builtins.property
     def list_transactions(self) -> Global___ListTransactionsQuery: ...
+    @_builtins.property
+    def transfer_work(self) -> Global___TransferWorkQuery: ...
     def __init__(
         self,
         *,
         get_account: Global___GetAccountQuery | None = ...,
         get_transaction: Global___GetTransactionQuery | None = ...,
         list_transactions: Global___ListTransactionsQuery | None = ...,
+        transfer_work: Global___TransferWorkQuery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["get_account", b"get_account", "get_transaction", b"get_transaction", "list_transactions", b"list_transactions", "query", b"query"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["get_account", b"get_account", "get_transaction", b"get_transaction", "list_transactions", b"list_transactions", "query", b"query", "transfer_work", b"transfer_work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["get_account", b"get_account", "get_transaction", b"get_transaction", "list_transactions", b"list_transactions", "query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["get_account", b"get_account", "get_transaction", b"get_transaction", "list_transactions", b"list_transactions", "query", b"query", "transfer_work", b"transfer_work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["get_account", "get_transaction", "list_transactions"]  # noqa: Y015
+    _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["get_account", "get_transaction", "list_transactions", "transfer_work"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_query) -> _WhichOneofReturnType_query | None: ...
 
@@ -409,6 +749,8 @@ class ReadResult(_message.Message):
     ACCOUNT_FIELD_NUMBER: _builtins.int
     TRANSACTION_FIELD_NUMBER: _builtins.int
     TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    METADATAS_FIELD_NUMBER: _builtins.int
     outcome: Global___Outcome.ValueType
     message: _builtins.str
     next_sequence: _builtins.int
@@ -418,9 +760,15 @@ class ReadResult(_message.Message):
     """an AccountRecord"""
     transaction: _builtins.bytes
     """a TransactionRecord"""
+    metadata: _builtins.bytes
+    """of `account` or `transaction`, if it has any"""
     @_builtins.property
     def transactions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """TransactionRecords, in apply order"""
+
+    @_builtins.property
+    def metadatas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """of `transactions`, one each (empty: none)"""
 
     def __init__(
         self,
@@ -432,10 +780,12 @@ class ReadResult(_message.Message):
         account: _builtins.bytes = ...,
         transaction: _builtins.bytes = ...,
         transactions: _abc.Iterable[_builtins.bytes] | None = ...,
+        metadata: _builtins.bytes = ...,
+        metadatas: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "applied_index", b"applied_index", "message", b"message", "next_sequence", b"next_sequence", "outcome", b"outcome", "transaction", b"transaction", "transactions", b"transactions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "applied_index", b"applied_index", "message", b"message", "metadata", b"metadata", "metadatas", b"metadatas", "next_sequence", b"next_sequence", "outcome", b"outcome", "transaction", b"transaction", "transactions", b"transactions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
