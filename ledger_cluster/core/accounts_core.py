@@ -19,9 +19,9 @@ from ledger_cluster.core.changes import (
     OK,
     AccountChange,
     Changes,
+    Outcome,
     expires_on_its_own,
     expiry_key_of,
-    Outcome,
     failure,
     move_totals,
     ok_account,
@@ -592,6 +592,12 @@ class AccountsCore:
     def _applied_index_in(view: ReadTransaction) -> int:
         data = view.get(tables.META, tables.META_APPLIED_INDEX)
         return 0 if data is None else tables.decode_u64(data)
+
+    def earliest_deadline(self) -> int | None:
+        """The earliest `expires_at` of a pending transaction here (Unix ns), if any."""
+        with self._storage.read() as view:
+            rows = view.scan(tables.EXPIRIES, b"", b"", 1)
+        return tables.decode_expiry_key(rows[0][0])[0] if rows else None
 
     def applied_index(self) -> int:
         with self._storage.read() as view:
