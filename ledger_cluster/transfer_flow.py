@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ledger_cluster.core import commands
+from ledger_cluster.core import commands, tables
 from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.core.records import (
     CREDIT_OWED,
@@ -36,8 +36,10 @@ logger = logging.getLogger(__name__)
 DRIVE_PERIOD_SECONDS = 0.5
 # A transfer this young is left to the gateway that is finishing it on the call's path.
 DRIVE_GRACE_SECONDS = 1.0
-# Unfinished transfers read per shard per round (the rest wait for the next round).
+# Unfinished transfers read per page, and pages read per shard per round (the rest wait for the
+# next round).
 TRANSFER_WORK_PAGE_MAX = 500
+TRANSFER_WORK_PAGES_MAX = 20
 DRIVE_CALL_TIMEOUT_SECONDS = 5.0
 # An answer of C that means it will never store this credit leg: D reverses the debit.
 REFUSALS = frozenset(
@@ -243,17 +245,34 @@ class TransferDriver:
             logger.info("shard %s: expiry not proposed: %s", shard.shard_id, answers[0])
 
     async def _finish_unfinished(self, shard: LocalShard) -> int:
-        query = core_pb2.ReadQuery(transfer_work=core_pb2.TransferWorkQuery(limit=TRANSFER_WORK_PAGE_MAX))
-        work = await asyncio.to_thread(shard.read, query)
+        """The transfers past their grace, a page at a time (under load most listed ones are
+        young: their gateway is finishing them), at most TRANSFER_WORK_PAGES_MAX pages."""
+        finished = 0
+        after_key = b""
+        for _ in range(TRANSFER_WORK_PAGES_MAX):
+            query = core_pb2.ReadQuery(
+                transfer_work=core_pb2.TransferWorkQuery(limit=TRANSFER_WORK_PAGE_MAX, after_key=after_key)
+            )
+            work = await asyncio.to_thread(shard.read, query)
+            finished += await self._finish_page(shard, work)
+            if len(work.transactions) < TRANSFER_WORK_PAGE_MAX:
+                break
+            last = decode_transaction(work.transactions[-1])
+            after_key = tables.transaction_key(last.account_id, last.transaction_number)
+        return finished
+
+    async def _finish_page(self, shard: LocalShard, work: core_pb2.ReadResult) -> int:
         now = self._clock_ns()
         grace_ns = int(DRIVE_GRACE_SECONDS * 1e9)
         unfinished = []
+        currencies: dict[int, str] = {}
         for data, metadata in zip(work.transactions, work.metadatas, strict=True):
             leg = decode_transaction(data)
             if now - leg.updated_at < grace_ns and now - leg.created_at < grace_ns:
                 continue
-            currency = await self._currency_of(shard, leg.account_id)
-            unfinished.append(Unfinished(leg, metadata, currency))
+            if leg.account_id not in currencies:
+                currencies[leg.account_id] = await self._currency_of(shard, leg.account_id)
+            unfinished.append(Unfinished(leg, metadata, currencies[leg.account_id]))
         if not unfinished:
             return 0
         deadline = _deadline()

@@ -188,3 +188,30 @@ def test_metadata_is_part_of_a_transactions_idempotency_payload(ledger: Ledger) 
         ).SerializeToString(),
     ))  # fmt: skip
     assert unsorted.outcome == core_pb2.OUTCOME_INVALID_COMMAND
+
+
+def test_the_transfer_work_listing_pages_by_key(tmp_path: Path) -> None:
+    shard = Ledger(tmp_path / "d", (0, 2**31 - 1))
+    try:
+        debit_id = next(candidate for candidate in range(1, 1000) if shard.core.owns_account(candidate))
+        credit_id = next(candidate for candidate in range(1, 1000) if not shard.core.owns_account(candidate))
+        shard.create_account(NOW, debit_id)
+        shard.create(now=NOW, number=1, amount=100, settled=True, account_id=debit_id)
+        for number in (30, 10, 20):
+            command = commands.create_transfer(
+                debit_account_id=debit_id, transfer_number=number, credit_account_id=credit_id, amount=1,
+                description="", settled=True, request_id="", now=NOW,
+            )  # fmt: skip
+            assert apply(shard, command).outcome == OK
+
+        def page(after_key: bytes) -> list[int]:
+            query = core_pb2.ReadQuery(transfer_work=core_pb2.TransferWorkQuery(limit=2, after_key=after_key))
+            return [
+                decode_transaction(data).transaction_number for data in shard.core.read(query).transactions
+            ]
+
+        assert page(b"") == [10, 20]
+        assert page(tables.transaction_key(debit_id, 20)) == [30]
+        assert page(tables.transaction_key(debit_id, 30)) == []
+    finally:
+        shard.storage.close()

@@ -469,7 +469,9 @@ def _transfer_work(view: ReadTransaction, query: core_pb2.TransferWorkQuery) -> 
     if not 1 <= query.limit <= PAGE_SIZE_MAX:
         return _read_failure(core_pb2.OUTCOME_INVALID_COMMAND, f"limit must be 1..{PAGE_SIZE_MAX}")
     result = core_pb2.ReadResult(outcome=OK)
-    for key, _ in view.scan(tables.TRANSFER_WORK, b"", b"", query.limit):
+    # The smallest key after `after_key`: the key with a zero byte appended.
+    start = query.after_key + b"\0" if query.after_key else b""
+    for key, _ in view.scan(tables.TRANSFER_WORK, start, b"", query.limit):
         data = view.get(tables.TRANSACTIONS, key)
         require_invariant(data is not None, "transfer_work lists a missing transaction")
         assert data is not None  # narrowed for mypy; checked just above

@@ -113,10 +113,13 @@ class TransferCalls:
         if known is not None:
             return known
         query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id))
+        shard_id = self._backend.shard_id(account_id)
         try:
-            result = await self._backend.read_shard(
-                self._backend.shard_id(account_id), query, False, deadline
-            )
+            result = await self._backend.read_shard(shard_id, query, False, deadline)
+            if result.outcome == core_pb2.OUTCOME_ACCOUNT_NOT_FOUND:
+                # A leader elected a moment ago may not have applied the account's creation yet:
+                # only a read through the log may say it does not exist.
+                result = await self._backend.read_shard(shard_id, query, True, deadline)
         except LedgerError as error:
             raise backend_error(error) from None
         if result.outcome == core_pb2.OUTCOME_ACCOUNT_NOT_FOUND:

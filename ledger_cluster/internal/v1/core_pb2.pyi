@@ -689,20 +689,24 @@ Global___ListTransactionsQuery: _TypeAlias = ListTransactionsQuery  # noqa: Y015
 
 @_typing.final
 class TransferWorkQuery(_message.Message):
-    """The transfers of this shard with work owed to another shard (the driver's), oldest first."""
+    """The transfers of this shard with work owed to another shard (the driver's), in key order."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LIMIT_FIELD_NUMBER: _builtins.int
+    AFTER_KEY_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
+    after_key: _builtins.bytes
+    """the page after this key (the last transaction key of the"""
     def __init__(
         self,
         *,
         limit: _builtins.int = ...,
+        after_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_key", b"after_key", "limit", b"limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
