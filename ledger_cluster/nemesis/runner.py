@@ -37,11 +37,20 @@ from ledger_cluster.nemesis import checks
 from ledger_cluster.nemesis import history as h
 from ledger_cluster.nemesis.faults import FAULT_KINDS, FaultRecord, Nemesis, NemesisLog
 from ledger_cluster.nemesis.leadership import LeadershipSample, LeadershipSampler
-from ledger_cluster.nemesis.workload import WORKLOAD_DEFAULT, Workload, account_view, transaction_view
+from ledger_cluster.nemesis.workload import (
+    WORKLOAD_DEFAULT,
+    WORKLOADS,
+    Workload,
+    account_view,
+    transaction_view,
+)
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.status import error_details
 
 NODES = 3
+# The operation mixes a run can drive (the CLI's --workload).
+WORKLOAD_CHOICES: tuple[str, ...] = WORKLOADS
+WORKLOAD_CHOICE_DEFAULT = WORKLOAD_DEFAULT
 REPLICAS = 3
 SHARDS_DEFAULT = 4
 SHARDS_MAX = 64
