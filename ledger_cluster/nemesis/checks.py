@@ -610,7 +610,8 @@ def _acknowledged_transfer_problems(
         credit_id = answer.get("credit_transaction_id")
         if credit_id and len(credits) == 1 and credits[0]["id"] != credit_id:
             yield f"acknowledged with credit leg {credit_id}, stored {credits[0]['id']}"
-    timeout = request.get("timeout_seconds", 0)
+    # A transfer refused for funds never gets a deadline.
+    timeout = request.get("timeout_seconds", 0) if debit["status"] != INSUFFICIENT_FUNDS else 0
     if "expires_at" in debit and "created_at" in debit:
         wanted = debit["created_at"] + timeout * NANOS_PER_SECOND if timeout else 0
         if debit["expires_at"] != wanted:
