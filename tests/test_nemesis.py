@@ -590,6 +590,11 @@ def test_overdraft_limits_and_funds_decide_transfer_debits() -> None:
     wrongly = failures(history.operations, two_accounts([top_up, refused_debit], [], debit_limit=500))
     assert "refused with at least 100 available (overdraft limit 500)" in wrongly
     assert failures(history.operations, two_accounts([top_up, refused_debit], [])) == ""
+    # A pending transfer with a timeout that was refused for funds has no deadline.
+    history.operations[-1].request.update(settled=False, timeout_seconds=3)
+    assert failures(history.operations, two_accounts([top_up, refused_debit], [])) == ""
+    with_deadline = {**refused_debit, "expires_at": CREATED_NS + 3 * checks.NANOS_PER_SECOND}
+    assert "timeout 0 s" in failures(history.operations, two_accounts([top_up, with_deadline], []))
     refused_with_credit = {**credit, "status": INSUFFICIENT, "settled_amount": 0}
     assert "refused for funds yet has credit legs" in failures(
         history.operations, two_accounts([top_up, refused_debit], [refused_with_credit])
