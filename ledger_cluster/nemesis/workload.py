@@ -17,6 +17,7 @@ logical write each stored transaction (or transfer's debit leg) came from.
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -290,7 +291,7 @@ class Workload:
         self._clients = clients
         self._weights = operation_weights(workload)
         # Without it every transfer counts as "any pair" (the same shard only by chance).
-        self._shard_of = shard_of
+        self._shard_of = None if shard_of is None else functools.lru_cache(maxsize=ACCOUNTS_MAX)(shard_of)
         self._pools = _Pools()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
