@@ -101,7 +101,7 @@ TRANSFERS_ONLY_BASE_WEIGHTS: dict[str, int] = {
     h.GET_TRANSACTION: 8,
     h.LIST_TRANSACTIONS: 8,
 }
-TRANSFER_AMOUNT_MAX = 800
+TRANSFER_AMOUNT_MAX = 500
 TRANSFER_SETTLED_FRACTION = 0.4
 # Of pending transfers, those created with a timeout_seconds drawn from TRANSFER_TIMEOUT_SECONDS:
 # short, so many expire during the run and some settles and cancels race the expiry.
