@@ -11,24 +11,38 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from click.testing import CliRunner
 
 from ledger_cluster import config as cluster_config
+from ledger_cluster.api.v1 import ledger_pb2_grpc
 from ledger_cluster.cli.dev import main as dev_main
+from ledger_cluster.ids import parse_account_id
 from ledger_cluster.localcluster.cluster import config_ports
 from ledger_cluster.nemesis import checks
 from ledger_cluster.nemesis import history as h
 from ledger_cluster.nemesis.faults import FAULT_KINDS, FaultRecord, NemesisLog, ProcessExit
-from ledger_cluster.nemesis.runner import NemesisOptions, run_nemesis
-from tests.processes import REPO_CONFIG_PATH
+from ledger_cluster.nemesis.runner import (
+    NemesisOptions,
+    candidate_accounts,
+    read_final_state,
+    run_nemesis,
+    wait_until_quiet,
+)
+from ledger_cluster.nemesis.workload import Workload
+from tests.processes import REPO_CONFIG_PATH, standalone_server, write_generated_config
 
 NEMESIS_CI_SECONDS = 60.0
 NEMESIS_CI_SEED = 20261122
 NEMESIS_CI_CLIENTS = 3
+# Load on a fault-free standalone server: long enough for every kind of operation, transfers
+# expiring included (their deadlines pass during the wait for quiet that follows).
+NO_FAULT_LOAD_SECONDS = 4.0
 
 ACCOUNT = "00000000000000aa"
 SETTLED = checks.SETTLED
@@ -664,7 +678,59 @@ def test_nemesis_command_refuses_unknown_faults_and_used_directories(tmp_path: P
     assert not (tmp_path / "new").exists()
 
 
-# -- a real run --------------------------------------------------------------------------------
+# -- real runs -------------------------------------------------------------------------------
+
+
+def test_the_workload_keeps_every_promise_on_a_standalone_server(tmp_path: Path) -> None:
+    """The whole mix, transfers included, against a real ledger-standalone process and no
+    faults: every check of the history and the final state passes, so the workload and the
+    checks read the contract as the gateway implements it (in seconds, where the nemesis run
+    takes minutes)."""
+    config_path = write_generated_config(tmp_path / "cluster_config.json", 3, 4, 3)
+    config = cluster_config.load(config_path)
+
+    def shard_of(account_id: str) -> str:
+        return config.shard_for_account(parse_account_id(account_id)).shard_id
+
+    history = h.History(tmp_path / "history.jsonl")
+    notes: list[str] = []
+    with standalone_server(tmp_path / "data", config_path, tmp_path / "server.log") as server:
+        workload = Workload(server.address, history, NEMESIS_CI_SEED, NEMESIS_CI_CLIENTS, shard_of=shard_of)
+        workload.create_initial_accounts()
+        workload.start()
+        try:
+            time.sleep(NO_FAULT_LOAD_SECONDS)  # how long the load lasts, not a wait for readiness
+        finally:
+            workload.stop()
+        history.close()
+        operations = history.operations()
+        quiet_from = time.time_ns()
+        with grpc.insecure_channel(server.address) as channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            final = read_final_state(stub, candidate_accounts(operations), notes)
+            read_unix_ns = wait_until_quiet(stub, final, quiet_from, quiet_from, notes)
+    results = [
+        checks.check_acknowledged_writes(operations, final),
+        checks.check_unacknowledged_writes(operations, final),
+        checks.check_balances(operations, final),
+        checks.check_consistent_reads(operations, final),
+        checks.check_reads_never_show_lost_writes(operations, final),
+        checks.check_overdraft_limits(operations, final),
+        checks.check_transfer_legs(final),
+        checks.check_acknowledged_transfers(operations, final),
+        checks.check_unacknowledged_transfers(operations, final),
+        checks.check_transfer_finishes(operations, final),
+        checks.check_conservation(final),
+        checks.check_expiry(final, read_unix_ns, quiet_from),
+    ]
+    report = "\n".join(
+        f"{result.name}: {result.detail} {result.violations}" for result in results if not result.passed
+    )
+    assert not report, f"{report}\n{notes}"
+    acknowledged = {op.kind for op in operations if op.outcome == h.OUTCOME_OK}
+    assert {h.CREATE_TRANSFER, h.DUPLICATE_TRANSFER, h.SETTLE_TRANSFER, h.GET_TRANSFER} <= acknowledged
+    legs = checks.check_transfer_legs(final).detail
+    assert not legs.startswith("0 debit legs"), legs
 
 
 @pytest.mark.slow

@@ -249,11 +249,12 @@ def _drive(
         progress(f"faults stopped after {len(log.faults)}; healing the cluster")
         nemesis.heal()
     healed_unix_ns = time.time_ns()
-    candidates = _candidate_accounts(history.operations())
+    candidates = candidate_accounts(history.operations())
     progress(f"reading the final state of {len(candidates)} accounts through the gateway")
     read_unix_ns = time.time_ns()
-    final = _read_final_state(cluster, candidates, notes)
-    read_unix_ns = _wait_until_quiet(cluster, final, healed_unix_ns, read_unix_ns, notes)
+    stub = cluster.ledger_stub()
+    final = read_final_state(stub, candidates, notes)
+    read_unix_ns = wait_until_quiet(stub, final, healed_unix_ns, read_unix_ns, notes)
     digests = _converged_digests(cluster)
     verify_problems = _verify_replicas(cluster)
     nemesis.collect_unexpected_exits()
@@ -266,7 +267,7 @@ def _write_leadership(path: Path, samples: list[LeadershipSample]) -> None:
             file.write(json.dumps(asdict(sample), sort_keys=True) + "\n")
 
 
-def _candidate_accounts(operations: Iterable[h.Operation]) -> list[str]:
+def candidate_accounts(operations: Iterable[h.Operation]) -> list[str]:
     """Every account the run may have created: acknowledged or not, an account created with a
     request_id has the id the gateway derives from it."""
     accounts = set()
@@ -296,8 +297,9 @@ def _retrying(call: Callable[[], Any], deadline: float) -> Any:
             time.sleep(FINAL_READ_PAUSE_SECONDS)
 
 
-def _read_final_state(cluster: Cluster, account_ids: list[str], notes: list[str]) -> checks.FinalState:
-    stub = cluster.ledger_stub()
+def read_final_state(
+    stub: ledger_pb2_grpc.LedgerServiceStub, account_ids: list[str], notes: list[str]
+) -> checks.FinalState:
     deadline = time.monotonic() + FINAL_READ_TIMEOUT_SECONDS
     final: checks.FinalState = {}
     for account_id in account_ids:
@@ -362,12 +364,15 @@ def _quiet_deadline_ns(final: checks.FinalState, healed_unix_ns: int) -> int:
     return min(wanted + margin, healed_unix_ns + int(QUIET_WAIT_SECONDS_MAX * nanos))
 
 
-def _wait_until_quiet(
-    cluster: Cluster, final: checks.FinalState, healed_unix_ns: int, read_unix_ns: int, notes: list[str]
+def wait_until_quiet(
+    stub: ledger_pb2_grpc.LedgerServiceStub,
+    final: checks.FinalState,
+    healed_unix_ns: int,
+    read_unix_ns: int,
+    notes: list[str],
 ) -> int:
     """Re-read (in place) the accounts of `final` that are not quiet until none is left or the
     deadline passes; the wall-clock moment the last pass started (`read_unix_ns` if none)."""
-    stub = cluster.ledger_stub()
     passes = 0
     while True:
         unquiet = sorted(checks.unquiet_accounts(final) & final.keys())
