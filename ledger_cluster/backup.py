@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -482,7 +482,7 @@ def _build_shard(
         for source, path in sources:
             core.restore_snapshot(path, applied_index=lambda _header: 0, replace=False)
             progress(f"{shard.shard_id}: merged the rows of {source.shard_id} inside its bounds")
-        applied_index, digest, problems = core.verify_report()
+        applied_index, digest, problems, _ = core.verify_report()
     finally:
         core.close()
     _require(
@@ -652,6 +652,59 @@ def _judge(replicas: tuple[ReplicaVerification, ...]) -> tuple[str, ...]:
         )
         failures.append(f"replicas did not reach the same applied index: {described}")
     return tuple(failures)
+
+
+@dataclass(frozen=True)
+class TransferCheck:
+    """The transfers of the whole cluster, from one replica of each shard."""
+
+    debit_legs: int
+    credit_legs: int
+    unfinished: int
+    failures: tuple[str, ...]  # empty: clean
+
+
+_LEGS_HASH_MODULUS = 2**128
+
+
+def check_transfers(shards: Sequence[ShardVerification]) -> TransferCheck:
+    """Every transfer's legs agree (the sums of the debit legs' and the credit legs' hashes
+    meet), nothing is unfinished, and per currency the legs' settled and pending amounts sum to
+    zero: transfers move money and never make it. Meaningful once the cluster is quiet."""
+    debit_hash = credit_hash = debit_legs = credit_legs = unfinished = 0
+    settled: dict[str, int] = {}
+    pending: dict[str, int] = {}
+    failures = []
+    for shard in shards:
+        answers = [replica.answer for replica in shard.replicas if replica.answer is not None]
+        if not answers:
+            failures.append(f"{shard.shard_id}: no replica answered, so its transfers are not counted")
+            continue
+        summary = answers[0].transfers
+        debit_hash += int.from_bytes(summary.debit_legs_hash, "big")
+        credit_hash += int.from_bytes(summary.credit_legs_hash, "big")
+        debit_legs += summary.debit_legs
+        credit_legs += summary.credit_legs
+        unfinished += summary.unfinished
+        if summary.unfinished:
+            failures.append(
+                f"{shard.shard_id}: {summary.unfinished} transfers still owe their credit shard work"
+            )
+        for flow in summary.currencies:
+            settled[flow.currency] = settled.get(flow.currency, 0) + int(flow.settled)
+            pending[flow.currency] = pending.get(flow.currency, 0) + int(flow.pending)
+    if (debit_hash - credit_hash) % _LEGS_HASH_MODULUS or debit_legs != credit_legs:
+        failures.append(
+            f"transfer legs disagree: {debit_legs} debit legs and {credit_legs} credit legs whose"
+            " amounts, statuses or settled amounts do not all meet"
+        )
+    for currency in sorted(settled):
+        name = currency or "(no currency)"
+        if settled[currency]:
+            failures.append(f"{name}: transfers created {settled[currency]} (settled legs do not sum to 0)")
+        if pending[currency]:
+            failures.append(f"{name}: pending transfer legs sum to {pending[currency]}, not 0")
+    return TransferCheck(debit_legs, credit_legs, unfinished, tuple(failures))
 
 
 def verify_cluster(

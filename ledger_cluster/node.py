@@ -23,6 +23,7 @@ from ledger_cluster.admission import CallGate, abort
 from ledger_cluster.client import ClusterClient
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.core.commands import ItemAnswer
+from ledger_cluster.core.verification import TransferSummary
 from ledger_cluster.deadlines import Deadline, work_deadline
 from ledger_cluster.errors import BackendTimeoutError, NotLeaderError, SnapshotError, StorageError
 from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
@@ -242,7 +243,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     ) -> node_pb2.VerifyResponse:
         async def run() -> node_pb2.VerifyResponse:
             replica = self._replica(request.shard_id)
-            applied_index, digest, problems = await _in_thread(_deadline(context), replica.core.verify_report)
+            applied_index, digest, problems, transfers = await _in_thread(
+                _deadline(context), replica.core.verify_report
+            )
             return node_pb2.VerifyResponse(
                 applied_index=applied_index,
                 digest=digest,
@@ -250,6 +253,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 problem_count=len(problems),
                 node_id=self._node_id,
                 is_leader=replica.is_leader(),
+                transfers=transfer_summary_message(transfers),
             )
 
         return await self._gate.run("Verify", context, run)
@@ -398,6 +402,20 @@ def _chunk_reader(spooled: _SpooledSnapshot, node_id: str) -> Iterator[node_pb2.
                 return
             yield chunk
             data = following
+
+
+def transfer_summary_message(summary: TransferSummary) -> node_pb2.TransferSummary:
+    return node_pb2.TransferSummary(
+        debit_legs_hash=summary.debit_legs_hash.to_bytes(16, "big"),
+        credit_legs_hash=summary.credit_legs_hash.to_bytes(16, "big"),
+        debit_legs=summary.debit_legs,
+        credit_legs=summary.credit_legs,
+        unfinished=summary.unfinished,
+        currencies=[
+            node_pb2.CurrencyFlow(currency=currency, settled=str(flow.settled), pending=str(flow.pending))
+            for currency, flow in sorted((summary.currencies or {}).items())
+        ],
+    )
 
 
 class _ClusterShards:

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from ledger_cluster import backup as cluster_backup
 from ledger_cluster.api.v1 import ledger_pb2
 from ledger_cluster.config import ClusterConfig
-from ledger_cluster.core import commands
+from ledger_cluster.core import commands, verification
 from ledger_cluster.ids import parse_account_id
 from ledger_cluster.internal.v1 import core_pb2, node_pb2
 from tests.cluster import Cluster, running_cluster
@@ -141,3 +142,60 @@ def test_a_pending_cross_shard_transfer_expires_on_both_sides(cluster: Cluster) 
     wait_for(lambda: credit_statuses() == [ledger_pb2.TRANSACTION_STATUS_EXPIRED], "the expired credit leg")
     assert balances(cluster, credit) == (0, 0, 0)
     assert balances(cluster, debit) == (100, 100, 0)
+
+
+def test_verify_sees_every_transfer_whole(cluster: Cluster) -> None:
+    """Runs after the tests above (module order): their transfers, settled, expired and driven,
+    all meet across shards once the drivers are done."""
+    stub = cluster.ledger_stub()
+    debit, credit = cross_shard_pair(cluster, 100)
+    stub.CreateTransfer(
+        ledger_pb2.CreateTransferRequest(debit_account_id=debit, credit_account_id=credit, amount=7),
+        timeout=RPC_TIMEOUT_SECONDS,
+    )
+
+    def transfers_whole() -> bool:
+        check = cluster_backup.check_transfers(cluster_backup.verify_cluster(cluster.config, lambda _: None))
+        return not check.failures
+
+    wait_for(transfers_whole, "a quiet, whole cluster")
+    shards = cluster_backup.verify_cluster(cluster.config, lambda _: None)
+    assert all(shard.clean for shard in shards)
+    check = cluster_backup.check_transfers(shards)
+    assert check.debit_legs == check.credit_legs >= 3
+    assert check.unfinished == 0
+
+
+def test_verify_names_legs_that_disagree() -> None:
+    """check_transfers on made-up answers: a credit leg with another settled amount, or one
+    missing, fails; the matching pair passes."""
+    debit_leg = verification.leg_tuple_hash(1, 2, 3, 2, (10, 2, 10))
+    matching = verification.leg_tuple_hash(1, 2, 3, 2, (10, 2, 10))
+    other = verification.leg_tuple_hash(1, 2, 3, 2, (10, 2, 9))
+
+    def shards(credit_hash: int, credit_legs: int, settled: str) -> list[cluster_backup.ShardVerification]:
+        def answer(summary: node_pb2.TransferSummary) -> node_pb2.VerifyResponse:
+            return node_pb2.VerifyResponse(transfers=summary)
+
+        debit_side = node_pb2.TransferSummary(
+            debit_legs_hash=debit_leg.to_bytes(16, "big"),
+            debit_legs=1,
+            currencies=[node_pb2.CurrencyFlow(currency="", settled="-10", pending="0")],
+        )
+        credit_side = node_pb2.TransferSummary(
+            credit_legs_hash=credit_hash.to_bytes(16, "big"),
+            credit_legs=credit_legs,
+            currencies=[node_pb2.CurrencyFlow(currency="", settled=settled, pending="0")],
+        )
+        return [
+            cluster_backup.ShardVerification(
+                "s1", (cluster_backup.ReplicaVerification("n1", answer(debit_side), ""),), ()
+            ),
+            cluster_backup.ShardVerification(
+                "s2", (cluster_backup.ReplicaVerification("n1", answer(credit_side), ""),), ()
+            ),
+        ]
+
+    assert cluster_backup.check_transfers(shards(matching, 1, "10")).failures == ()
+    assert cluster_backup.check_transfers(shards(other, 1, "9")).failures
+    assert cluster_backup.check_transfers(shards(0, 0, "0")).failures

@@ -697,15 +697,16 @@ class AccountsCore:
         with self._storage.read() as view:
             return self._applied_index_in(view), verification.state_digest(view)
 
-    def verify_report(self) -> tuple[int, str, list[str]]:
-        """(applied index, state digest, problems) from one view: what `verify` finds, about
-        exactly the state that the digest describes."""
+    def verify_report(self) -> tuple[int, str, list[str], verification.TransferSummary]:
+        """(applied index, state digest, problems, transfer summary) from one view: what
+        `verify` finds, about exactly the state that the digest describes."""
         with self._storage.read() as view:
             applied_index = self._applied_index_in(view)
             return (
                 applied_index,
                 verification.state_digest(view),
                 self._problems_in(view, applied_index),
+                verification.transfer_summary(view),
             )
 
     def write_snapshot(

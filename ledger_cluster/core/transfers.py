@@ -390,7 +390,9 @@ def _resolve_debit_leg(
     require_invariant(change is not None, f"debit leg of missing account {before.account_id:016x}")
     assert change is not None  # narrowed for mypy; checked just above
     after = _resolved(before, status, settled_amount, now)
-    if changes.owns(before.counterparty_account_id):
+    # A credit leg still owed (a transfer that a restore into another layout brought onto one
+    # shard) is resolved by the driver after it stores the leg, like any cross-shard one.
+    if changes.owns(before.counterparty_account_id) and not before.flags & CREDIT_OWED:
         _resolve_local_credit_leg(changes, before, status, -settled_amount, now)
     else:
         after.flags |= RESOLVE_OWED

@@ -10,6 +10,7 @@ leaves nothing running.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -52,23 +53,58 @@ class LocalClusterError(LedgerError):
     the code under test."""
 
 
+# Test and tool ports come from below the kernel's ephemeral range: a port from inside it may be
+# taken, while its node is down for a restart, as the local end of some outgoing connection (a
+# peer reconnecting to that very node), and the restarted node then cannot listen on it.
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LISTEN_PORT_LOWEST = 10_000
+PORT_PROBES_MAX = 1000
+
+
+def _listen_port_range() -> range | None:
+    try:
+        ephemeral_lowest = int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if ephemeral_lowest - LISTEN_PORT_LOWEST < PORT_PROBES_MAX:
+        return None
+    return range(LISTEN_PORT_LOWEST, ephemeral_lowest)
+
+
+def _bound_probe(port: int) -> socket.socket | None:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.bind((LOOPBACK_HOST, port))
+    except OSError:
+        probe.close()
+        return None
+    return probe
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK_HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback TCP ports that nothing listens on right now: every probe socket
-    stays bound until all are chosen, so the kernel cannot hand out the same port twice."""
+    """`count` distinct loopback TCP ports that nothing listens on right now, below the
+    ephemeral range where the kernel says which one it is: every probe socket stays bound until
+    all are chosen, so no port is handed out twice."""
+    candidates = _listen_port_range()
     probes: list[socket.socket] = []
     try:
-        for _ in range(count):
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        for _ in range(PORT_PROBES_MAX):
+            if candidates is None or len(probes) == count:
+                break
+            # A port already probed fails to bind again: the bound probes keep the ports distinct.
+            probe = _bound_probe(random.choice(candidates))
+            if probe is not None:
+                probes.append(probe)
+        while len(probes) < count:
+            probe = _bound_probe(0)
+            if probe is None:
+                raise LocalClusterError("no free loopback port")
             probes.append(probe)
-            probe.bind((LOOPBACK_HOST, 0))
         return [int(probe.getsockname()[1]) for probe in probes]
     finally:
         for probe in probes:

@@ -430,6 +430,7 @@ class VerifyResponse(_message.Message):
     PROBLEM_COUNT_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     IS_LEADER_FIELD_NUMBER: _builtins.int
+    TRANSFERS_FIELD_NUMBER: _builtins.int
     applied_index: _builtins.int
     """the view that `digest` and `problems` describe"""
     digest: _builtins.str
@@ -442,6 +443,10 @@ class VerifyResponse(_message.Message):
     def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """at most VERIFY_PROBLEMS_MAX of them"""
 
+    @_builtins.property
+    def transfers(self) -> Global___TransferSummary:
+        """of the same view: what `verify` sums across shards"""
+
     def __init__(
         self,
         *,
@@ -451,14 +456,88 @@ class VerifyResponse(_message.Message):
         problem_count: _builtins.int = ...,
         node_id: _builtins.str = ...,
         is_leader: _builtins.bool = ...,
+        transfers: Global___TransferSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["transfers", b"transfers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_index", b"applied_index", "digest", b"digest", "is_leader", b"is_leader", "node_id", b"node_id", "problem_count", b"problem_count", "problems", b"problems"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_index", b"applied_index", "digest", b"digest", "is_leader", b"is_leader", "node_id", b"node_id", "problem_count", b"problem_count", "problems", b"problems", "transfers", b"transfers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015
+
+@_typing.final
+class TransferSummary(_message.Message):
+    """What one shard holds of transfers, summed so that shards can be compared without listing
+    them: across the cluster every transfer's two legs must meet.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEBIT_LEGS_HASH_FIELD_NUMBER: _builtins.int
+    CREDIT_LEGS_HASH_FIELD_NUMBER: _builtins.int
+    DEBIT_LEGS_FIELD_NUMBER: _builtins.int
+    CREDIT_LEGS_FIELD_NUMBER: _builtins.int
+    UNFINISHED_FIELD_NUMBER: _builtins.int
+    CURRENCIES_FIELD_NUMBER: _builtins.int
+    debit_legs_hash: _builtins.bytes
+    """Sums (mod 2^128, 16 bytes big-endian) of a hash of each leg's transfer tuple (debit account,
+    transfer number, credit account, credit leg number, amount, status, settled amount), over
+    the debit legs and over the credit legs of every transfer that was not refused.
+    """
+    credit_legs_hash: _builtins.bytes
+    debit_legs: _builtins.int
+    credit_legs: _builtins.int
+    unfinished: _builtins.int
+    """debit legs that still owe their credit shard work"""
+    @_builtins.property
+    def currencies(self) -> _containers.RepeatedCompositeFieldContainer[Global___CurrencyFlow]: ...
+    def __init__(
+        self,
+        *,
+        debit_legs_hash: _builtins.bytes = ...,
+        credit_legs_hash: _builtins.bytes = ...,
+        debit_legs: _builtins.int = ...,
+        credit_legs: _builtins.int = ...,
+        unfinished: _builtins.int = ...,
+        currencies: _abc.Iterable[Global___CurrencyFlow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_legs", b"credit_legs", "credit_legs_hash", b"credit_legs_hash", "currencies", b"currencies", "debit_legs", b"debit_legs", "debit_legs_hash", b"debit_legs_hash", "unfinished", b"unfinished"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferSummary: _TypeAlias = TransferSummary  # noqa: Y015
+
+@_typing.final
+class CurrencyFlow(_message.Message):
+    """Per currency, the signed sums of the transfer legs (decimal strings: sums may pass int64)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    SETTLED_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    currency: _builtins.str
+    settled: _builtins.str
+    """settled amounts of all legs: 0 across the cluster when whole"""
+    pending: _builtins.str
+    """pending amounts of all legs: 0 across the cluster when whole"""
+    def __init__(
+        self,
+        *,
+        currency: _builtins.str = ...,
+        settled: _builtins.str = ...,
+        pending: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "pending", b"pending", "settled", b"settled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CurrencyFlow: _TypeAlias = CurrencyFlow  # noqa: Y015
 
 @_typing.final
 class TransferLeadershipRequest(_message.Message):
