@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from ledger_cluster import config as cluster_config
 from ledger_cluster.api.v1 import ledger_pb2_grpc
+from ledger_cluster.backup import TransferCheck
 from ledger_cluster.cli.dev import main as dev_main
 from ledger_cluster.ids import parse_account_id
 from ledger_cluster.localcluster.cluster import config_ports
@@ -653,6 +654,21 @@ def test_expiry_happens_in_time_and_never_early() -> None:
     assert "deadline" in violations(checks.check_expiry(two_accounts([too_late], []), deadline, healed))
     forever, _ = legs(3, 500, EXPIRED)
     assert "expired without a deadline" in violations(checks.check_expiry(two_accounts([forever], []), 0, 0))
+
+
+def test_the_replicas_transfer_summaries_must_meet_and_match_the_listings() -> None:
+    top_up = transaction(1, 1000, SETTLED)
+    debit, credit = legs(2, 400, SETTLED)
+    refused, _ = legs(3, 5000, INSUFFICIENT)
+    final = two_accounts([top_up, debit, refused], [credit])
+    clean = TransferCheck(debit_legs=1, credit_legs=1, unfinished=0, failures=())
+    assert checks.check_replica_transfer_summaries(final, clean).passed
+    owing = TransferCheck(1, 1, 1, ("shard-01: 1 transfers still owe their credit shard work",))
+    assert "still owe" in violations(checks.check_replica_transfer_summaries(final, owing))
+    unlisted = TransferCheck(debit_legs=2, credit_legs=2, unfinished=0, failures=())
+    assert "the gateway listed 1 and 1" in violations(
+        checks.check_replica_transfer_summaries(final, unlisted)
+    )
 
 
 def test_unquiet_accounts_are_those_a_heal_may_still_change() -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+from ledger_cluster.backup import TransferCheck
 from ledger_cluster.nemesis import history as h
 from ledger_cluster.nemesis.faults import FaultRecord, NemesisLog
 from ledger_cluster.nemesis.leadership import LeadershipSample, ShardLeader
@@ -802,6 +803,31 @@ def check_expiry(
                     f"{transaction['id']} {status} at {transaction['updated_at']}, deadline {deadline}"
                 )
     result.detail = f"{expired} expired"
+    return result
+
+
+def check_replica_transfer_summaries(final: FinalState, summary: TransferCheck) -> CheckResult:
+    """`summary`: the transfer summaries of one replica of each shard, summed across shards as
+    `ledger-dev verify` sums them, once the final state was quiet."""
+    result = CheckResult(
+        "transfers-verified-on-replicas",
+        "the replicas' own transfer summaries meet across shards (every leg tuple matched, nothing"
+        " left owing a credit shard, settled and pending legs summing to zero per currency) and"
+        " count as many debit and credit legs as the final read through the gateway listed",
+    )
+    for failure in summary.failures:
+        result.add(failure)
+    stored = _StoredTransfers.of(final)
+    listed_debits = sum(1 for debit in stored.debits.values() if debit["status"] != INSUFFICIENT_FUNDS)
+    listed_credits = sum(len(credits) for credits in stored.credits.values())
+    if (summary.debit_legs, summary.credit_legs) != (listed_debits, listed_credits):
+        result.add(
+            f"the replicas hold {summary.debit_legs} debit and {summary.credit_legs} credit legs of"
+            f" transfers not refused; the gateway listed {listed_debits} and {listed_credits}"
+        )
+    result.detail = (
+        f"{summary.debit_legs} debit legs, {summary.credit_legs} credit legs, {summary.unfinished} unfinished"
+    )
     return result
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from ledger_cluster import backup
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.core import AccountsCore
@@ -72,6 +73,9 @@ QUIET_POLL_SECONDS = 0.25
 QUIET_WAIT_SECONDS_MAX = 60.0
 # Past the bound of the promise, so that what is still unquiet then is a violation.
 QUIET_MARGIN_SECONDS = 1.0
+# Once the final state is quiet, how long the replicas' verification is asked again while some
+# transfer still owes its credit shard work (only internal flags are left to clear then).
+UNFINISHED_WAIT_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,7 @@ def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> Nem
         checks.check_transfer_finishes(operations, final),
         checks.check_conservation(final),
         checks.check_expiry(final, outcome.read_unix_ns, outcome.healed_unix_ns),
+        checks.check_replica_transfer_summaries(final, outcome.transfer_summary),
     ]
     report = _report(
         options, operations=operations, log=log, results=results, config=cluster.config, notes=notes
@@ -203,6 +208,7 @@ class _DriveOutcome:
     final: checks.FinalState
     digests: dict[str, dict[str, tuple[int, str]]]
     verify_problems: dict[str, list[str]]
+    transfer_summary: backup.TransferCheck
     # Wall clock, like the gateway's stamps: when healing ended, when the last pass of the final
     # read started.
     healed_unix_ns: int
@@ -256,9 +262,9 @@ def _drive(
     final = read_final_state(stub, candidates, notes)
     read_unix_ns = wait_until_quiet(stub, final, healed_unix_ns, read_unix_ns, notes)
     digests = _converged_digests(cluster)
-    verify_problems = _verify_replicas(cluster)
+    verify_problems, transfer_summary = _verify_replicas(cluster)
     nemesis.collect_unexpected_exits()
-    return _DriveOutcome(final, digests, verify_problems, healed_unix_ns, read_unix_ns)
+    return _DriveOutcome(final, digests, verify_problems, transfer_summary, healed_unix_ns, read_unix_ns)
 
 
 def _write_leadership(path: Path, samples: list[LeadershipSample]) -> None:
@@ -419,9 +425,24 @@ def _converged_digests(cluster: Cluster) -> dict[str, dict[str, tuple[int, str]]
         time.sleep(CONVERGE_POLL_SECONDS)
 
 
-def _verify_replicas(cluster: Cluster) -> dict[str, list[str]]:
+def _verify_replicas(cluster: Cluster) -> tuple[dict[str, list[str]], backup.TransferCheck]:
+    """Every replica's own verification ("node/shard" -> problems) and the transfers summed
+    across shards as `ledger-dev verify` sums them; asked again while some transfer still owes
+    its credit shard work (a driver finishes it after its grace), until UNFINISHED_WAIT_SECONDS."""
+    deadline = time.monotonic() + UNFINISHED_WAIT_SECONDS
+    while True:
+        problems, shards = _verify_round(cluster)
+        transfers = backup.check_transfers(shards)
+        if not transfers.unfinished or time.monotonic() > deadline:
+            return problems, transfers
+        time.sleep(CONVERGE_POLL_SECONDS)
+
+
+def _verify_round(cluster: Cluster) -> tuple[dict[str, list[str]], list[backup.ShardVerification]]:
     problems: dict[str, list[str]] = {}
+    shards = []
     for shard in cluster.config.shards:
+        replicas = []
         for replica in shard.replicas:
             key = f"{replica.node_id}/{shard.shard_id}"
             try:
@@ -429,9 +450,12 @@ def _verify_replicas(cluster: Cluster) -> dict[str, list[str]]:
                     node_pb2.VerifyRequest(shard_id=shard.shard_id), timeout=NODE_CALL_TIMEOUT_SECONDS
                 )
                 problems[key] = list(answer.problems)
+                replicas.append(backup.ReplicaVerification(replica.node_id, answer, ""))
             except grpc.RpcError as error:
                 problems[key] = [f"Verify failed: {error}"]
-    return problems
+                replicas.append(backup.ReplicaVerification(replica.node_id, None, str(error)))
+        shards.append(backup.ShardVerification(shard.shard_id, tuple(replicas), ()))
+    return problems, shards
 
 
 def _read_replicas(cluster: Cluster, final: checks.FinalState) -> dict[str, checks.FinalState]:
