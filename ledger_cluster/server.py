@@ -86,6 +86,9 @@ class LedgerServer:
             await asyncio.wait({self._health_watcher}, timeout=HEALTH_REFRESH_SECONDS)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.stop(SHUTDOWN_GRACE_SECONDS)
+        # Finishes of transfers already answered: sent before the backend goes (or the debit
+        # shard's driver sends them a second later).
+        await self.service.transfers.close()
         await self.backend.close()
 
 

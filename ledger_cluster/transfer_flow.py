@@ -154,11 +154,24 @@ def finish_command(step: Step, now: int) -> bytes:
 async def finish_on_debit_shard(
     api: ShardApi, steps: Sequence[Step], now: int, deadline: Deadline
 ) -> list[ItemAnswer]:
-    """D records C's answers; all of one debit shard's in one update."""
-    if not steps:
-        return []
-    shard_id = api.shard_id(steps[0].unfinished.debit_leg.account_id)
-    return await api.update(shard_id, [finish_command(step, now) for step in steps], deadline)
+    """D records C's answers: one update per debit shard; answers in the order of `steps`."""
+    by_shard: dict[str, list[int]] = {}
+    for index, step in enumerate(steps):
+        by_shard.setdefault(api.shard_id(step.unfinished.debit_leg.account_id), []).append(index)
+    answers: list[ItemAnswer] = [TransferStepError("not sent")] * len(steps)
+
+    async def send(shard_id: str, indexes: list[int]) -> None:
+        try:
+            sent = await api.update(
+                shard_id, [finish_command(steps[index], now) for index in indexes], deadline
+            )
+        except LedgerError as error:
+            sent = [error] * len(indexes)
+        for index, answer in zip(indexes, sent, strict=True):
+            answers[index] = answer
+
+    await asyncio.gather(*(send(shard_id, indexes) for shard_id, indexes in by_shard.items()))
+    return answers
 
 
 # -- the driver --------------------------------------------------------------------------------

@@ -205,6 +205,10 @@ class ModelAccount:
             settled_balance=self.settled,
             created_at=self.created_at,
             updated_at=self.updated_at,
+            credits_settled=self.credits_settled,
+            debits_settled=self.debits_settled,
+            credits_pending=self.pending_credits,
+            debits_pending=self.pending_debits,
         )
 
     def original_view(self) -> ledger_pb2.Account:
@@ -239,6 +243,7 @@ class ModelTransaction:
             created_at=self.created_at,
             updated_at=self.updated_at,
             account_id=account_hex(self.account_id),
+            settled_amount=self.amount if self.status == SETTLED else 0,
         )
 
     def original_view(self) -> ledger_pb2.Transaction:
@@ -246,6 +251,7 @@ class ModelTransaction:
         view = self.view()
         view.status = self.initial_status
         view.updated_at = self.created_at
+        view.settled_amount = self.amount if self.initial_status == SETTLED else 0
         return view
 
 

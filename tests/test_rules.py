@@ -115,3 +115,72 @@ def test_the_rules_import_nothing_of_the_public_api_or_grpc() -> None:
     forbidden = {name for name in imported if name.startswith(("grpc", "ledger_cluster.api"))}
     assert not forbidden
     assert "ledger_cluster.limits" in imported  # the walk did see the module's imports
+
+
+# -- the second wave's fields -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("currency", ["", "USD", "EUR_2", "A" * 16, "0"])
+def test_currencies_within_the_rule_are_allowed(currency: str) -> None:
+    assert rules.currency_problem(currency) is None
+
+
+@pytest.mark.parametrize("currency", ["usd", "US D", "A" * 17, "€", "USD\n"])
+def test_currencies_outside_the_rule_are_refused(currency: str) -> None:
+    problem = rules.currency_problem(currency)
+    assert problem is not None and problem.reason == "INVALID_CURRENCY"
+
+
+def test_an_overdraft_limit_is_never_negative() -> None:
+    assert rules.overdraft_limit_problem(0) is None
+    assert rules.overdraft_limit_problem(INT64_MAX) is None
+    problem = rules.overdraft_limit_problem(-1)
+    assert problem is not None and problem.reason == "INVALID_OVERDRAFT_LIMIT"
+
+
+def test_metadata_bounds_hold_exactly() -> None:
+    sixteen = [(f"k{index:02}", "v") for index in range(16)]
+    assert rules.metadata_problem(sixteen) is None
+    assert rules.metadata_problem([("k" * 64, TWO_BYTES * 128)]) is None
+    refused = [
+        [*sixteen, ("k16", "v")],
+        [("k" * 65, "v")],
+        [("", "v")],
+        [("Key", "v")],
+        [("k", TWO_BYTES * 128 + "x")],
+        [("k", "a"), ("k", "b")],
+    ]
+    for entries in refused:
+        problem = rules.metadata_problem(entries)
+        assert problem is not None and problem.reason == "INVALID_METADATA", entries
+
+
+def test_a_timeout_belongs_to_pending_writes_of_at_most_30_days() -> None:
+    assert rules.timeout_problem(0, settled=True) is None
+    assert rules.timeout_problem(30 * 86400, settled=False) is None
+    for timeout_seconds, settled in [(1, True), (-1, False), (30 * 86400 + 1, False)]:
+        problem = rules.timeout_problem(timeout_seconds, settled)
+        assert problem is not None and problem.reason == "INVALID_TIMEOUT"
+    assert rules.expires_at_of(5, 0) == 0
+    assert rules.expires_at_of(5, 2) == 5 + 2_000_000_000
+    assert rules.expires_at_of(INT64_MAX - 1, 10) == INT64_MAX
+
+
+def test_a_settle_amount_has_the_transactions_sign_and_at_most_its_size() -> None:
+    assert rules.settle_amount_problem(0, -50) is None
+    assert rules.settle_amount_problem(-50, -50) is None
+    assert rules.settle_amount_problem(20, 50) is None
+    for requested, amount in [(10, -50), (-51, -50), (51, 50), (-1, 50)]:
+        problem = rules.settle_amount_problem(requested, amount)
+        assert problem is not None and problem.reason == "INVALID_SETTLE_AMOUNT"
+
+
+def test_a_transfer_names_two_accounts_and_a_positive_amount() -> None:
+    assert rules.create_transfer_problem(1, 2, 5, "", "", (), 0, True) is None
+    for debit, credit, amount, reason in [
+        (1, 1, 5, "SAME_ACCOUNT"),
+        (1, 2, 0, "INVALID_AMOUNT"),
+        (1, 2, -5, "INVALID_AMOUNT"),
+    ]:
+        problem = rules.create_transfer_problem(debit, credit, amount, "", "", (), 0, True)
+        assert problem is not None and problem.reason == reason

@@ -12,6 +12,7 @@ import hashlib
 import json
 import struct
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -44,6 +45,21 @@ def expected_v1() -> dict[str, tuple[ledger_pb2.Account, list[ledger_pb2.Transac
         )
         for account_id, entry in document.items()
     }
+
+
+Viewed = TypeVar("Viewed", ledger_pb2.Account, ledger_pb2.Transaction)
+# The fields the format-1 gateway answered (1-5 of Account, 1-7 of Transaction); the fields of
+# the second wave are checked by the totals test above.
+_FIRST_WAVE_FIELDS = {"Account": 5, "Transaction": 7}
+
+
+def first_wave_fields(message: Viewed) -> Viewed:
+    kept = type(message)()
+    highest = _FIRST_WAVE_FIELDS[message.DESCRIPTOR.name]
+    for descriptor, value in message.ListFields():
+        if descriptor.number <= highest and descriptor.message_type is None:
+            setattr(kept, descriptor.name, value)
+    return kept
 
 
 def request_id_count(ledger: Ledger) -> tuple[int, int]:
@@ -119,15 +135,17 @@ def test_a_format_1_backup_restores_into_a_format_2_cluster(tmp_path: Path) -> N
     with started_cluster(target) as cluster:
         stub = cluster.ledger_stub()
         for account_id, (account, transactions) in expected.items():
-            assert get_account(stub, account_id) == account
-            assert list_all(stub, account_id) == transactions
+            assert first_wave_fields(get_account(stub, account_id)) == account
+            assert [
+                first_wave_fields(transaction) for transaction in list_all(stub, account_id)
+            ] == transactions
         cluster.wait_converged()
         verified = run_dev("verify", "--config", str(cluster.config_path), "--settle-seconds", "5")
         assert verified.returncode == 0, describe(verified)
         # The fixture's last top-up of each account (5) carried the request id "again-<account>".
         for account_id, (_, transactions) in expected.items():
             repeat = create(stub, account_id, 5, request_id=f"again-{account_id}")
-            assert repeat == transactions[-1]
+            assert first_wave_fields(repeat) == transactions[-1]
             other = ledger_pb2.CreateTransactionRequest(
                 account_id=account_id, amount=6, settled=True, request_id=f"again-{account_id}"
             )

@@ -423,3 +423,22 @@ def test_accounts_and_transactions_keep_their_new_fields(stub: Stub) -> None:
     assert (read.available_balance, read.debits_settled, dict(read.metadata)) == (-40, 40, {"owner": "ada"})
     listed = stub.ListTransactions(T.ListTransactionsRequest(account_id=made.id), timeout=RPC_TIMEOUT_SECONDS)
     assert dict(listed.transactions[0].metadata) == {"why": "coffee"}
+
+
+@pytest.mark.parametrize("same_shard", [True, False], ids=["same-shard", "cross-shard"])
+def test_a_credit_past_int64_is_refused_and_moves_nothing(
+    server: StandaloneServer, stub: Stub, same_shard: bool
+) -> None:
+    """Same shard: refused before anything is stored. Across shards: the credit shard refuses
+    the leg after the debit, and the debit is reversed before the call answers."""
+    debit, credit = pair(server, stub, same_shard)
+    stub.CreateTransaction(
+        T.CreateTransactionRequest(account_id=credit, amount=2**63 - 11, settled=True),
+        timeout=RPC_TIMEOUT_SECONDS,
+    )
+    code, reason, _ = refusal(lambda: transfer(stub, debit, credit, 50, settled=True))
+    assert (code, reason) == (grpc.StatusCode.OUT_OF_RANGE, "BALANCE_OVERFLOW")
+    assert balances(stub, debit) == (100, 100)
+    assert balances(stub, credit) == (2**63 - 11, 2**63 - 11)
+    for leg in legs(stub, debit) + legs(stub, credit):
+        assert leg.status == T.TRANSACTION_STATUS_CANCELLED

@@ -61,12 +61,19 @@ FINISH_TIMEOUT_SECONDS = 5.0
 ID_ATTEMPTS_MAX = 4
 
 
-def _outcome_unknown(message: str) -> ApiError:
+def _outcome_unknown(message: str, debit_leg: TransactionRecord | None = None) -> ApiError:
+    """The transfer may be under way: the cluster finishes it. When its debit leg is known, the
+    error names the transfer, so a caller without a request_id can read its end."""
+    metadata = {}
+    if debit_leg is not None:
+        metadata["transfer_id"] = views.transfer_id_of(debit_leg)
+        message = f"{message} (transfer {metadata['transfer_id']})"
     return ApiError(
         grpc.StatusCode.UNAVAILABLE,
         OUTCOME_UNKNOWN_REASON,
         f"{message}; the cluster finishes the transfer by itself: retry with the same request_id"
         " (or read it with GetTransfer) to learn its end",
+        metadata,
     )
 
 
@@ -278,7 +285,9 @@ class TransferCalls:
         refused: list[tuple[int, Step]] = []
         for index, step in enumerate(steps):
             if isinstance(step, TransferStepError):
-                ends.append(_outcome_unknown(f"the credit shard did not answer ({step})"))
+                ends.append(
+                    _outcome_unknown(f"the credit shard did not answer ({step})", unfinished[index].debit_leg)
+                )
                 continue
             credit = decode_transaction(step.credit_leg) if step.credit_leg else None
             if step.refusal or (credit is not None and credit.initial_status == CANCELLED):
@@ -312,7 +321,8 @@ class TransferCalls:
         for (index, step), answer in zip(refused, answers, strict=True):
             if isinstance(answer, LedgerError) or answer.outcome != core_pb2.OUTCOME_OK:
                 ends[index] = _outcome_unknown(
-                    "the credit shard refused the credit; its reversal is under way"
+                    "the credit shard refused the credit; its reversal is under way",
+                    step.unfinished.debit_leg,
                 )
                 continue
             if step.refusal:
@@ -327,15 +337,11 @@ class TransferCalls:
                 )
 
     def _finish_later(self, steps: list[Step], now: int) -> None:
-        by_shard: dict[str, list[Step]] = {}
-        for step in steps:
-            by_shard.setdefault(self._backend.shard_id(step.unfinished.debit_leg.account_id), []).append(step)
-        for group in by_shard.values():
-            task = asyncio.get_running_loop().create_task(
-                finish_on_debit_shard(self._backend, group, now, Deadline.after(FINISH_TIMEOUT_SECONDS))
-            )
-            self._finishing.add(task)
-            task.add_done_callback(self._finished)
+        task = asyncio.get_running_loop().create_task(
+            finish_on_debit_shard(self._backend, steps, now, Deadline.after(FINISH_TIMEOUT_SECONDS))
+        )
+        self._finishing.add(task)
+        task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[list[ItemAnswer]]) -> None:
         self._finishing.discard(task)
