@@ -11,24 +11,39 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from click.testing import CliRunner
 
 from ledger_cluster import config as cluster_config
+from ledger_cluster.api.v1 import ledger_pb2_grpc
+from ledger_cluster.backup import TransferCheck
 from ledger_cluster.cli.dev import main as dev_main
+from ledger_cluster.ids import parse_account_id
 from ledger_cluster.localcluster.cluster import config_ports
 from ledger_cluster.nemesis import checks
 from ledger_cluster.nemesis import history as h
 from ledger_cluster.nemesis.faults import FAULT_KINDS, FaultRecord, NemesisLog, ProcessExit
-from ledger_cluster.nemesis.runner import NemesisOptions, run_nemesis
-from tests.processes import REPO_CONFIG_PATH
+from ledger_cluster.nemesis.runner import (
+    NemesisOptions,
+    candidate_accounts,
+    read_final_state,
+    run_nemesis,
+    wait_until_quiet,
+)
+from ledger_cluster.nemesis.workload import Workload
+from tests.processes import REPO_CONFIG_PATH, standalone_server, write_generated_config
 
 NEMESIS_CI_SECONDS = 60.0
 NEMESIS_CI_SEED = 20261122
 NEMESIS_CI_CLIENTS = 3
+# Load on a fault-free standalone server: long enough for every kind of operation, transfers
+# expiring included (their deadlines pass during the wait for quiet that follows).
+NO_FAULT_LOAD_SECONDS = 4.0
 
 ACCOUNT = "00000000000000aa"
 SETTLED = checks.SETTLED
@@ -184,7 +199,8 @@ def test_balances_must_replay_and_purchases_must_be_decided_right() -> None:
     overdraft = [transaction(1, 500, SETTLED), transaction(2, -300, SETTLED), transaction(3, -400, SETTLED)]
     accepted = checks.check_balances(history.operations, final_state(overdraft, -200, -200))
     assert "accepted with at most 200 available" in violations(accepted)
-    assert "negative balance" in violations(accepted)
+    below_zero = checks.check_overdraft_limits(history.operations, final_state(overdraft, -200, -200))
+    assert "negative balance" in violations(below_zero)
     refused = [
         transaction(1, 500, SETTLED),
         transaction(2, -300, INSUFFICIENT),
@@ -259,6 +275,414 @@ def test_replicas_elections_and_process_exits_are_checked() -> None:
     assert "exit code 70" in violations(checks.check_cluster_health(log))
 
 
+# -- transfers --------------------------------------------------------------------------------
+
+DEBIT = ACCOUNT
+CREDIT = "f0000000000000bb"
+EXPIRED = checks.EXPIRED
+CREATED_NS = 1_000 * checks.NANOS_PER_SECOND
+
+
+def transfer_id(number: int) -> str:
+    return f"{DEBIT}{number:016x}"
+
+
+def legs(
+    number: int, amount: int, status: str, *, settled_amount: int | None = None, timeout: int = 0
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The debit leg (on DEBIT) and credit leg (on CREDIT, same number) of transfer t<number>."""
+    moved = (amount if status == SETTLED else 0) if settled_amount is None else settled_amount
+    common = {
+        "description": f"t{number}",
+        "status": status,
+        "transfer_id": transfer_id(number),
+        "expires_at": CREATED_NS + timeout * checks.NANOS_PER_SECOND if timeout else 0,
+        "created_at": CREATED_NS,
+        "updated_at": CREATED_NS,
+    }
+    debit = {
+        **common,
+        "id": transfer_id(number),
+        "account_id": DEBIT,
+        "amount": -amount,
+        "settled_amount": -moved,
+        "counterparty_account_id": CREDIT,
+    }
+    credit = {
+        **common,
+        "id": f"{CREDIT}{number:016x}",
+        "account_id": CREDIT,
+        "amount": amount,
+        "settled_amount": moved,
+        "counterparty_account_id": DEBIT,
+    }
+    return debit, credit
+
+
+def transfer_answer(number: int, amount: int, status: str, settled_amount: int = 0) -> dict[str, Any]:
+    transfer_status = status.replace("TRANSACTION_STATUS_", "TRANSFER_STATUS_")
+    credit = "" if status == INSUFFICIENT else f"{CREDIT}{number:016x}"
+    return {
+        "id": transfer_id(number),
+        "debit_account_id": DEBIT,
+        "credit_account_id": CREDIT,
+        "amount": amount,
+        "description": f"t{number}",
+        "status": transfer_status,
+        "settled_amount": settled_amount,
+        "debit_transaction_id": transfer_id(number),
+        "credit_transaction_id": credit,
+    }
+
+
+class TransferBuilder(Builder):
+    def transfer(
+        self,
+        number: int,
+        amount: int,
+        *,
+        settled: bool = True,
+        status: str = "",
+        outcome: str = h.OUTCOME_OK,
+        code: str = "OK",
+        timeout: int = 0,
+        kind: str = h.CREATE_TRANSFER,
+    ) -> h.Operation:
+        request = {
+            "debit_account_id": DEBIT,
+            "credit_account_id": CREDIT,
+            "amount": amount,
+            "settled": settled,
+            "timeout_seconds": timeout,
+            "request_id": f"t{number}",
+            "same_shard": False,
+        }
+        shown = status or (SETTLED if settled else PENDING)
+        moved = amount if shown == SETTLED else 0
+        result = (
+            {"transfer": transfer_answer(number, amount, shown, moved)} if outcome == h.OUTCOME_OK else {}
+        )
+        return self._op(kind, request, outcome, result, code)
+
+    def finish_transfer(
+        self,
+        kind: str,
+        number: int,
+        transfer_amount: int,
+        *,
+        asked: int = 0,
+        status: str = "",
+        outcome: str = h.OUTCOME_OK,
+        code: str = "OK",
+        reason: str = "",
+    ) -> h.Operation:
+        request: dict[str, Any] = {"transfer_id": transfer_id(number)}
+        if kind == h.SETTLE_TRANSFER:
+            request.update(amount=asked, transfer_amount=transfer_amount)
+        shown = status or (SETTLED if kind == h.SETTLE_TRANSFER else CANCELLED)
+        moved = (asked or transfer_amount) if shown == SETTLED else 0
+        result = (
+            {"transfer": transfer_answer(number, transfer_amount, shown, moved)}
+            if outcome == h.OUTCOME_OK
+            else {}
+        )
+        op = self._op(kind, request, outcome, result, code)
+        op.reason = reason
+        return op
+
+    def top_up(self, number: int, amount: int) -> None:
+        self.write(number, amount)
+
+    def list_of(self, account_id: str, shown: list[dict[str, Any]]) -> None:
+        request = {"account_id": account_id, "consistent": True}
+        self._op(h.LIST_TRANSACTIONS, request, h.OUTCOME_OK, {"transactions": shown, "complete": True})
+
+    def get_transfer_not_found(self, number: int) -> None:
+        request = {"transfer_id": transfer_id(number), "consistent": True}
+        self._op(h.GET_TRANSFER, request, h.OUTCOME_FAILED, {}, "NOT_FOUND")
+
+
+def two_accounts(
+    debit_side: list[dict[str, Any]], credit_side: list[dict[str, Any]], *, debit_limit: int = 0
+) -> checks.FinalState:
+    """DEBIT and CREDIT holding these transactions, with the balances and totals they imply."""
+
+    def account(account_id: str, transactions: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+        moved = [checks.settled_amount(t) for t in transactions]
+        pending = [t["amount"] for t in transactions if t["status"] == PENDING]
+        totals = {
+            "credits_settled": sum(m for m in moved if m > 0),
+            "debits_settled": -sum(m for m in moved if m < 0),
+            "credits_pending": sum(p for p in pending if p > 0),
+            "debits_pending": -sum(p for p in pending if p < 0),
+        }
+        settled = totals["credits_settled"] - totals["debits_settled"]
+        return {
+            "id": account_id,
+            "available_balance": settled - totals["debits_pending"],
+            "settled_balance": settled,
+            "overdraft_limit": limit,
+            **totals,
+        }
+
+    return {
+        DEBIT: checks.AccountState(account(DEBIT, debit_side, debit_limit), debit_side),
+        CREDIT: checks.AccountState(account(CREDIT, credit_side, 0), credit_side),
+    }
+
+
+def transfer_checks(operations: list[h.Operation], final: checks.FinalState) -> list[checks.CheckResult]:
+    return [
+        checks.check_transfer_legs(final),
+        checks.check_acknowledged_transfers(operations, final),
+        checks.check_unacknowledged_transfers(operations, final),
+        checks.check_transfer_finishes(operations, final),
+        checks.check_conservation(final),
+        checks.check_overdraft_limits(operations, final),
+        # The transaction checks hold with legs present.
+        checks.check_acknowledged_writes(operations, final),
+        checks.check_unacknowledged_writes(operations, final),
+        checks.check_balances(operations, final),
+        checks.check_reads_never_show_lost_writes(operations, final),
+        checks.check_consistent_reads(operations, final),
+    ]
+
+
+def failures(operations: list[h.Operation], final: checks.FinalState) -> str:
+    return "\n".join(
+        f"{result.name}: {violation}"
+        for result in transfer_checks(operations, final)
+        for violation in result.violations
+    )
+
+
+def funded_transfer() -> tuple[TransferBuilder, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A top-up of 1000 on DEBIT, then an acknowledged settled transfer t2 of 400 to CREDIT."""
+    history = TransferBuilder()
+    history.top_up(1, 1000)
+    history.transfer(2, 400)
+    debit, credit = legs(2, 400, SETTLED)
+    return history, transaction(1, 1000, SETTLED), debit, credit
+
+
+def test_an_acknowledged_transfer_is_whole_on_both_sides_exactly_once() -> None:
+    history, top_up, debit, credit = funded_transfer()
+    history.list_of(DEBIT, [top_up, debit])
+    whole = two_accounts([top_up, debit], [credit])
+    assert failures(history.operations, whole) == ""
+
+    no_credit = failures(history.operations, two_accounts([top_up, debit], []))
+    assert "transfer-legs-whole: transfer" in no_credit and "but no credit leg on" in no_credit
+    assert "acknowledged-transfers-exactly-once" in no_credit and "0 credit legs" in no_credit
+    no_debit = failures(history.operations, two_accounts([top_up], [credit]))
+    assert "whose debit leg is not stored" in no_debit
+    assert "is stored 0 times" in no_debit
+    second_debit = {**debit, "id": transfer_id(3), "transfer_id": transfer_id(3)}
+    second_credit = {**credit, "id": f"{CREDIT}{3:016x}", "transfer_id": transfer_id(3)}
+    doubled = failures(
+        history.operations, two_accounts([top_up, debit, second_debit], [credit, second_credit])
+    )
+    assert "acknowledged as ['00000000000000aa0000000000000002'] is stored 2 times" in doubled
+    doubled_credit = {**credit, "id": f"{CREDIT}{7:016x}"}
+    assert "has 2 credit legs" in failures(
+        history.operations, two_accounts([top_up, debit], [credit, doubled_credit])
+    )
+    cancelled_credit = {**credit, "status": CANCELLED, "settled_amount": 0}
+    disagreeing = failures(history.operations, two_accounts([top_up, debit], [cancelled_credit]))
+    assert "disagrees" in disagreeing and "conservation" in disagreeing
+    wrong_side = {**credit, "counterparty_account_id": CREDIT}
+    assert "counterparty_account_id" in failures(
+        history.operations, two_accounts([top_up, debit], [wrong_side])
+    )
+
+
+def test_a_consistent_read_after_a_transfer_shows_both_legs() -> None:
+    history, top_up, debit, credit = funded_transfer()
+    final = two_accounts([top_up, debit], [credit])
+    history.list_of(DEBIT, [top_up, debit])
+    history.list_of(CREDIT, [credit])
+    assert failures(history.operations, final) == ""
+    history.list_of(CREDIT, [])
+    assert f"did not list it; {CREDIT}{2:016x}" in failures(history.operations, final)
+    lost = TransferBuilder()
+    lost.transfer(2, 400, settled=False)
+    lost.get_transfer_not_found(2)
+    pending_debit, pending_credit = legs(2, 400, PENDING)
+    assert "(get-transfer at 2.000 s) failed with NOT_FOUND/" in failures(
+        lost.operations, two_accounts([pending_debit], [pending_credit], debit_limit=400)
+    )
+
+
+def test_unknown_transfers_apply_at_most_once_and_never_half() -> None:
+    history = TransferBuilder()
+    history.top_up(1, 1000)
+    history.transfer(2, 400, outcome=h.OUTCOME_UNKNOWN, code="UNAVAILABLE")
+    history.transfer(3, 100, outcome=h.OUTCOME_FAILED, code="UNAVAILABLE")
+    top_up = transaction(1, 1000, SETTLED)
+    debit, credit = legs(2, 400, SETTLED)
+    assert failures(history.operations, two_accounts([top_up, debit], [credit])) == ""
+    assert failures(history.operations, two_accounts([top_up], [])) == ""
+
+    half = failures(history.operations, two_accounts([top_up, debit], []))
+    assert "but no credit leg on" in half
+    assert "whose debit leg is not stored" in failures(history.operations, two_accounts([top_up], [credit]))
+    again = {**debit, "id": transfer_id(5), "transfer_id": transfer_id(5)}
+    again_credit = {**credit, "id": f"{CREDIT}{5:016x}", "transfer_id": transfer_id(5)}
+    twice = failures(history.operations, two_accounts([top_up, debit, again], [credit, again_credit]))
+    assert "of unknown outcome is stored 2 times" in twice
+    failed_debit, failed_credit = legs(3, 100, SETTLED)
+    stored_anyway = failures(history.operations, two_accounts([top_up, failed_debit], [failed_credit]))
+    assert "failed with ['UNAVAILABLE/'] yet is stored 1 times" in stored_anyway
+    phantom_debit, phantom_credit = legs(9, 50, SETTLED)
+    assert "match no request ('t9')" in failures(
+        history.operations, two_accounts([top_up, phantom_debit], [phantom_credit])
+    )
+
+
+def test_settles_cancels_and_expiries_of_transfers_hold_as_acknowledged() -> None:
+    history = TransferBuilder()
+    history.top_up(1, 1000)
+    history.transfer(2, 500, settled=False)
+    history.finish_transfer(h.SETTLE_TRANSFER, 2, 500, asked=300)
+    top_up = transaction(1, 1000, SETTLED)
+    debit, credit = legs(2, 500, SETTLED, settled_amount=300)
+    assert failures(history.operations, two_accounts([top_up, debit], [credit])) == ""
+
+    full_debit, full_credit = legs(2, 500, SETTLED)
+    settled_all = failures(history.operations, two_accounts([top_up, full_debit], [full_credit]))
+    assert "acknowledged settled 300, but leg" in settled_all
+    one_side = failures(history.operations, two_accounts([top_up, debit], [full_credit]))
+    assert "disagrees" in one_side and "conservation" in one_side
+    cancelled = legs(2, 500, CANCELLED)
+    assert "is stored TRANSACTION_STATUS_CANCELLED" in failures(
+        history.operations, two_accounts([top_up, cancelled[0]], [cancelled[1]])
+    )
+
+    cancel = TransferBuilder()
+    cancel.top_up(1, 1000)
+    cancel.transfer(2, 500, settled=False, timeout=3)
+    cancel.finish_transfer(h.CANCEL_TRANSFER, 2, 500)
+    cancel.finish_transfer(
+        h.SETTLE_TRANSFER,
+        2,
+        500,
+        outcome=h.OUTCOME_FAILED,
+        code="FAILED_PRECONDITION",
+        reason="TRANSFER_EXPIRED",
+    )
+    gone = legs(2, 500, CANCELLED, timeout=3)
+    assert "refused with TRANSFER_EXPIRED, stored TRANSACTION_STATUS_CANCELLED" in failures(
+        cancel.operations, two_accounts([top_up, gone[0]], [gone[1]])
+    )
+    expired = legs(2, 500, EXPIRED, timeout=3)
+    assert "but leg" in failures(cancel.operations, two_accounts([top_up, expired[0]], [expired[1]]))
+
+    nobody = TransferBuilder()
+    nobody.top_up(1, 1000)
+    nobody.transfer(2, 500, settled=False)
+    by_itself = legs(2, 500, SETTLED)
+    assert "created pending is TRANSACTION_STATUS_SETTLED without any settle-transfer" in failures(
+        nobody.operations, two_accounts([top_up, by_itself[0]], [by_itself[1]])
+    )
+    no_timeout = legs(2, 500, EXPIRED)
+    assert "without a timeout is TRANSACTION_STATUS_EXPIRED" in failures(
+        nobody.operations, two_accounts([top_up, no_timeout[0]], [no_timeout[1]])
+    )
+
+
+def test_overdraft_limits_and_funds_decide_transfer_debits() -> None:
+    history = TransferBuilder()
+    history.top_up(1, 100)
+    history.transfer(2, 400)
+    top_up = transaction(1, 100, SETTLED)
+    debit, credit = legs(2, 400, SETTLED)
+    # available 100 - 400 = -300: fine with a limit of 500, not with none.
+    assert failures(history.operations, two_accounts([top_up, debit], [credit], debit_limit=500)) == ""
+    no_limit = failures(history.operations, two_accounts([top_up, debit], [credit]))
+    assert "accepted with at most 100 available" in no_limit and "negative balance -300 beyond -0" in no_limit
+    refused_debit = {**debit, "status": INSUFFICIENT, "settled_amount": 0}
+    history.operations[-1].result["transfer"] = transfer_answer(2, 400, INSUFFICIENT)
+    wrongly = failures(history.operations, two_accounts([top_up, refused_debit], [], debit_limit=500))
+    assert "refused with at least 100 available (overdraft limit 500)" in wrongly
+    assert failures(history.operations, two_accounts([top_up, refused_debit], [])) == ""
+    # A pending transfer with a timeout that was refused for funds has no deadline.
+    history.operations[-1].request.update(settled=False, timeout_seconds=3)
+    assert failures(history.operations, two_accounts([top_up, refused_debit], [])) == ""
+    with_deadline = {**refused_debit, "expires_at": CREATED_NS + 3 * checks.NANOS_PER_SECOND}
+    assert "timeout 0 s" in failures(history.operations, two_accounts([top_up, with_deadline], []))
+    refused_with_credit = {**credit, "status": INSUFFICIENT, "settled_amount": 0}
+    assert "refused for funds yet has credit legs" in failures(
+        history.operations, two_accounts([top_up, refused_debit], [refused_with_credit])
+    )
+
+
+def test_conservation_and_account_totals() -> None:
+    history, top_up, debit, credit = funded_transfer()
+    final = two_accounts([top_up, debit], [credit])
+    credit_account = final[CREDIT].account
+    assert credit_account is not None
+    final[CREDIT].account = {**credit_account, "credits_settled": 500, "settled_balance": 500}
+    broken = failures(history.operations, final)
+    assert "settled balances sum to 1100; settled top-ups and purchases moved 1000" in broken
+    assert "stored totals" in broken and "replayed (400, 400)" in broken
+
+
+def test_expiry_happens_in_time_and_never_early() -> None:
+    deadline = CREATED_NS + 3 * checks.NANOS_PER_SECOND
+    healed = deadline - checks.NANOS_PER_SECOND
+    bound = int(checks.EXPIRY_AFTER_HEAL_SECONDS_MAX * checks.NANOS_PER_SECOND)
+    pending, _ = legs(2, 500, PENDING, timeout=3)
+    assert checks.check_expiry(two_accounts([pending], []), deadline + bound, healed).passed
+    stuck = checks.check_expiry(two_accounts([pending], []), deadline + bound + 1, healed)
+    assert "still pending 10.0 s after its deadline" in violations(stuck)
+    # A deadline that passed during the faults counts from the heal.
+    assert checks.check_expiry(two_accounts([pending], []), deadline + bound + 1, deadline + 5).passed
+
+    expired, _ = legs(2, 500, EXPIRED, timeout=3)
+    on_time = {**expired, "updated_at": deadline + checks.NANOS_PER_SECOND}
+    assert checks.check_expiry(two_accounts([on_time], []), deadline + bound * 2, healed).passed
+    early = {**expired, "updated_at": deadline - 1}
+    assert "expired 1 ns early" in violations(
+        checks.check_expiry(two_accounts([early], []), deadline, healed)
+    )
+    late = {**expired, "updated_at": deadline + bound + 1}
+    assert "after the heal" in violations(
+        checks.check_expiry(two_accounts([late], []), deadline + bound * 2, healed)
+    )
+    settled, _ = legs(2, 500, SETTLED, timeout=3)
+    too_late = {**settled, "updated_at": deadline}
+    assert "deadline" in violations(checks.check_expiry(two_accounts([too_late], []), deadline, healed))
+    forever, _ = legs(3, 500, EXPIRED)
+    assert "expired without a deadline" in violations(checks.check_expiry(two_accounts([forever], []), 0, 0))
+
+
+def test_the_replicas_transfer_summaries_must_meet_and_match_the_listings() -> None:
+    top_up = transaction(1, 1000, SETTLED)
+    debit, credit = legs(2, 400, SETTLED)
+    refused, _ = legs(3, 5000, INSUFFICIENT)
+    final = two_accounts([top_up, debit, refused], [credit])
+    clean = TransferCheck(debit_legs=1, credit_legs=1, unfinished=0, failures=())
+    assert checks.check_replica_transfer_summaries(final, clean).passed
+    owing = TransferCheck(1, 1, 1, ("shard-01: 1 transfers still owe their credit shard work",))
+    assert "still owe" in violations(checks.check_replica_transfer_summaries(final, owing))
+    unlisted = TransferCheck(debit_legs=2, credit_legs=2, unfinished=0, failures=())
+    assert "the gateway listed 1 and 1" in violations(
+        checks.check_replica_transfer_summaries(final, unlisted)
+    )
+
+
+def test_unquiet_accounts_are_those_a_heal_may_still_change() -> None:
+    top_up = transaction(1, 1000, SETTLED)
+    debit, credit = legs(2, 400, SETTLED)
+    assert checks.unquiet_accounts(two_accounts([top_up, debit], [credit])) == set()
+    assert checks.unquiet_accounts(two_accounts([top_up, debit], [])) == {DEBIT, CREDIT}
+    assert checks.unquiet_accounts(two_accounts([top_up], [credit])) == {DEBIT, CREDIT}
+    pending = legs(3, 100, PENDING, timeout=3)
+    assert checks.unquiet_accounts(two_accounts([top_up, pending[0]], [pending[1]])) == {DEBIT, CREDIT}
+    forever = legs(3, 100, PENDING)
+    assert checks.unquiet_accounts(two_accounts([top_up, forever[0]], [forever[1]])) == set()
+
+
 def test_nemesis_command_refuses_unknown_faults_and_used_directories(tmp_path: Path) -> None:
     runner = CliRunner()
     unknown = runner.invoke(
@@ -270,12 +694,65 @@ def test_nemesis_command_refuses_unknown_faults_and_used_directories(tmp_path: P
     assert not (tmp_path / "new").exists()
 
 
-# -- a real run --------------------------------------------------------------------------------
+# -- real runs -------------------------------------------------------------------------------
+
+
+def test_the_workload_keeps_every_promise_on_a_standalone_server(tmp_path: Path) -> None:
+    """The whole mix, transfers included, against a real ledger-standalone process and no
+    faults: every check of the history and the final state passes, so the workload and the
+    checks read the contract as the gateway implements it (in seconds, where the nemesis run
+    takes minutes)."""
+    config_path = write_generated_config(tmp_path / "cluster_config.json", 3, 4, 3)
+    config = cluster_config.load(config_path)
+
+    def shard_of(account_id: str) -> str:
+        return config.shard_for_account(parse_account_id(account_id)).shard_id
+
+    history = h.History(tmp_path / "history.jsonl")
+    notes: list[str] = []
+    with standalone_server(tmp_path / "data", config_path, tmp_path / "server.log") as server:
+        workload = Workload(server.address, history, NEMESIS_CI_SEED, NEMESIS_CI_CLIENTS, shard_of=shard_of)
+        workload.create_initial_accounts()
+        workload.start()
+        try:
+            time.sleep(NO_FAULT_LOAD_SECONDS)  # how long the load lasts, not a wait for readiness
+        finally:
+            workload.stop()
+        history.close()
+        operations = history.operations()
+        quiet_from = time.time_ns()
+        with grpc.insecure_channel(server.address) as channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            final = read_final_state(stub, candidate_accounts(operations), notes)
+            read_unix_ns = wait_until_quiet(stub, final, quiet_from, quiet_from, notes)
+    results = [
+        checks.check_acknowledged_writes(operations, final),
+        checks.check_unacknowledged_writes(operations, final),
+        checks.check_balances(operations, final),
+        checks.check_consistent_reads(operations, final),
+        checks.check_reads_never_show_lost_writes(operations, final),
+        checks.check_overdraft_limits(operations, final),
+        checks.check_transfer_legs(final),
+        checks.check_acknowledged_transfers(operations, final),
+        checks.check_unacknowledged_transfers(operations, final),
+        checks.check_transfer_finishes(operations, final),
+        checks.check_conservation(final),
+        checks.check_expiry(final, read_unix_ns, quiet_from),
+    ]
+    report = "\n".join(
+        f"{result.name}: {result.detail} {result.violations}" for result in results if not result.passed
+    )
+    assert not report, f"{report}\n{notes}"
+    acknowledged = {op.kind for op in operations if op.outcome == h.OUTCOME_OK}
+    assert {h.CREATE_TRANSFER, h.DUPLICATE_TRANSFER, h.SETTLE_TRANSFER, h.GET_TRANSFER} <= acknowledged
+    legs = checks.check_transfer_legs(final).detail
+    assert not legs.startswith("0 debit legs"), legs
 
 
 @pytest.mark.slow
 def test_seeded_nemesis_run_keeps_every_promise(tmp_path: Path) -> None:
-    """Real nodes killed, paused, wiped and re-led under load; every check passes."""
+    """Real nodes killed, paused, wiped and re-led under load (transactions and transfers);
+    every check passes."""
     duration_seconds = float(os.environ.get("LEDGER_NEMESIS_SECONDS", NEMESIS_CI_SECONDS))
     seed = int(os.environ.get("LEDGER_NEMESIS_SEED", NEMESIS_CI_SEED))
     options = NemesisOptions(
@@ -297,6 +774,19 @@ def test_seeded_nemesis_run_keeps_every_promise(tmp_path: Path) -> None:
     assert ok_writes > 100, text
     history_lines = (options.base_dir / "history.jsonl").read_text().splitlines()
     assert len(history_lines) == operations
+    # The default (mixed) workload ran transfers of every kind, and their checks saw them.
+    recorded = [json.loads(line) for line in history_lines]
+    acknowledged = [op for op in recorded if op["outcome"] == h.OUTCOME_OK]
+    transfers = [op for op in acknowledged if op["kind"] == h.CREATE_TRANSFER]
+    assert len(transfers) > 20, text
+    assert {op["request"]["same_shard"] for op in transfers} == {True, False}, text
+    assert any(op["request"].get("batch") for op in transfers), text
+    assert any(op["kind"] == h.DUPLICATE_TRANSFER for op in acknowledged), text
+    settles = [op for op in acknowledged if op["kind"] == h.SETTLE_TRANSFER]
+    assert any(op["request"]["amount"] for op in settles), f"no partial settle:\n{text}"
+    assert any(op["kind"] == h.CANCEL_TRANSFER for op in acknowledged), text
+    details = {check["name"]: check["detail"] for check in report.checks}
+    assert int(details["expiry-in-time"].split()[0]) > 0, f"no transfer expired:\n{text}"
     assert json.loads((options.base_dir / "report.json").read_text())["passed"] is True
     # Leadership was sampled about once a second throughout, so the progress check had data.
     samples = (options.base_dir / "leadership.jsonl").read_text().splitlines()

@@ -381,6 +381,14 @@ def bench_command(
     " Default: a new directory under ./nemesis-runs.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on the last line.")
+@click.option(
+    "--workload",
+    type=click.Choice(nemesis_runner.WORKLOAD_CHOICES),
+    default=nemesis_runner.WORKLOAD_CHOICE_DEFAULT,
+    show_default=True,
+    help="Operations the clients draw from: transactions, transfers (with the top-ups that fund"
+    " them), or both.",
+)
 def nemesis_command(
     *,
     duration_seconds: float,
@@ -392,9 +400,10 @@ def nemesis_command(
     election_bound_seconds: float,
     out_dir: Path | None,
     as_json: bool,
+    workload: str,
 ) -> None:
     """Start a local 3-node cluster with its own ports and data, drive it with concurrent clients
-    (creates, top-ups, purchases, settles, cancels, reads, duplicate request_ids) while a seeded
+    (creates, top-ups, purchases, settles, cancels, transfers, reads, duplicate request_ids) while a seeded
     nemesis kills, pauses, wipes and re-leads nodes; then heal it, check every promise against
     the history and print a report. Exits 1 when any check fails."""
     chosen = tuple(name.strip() for name in faults.split(",") if name.strip())
@@ -419,6 +428,7 @@ def nemesis_command(
         log_compaction_min_entries=log_compaction_min_entries,
         election_bound_seconds=election_bound_seconds,
         avoided_ports=frozenset(avoided),
+        workload=workload,
     )
     report = nemesis_runner.run_nemesis(options, _progress)
     click.echo(report.to_text())

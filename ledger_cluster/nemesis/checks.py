@@ -4,6 +4,11 @@ the gateway once the cluster healed, and what each replica holds.
 Every transaction the workload writes has its request_id as description, so the final listing
 says which logical write each stored transaction came from; an account created with a
 request_id has an id derived from it, so even an account whose creation is unknown is looked up.
+
+Transfers appear in the final state as their two legs, transactions with `transfer_id` set: the
+debit leg (its id is the transfer id, its description the create-transfer's request_id) on the
+debit account, the credit leg on the credit account. The checks of plain transactions skip legs;
+the transfer checks pair each debit leg with its credit leg by transfer id.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+from ledger_cluster.backup import TransferCheck
 from ledger_cluster.nemesis import history as h
 from ledger_cluster.nemesis.faults import FaultRecord, NemesisLog
 from ledger_cluster.nemesis.leadership import LeadershipSample, ShardLeader
@@ -26,6 +32,17 @@ SETTLED = "TRANSACTION_STATUS_SETTLED"
 PENDING = "TRANSACTION_STATUS_PENDING"
 CANCELLED = "TRANSACTION_STATUS_CANCELLED"
 INSUFFICIENT_FUNDS = "TRANSACTION_STATUS_INSUFFICIENT_FUNDS"
+EXPIRED = "TRANSACTION_STATUS_EXPIRED"
+_TRANSFER_STATUS_PREFIX = "TRANSFER_STATUS_"
+_TRANSACTION_STATUS_PREFIX = "TRANSACTION_STATUS_"
+# Reasons with which a settle or cancel says the transaction or transfer expired first.
+EXPIRED_REASONS = frozenset({"TRANSFER_EXPIRED", "TRANSACTION_EXPIRED"})
+NANOS_PER_SECOND = 1_000_000_000
+# Once the cluster healed, a pending transaction or transfer is expired at most this long after
+# its deadline (or after the heal, for a deadline that passed during the faults), and a transfer
+# whose call reached the cluster is whole (both legs, agreeing) this long after the heal.
+EXPIRY_AFTER_HEAL_SECONDS_MAX = 10.0
+TRANSFER_QUIET_AFTER_HEAL_SECONDS_MAX = 10.0
 
 
 @dataclass
@@ -93,12 +110,34 @@ def status_follows(earlier: str, later: str) -> bool:
     return earlier == later
 
 
+def is_leg(transaction: dict[str, Any]) -> bool:
+    return bool(transaction.get("transfer_id"))
+
+
+def is_debit_leg(transaction: dict[str, Any]) -> bool:
+    return is_leg(transaction) and transaction["id"] == transaction["transfer_id"]
+
+
+def leg_status(transfer_status: str) -> str:
+    """The status a transfer's legs have when the transfer has `transfer_status`."""
+    return _TRANSACTION_STATUS_PREFIX + transfer_status.removeprefix(_TRANSFER_STATUS_PREFIX)
+
+
+def settled_amount(transaction: dict[str, Any]) -> int:
+    """What a transaction moved in the end (signed): its settled amount once SETTLED (all of
+    it when the view has no settled amount), else nothing."""
+    if transaction["status"] != SETTLED:
+        return 0
+    return int(transaction.get("settled_amount") or transaction["amount"])
+
+
 def _listed(final: FinalState) -> dict[str, list[dict[str, Any]]]:
-    """request_id (description) -> every stored transaction carrying it."""
+    """request_id (description) -> every stored transaction carrying it, transfer legs aside."""
     by_description: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for state in final.values():
         for transaction in state.transactions:
-            by_description[transaction["description"]].append(transaction)
+            if not is_leg(transaction):
+                by_description[transaction["description"]].append(transaction)
     return by_description
 
 
@@ -237,23 +276,65 @@ def _check_unrequested_finishes(
 # -- balances ----------------------------------------------------------------------------------
 
 
+ACCOUNT_TOTALS = ("credits_settled", "debits_settled", "credits_pending", "debits_pending")
+
+
+def _replayed_totals(transactions: list[dict[str, Any]]) -> dict[str, int]:
+    """The account totals API.md's rules give for these final statuses and settled amounts."""
+    totals = dict.fromkeys(ACCOUNT_TOTALS, 0)
+    for transaction in transactions:
+        moved = settled_amount(transaction)
+        if moved > 0:
+            totals["credits_settled"] += moved
+        else:
+            totals["debits_settled"] -= moved
+        if transaction["status"] == PENDING:
+            amount = transaction["amount"]
+            totals["credits_pending" if amount > 0 else "debits_pending"] += abs(amount)
+    return totals
+
+
 def _replayed_balances(transactions: list[dict[str, Any]]) -> tuple[int, int]:
     """(available, settled) that API.md's rules give for these final statuses."""
-    settled = sum(t["amount"] for t in transactions if t["status"] == SETTLED)
-    held = sum(-t["amount"] for t in transactions if t["status"] == PENDING and t["amount"] < 0)
-    return settled - held, settled
+    totals = _replayed_totals(transactions)
+    settled = totals["credits_settled"] - totals["debits_settled"]
+    return settled - totals["debits_pending"], settled
+
+
+def overdraft_limit(account: dict[str, Any]) -> int:
+    return int(account.get("overdraft_limit", 0))
+
+
+def _created_settled(operations: list[h.Operation], final: FinalState) -> set[str]:
+    """Ids of the stored transactions (and transfer legs) whose create asked for settled."""
+    settled_requests = {
+        op.request["request_id"]
+        for op in operations
+        if op.kind in (*h.TRANSACTION_WRITES, *h.TRANSFER_WRITES) and op.request["settled"]
+    }
+    created: set[str] = set()
+    settled_transfers: set[str] = set()
+    credit_legs: list[dict[str, Any]] = []
+    for state in final.values():
+        for transaction in state.transactions:
+            if is_leg(transaction) and not is_debit_leg(transaction):
+                credit_legs.append(transaction)
+            elif transaction["description"] in settled_requests:
+                created.add(transaction["id"])
+                if is_debit_leg(transaction):
+                    settled_transfers.add(transaction["id"])
+    created.update(leg["id"] for leg in credit_legs if leg["transfer_id"] in settled_transfers)
+    return created
 
 
 def check_balances(operations: list[h.Operation], final: FinalState) -> CheckResult:
     result = CheckResult(
         "balances-replay",
-        "each account's stored balances equal the replay of its transactions; none is negative;"
-        " no purchase was accepted without the funds, none refused that surely had them",
+        "each account's stored balances and totals (credits/debits, settled/pending) equal the"
+        " replay of its transactions and transfer legs; no purchase or transfer debit was accepted"
+        " without the funds (down to the overdraft limit), none refused that surely had them",
     )
-    created_settled = {
-        request_id: bool(write.request["settled"])
-        for request_id, write in _logical_writes(operations).items()
-    }
+    created_settled = _created_settled(operations, final)
     for account_id, state in sorted(final.items()):
         if state.account is None:
             continue
@@ -263,43 +344,491 @@ def check_balances(operations: list[h.Operation], final: FinalState) -> CheckRes
             result.add(
                 f"account {account_id}: stored (available, settled) {stored}, replayed {(available, settled)}"
             )
-        if min(stored) < 0:
-            result.add(f"account {account_id}: negative balance {stored}")
-        _check_purchase_decisions(account_id, state.transactions, created_settled, result)
+        if all(key in state.account for key in ACCOUNT_TOTALS):
+            totals = _replayed_totals(state.transactions)
+            stored_totals = {key: state.account[key] for key in ACCOUNT_TOTALS}
+            if stored_totals != totals:
+                result.add(f"account {account_id}: stored totals {stored_totals}, replayed {totals}")
+        _check_purchase_decisions(
+            account_id, state.transactions, created_settled, overdraft_limit(state.account), result
+        )
     return result
 
 
 def _check_purchase_decisions(
-    account_id: str, transactions: list[dict[str, Any]], created_settled: dict[str, bool], result: CheckResult
+    account_id: str,
+    transactions: list[dict[str, Any]],
+    created_settled: set[str],
+    limit: int,
+    result: CheckResult,
 ) -> None:
-    """Bounds on the available balance just before each purchase, from the transactions applied
-    before it: at most every top-up that ended settled minus every purchase still holding or
-    settled; at least the top-ups created settled minus every purchase that was accepted."""
+    """Bounds on the available balance just before each purchase (or transfer debit), from the
+    transactions applied before it: at most every credit that ended settled minus every debit
+    still holding or settled (what it settled); at least the credits created settled minus
+    every debit that was accepted (all of it). A debit may take it down to -limit."""
     upper = 0
     lower = 0
     for transaction in transactions:
         amount = transaction["amount"]
         status = transaction["status"]
         if amount < 0:
-            if status != INSUFFICIENT_FUNDS and upper + amount < 0:
+            if status != INSUFFICIENT_FUNDS and upper + amount < -limit:
                 result.add(
                     f"account {account_id}: purchase {transaction['id']} ({amount}) accepted with at"
-                    f" most {upper} available"
+                    f" most {upper} available (overdraft limit {limit})"
                 )
-            if status == INSUFFICIENT_FUNDS and lower + amount >= 0:
+            if status == INSUFFICIENT_FUNDS and lower + amount >= -limit:
                 result.add(
                     f"account {account_id}: purchase {transaction['id']} ({amount}) refused with at"
-                    f" least {lower} available"
+                    f" least {lower} available (overdraft limit {limit})"
                 )
-            if status in (PENDING, SETTLED):
-                upper += amount
+            upper += amount if status == PENDING else settled_amount(transaction)
             if status != INSUFFICIENT_FUNDS:
                 lower += amount
         else:
-            if status == SETTLED:
-                upper += amount
-            if created_settled.get(transaction["description"], False):
+            upper += settled_amount(transaction)
+            if transaction["id"] in created_settled:
                 lower += amount
+
+
+def check_overdraft_limits(operations: list[h.Operation], final: FinalState) -> CheckResult:
+    result = CheckResult(
+        "available-within-overdraft",
+        "no account's available balance, in the final state or in any read, is below minus its"
+        " overdraft limit; the settled balance is never below the available one; every account"
+        " has the overdraft limit it was created with",
+    )
+    for account_id, state in sorted(final.items()):
+        account = state.account
+        if account is None:
+            continue
+        limit = overdraft_limit(account)
+        if account["available_balance"] < -limit:
+            result.add(
+                f"account {account_id}: negative balance {account['available_balance']} beyond -{limit}"
+            )
+        if account["settled_balance"] < account["available_balance"]:
+            result.add(f"account {account_id}: settled balance below the available one: {account}")
+    for op in operations:
+        if op.outcome != h.OUTCOME_OK:
+            continue
+        if op.kind == h.GET_ACCOUNT:
+            read = op.result["account"]
+            found = final.get(read["id"])
+            limit = overdraft_limit(found.account if found and found.account else read)
+            if read["available_balance"] < -limit:
+                result.add(f"op {op.op_id} read a negative balance beyond -{limit}: {read}")
+        elif op.kind == h.CREATE_ACCOUNT and "overdraft_limit" in op.request:
+            found = final.get(op.result["account"]["id"])
+            if found and found.account and overdraft_limit(found.account) != op.request["overdraft_limit"]:
+                result.add(
+                    f"account {found.account['id']} created with overdraft limit"
+                    f" {op.request['overdraft_limit']} has {overdraft_limit(found.account)}"
+                )
+    return result
+
+
+# -- transfers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _StoredTransfers:
+    """The transfer legs of a final state: debit legs by transfer id and by description (the
+    create-transfer's request_id), credit legs by the transfer id they name."""
+
+    debits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    debits_by_description: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    credits: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+    @classmethod
+    def of(cls, final: FinalState) -> _StoredTransfers:
+        stored = cls()
+        for state in final.values():
+            for transaction in state.transactions:
+                if is_debit_leg(transaction):
+                    stored.debits[transaction["id"]] = transaction
+                    stored.debits_by_description[transaction["description"]].append(transaction)
+                elif is_leg(transaction):
+                    stored.credits[transaction["transfer_id"]].append(transaction)
+        return stored
+
+
+@dataclass
+class _LogicalTransfer:
+    """Every attempt (original and duplicates) of one create-transfer request_id."""
+
+    request: dict[str, Any]
+    attempts: list[h.Operation] = field(default_factory=list)
+
+    @property
+    def acknowledged(self) -> list[h.Operation]:
+        return [op for op in self.attempts if op.outcome == h.OUTCOME_OK]
+
+    @property
+    def unknown(self) -> bool:
+        return not self.acknowledged and any(op.outcome == h.OUTCOME_UNKNOWN for op in self.attempts)
+
+
+def _logical_transfers(operations: Iterable[h.Operation]) -> dict[str, _LogicalTransfer]:
+    transfers: dict[str, _LogicalTransfer] = {}
+    for op in operations:
+        if op.kind in h.TRANSFER_WRITES:
+            transfers.setdefault(op.request["request_id"], _LogicalTransfer(op.request)).attempts.append(op)
+    return transfers
+
+
+def leg_disagreement(debit: dict[str, Any], credits: list[dict[str, Any]]) -> str | None:
+    """What is wrong between a transfer's debit leg and the credit legs that name it (None when
+    they are one whole transfer): a transfer refused for funds has no credit leg; any other has
+    exactly one, on the debit leg's counterparty account, naming the debit account back, for
+    the negated amount, with the same status and the negated settled amount."""
+    transfer = f"transfer {debit['id']} ({debit['status']}, {debit['amount']})"
+    if debit["status"] == INSUFFICIENT_FUNDS:
+        return (
+            f"{transfer} was refused for funds yet has credit legs {[c['id'] for c in credits]}"
+            if credits
+            else None
+        )
+    if not credits:
+        return (
+            f"{transfer} has its debit leg on {debit['account_id']} but no credit leg on"
+            f" {debit['counterparty_account_id']}"
+        )
+    if len(credits) > 1:
+        return f"{transfer} has {len(credits)} credit legs: {[c['id'] for c in credits]}"
+    credit = credits[0]
+    wanted = {
+        "account_id": debit["counterparty_account_id"],
+        "counterparty_account_id": debit["account_id"],
+        "amount": -debit["amount"],
+        "status": debit["status"],
+        "settled_amount": -debit.get("settled_amount", 0),
+    }
+    differing = {
+        key: (credit.get(key), value) for key, value in wanted.items() if credit.get(key, 0) != value
+    }
+    if debit["amount"] >= 0:
+        differing["debit amount"] = (debit["amount"], "< 0")
+    if differing:
+        return f"{transfer}: its credit leg {credit['id']} disagrees (stored, wanted): {differing}"
+    return None
+
+
+def unquiet_accounts(final: FinalState) -> set[str]:
+    """Accounts whose state may still change once the workload stopped: both sides of a transfer
+    whose legs are not (yet) one whole transfer, and the accounts of anything pending with a
+    deadline. The runner re-reads them until this is empty or its wait ends."""
+    stored = _StoredTransfers.of(final)
+    accounts: set[str] = set()
+    for transfer_id, debit in stored.debits.items():
+        if leg_disagreement(debit, stored.credits.get(transfer_id, [])) is not None:
+            accounts.update((debit["account_id"], debit["counterparty_account_id"]))
+    for transfer_id, credits in stored.credits.items():
+        if transfer_id not in stored.debits:
+            accounts.update(credit["account_id"] for credit in credits)
+            accounts.add(transfer_id[:16])
+    for state in final.values():
+        for transaction in state.transactions:
+            if transaction["status"] == PENDING and transaction.get("expires_at"):
+                accounts.add(transaction["account_id"])
+                if is_leg(transaction):
+                    accounts.add(transaction["counterparty_account_id"])
+    return {account for account in accounts if account}
+
+
+def check_transfer_legs(final: FinalState) -> CheckResult:
+    result = CheckResult(
+        "transfer-legs-whole",
+        "once the healed cluster is quiet, every transfer is whole: its debit leg has exactly one"
+        " credit leg on the other account with the negated amount, the same status and the negated"
+        " settled amount, linked both ways; no credit leg lacks its debit leg; a transfer refused"
+        " for funds has no credit leg",
+    )
+    stored = _StoredTransfers.of(final)
+    for transfer_id, debit in sorted(stored.debits.items()):
+        problem = leg_disagreement(debit, stored.credits.get(transfer_id, []))
+        if problem is not None:
+            result.add(problem)
+    for transfer_id, credits in sorted(stored.credits.items()):
+        if transfer_id not in stored.debits:
+            result.add(
+                f"credit legs {[c['id'] for c in credits]} of transfer {transfer_id},"
+                " whose debit leg is not stored"
+            )
+    credit_legs = sum(len(credits) for credits in stored.credits.values())
+    result.detail = f"{len(stored.debits)} debit legs, {credit_legs} credit legs"
+    return result
+
+
+def check_acknowledged_transfers(operations: list[h.Operation], final: FinalState) -> CheckResult:
+    result = CheckResult(
+        "acknowledged-transfers-exactly-once",
+        "every acknowledged create-transfer is stored exactly once, as acknowledged: one debit leg"
+        " (the acknowledged transfer id) on the debit account for minus the amount, its credit leg"
+        " (the acknowledged credit transaction id) on the credit account, a status that follows the"
+        " acknowledged one, its deadline created_at + timeout_seconds",
+    )
+    stored = _StoredTransfers.of(final)
+    for request_id, transfer in sorted(_logical_transfers(operations).items()):
+        acknowledged = transfer.acknowledged
+        if not acknowledged:
+            continue
+        answers = {op.result["transfer"]["id"] for op in acknowledged}
+        debits = stored.debits_by_description.get(request_id, [])
+        if len(debits) != 1:
+            result.add(
+                f"transfer {request_id} acknowledged as {sorted(answers)} is stored {len(debits)} times"
+            )
+        elif len(answers) != 1 or debits[0]["id"] not in answers:
+            result.add(
+                f"transfer {request_id} acknowledged as {sorted(answers)}, stored as {debits[0]['id']}"
+            )
+        else:
+            for problem in _acknowledged_transfer_problems(transfer, debits[0], stored):
+                result.add(f"transfer {request_id} ({debits[0]['id']}): {problem}")
+    return result
+
+
+def _acknowledged_transfer_problems(
+    transfer: _LogicalTransfer, debit: dict[str, Any], stored: _StoredTransfers
+) -> Iterator[str]:
+    request = transfer.request
+    if (debit["account_id"], debit["counterparty_account_id"], debit["amount"]) != (
+        request["debit_account_id"],
+        request["credit_account_id"],
+        -request["amount"],
+    ):
+        yield f"asked {request}, its debit leg is {debit}"
+    if request["settled"] and debit["status"] not in (SETTLED, INSUFFICIENT_FUNDS):
+        yield f"created settled, stored {debit['status']}"
+    credits = stored.credits.get(debit["id"], [])
+    if debit["status"] != INSUFFICIENT_FUNDS and len(credits) != 1:
+        yield f"{len(credits)} credit legs on {request['credit_account_id']}"
+    for op in transfer.acknowledged:
+        answer = op.result["transfer"]
+        if not status_follows(leg_status(answer["status"]), debit["status"]):
+            yield f"acknowledged {answer['status']}, stored {debit['status']}"
+        credit_id = answer.get("credit_transaction_id")
+        if credit_id and len(credits) == 1 and credits[0]["id"] != credit_id:
+            yield f"acknowledged with credit leg {credit_id}, stored {credits[0]['id']}"
+    # A transfer refused for funds never gets a deadline.
+    timeout = request.get("timeout_seconds", 0) if debit["status"] != INSUFFICIENT_FUNDS else 0
+    if "expires_at" in debit and "created_at" in debit:
+        wanted = debit["created_at"] + timeout * NANOS_PER_SECOND if timeout else 0
+        if debit["expires_at"] != wanted:
+            yield f"timeout {timeout} s, created_at {debit['created_at']}, expires_at {debit['expires_at']}"
+
+
+def check_unacknowledged_transfers(operations: list[h.Operation], final: FinalState) -> CheckResult:
+    result = CheckResult(
+        "unacknowledged-transfers",
+        "a create-transfer with an unknown outcome is stored at most once (and, by the legs check,"
+        " never half); one that failed with a definite code is not stored; no transfer is stored"
+        " that no client asked for; a pending transfer is settled, cancelled or expired only if a"
+        " settle, a cancel or its timeout could have done it",
+    )
+    stored = _StoredTransfers.of(final)
+    transfers = _logical_transfers(operations)
+    unknown = applied = 0
+    for request_id, transfer in sorted(transfers.items()):
+        if transfer.acknowledged:
+            continue
+        count = len(stored.debits_by_description.get(request_id, []))
+        if transfer.unknown:
+            unknown += 1
+            applied += count > 0
+            if count > 1:
+                result.add(f"transfer {request_id} of unknown outcome is stored {count} times")
+        elif count:
+            codes = sorted({f"{op.code}/{op.reason}" for op in transfer.attempts})
+            result.add(f"transfer {request_id} failed with {codes} yet is stored {count} times")
+    for description, debits in sorted(stored.debits_by_description.items()):
+        if description not in transfers:
+            result.add(f"stored transfers {[d['id'] for d in debits]} match no request ({description!r})")
+    _check_unrequested_transfer_finishes(operations, stored, transfers, result)
+    result.detail = f"{unknown} transfers of unknown outcome, {applied} of them applied"
+    return result
+
+
+def _check_unrequested_transfer_finishes(
+    operations: list[h.Operation],
+    stored: _StoredTransfers,
+    transfers: dict[str, _LogicalTransfer],
+    result: CheckResult,
+) -> None:
+    may_have: dict[str, set[str]] = defaultdict(set)
+    for op in operations:
+        if op.kind in h.TRANSFER_FINISHES and op.outcome != h.OUTCOME_FAILED:
+            may_have[op.kind].add(op.request["transfer_id"])
+    finishing = {SETTLED: h.SETTLE_TRANSFER, CANCELLED: h.CANCEL_TRANSFER}
+    for transfer_id, debit in sorted(stored.debits.items()):
+        transfer = transfers.get(debit["description"])
+        if transfer is None or transfer.request["settled"]:
+            continue
+        status = debit["status"]
+        if status in finishing and transfer_id not in may_have[finishing[status]]:
+            result.add(f"transfer {transfer_id} created pending is {status} without any {finishing[status]}")
+        if status == EXPIRED and not transfer.request.get("timeout_seconds"):
+            result.add(f"transfer {transfer_id} created pending without a timeout is {status}")
+
+
+def check_transfer_finishes(operations: list[h.Operation], final: FinalState) -> CheckResult:
+    result = CheckResult(
+        "transfer-settles-and-cancels-hold",
+        "an acknowledged settle-transfer answered SETTLED with the amount asked (all of it for 0)"
+        " and both legs end SETTLED with that settled amount; an acknowledged cancel-transfer"
+        " leaves both CANCELLED; a settle or cancel refused as expired leaves both EXPIRED; one"
+        " refused as no longer pending never finds it pending at the end",
+    )
+    stored = _StoredTransfers.of(final)
+    checked = 0
+    for op in operations:
+        if op.kind not in h.TRANSFER_FINISHES or op.outcome == h.OUTCOME_UNKNOWN:
+            continue
+        transfer_id = op.request["transfer_id"]
+        debit = stored.debits.get(transfer_id)
+        if debit is None:
+            if op.outcome == h.OUTCOME_OK:
+                result.add(f"{op.kind} of {transfer_id} acknowledged, but the transfer is not stored")
+            continue
+        checked += 1
+        for problem in _finish_problems(op, debit, stored.credits.get(transfer_id, [])):
+            result.add(f"op {op.op_id} {op.kind} of {transfer_id}: {problem}")
+    result.detail = f"{checked} settles and cancels checked"
+    return result
+
+
+def _finish_problems(op: h.Operation, debit: dict[str, Any], credits: list[dict[str, Any]]) -> Iterator[str]:
+    legs = [debit, *credits]
+    if op.outcome == h.OUTCOME_FAILED:
+        if op.reason in EXPIRED_REASONS and debit["status"] != EXPIRED:
+            yield f"refused with {op.reason}, stored {debit['status']}"
+        elif op.code == "FAILED_PRECONDITION" and debit["status"] == PENDING:
+            yield f"refused with {op.reason} (not pending), yet stored PENDING"
+        return
+    answer = op.result["transfer"]
+    if op.kind == h.CANCEL_TRANSFER:
+        if answer["status"] != "TRANSFER_STATUS_CANCELLED":
+            yield f"acknowledged {answer['status']}"
+        for leg in legs:
+            if leg["status"] != CANCELLED:
+                yield f"acknowledged, but leg {leg['id']} is stored {leg['status']}"
+        return
+    asked = op.request.get("amount", 0)
+    answered = abs(answer["settled_amount"])
+    if answer["status"] != "TRANSFER_STATUS_SETTLED":
+        yield f"acknowledged {answer['status']}"
+    if (asked and answered != asked) or not 0 < answered <= op.request.get("transfer_amount", answered):
+        yield f"asked to settle {asked or 'all'}, answered settled_amount {answer['settled_amount']}"
+    for leg in legs:
+        sign = 1 if leg["amount"] > 0 else -1
+        if leg["status"] != SETTLED or leg.get("settled_amount", sign * answered) != sign * answered:
+            yield (
+                f"acknowledged settled {answered}, but leg {leg['id']} is stored {leg['status']}"
+                f" settled {leg.get('settled_amount')}"
+            )
+
+
+def check_conservation(final: FinalState) -> CheckResult:
+    result = CheckResult(
+        "conservation",
+        "transfers create no money: the settled amounts of all transfer legs sum to zero (and so"
+        " do the amounts of pending legs), so the sum of all settled balances equals the sum of"
+        " what settled top-ups and purchases moved; each account's settled balance is"
+        " credits_settled - debits_settled",
+    )
+    balances = outside = legs_settled = legs_pending = 0
+    for account_id, state in sorted(final.items()):
+        if state.account is None:
+            continue
+        balances += state.account["settled_balance"]
+        if "credits_settled" in state.account:
+            totals = state.account["credits_settled"] - state.account["debits_settled"]
+            if totals != state.account["settled_balance"]:
+                result.add(f"account {account_id}: settled balance is not credits - debits: {state.account}")
+        for transaction in state.transactions:
+            if is_leg(transaction):
+                legs_settled += settled_amount(transaction)
+                legs_pending += transaction["amount"] if transaction["status"] == PENDING else 0
+            else:
+                outside += settled_amount(transaction)
+    if legs_settled:
+        result.add(f"the settled amounts of transfer legs sum to {legs_settled}, not 0")
+    if legs_pending:
+        result.add(f"the amounts of pending transfer legs sum to {legs_pending}, not 0")
+    if balances != outside:
+        result.add(f"settled balances sum to {balances}; settled top-ups and purchases moved {outside}")
+    result.detail = f"settled balances sum to {balances}"
+    return result
+
+
+def check_expiry(
+    final: FinalState,
+    read_unix_ns: int,
+    healed_unix_ns: int,
+    bound_seconds: float = EXPIRY_AFTER_HEAL_SECONDS_MAX,
+) -> CheckResult:
+    """`read_unix_ns`: when the final read started; `healed_unix_ns`: when the nemesis had
+    healed the cluster (both wall clock, like the gateway's stamps)."""
+    result = CheckResult(
+        "expiry-in-time",
+        f"nothing is pending more than {bound_seconds:g} s past its deadline (or past the heal, for"
+        " a deadline during the faults); nothing expired before its deadline; no transaction or"
+        " transfer with a deadline was settled or cancelled at or after it",
+    )
+    bound_ns = int(bound_seconds * NANOS_PER_SECOND)
+    expired = 0
+    for state in final.values():
+        for transaction in state.transactions:
+            if is_leg(transaction) and not is_debit_leg(transaction):
+                continue  # a credit leg follows its debit leg (the legs check)
+            deadline = transaction.get("expires_at", 0)
+            status = transaction["status"]
+            expired += status == EXPIRED
+            if not deadline:
+                if status == EXPIRED:
+                    result.add(f"{transaction['id']} expired without a deadline")
+                continue
+            due = max(deadline, healed_unix_ns) + bound_ns
+            if status == PENDING and read_unix_ns > due:
+                late = (read_unix_ns - deadline) / NANOS_PER_SECOND
+                result.add(f"{transaction['id']} still pending {late:.1f} s after its deadline")
+            elif status == EXPIRED and transaction["updated_at"] < deadline:
+                result.add(f"{transaction['id']} expired {deadline - transaction['updated_at']} ns early")
+            elif status == EXPIRED and transaction["updated_at"] > due:
+                late = (transaction["updated_at"] - deadline) / NANOS_PER_SECOND
+                result.add(f"{transaction['id']} expired {late:.1f} s after its deadline, after the heal")
+            elif status in (SETTLED, CANCELLED) and transaction["updated_at"] >= deadline:
+                result.add(
+                    f"{transaction['id']} {status} at {transaction['updated_at']}, deadline {deadline}"
+                )
+    result.detail = f"{expired} expired"
+    return result
+
+
+def check_replica_transfer_summaries(final: FinalState, summary: TransferCheck) -> CheckResult:
+    """`summary`: the transfer summaries of one replica of each shard, summed across shards as
+    `ledger-dev verify` sums them, once the final state was quiet."""
+    result = CheckResult(
+        "transfers-verified-on-replicas",
+        "the replicas' own transfer summaries meet across shards (every leg tuple matched, nothing"
+        " left owing a credit shard, settled and pending legs summing to zero per currency) and"
+        " count as many debit and credit legs as the final read through the gateway listed",
+    )
+    for failure in summary.failures:
+        result.add(failure)
+    stored = _StoredTransfers.of(final)
+    listed_debits = sum(1 for debit in stored.debits.values() if debit["status"] != INSUFFICIENT_FUNDS)
+    listed_credits = sum(len(credits) for credits in stored.credits.values())
+    if (summary.debit_legs, summary.credit_legs) != (listed_debits, listed_credits):
+        result.add(
+            f"the replicas hold {summary.debit_legs} debit and {summary.credit_legs} credit legs of"
+            f" transfers not refused; the gateway listed {listed_debits} and {listed_credits}"
+        )
+    result.detail = (
+        f"{summary.debit_legs} debit legs, {summary.credit_legs} credit legs, {summary.unfinished} unfinished"
+    )
+    return result
 
 
 # -- reads -------------------------------------------------------------------------------------
@@ -307,7 +836,8 @@ def _check_purchase_decisions(
 
 @dataclass
 class _Acknowledged:
-    """When each transaction was first acknowledged as existing, and as settled or cancelled."""
+    """When each transaction (transfer legs included) was first acknowledged as existing, and as
+    settled, cancelled or expired."""
 
     created: dict[str, float] = field(default_factory=dict)
     created_status: dict[str, str] = field(default_factory=dict)
@@ -326,12 +856,41 @@ class _Acknowledged:
                 acknowledged.created_status[created["id"]] = created["status"]
             elif op.kind in (h.SETTLE, h.CANCEL):
                 transaction = op.result["transaction"]
-                previous = acknowledged.finished.get(transaction["id"])
-                if previous is None or op.complete_seconds < previous[0]:
-                    acknowledged.finished[transaction["id"]] = (op.complete_seconds, transaction["status"])
+                acknowledged.finish(transaction["id"], op.complete_seconds, transaction["status"])
             elif op.kind == h.CREATE_ACCOUNT:
                 _earliest(acknowledged.accounts, op.result["account"]["id"], op.complete_seconds)
+            elif op.kind in h.TRANSFER_WRITES:
+                acknowledged.create_transfer(op.result["transfer"], op.complete_seconds)
+            elif op.kind in h.TRANSFER_FINISHES:
+                transfer = op.result["transfer"]
+                for leg in _acknowledged_legs(transfer):
+                    acknowledged.finish(leg, op.complete_seconds, leg_status(transfer["status"]))
         return acknowledged
+
+    def finish(self, transaction_id: str, moment: float, status: str) -> None:
+        previous = self.finished.get(transaction_id)
+        if previous is None or moment < previous[0]:
+            self.finished[transaction_id] = (moment, status)
+
+    def create_transfer(self, transfer: dict[str, Any], moment: float) -> None:
+        """Both legs exist from the first acknowledgement on, with its status; a later one (a
+        duplicate answers the transfer's end) that shows it finished counts as a finish."""
+        status = leg_status(transfer["status"])
+        for leg in _acknowledged_legs(transfer):
+            if leg not in self.created or moment < self.created[leg]:
+                self.created[leg] = moment
+                self.created_status[leg] = status
+            if status != PENDING:
+                self.finish(leg, moment, status)
+
+
+def _acknowledged_legs(transfer: dict[str, Any]) -> list[str]:
+    """The ids of the legs an acknowledged transfer has: its debit leg, and its credit leg
+    unless it was refused for funds."""
+    legs = [transfer.get("debit_transaction_id") or transfer["id"]]
+    if leg_status(transfer["status"]) != INSUFFICIENT_FUNDS and transfer.get("credit_transaction_id"):
+        legs.append(transfer["credit_transaction_id"])
+    return legs
 
 
 def _earliest(moments: dict[str, float], key: str, moment: float) -> None:
@@ -341,7 +900,8 @@ def _earliest(moments: dict[str, float], key: str, moment: float) -> None:
 def check_consistent_reads(operations: list[h.Operation], final: FinalState) -> CheckResult:
     result = CheckResult(
         "consistent-reads-see-acknowledged-writes",
-        "a consistent read shows every write acknowledged before the read started",
+        "a consistent read shows every write acknowledged before the read started (both legs of"
+        " an acknowledged transfer, each in its account's listing)",
     )
     acknowledged = _Acknowledged.of(operations)
     by_account: dict[str, list[str]] = defaultdict(list)
@@ -373,6 +933,17 @@ def check_consistent_reads(operations: list[h.Operation], final: FinalState) -> 
                 seen=seen,
                 acknowledged=acknowledged,
                 result=result,
+            )
+        elif op.kind == h.GET_TRANSFER:
+            checked += 1
+            transfer_id = op.request["transfer_id"]
+            seen = (
+                {transfer_id: {"status": leg_status(op.result["transfer"]["status"])}}
+                if op.outcome == h.OUTCOME_OK
+                else {}
+            )
+            _check_seen(
+                op, transaction_ids=[transfer_id], seen=seen, acknowledged=acknowledged, result=result
             )
         elif op.kind == h.LIST_TRANSACTIONS and op.outcome == h.OUTCOME_OK and op.result.get("complete"):
             checked += 1
@@ -431,7 +1002,7 @@ def check_reads_never_show_lost_writes(operations: list[h.Operation], final: Fin
     result = CheckResult(
         "reads-never-show-lost-writes",
         "whatever a successful read showed (consistent or not) is in the final state: the"
-        " transaction itself, and any settled, cancelled or refused status",
+        " transaction or transfer itself, and any settled, cancelled, expired or refused status",
     )
     stored = _transactions_by_id(final)
     for op in operations:
@@ -442,8 +1013,9 @@ def check_reads_never_show_lost_writes(operations: list[h.Operation], final: Fin
             state = final.get(account["id"])
             if state is None or state.account is None:
                 result.add(f"op {op.op_id} read account {account['id']}, which does not exist")
-            if min(account["available_balance"], account["settled_balance"]) < 0:
-                result.add(f"op {op.op_id} read a negative balance: {account}")
+            continue
+        if op.kind == h.GET_TRANSFER:
+            _check_transfer_read(op, stored, result)
             continue
         shown = [op.result["transaction"]] if op.kind == h.GET_TRANSACTION else op.result["transactions"]
         for transaction in shown:
@@ -455,6 +1027,19 @@ def check_reads_never_show_lost_writes(operations: list[h.Operation], final: Fin
             if not (same and status_follows(transaction["status"], final_transaction["status"])):
                 result.add(f"op {op.op_id} ({op.kind}) showed {transaction}, stored as {final_transaction}")
     return result
+
+
+def _check_transfer_read(op: h.Operation, stored: dict[str, dict[str, Any]], result: CheckResult) -> None:
+    transfer = op.result["transfer"]
+    debit_leg = stored.get(transfer["id"])
+    if debit_leg is None or not is_debit_leg(debit_leg):
+        result.add(
+            f"op {op.op_id} ({op.kind}) showed transfer {transfer['id']}, whose debit leg is not stored"
+        )
+        return
+    same = debit_leg["amount"] == -transfer["amount"] and debit_leg["description"] == transfer["description"]
+    if not (same and status_follows(leg_status(transfer["status"]), debit_leg["status"])):
+        result.add(f"op {op.op_id} ({op.kind}) showed {transfer}, its debit leg is stored as {debit_leg}")
 
 
 # -- replicas, elections, processes ------------------------------------------------------------

@@ -25,19 +25,27 @@ OUTCOME_OK = "ok"
 OUTCOME_FAILED = "failed"
 OUTCOME_UNKNOWN = "unknown"
 
-# Operation kinds. A "duplicate" re-sends an earlier create-transaction with its request_id.
+# Operation kinds. A "duplicate" re-sends an earlier create-transaction with its request_id, a
+# "duplicate-transfer" an earlier create-transfer with its request_id.
 CREATE_ACCOUNT = "create-account"
 TOP_UP = "top-up"
 PURCHASE = "purchase"
 SETTLE = "settle"
 CANCEL = "cancel"
 DUPLICATE = "duplicate"
+CREATE_TRANSFER = "create-transfer"
+DUPLICATE_TRANSFER = "duplicate-transfer"
+SETTLE_TRANSFER = "settle-transfer"
+CANCEL_TRANSFER = "cancel-transfer"
 GET_ACCOUNT = "get-account"
 GET_TRANSACTION = "get-transaction"
 LIST_TRANSACTIONS = "list-transactions"
+GET_TRANSFER = "get-transfer"
 TRANSACTION_WRITES = (TOP_UP, PURCHASE, DUPLICATE)
-WRITES = (CREATE_ACCOUNT, TOP_UP, PURCHASE, SETTLE, CANCEL, DUPLICATE)
-READS = (GET_ACCOUNT, GET_TRANSACTION, LIST_TRANSACTIONS)
+TRANSFER_WRITES = (CREATE_TRANSFER, DUPLICATE_TRANSFER)
+TRANSFER_FINISHES = (SETTLE_TRANSFER, CANCEL_TRANSFER)
+WRITES = (CREATE_ACCOUNT, TOP_UP, PURCHASE, SETTLE, CANCEL, DUPLICATE, *TRANSFER_WRITES, *TRANSFER_FINISHES)
+READS = (GET_ACCOUNT, GET_TRANSACTION, LIST_TRANSACTIONS, GET_TRANSFER)
 
 # A run that would record more operations than this stops its clients: the checks hold the
 # whole history in memory.
@@ -75,12 +83,15 @@ class Operation:
 
     @property
     def account_id(self) -> str | None:
-        """The account the operation is about: its request's, or the one its transaction's id
-        starts with."""
+        """The account the operation is about: its request's, the one its transaction's or
+        transfer's id starts with, or a transfer's debit account (whose shard decides it)."""
         if "account_id" in self.request:
             return str(self.request["account_id"])
-        if "transaction_id" in self.request:
-            return str(self.request["transaction_id"])[:ACCOUNT_ID_HEX_LENGTH]
+        if "debit_account_id" in self.request:
+            return str(self.request["debit_account_id"])
+        for key in ("transaction_id", "transfer_id"):
+            if key in self.request:
+                return str(self.request[key])[:ACCOUNT_ID_HEX_LENGTH]
         return None
 
     @property

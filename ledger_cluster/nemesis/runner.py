@@ -3,6 +3,10 @@ threshold so snapshots happen), drive it with the workload while the nemesis inj
 heal it, read the final state through the gateway and every replica's own LMDB files, run the
 checks and build the report.
 
+Once healed, the final state is re-read account by account until it is quiet: every transfer
+whole (both legs, agreeing) and nothing pending with a deadline, or until the bounds within which
+the cluster promises that have passed (then the checks report what is left).
+
 Everything lands under the run's directory: the cluster's config, data and logs,
 `history.jsonl` (every operation), `leadership.jsonl` (who led each shard, about once a second)
 and `report.json`.
@@ -22,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from ledger_cluster import backup
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.core import AccountsCore
@@ -33,11 +38,20 @@ from ledger_cluster.nemesis import checks
 from ledger_cluster.nemesis import history as h
 from ledger_cluster.nemesis.faults import FAULT_KINDS, FaultRecord, Nemesis, NemesisLog
 from ledger_cluster.nemesis.leadership import LeadershipSample, LeadershipSampler
-from ledger_cluster.nemesis.workload import Workload, account_view, transaction_view
+from ledger_cluster.nemesis.workload import (
+    WORKLOAD_DEFAULT,
+    WORKLOADS,
+    Workload,
+    account_view,
+    transaction_view,
+)
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.status import error_details
 
 NODES = 3
+# The operation mixes a run can drive (the CLI's --workload).
+WORKLOAD_CHOICES: tuple[str, ...] = WORKLOADS
+WORKLOAD_CHOICE_DEFAULT = WORKLOAD_DEFAULT
 REPLICAS = 3
 SHARDS_DEFAULT = 4
 SHARDS_MAX = 64
@@ -53,6 +67,15 @@ CONVERGE_POLL_SECONDS = 0.1
 NODE_CALL_TIMEOUT_SECONDS = 5.0
 REPLICA_PAGE_SIZE = 1000
 REPLICA_PAGES_MAX = 10_000
+# Re-reads of the accounts that are not quiet yet come this often, and stop at the latest this
+# long after the heal whatever the deadlines say (a deadline far away is the expiry check's).
+QUIET_POLL_SECONDS = 0.25
+QUIET_WAIT_SECONDS_MAX = 60.0
+# Past the bound of the promise, so that what is still unquiet then is a violation.
+QUIET_MARGIN_SECONDS = 1.0
+# Once the final state is quiet, how long the replicas' verification is asked again while some
+# transfer still owes its credit shard work (only internal flags are left to clear then).
+UNFINISHED_WAIT_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +89,8 @@ class NemesisOptions:
     log_compaction_min_entries: int = LOG_COMPACTION_MIN_ENTRIES_DEFAULT
     election_bound_seconds: float = 10.0
     avoided_ports: frozenset[int] = frozenset()
+    # "transactions", "transfers" or "mixed" (workload.WORKLOADS).
+    workload: str = WORKLOAD_DEFAULT
 
 
 @dataclass
@@ -86,7 +111,8 @@ class NemesisReport:
     def to_text(self) -> str:
         lines = [
             f"nemesis: seed {self.options['seed']}, {self.options['duration_seconds']:g} s of faults,"
-            f" {self.options['clients']} clients, {self.options['shards']} shards;"
+            f" {self.options['clients']} clients, {self.options.get('workload', WORKLOAD_DEFAULT)}"
+            f" workload, {self.options['shards']} shards;"
             f" run directory {self.base_dir}",
             "",
             f"{'operation':<20}{'ok':>9}{'failed':>9}{'unknown':>9}",
@@ -139,9 +165,10 @@ def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> Nem
     try:
         progress(f"starting {NODES} nodes and a gateway under {options.base_dir}")
         with started_cluster(cluster):
-            final, digests, verify_problems = _drive(
+            outcome = _drive(
                 cluster, options=options, history=history, log=log, progress=progress, notes=notes
             )
+        final = outcome.final
         replica_states = _read_replicas(cluster, final)
     finally:
         history.close()
@@ -151,7 +178,7 @@ def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> Nem
         checks.check_acknowledged_writes(operations, final),
         checks.check_unacknowledged_writes(operations, final),
         checks.check_balances(operations, final),
-        checks.check_replicas(final, replica_states, digests, verify_problems),
+        checks.check_replicas(final, replica_states, outcome.digests, outcome.verify_problems),
         checks.check_consistent_reads(operations, final),
         checks.check_reads_never_show_lost_writes(operations, final),
         checks.check_elections(log.faults, options.election_bound_seconds),
@@ -159,6 +186,14 @@ def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> Nem
             operations, log.faults, log.leadership, _shard_for_account(cluster.config)
         ),
         checks.check_cluster_health(log),
+        checks.check_overdraft_limits(operations, final),
+        checks.check_transfer_legs(final),
+        checks.check_acknowledged_transfers(operations, final),
+        checks.check_unacknowledged_transfers(operations, final),
+        checks.check_transfer_finishes(operations, final),
+        checks.check_conservation(final),
+        checks.check_expiry(final, outcome.read_unix_ns, outcome.healed_unix_ns),
+        checks.check_replica_transfer_summaries(final, outcome.transfer_summary),
     ]
     report = _report(
         options, operations=operations, log=log, results=results, config=cluster.config, notes=notes
@@ -166,6 +201,18 @@ def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> Nem
     report.elapsed_seconds = time.monotonic() - started
     (options.base_dir / "report.json").write_text(report.to_json() + "\n", encoding="utf-8")
     return report
+
+
+@dataclass
+class _DriveOutcome:
+    final: checks.FinalState
+    digests: dict[str, dict[str, tuple[int, str]]]
+    verify_problems: dict[str, list[str]]
+    transfer_summary: backup.TransferCheck
+    # Wall clock, like the gateway's stamps: when healing ended, when the last pass of the final
+    # read started.
+    healed_unix_ns: int
+    read_unix_ns: int
 
 
 def _drive(
@@ -176,8 +223,15 @@ def _drive(
     log: NemesisLog,
     progress: Callable[[str], None],
     notes: list[str],
-) -> tuple[checks.FinalState, dict[str, dict[str, tuple[int, str]]], dict[str, list[str]]]:
-    workload = Workload(cluster.gateway_address, history, options.seed, options.clients)
+) -> _DriveOutcome:
+    workload = Workload(
+        cluster.gateway_address,
+        history,
+        options.seed,
+        options.clients,
+        workload=options.workload,
+        shard_of=_shard_for_account(cluster.config),
+    )
     nemesis = Nemesis(cluster, history.now, options.seed, options.faults, log)
     workload.create_initial_accounts()
     progress(
@@ -200,13 +254,17 @@ def _drive(
             notes.append(f"note: {sampler.failure}")
         progress(f"faults stopped after {len(log.faults)}; healing the cluster")
         nemesis.heal()
-    candidates = _candidate_accounts(history.operations())
+    healed_unix_ns = time.time_ns()
+    candidates = candidate_accounts(history.operations())
     progress(f"reading the final state of {len(candidates)} accounts through the gateway")
-    final = _read_final_state(cluster, candidates, notes)
+    read_unix_ns = time.time_ns()
+    stub = cluster.ledger_stub()
+    final = read_final_state(stub, candidates, notes)
+    read_unix_ns = wait_until_quiet(stub, final, healed_unix_ns, read_unix_ns, notes)
     digests = _converged_digests(cluster)
-    verify_problems = _verify_replicas(cluster)
+    verify_problems, transfer_summary = _verify_replicas(cluster)
     nemesis.collect_unexpected_exits()
-    return final, digests, verify_problems
+    return _DriveOutcome(final, digests, verify_problems, transfer_summary, healed_unix_ns, read_unix_ns)
 
 
 def _write_leadership(path: Path, samples: list[LeadershipSample]) -> None:
@@ -215,7 +273,7 @@ def _write_leadership(path: Path, samples: list[LeadershipSample]) -> None:
             file.write(json.dumps(asdict(sample), sort_keys=True) + "\n")
 
 
-def _candidate_accounts(operations: Iterable[h.Operation]) -> list[str]:
+def candidate_accounts(operations: Iterable[h.Operation]) -> list[str]:
     """Every account the run may have created: acknowledged or not, an account created with a
     request_id has the id the gateway derives from it."""
     accounts = set()
@@ -245,8 +303,9 @@ def _retrying(call: Callable[[], Any], deadline: float) -> Any:
             time.sleep(FINAL_READ_PAUSE_SECONDS)
 
 
-def _read_final_state(cluster: Cluster, account_ids: list[str], notes: list[str]) -> checks.FinalState:
-    stub = cluster.ledger_stub()
+def read_final_state(
+    stub: ledger_pb2_grpc.LedgerServiceStub, account_ids: list[str], notes: list[str]
+) -> checks.FinalState:
     deadline = time.monotonic() + FINAL_READ_TIMEOUT_SECONDS
     final: checks.FinalState = {}
     for account_id in account_ids:
@@ -289,6 +348,56 @@ def _read_account_state(
             return checks.AccountState(account_view(account), transactions)
 
 
+def _quiet_deadline_ns(final: checks.FinalState, healed_unix_ns: int) -> int:
+    """Until when to wait for quiet: past the bound after the heal within which transfers are
+    whole, and past the expiry bound after the latest deadline still pending; never longer than
+    QUIET_WAIT_SECONDS_MAX after the heal."""
+    nanos = checks.NANOS_PER_SECOND
+    margin = int(QUIET_MARGIN_SECONDS * nanos)
+    latest_deadline = max(
+        (
+            t.get("expires_at", 0)
+            for state in final.values()
+            for t in state.transactions
+            if t["status"] == checks.PENDING
+        ),
+        default=0,
+    )
+    wanted = max(
+        healed_unix_ns + int(checks.TRANSFER_QUIET_AFTER_HEAL_SECONDS_MAX * nanos),
+        latest_deadline + int(checks.EXPIRY_AFTER_HEAL_SECONDS_MAX * nanos),
+    )
+    return min(wanted + margin, healed_unix_ns + int(QUIET_WAIT_SECONDS_MAX * nanos))
+
+
+def wait_until_quiet(
+    stub: ledger_pb2_grpc.LedgerServiceStub,
+    final: checks.FinalState,
+    healed_unix_ns: int,
+    read_unix_ns: int,
+    notes: list[str],
+) -> int:
+    """Re-read (in place) the accounts of `final` that are not quiet until none is left or the
+    deadline passes; the wall-clock moment the last pass started (`read_unix_ns` if none)."""
+    passes = 0
+    while True:
+        unquiet = sorted(checks.unquiet_accounts(final) & final.keys())
+        if not unquiet:
+            break
+        if time.time_ns() > _quiet_deadline_ns(final, healed_unix_ns):
+            notes.append(f"note: {len(unquiet)} accounts were still not quiet when the wait for it ended")
+            break
+        time.sleep(QUIET_POLL_SECONDS)
+        passes += 1
+        read_unix_ns = time.time_ns()
+        deadline = time.monotonic() + FINAL_READ_TIMEOUT_SECONDS
+        for account_id in unquiet:
+            final[account_id] = _read_account_state(stub, account_id, deadline)
+    if passes:
+        notes.append(f"note: the final read re-read unquiet accounts {passes} times")
+    return read_unix_ns
+
+
 def _converged_digests(cluster: Cluster) -> dict[str, dict[str, tuple[int, str]]]:
     """shard -> node -> (applied index, digest), once every replica of every shard agrees or
     the timeout passes (then the last answers, which the check reports)."""
@@ -316,9 +425,24 @@ def _converged_digests(cluster: Cluster) -> dict[str, dict[str, tuple[int, str]]
         time.sleep(CONVERGE_POLL_SECONDS)
 
 
-def _verify_replicas(cluster: Cluster) -> dict[str, list[str]]:
+def _verify_replicas(cluster: Cluster) -> tuple[dict[str, list[str]], backup.TransferCheck]:
+    """Every replica's own verification ("node/shard" -> problems) and the transfers summed
+    across shards as `ledger-dev verify` sums them; asked again while some transfer still owes
+    its credit shard work (a driver finishes it after its grace), until UNFINISHED_WAIT_SECONDS."""
+    deadline = time.monotonic() + UNFINISHED_WAIT_SECONDS
+    while True:
+        problems, shards = _verify_round(cluster)
+        transfers = backup.check_transfers(shards)
+        if not transfers.unfinished or time.monotonic() > deadline:
+            return problems, transfers
+        time.sleep(CONVERGE_POLL_SECONDS)
+
+
+def _verify_round(cluster: Cluster) -> tuple[dict[str, list[str]], list[backup.ShardVerification]]:
     problems: dict[str, list[str]] = {}
+    shards = []
     for shard in cluster.config.shards:
+        replicas = []
         for replica in shard.replicas:
             key = f"{replica.node_id}/{shard.shard_id}"
             try:
@@ -326,9 +450,12 @@ def _verify_replicas(cluster: Cluster) -> dict[str, list[str]]:
                     node_pb2.VerifyRequest(shard_id=shard.shard_id), timeout=NODE_CALL_TIMEOUT_SECONDS
                 )
                 problems[key] = list(answer.problems)
+                replicas.append(backup.ReplicaVerification(replica.node_id, answer, ""))
             except grpc.RpcError as error:
                 problems[key] = [f"Verify failed: {error}"]
-    return problems
+                replicas.append(backup.ReplicaVerification(replica.node_id, None, str(error)))
+        shards.append(backup.ShardVerification(shard.shard_id, tuple(replicas), ()))
+    return problems, shards
 
 
 def _read_replicas(cluster: Cluster, final: checks.FinalState) -> dict[str, checks.FinalState]:
