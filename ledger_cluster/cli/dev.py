@@ -245,15 +245,18 @@ def _account_ids_of(path: Path, count: int) -> list[str]:
     type=click.IntRange(1, BATCH_ITEMS_MAX),
     default=1,
     show_default=True,
-    help="Items per call: above 1, creates, settles and cancels use the batch RPCs (B items count as"
-    " B transactions); reads stay unary.",
+    help="Items per call: above 1, creates, settles, cancels and transfers use the batch RPCs (B items"
+    " count as B transactions); reads stay unary.",
 )
 @click.option(
     "--mix",
     default="create,settle,cancel,read",
     show_default=True,
-    help="Comma-separated operations to draw from evenly: create, settle, cancel, read.",
+    help="Comma-separated operations to draw from evenly: create, settle, cancel, read, transfer (one"
+    " unit, settled, between two accounts on different shards of --config), transfer-same (on one"
+    " shard). A mix of transfers only counts transfers per second.",
 )
+@config_option
 @click.option(
     "--metrics",
     "metrics_urls",
@@ -285,13 +288,16 @@ def bench_command(
     mix: str,
     metrics_urls: tuple[str, ...],
     as_json: bool,
+    config_path: str,
     gateway: str,
 ) -> None:
     """Load a running gateway with concurrent clients (one unary call per transaction, or batch
     calls of --batch items) and report throughput, latency percentiles, errors by code and CPU
     per transaction (of each server process with a metrics endpoint, and of this load
-    generator); then check every account's balances against its transactions (exit 1 on any
-    mismatch). A write whose outcome is unknown counts as an error, never as a success."""
+    generator); then check every account's balances against its transactions, and, for a mix
+    without settles and cancels, against its acknowledged writes and the sum of all balances
+    against conservation (exit 1 on any mismatch). A write whose outcome is unknown counts as an
+    error, never as a success. Transfer mixes read the server's shards from --config."""
     operations = [name.strip() for name in mix.split(",") if name.strip()]
     unknown = sorted(set(operations) - set(bench.OPERATIONS))
     if not operations or unknown:
@@ -307,6 +313,8 @@ def bench_command(
         if problem is not None:
             raise click.BadParameter(problem, param_hint="--metrics")
     existing_account_ids = None if accounts_file is None else _account_ids_of(accounts_file, accounts)
+    needs_config = bool(set(operations) & set(bench.TRANSFER_OPERATIONS))
+    config = load_config(config_path) if needs_config else None
     try:
         result = bench.run_bench(
             gateway,
@@ -321,6 +329,7 @@ def bench_command(
             metrics_urls=list(metrics_urls) or None,
             window_seconds=window_seconds,
             existing_account_ids=existing_account_ids,
+            config=config,
         )
     except grpc.RpcError as error:
         raise click.ClickException(f"{gateway}: {describe_rpc_error(error)}") from None
