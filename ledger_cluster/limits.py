@@ -12,3 +12,9 @@ PAGE_SIZE_MAX = 1000
 BATCH_ITEMS_MAX = 1000
 # One message between a gateway and a node (a coalesced batch of 1000 commands fits well).
 NODE_MESSAGE_BYTES_MAX = 16 * 1024 * 1024
+CURRENCY_CHARACTERS_MAX = 16
+METADATA_ENTRIES_MAX = 16
+METADATA_KEY_BYTES_MAX = 64
+METADATA_VALUE_BYTES_MAX = 256
+# A pending transaction or transfer may wait this long for its settle before it expires.
+TIMEOUT_SECONDS_MAX = 30 * 24 * 3600

@@ -20,10 +20,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ledger_cluster.admission import CallGate, abort
+from ledger_cluster.client import ClusterClient
 from ledger_cluster.config import ClusterConfig
+from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.deadlines import Deadline, work_deadline
 from ledger_cluster.errors import BackendTimeoutError, NotLeaderError, SnapshotError, StorageError
-from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
+from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.metrics import MetricsServer, ShardFigures, serve_metrics
 from ledger_cluster.node_protocol import (
@@ -41,6 +43,7 @@ from ledger_cluster.storage import (
     make_private_directory,
 )
 from ledger_cluster.text import echo
+from ledger_cluster.transfer_flow import LocalShard, TransferDriver
 
 logger = logging.getLogger(__name__)
 
@@ -397,6 +400,40 @@ def _chunk_reader(spooled: _SpooledSnapshot, node_id: str) -> Iterator[node_pb2.
             data = following
 
 
+class _ClusterShards:
+    """The ShardApi of a node's transfer driver: every shard through its leader."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self._config = config
+        self.client = ClusterClient(config)
+
+    def shard_id(self, account_id: int) -> str:
+        return self._config.shard_for_account(account_id).shard_id
+
+    async def update(self, shard_id: str, items: list[bytes], deadline: Deadline) -> list[ItemAnswer]:
+        return list(await self.client.update(shard_id, items, [deadline] * len(items)))
+
+    async def read_shard(
+        self, shard_id: str, query: core_pb2.ReadQuery, consistent: bool, deadline: Deadline
+    ) -> core_pb2.ReadResult:
+        return await self.client.read(shard_id, query, consistent, deadline)
+
+
+class _LocalReplica:
+    def __init__(self, shard_id: str, replica: ShardReplica) -> None:
+        self.shard_id = shard_id
+        self._replica = replica
+
+    def is_leader(self) -> bool:
+        return self._replica.is_leader()
+
+    def read(self, query: core_pb2.ReadQuery) -> core_pb2.ReadResult:
+        return self._replica.core.read(query)
+
+    def earliest_deadline(self) -> int | None:
+        return self._replica.core.earliest_deadline()
+
+
 class NodeServer:
     """The replicas of one node plus the gRPC server and the metrics endpoint in front of them.
     Build it, then `start()` and `stop()` it on the event loop that serves it."""
@@ -431,6 +468,12 @@ class NodeServer:
         self._health = health.aio.HealthServicer()
         self._metrics: MetricsServer | None = None
         self.port = 0
+        self._config = config
+        self._shards_api: _ClusterShards | None = None
+        self._driver: TransferDriver | None = None
+
+    def _leading_replicas(self) -> list[LocalShard]:
+        return [_LocalReplica(shard_id, replica) for shard_id, replica in sorted(self.replicas.items())]
 
     def _shard_figures(self) -> list[ShardFigures]:
         figures = []
@@ -476,6 +519,10 @@ class NodeServer:
         self._server = server
         for service in ("", NODE_SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        # Expiry and unfinished transfers of the shards this node leads.
+        self._shards_api = _ClusterShards(self._config)
+        self._driver = TransferDriver(self._shards_api, self._leading_replicas)
+        self._driver.start()
         logger.info(
             "node %s serving NodeService on %s with %d replicas (pid %d)",
             self.node.node_id,
@@ -485,6 +532,10 @@ class NodeServer:
         )
 
     async def stop(self) -> None:
+        if self._driver is not None:
+            await self._driver.stop()
+        if self._shards_api is not None:
+            await self._shards_api.client.close()
         for service in ("", NODE_SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._raft is not None:

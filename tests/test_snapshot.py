@@ -218,11 +218,16 @@ def test_snapshot_that_passes_its_checksum_but_is_inconsistent_is_rejected(
 
 
 def unmade_state(transaction: WriteTransaction, table: str, damage: str) -> None:
-    """One state that no command of this release makes."""
+    """One state that no command makes."""
     account_key = ACCOUNTS[0].to_bytes(8, "big")
     if damage.startswith("grant an overdraft"):
+        # An overdraft limit is legal only with the totals it allows: this one is spent already.
         account = records.decode_account(transaction.get(table, account_key) or b"")
-        account.overdraft_limit = 1_000_000
+        account.overdraft_limit = -1
+        transaction.put(table, account_key, account.encode())
+    elif damage.startswith("lower-case"):
+        account = records.decode_account(transaction.get(table, account_key) or b"")
+        account.currency = "usd"
         transaction.put(table, account_key, account.encode())
     elif damage.startswith("pad the currency"):
         data = bytearray(transaction.get(table, account_key) or b"")
@@ -243,7 +248,8 @@ def unmade_state(transaction: WriteTransaction, table: str, damage: str) -> None
 @pytest.mark.parametrize(
     ("table", "damage"),
     [
-        ("accounts", "grant an overdraft limit"),
+        ("accounts", "grant an overdraft limit below zero"),
+        ("accounts", "lower-case the currency"),
         ("accounts", "pad the currency with a leading NUL"),
         ("transactions", "turn a refused purchase into a refused top-up"),
         ("transactions", "store a description over the limit"),

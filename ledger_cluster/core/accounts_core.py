@@ -10,46 +10,58 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from ledger_cluster.core import commands, migration, rules, tables, verification
-from ledger_cluster.core.balances import (
-    NO_TOTALS,
-    Totals,
-    add_totals,
-    check_account,
-    contribution,
-    contribution_of,
-    require_invariant,
-    subtract_totals,
-    totals_of,
+from ledger_cluster.core import commands, migration, rules, tables, transfers, verification
+from ledger_cluster.core.balances import contribution_of, require_invariant
+from ledger_cluster.core.changes import (
+    OK,
+    AccountChange,
+    Changes,
+    Outcome,
+    expires_on_its_own,
+    expiry_key_of,
+    failure,
+    move_totals,
+    ok_account,
+    ok_transaction,
+    replace_transaction,
+    store_new_transaction,
+    transaction_metadata,
 )
 from ledger_cluster.core.recent_requests import move_recent_requests, read_recent_requests
 from ledger_cluster.core.records import (
+    ACCOUNT_HAS_METADATA,
     ACCOUNT_HAS_REQUEST_ID,
     CANCELLED,
+    EXPIRED,
     INSUFFICIENT_FUNDS,
+    LEG_FLAGS,
     NO_REQUEST_DIGEST,
     PENDING,
     SETTLED,
+    TRANSACTION_HAS_METADATA,
     TRANSACTION_HAS_REQUEST_ID,
     TRANSACTION_SETTLED_REQUESTED,
     AccountRecord,
+    Metadata,
     Status,
     TransactionRecord,
     decode_account,
     decode_transaction,
+    encode_metadata,
     encode_transaction,
     request_digest,
 )
-from ledger_cluster.errors import ReplicaBrokenError, SnapshotCorruptError, StorageLayoutError
-from ledger_cluster.internal.v1 import core_pb2
-from ledger_cluster.limits import (
-    INT64_MAX,
-    PAGE_SIZE_MAX,
+from ledger_cluster.errors import (
+    RecordFormatError,
+    ReplicaBrokenError,
+    SnapshotCorruptError,
+    StorageLayoutError,
 )
+from ledger_cluster.internal.v1 import core_pb2
+from ledger_cluster.limits import INT64_MAX, PAGE_SIZE_MAX
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.storage import (
     ReadTransaction,
@@ -61,175 +73,6 @@ from ledger_cluster.storage import (
 
 logger = logging.getLogger(__name__)
 
-Outcome = core_pb2.Outcome
-OK = core_pb2.OUTCOME_OK
-
-
-# -- one apply's changes, checked before commit ---------------------------------------------
-
-
-@dataclass(slots=True)
-class _AccountChange:
-    """An account touched by this entry: its record (changed in place), its totals before, and
-    what its transactions say the totals moved by."""
-
-    record: AccountRecord
-    totals_before: Totals
-    # (credits settled, debits settled, credits pending, debits pending), summed in place.
-    moved: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
-
-
-class _Changes:
-    """Reads and writes of one apply. Accounts are decoded once per entry and written once by
-    `flush`; transaction rows go through to the write transaction as they are made, unless
-    this is a dry run (a replayed entry evaluated on a read transaction: nothing is written and
-    nothing needs undoing). The moves of each account's transactions are summed on the side, so
-    `check` can hold the account's totals against them.
-
-    `answering` says whether anybody waits for this apply's results. Only the replica that
-    proposed the entry does; the others skip building answers, which changes no state."""
-
-    def __init__(
-        self,
-        view: ReadTransaction,
-        transaction: WriteTransaction | None,
-        answering: bool,
-        recent_requests: dict[bytes, int],
-        owns_account: Callable[[int], bool],
-    ) -> None:
-        self._view = view
-        self._transaction = transaction
-        self._get_transaction = view.getter(tables.TRANSACTIONS)
-        self._get_request = view.getter(tables.REQUESTS)
-        self._put_transaction = None if transaction is None else transaction.putter(tables.TRANSACTIONS)
-        self._insert_transaction = None if transaction is None else transaction.inserter(tables.TRANSACTIONS)
-        self._put_sequence = None if transaction is None else transaction.putter(tables.ACCOUNT_TRANSACTIONS)
-        self.answering = answering
-        self._recent_requests = recent_requests
-        self._owns_account = owns_account
-        self._owned: dict[int, bool] = {}
-        self._accounts: dict[int, _AccountChange | None] = {}
-        # What this entry wrote, for a dry run only: a write transaction reads its own writes.
-        self._transactions: dict[bytes, bytes] = {}
-        self.new_requests: dict[bytes, int] = {}
-        self._recent_rows: list[bytes] = []
-
-    def owns(self, account_id: int) -> bool:
-        # The shard key is a sha256: computed once per account per entry.
-        owned = self._owned.get(account_id)
-        if owned is None:
-            owned = self._owned[account_id] = self._owns_account(account_id)
-        return owned
-
-    def account(self, account_id: int) -> _AccountChange | None:
-        if account_id in self._accounts:
-            return self._accounts[account_id]
-        data = self._view.get(tables.ACCOUNTS, tables.account_key(account_id))
-        change = None
-        if data is not None:
-            record = decode_account(data)
-            change = _AccountChange(record, totals_of(record))
-        self._accounts[account_id] = change
-        return change
-
-    def add_account(self, record: AccountRecord) -> _AccountChange:
-        change = _AccountChange(record, NO_TOTALS)
-        self._accounts[record.account_id] = change
-        return change
-
-    def transaction_bytes(self, account_id: int, number: int) -> bytes | None:
-        return self.transaction_at(tables.transaction_key(account_id, number))
-
-    def transaction_at(self, key: bytes) -> bytes | None:
-        data = self._transactions.get(key)
-        return data if data is not None else self._get_transaction(key)
-
-    def put_transaction(
-        self, change: _AccountChange, before: TransactionRecord | None, record: TransactionRecord, now: int
-    ) -> bytes:
-        """Store `record` (which was `before`) and move its account's totals by the difference."""
-        _move_totals(change, subtract_totals(contribution(record), contribution(before)), now)
-        key = tables.transaction_key(record.account_id, record.transaction_number)
-        data = record.encode()
-        if self._put_transaction is None:
-            self._transactions[key] = data
-        else:
-            self._put_transaction(key, data)
-        return data
-
-    def insert_transaction(self, key: bytes, data: bytes) -> bool:
-        """Store a new transaction row; False (and nothing stored) when its key is taken."""
-        if self._insert_transaction is not None:
-            return self._insert_transaction(key, data)
-        if self.transaction_at(key) is not None:
-            return False
-        self._transactions[key] = data
-        return True
-
-    def put_sequence(self, account_id: int, sequence: int, number: int) -> None:
-        if self._put_sequence is not None:
-            self._put_sequence(tables.sequence_key(account_id, sequence), tables.encode_u64(number))
-
-    def find_request(self, key: bytes) -> int | None:
-        """The transaction number of a request key (tables.request_key), if it has one."""
-        number = self.new_requests.get(key)
-        if number is None:
-            number = self._recent_requests.get(key)
-        if number is None:
-            data = self._get_request(key)
-            number = None if data is None else tables.decode_u64(data)
-        return number
-
-    def add_request(self, key: bytes, number: int) -> None:
-        """`key` is the request key (account id + digest): the recent row holds it and the number."""
-        self.new_requests[key] = number
-        self._recent_rows.append(key + tables.encode_u64(number))
-
-    def flush(self, log_index: int) -> None:
-        """Write every touched account once, and the entry's new request ids as one row."""
-        if self._transaction is None:
-            return
-        for account_id, change in sorted(self._accounts.items()):
-            if change is not None:
-                self._transaction.put(tables.ACCOUNTS, tables.account_key(account_id), change.record.encode())
-        if self._recent_rows:
-            self._transaction.put(
-                tables.RECENT_REQUESTS, tables.recent_requests_key(log_index), b"".join(self._recent_rows)
-            )
-
-    def check(self) -> None:
-        for account_id, change in sorted(self._accounts.items()):
-            if change is None:
-                continue
-            after = totals_of(change.record)
-            expected = add_totals(
-                change.totals_before, (change.moved[0], change.moved[1], change.moved[2], change.moved[3])
-            )
-            require_invariant(
-                after == expected,
-                f"account {account_id:016x}: totals moved to {after}, its transactions say {expected}",
-            )
-            check_account(change.record)
-
-
-# -- answers ---------------------------------------------------------------------------------
-
-
-def _failure(outcome: Outcome.ValueType, message: str) -> core_pb2.CommandResult:
-    return core_pb2.CommandResult(outcome=outcome, message=message)
-
-
-def _ok_account(changes: _Changes, record: AccountRecord, repeat: bool) -> core_pb2.CommandResult:
-    if not changes.answering:
-        return core_pb2.CommandResult(outcome=OK)
-    return core_pb2.CommandResult(outcome=OK, account=record.encode(), repeat=repeat)
-
-
-def _ok_transaction(changes: _Changes, data: bytes, repeat: bool = False) -> core_pb2.CommandResult:
-    if not changes.answering:
-        return core_pb2.CommandResult(outcome=OK)
-    return core_pb2.CommandResult(outcome=OK, transaction=data, repeat=repeat)
-
 
 # -- command handlers --------------------------------------------------------------------------
 
@@ -238,50 +81,104 @@ def _digest_of(request_id: str) -> bytes:
     return request_digest(request_id) if request_id else NO_REQUEST_DIGEST
 
 
-def _create_account(changes: _Changes, command: commands.CreateAccount) -> core_pb2.CommandResult:
-    problem = rules.request_id_problem(command.request_id)
+def _invalid(problem: rules.Problem) -> core_pb2.CommandResult:
+    return failure(core_pb2.OUTCOME_INVALID_COMMAND, f"{problem.reason}: {problem.message}")
+
+
+def _account_answer(changes: Changes, record: AccountRecord, repeat: bool) -> core_pb2.CommandResult:
+    result = ok_account(changes, record, repeat)
+    if changes.answering and record.flags & ACCOUNT_HAS_METADATA:
+        result.metadata = changes.metadata_of(record.account_id, tables.METADATA_OF_ACCOUNT, 0)
+    return result
+
+
+def _create_account(changes: Changes, command: commands.CreateAccount) -> core_pb2.CommandResult:
+    problem = rules.create_account_problem(
+        command.request_id, command.currency, command.overdraft_limit, command.metadata
+    )
+    if problem is None and not commands.is_canonical(command.metadata):
+        problem = rules.Problem(rules.INVALID_METADATA, "metadata entries out of key order")
     if problem is not None:
-        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, problem.message)
+        return _invalid(problem)
     now = command.now
     digest = _digest_of(command.request_id)
+    metadata = encode_metadata(command.metadata)
     existing = changes.account(command.account_id)
     if existing is not None:
         record = existing.record
         same_request_id = record.request_digest == digest
+        same_payload = (
+            record.currency == command.currency
+            and record.overdraft_limit == command.overdraft_limit
+            and changes.metadata_of(record.account_id, tables.METADATA_OF_ACCOUNT, 0) == metadata
+        )
         # Without a request_id, only a re-delivery of this very command (same `now`) is a repeat.
-        if same_request_id and (command.request_id or record.created_at == now):
-            return _ok_account(changes, record, repeat=True)
-        return _failure(core_pb2.OUTCOME_ACCOUNT_ID_COLLISION, "account id already taken")
+        if same_request_id and same_payload and (command.request_id or record.created_at == now):
+            return _account_answer(changes, record, repeat=True)
+        if same_request_id and command.request_id:
+            return failure(
+                core_pb2.OUTCOME_REQUEST_ID_REUSED,
+                "request_id was used to create an account with other fields",
+            )
+        return failure(core_pb2.OUTCOME_ACCOUNT_ID_COLLISION, "account id already taken")
+    flags = ACCOUNT_HAS_REQUEST_ID if command.request_id else 0
+    if metadata:
+        flags |= ACCOUNT_HAS_METADATA
+        changes.put_row(
+            tables.METADATA, tables.metadata_key(command.account_id, tables.METADATA_OF_ACCOUNT, 0), metadata
+        )
     record = AccountRecord(
         command.account_id,
         now,
         now,
-        flags=ACCOUNT_HAS_REQUEST_ID if command.request_id else 0,
+        currency=command.currency,
+        overdraft_limit=command.overdraft_limit,
+        flags=flags,
         request_digest=digest,
     )
     changes.add_account(record)
-    return _ok_account(changes, record, repeat=False)
+    return _account_answer(changes, record, repeat=False)
 
 
 def _same_transaction_payload(
-    record: TransactionRecord, command: commands.CreateTransaction, digest: bytes
+    changes: Changes, record: TransactionRecord, command: commands.CreateTransaction, digest: bytes
 ) -> bool:
     return (
         record.amount == command.amount
         and record.description == command.description
         and record.settled_requested == command.settled
         and record.request_digest == digest
+        and not record.flags & LEG_FLAGS
+        and _same_extras(changes, record, command.metadata, command.timeout_seconds)
     )
 
 
-def _create_transaction(changes: _Changes, command: commands.CreateTransaction) -> core_pb2.CommandResult:
-    problem = rules.create_transaction_problem(command.amount, command.description, command.request_id)
+def _same_extras(
+    changes: Changes, record: TransactionRecord, metadata: Metadata, timeout_seconds: int
+) -> bool:
+    """Metadata and timeout are part of the idempotency payload too."""
+    if not metadata and not timeout_seconds and not record.flags & TRANSACTION_HAS_METADATA:
+        return not record.expires_at or record.initial_status == INSUFFICIENT_FUNDS
+    stored = changes.metadata_of(record.account_id, tables.METADATA_OF_TRANSACTION, record.transaction_number)
+    if stored != encode_metadata(metadata):
+        return False
+    if record.initial_status == INSUFFICIENT_FUNDS:
+        return True  # a refused write keeps no deadline
+    return record.expires_at == rules.expires_at_of(record.created_at, timeout_seconds)
+
+
+def _create_transaction(changes: Changes, command: commands.CreateTransaction) -> core_pb2.CommandResult:
+    problem = rules.create_transaction_problem(
+        command.amount, command.description, command.request_id
+    ) or rules.create_transaction_extras_problem(command.metadata, command.timeout_seconds, command.settled)
+    if problem is None and command.metadata and not commands.is_canonical(command.metadata):
+        problem = rules.Problem(rules.INVALID_METADATA, "metadata entries out of key order")
     if problem is not None:
-        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, problem.message)
+        return _invalid(problem)
     account_id = command.account_id
     change = changes.account(account_id)
     if change is None:
-        return _failure(core_pb2.OUTCOME_ACCOUNT_NOT_FOUND, "account not found")
+        return failure(core_pb2.OUTCOME_ACCOUNT_NOT_FOUND, "account not found")
     digest = NO_REQUEST_DIGEST
     request_key = b""
     if command.request_id:
@@ -291,11 +188,15 @@ def _create_transaction(changes: _Changes, command: commands.CreateTransaction) 
         if number is not None:
             return _repeat_of_request(changes, command, digest, number)
     key = tables.transaction_key(account_id, command.transaction_number)
+    if command.metadata or command.timeout_seconds:
+        return _record_new_transaction_with_extras(
+            changes, change, command, _NewRow(key, digest, request_key)
+        )
     return _record_new_transaction(changes, change, command, _NewRow(key, digest, request_key))
 
 
 def _number_taken(
-    changes: _Changes, command: commands.CreateTransaction, digest: bytes, key: bytes
+    changes: Changes, command: commands.CreateTransaction, digest: bytes, key: bytes
 ) -> core_pb2.CommandResult:
     """The gateway drew a number that exists: a re-delivery of the very command that stored it
     (same payload and `now`) answers it again; anything else is a collision to draw again."""
@@ -303,20 +204,21 @@ def _number_taken(
     require_invariant(existing is not None, "a taken transaction key without its row")
     assert existing is not None  # narrowed for mypy; checked just above
     earlier = decode_transaction(existing)
-    if _same_transaction_payload(earlier, command, digest) and earlier.created_at == command.now:
-        return _ok_transaction(changes, existing, repeat=True)
-    return _failure(core_pb2.OUTCOME_TRANSACTION_ID_COLLISION, "transaction id already taken")
+    if _same_transaction_payload(changes, earlier, command, digest) and earlier.created_at == command.now:
+        return ok_transaction(changes, existing, repeat=True, metadata=transaction_metadata(changes, earlier))
+    return failure(core_pb2.OUTCOME_TRANSACTION_ID_COLLISION, "transaction id already taken")
 
 
 def _repeat_of_request(
-    changes: _Changes, command: commands.CreateTransaction, digest: bytes, number: int
+    changes: Changes, command: commands.CreateTransaction, digest: bytes, number: int
 ) -> core_pb2.CommandResult:
     data = changes.transaction_bytes(command.account_id, number)
     require_invariant(data is not None, "request id recorded without its transaction")
     assert data is not None  # narrowed for mypy; checked just above
-    if _same_transaction_payload(decode_transaction(data), command, digest):
-        return _ok_transaction(changes, data, repeat=True)
-    return _failure(
+    record = decode_transaction(data)
+    if _same_transaction_payload(changes, record, command, digest):
+        return ok_transaction(changes, data, repeat=True, metadata=transaction_metadata(changes, record))
+    return failure(
         core_pb2.OUTCOME_REQUEST_ID_REUSED,
         "request_id was used for a different transaction on this account",
     )
@@ -332,6 +234,11 @@ def _overflows(account: AccountRecord, amount: int, refused: bool) -> bool:
     return not refused and account.debits_settled + account.debits_pending - amount > INT64_MAX
 
 
+def is_refused(account: AccountRecord, amount: int) -> bool:
+    """A debit of `amount` (< 0) that would take the available balance below the overdraft limit."""
+    return amount < 0 and account.available_balance + amount < -account.overdraft_limit
+
+
 class _NewRow(NamedTuple):
     """The keys of a transaction about to be stored, computed once by the checks before."""
 
@@ -341,7 +248,7 @@ class _NewRow(NamedTuple):
 
 
 def _record_new_transaction(
-    changes: _Changes, change: _AccountChange, command: commands.CreateTransaction, row: _NewRow
+    changes: Changes, change: AccountChange, command: commands.CreateTransaction, row: _NewRow
 ) -> core_pb2.CommandResult:
     """Written out in one piece, with no record object: every item of a batch of new
     transactions runs through here on every replica, and each call or object costs. The row is
@@ -353,7 +260,7 @@ def _record_new_transaction(
     if _overflows(account, amount, refused):
         if changes.transaction_at(row.key) is not None:  # a taken number answers first
             return _number_taken(changes, command, row.digest, row.key)
-        return _failure(core_pb2.OUTCOME_BALANCE_OVERFLOW, "balance would exceed int64")
+        return failure(core_pb2.OUTCOME_BALANCE_OVERFLOW, "balance would exceed int64")
     settled = command.settled
     status = INSUFFICIENT_FUNDS if refused else (SETTLED if settled else PENDING)
     flags = TRANSACTION_SETTLED_REQUESTED if settled else 0
@@ -370,45 +277,91 @@ def _record_new_transaction(
     if not changes.insert_transaction(row.key, data):
         return _number_taken(changes, command, row.digest, row.key)
     account.transaction_count = sequence + 1
-    _move_totals(change, contribution_of(status, amount, settled_amount), now)
+    move_totals(change, contribution_of(status, amount, settled_amount), now)
     changes.put_sequence(account_id, sequence, number)
     if flags & TRANSACTION_HAS_REQUEST_ID:
         changes.add_request(row.request_key, number)
-    return _ok_transaction(changes, data)
+    return ok_transaction(changes, data)
 
 
-def _move_totals(change: _AccountChange, moved: Totals, now: int) -> None:
-    """The one place an account's totals move: the record, and on the side what its
-    transactions moved (which `check` holds the record against)."""
-    if moved == NO_TOTALS:
-        return
+def _record_new_transaction_with_extras(
+    changes: Changes, change: AccountChange, command: commands.CreateTransaction, row: _NewRow
+) -> core_pb2.CommandResult:
+    """A new transaction with metadata or a timeout: off the fast path, through the record."""
     account = change.record
-    account.credits_settled += moved[0]
-    account.debits_settled += moved[1]
-    account.credits_pending += moved[2]
-    account.debits_pending += moved[3]
-    side = change.moved
-    side[0] += moved[0]
-    side[1] += moved[1]
-    side[2] += moved[2]
-    side[3] += moved[3]
-    # The visible balances (settled, available) changed: a pending top-up alone changes neither.
-    if moved[0] or moved[1] or moved[3]:
-        account.updated_at = now
+    amount = command.amount
+    now = command.now
+    refused = is_refused(account, amount)
+    if changes.transaction_at(row.key) is not None:
+        return _number_taken(changes, command, row.digest, row.key)
+    if _overflows(account, amount, refused):
+        return failure(core_pb2.OUTCOME_BALANCE_OVERFLOW, "balance would exceed int64")
+    status = INSUFFICIENT_FUNDS if refused else (SETTLED if command.settled else PENDING)
+    flags = TRANSACTION_SETTLED_REQUESTED if command.settled else 0
+    if command.request_id:
+        flags |= TRANSACTION_HAS_REQUEST_ID
+    metadata = encode_metadata(command.metadata)
+    if metadata:
+        flags |= TRANSACTION_HAS_METADATA
+    record = TransactionRecord(
+        account.account_id,
+        command.transaction_number,
+        0,
+        amount,
+        status,
+        status,
+        now,
+        now,
+        command.description,
+        settled_amount=amount if status == SETTLED else 0,
+        expires_at=rules.expires_at_of(now, command.timeout_seconds) if status == PENDING else 0,
+        flags=flags,
+        request_digest=row.digest,
+    )
+    data = store_new_transaction(changes, change, record, row.request_key, metadata, now)
+    require_invariant(data is not None, "a free transaction key was taken within one apply")
+    assert data is not None  # narrowed for mypy; checked just above
+    return ok_transaction(changes, data, metadata=metadata if changes.answering else b"")
+
+
+def settle_target(before: TransactionRecord, requested: int) -> int:
+    """The settled amount of a settle of `requested` (0: all), signed like the transaction."""
+    return before.amount if requested == 0 else requested
 
 
 def _finish_pending(
-    changes: _Changes, account_id: int, transaction_number: int, target: int, now: int
+    changes: Changes, command: commands.SettleTransaction | commands.CancelTransaction
 ) -> core_pb2.CommandResult:
-    """Settle or cancel: PENDING moves to `target`; `target` itself is returned unchanged."""
-    data = changes.transaction_bytes(account_id, transaction_number)
+    """Settle (fully or partly) or cancel: PENDING moves to the target; a transaction already
+    there (settled for the same amount) is returned unchanged."""
+    account_id, now = command.account_id, command.now
+    settle = isinstance(command, commands.SettleTransaction)
+    requested = command.amount if isinstance(command, commands.SettleTransaction) else 0
+    data = changes.transaction_bytes(account_id, command.transaction_number)
     if data is None:
-        return _failure(core_pb2.OUTCOME_TRANSACTION_NOT_FOUND, "transaction not found")
+        return failure(core_pb2.OUTCOME_TRANSACTION_NOT_FOUND, "transaction not found")
     before = decode_transaction(data)
+    if before.flags & LEG_FLAGS:
+        return failure(
+            core_pb2.OUTCOME_TRANSFER_LEG, "transaction is a transfer's leg: settle or cancel the transfer"
+        )
+    if settle:
+        problem = rules.settle_amount_problem(requested, before.amount)
+        if problem is not None:
+            return failure(core_pb2.OUTCOME_INVALID_SETTLE_AMOUNT, problem.message)
+    target = SETTLED if settle else CANCELLED
     if before.status == target:
-        return _ok_transaction(changes, data)
+        if settle and before.settled_amount != settle_target(before, requested):
+            return failure(
+                core_pb2.OUTCOME_SETTLED_WITH_OTHER_AMOUNT,
+                f"transaction was settled for {before.settled_amount},"
+                f" not {settle_target(before, requested)}",
+            )
+        return ok_transaction(changes, data, metadata=transaction_metadata(changes, before))
+    if before.status == EXPIRED:
+        return failure(core_pb2.OUTCOME_TRANSACTION_EXPIRED, "transaction expired")
     if before.status != PENDING:
-        return _failure(
+        return failure(
             core_pb2.OUTCOME_TRANSACTION_NOT_PENDING,
             f"transaction is {Status(before.status).name}, not pending",
         )
@@ -416,19 +369,25 @@ def _finish_pending(
     require_invariant(change is not None, f"transaction of missing account {account_id:016x}")
     assert change is not None  # narrowed for mypy; checked just above
     after = decode_transaction(data)
-    after.status = target
     after.updated_at = now
-    if target == SETTLED:
-        after.settled_amount = after.amount
-    return _ok_transaction(changes, changes.put_transaction(change, before, after, now))
+    if before.expires_at and now >= before.expires_at:
+        # Its deadline passed before this entry: it expires here, whatever was asked.
+        after.status = EXPIRED
+        replace_transaction(changes, change, before, after, now)
+        return failure(core_pb2.OUTCOME_TRANSACTION_EXPIRED, "transaction expired")
+    after.status = target
+    if settle:
+        after.settled_amount = settle_target(before, requested)
+    stored = replace_transaction(changes, change, before, after, now)
+    return ok_transaction(changes, stored, metadata=transaction_metadata(changes, after))
 
 
-def _execute_batch(changes: _Changes, items: tuple[bytes, ...]) -> core_pb2.CommandResult:
+def _execute_batch(changes: Changes, items: tuple[bytes, ...]) -> core_pb2.CommandResult:
     """Every item in order against the same changes, so each sees the ones before it; one
     item's domain failure is its own answer and stops nothing else."""
     problem = rules.batch_size_problem(len(items))
     if problem is not None:
-        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, problem.message)
+        return failure(core_pb2.OUTCOME_INVALID_COMMAND, problem.message)
     result = core_pb2.CommandResult(outcome=OK)
     if not changes.answering:
         for item in items:
@@ -438,24 +397,35 @@ def _execute_batch(changes: _Changes, items: tuple[bytes, ...]) -> core_pb2.Comm
     return result
 
 
-def _execute(changes: _Changes, command: commands.Command) -> core_pb2.CommandResult:
+_ACCOUNT_HANDLERS: dict[type, Callable[[Changes, Any], core_pb2.CommandResult]] = {
+    commands.CreateAccount: _create_account,
+    commands.SettleTransaction: _finish_pending,
+    commands.CancelTransaction: _finish_pending,
+    commands.CreateTransfer: transfers.create_transfer,
+    commands.CreditLeg: transfers.credit_leg,
+    commands.ResolveTransfer: transfers.resolve_transfer,
+    commands.ResolveLeg: transfers.resolve_leg,
+    commands.FinishTransfer: transfers.finish_transfer,
+}
+
+
+def _execute(changes: Changes, command: commands.Command) -> core_pb2.CommandResult:
     # The common case first: most items of most entries are new transactions.
     if isinstance(command, commands.CreateTransaction) and changes.owns(command.account_id):
         return _create_transaction(changes, command)
     if isinstance(command, commands.Undecodable):
-        return _failure(core_pb2.OUTCOME_INVALID_COMMAND, command.reason)
+        return failure(core_pb2.OUTCOME_INVALID_COMMAND, command.reason)
     if isinstance(command, commands.Noop):
         return core_pb2.CommandResult(outcome=OK)
     if isinstance(command, commands.Batch):
         return _execute_batch(changes, command.items)
+    if isinstance(command, commands.ExpireDue):
+        return transfers.expire_due(changes, command)
     if not changes.owns(command.account_id):
         # A gateway with another config routed this here; storing it would strand the account
         # in a shard that will never be asked for it.
-        return _failure(core_pb2.OUTCOME_SHARD_MISMATCH, "account belongs to another shard")
-    if isinstance(command, commands.CreateAccount):
-        return _create_account(changes, command)
-    target = SETTLED if isinstance(command, commands.SettleTransaction) else CANCELLED
-    return _finish_pending(changes, command.account_id, command.transaction_number, target, command.now)
+        return failure(core_pb2.OUTCOME_SHARD_MISMATCH, "account belongs to another shard")
+    return _ACCOUNT_HANDLERS[type(command)](changes, command)
 
 
 # -- reads -------------------------------------------------------------------------------------
@@ -482,8 +452,29 @@ def _list_transactions(view: ReadTransaction, query: core_pb2.ListTransactionsQu
         require_invariant(data is not None, "sequence index points at a missing transaction")
         assert data is not None  # narrowed for mypy; checked just above
         result.transactions.append(data)
+        result.metadatas.append(_stored_metadata(view, decode_transaction(data)))
     following = query.start_sequence + len(result.transactions)
     result.next_sequence = following if following < count else 0
+    return result
+
+
+def _stored_metadata(view: ReadTransaction, record: TransactionRecord) -> bytes:
+    if not record.flags & TRANSACTION_HAS_METADATA:
+        return b""
+    key = tables.metadata_key(record.account_id, tables.METADATA_OF_TRANSACTION, record.transaction_number)
+    return view.get(tables.METADATA, key) or b""
+
+
+def _transfer_work(view: ReadTransaction, query: core_pb2.TransferWorkQuery) -> core_pb2.ReadResult:
+    if not 1 <= query.limit <= PAGE_SIZE_MAX:
+        return _read_failure(core_pb2.OUTCOME_INVALID_COMMAND, f"limit must be 1..{PAGE_SIZE_MAX}")
+    result = core_pb2.ReadResult(outcome=OK)
+    for key, _ in view.scan(tables.TRANSFER_WORK, b"", b"", query.limit):
+        data = view.get(tables.TRANSACTIONS, key)
+        require_invariant(data is not None, "transfer_work lists a missing transaction")
+        assert data is not None  # narrowed for mypy; checked just above
+        result.transactions.append(data)
+        result.metadatas.append(_stored_metadata(view, decode_transaction(data)))
     return result
 
 
@@ -491,13 +482,19 @@ def _read(
     view: ReadTransaction, query: core_pb2.ReadQuery, owns_account: Callable[[int], bool]
 ) -> core_pb2.ReadResult:
     kind = query.WhichOneof("query")
+    if kind == "transfer_work":
+        return _transfer_work(view, query.transfer_work)
     if kind is not None and not owns_account(getattr(query, kind).account_id):
         return _read_failure(core_pb2.OUTCOME_SHARD_MISMATCH, "account belongs to another shard")
     if kind == "get_account":
         data = view.get(tables.ACCOUNTS, tables.account_key(query.get_account.account_id))
         if data is None:
             return _read_failure(core_pb2.OUTCOME_ACCOUNT_NOT_FOUND, "account not found")
-        return core_pb2.ReadResult(outcome=OK, account=data)
+        metadata = b""
+        if decode_account(data).flags & ACCOUNT_HAS_METADATA:
+            key = tables.metadata_key(query.get_account.account_id, tables.METADATA_OF_ACCOUNT, 0)
+            metadata = view.get(tables.METADATA, key) or b""
+        return core_pb2.ReadResult(outcome=OK, account=data, metadata=metadata)
     if kind == "get_transaction":
         wanted = query.get_transaction
         data = view.get(
@@ -505,10 +502,27 @@ def _read(
         )
         if data is None:
             return _read_failure(core_pb2.OUTCOME_TRANSACTION_NOT_FOUND, "transaction not found")
-        return core_pb2.ReadResult(outcome=OK, transaction=data)
+        return core_pb2.ReadResult(
+            outcome=OK, transaction=data, metadata=_stored_metadata(view, decode_transaction(data))
+        )
     if kind == "list_transactions":
         return _list_transactions(view, query.list_transactions)
     return _read_failure(core_pb2.OUTCOME_INVALID_COMMAND, "empty read query")
+
+
+def rebuild_expiries(transaction: WriteTransaction) -> None:
+    """`expiries` from the transactions: snapshots do not carry it (its keys start with a
+    deadline, not an account, so a snapshot could not be split by shard)."""
+    transaction.clear(tables.EXPIRIES)
+    rows = []
+    for _, value in transaction.iterate(tables.TRANSACTIONS):
+        try:
+            record = decode_transaction(value)
+        except RecordFormatError:
+            continue  # verification, which runs next, names the row
+        if expires_on_its_own(record):
+            rows.append((expiry_key_of(record), b""))
+    transaction.put_many(tables.EXPIRIES, sorted(rows))
 
 
 # -- the core ----------------------------------------------------------------------------------
@@ -579,6 +593,12 @@ class AccountsCore:
         data = view.get(tables.META, tables.META_APPLIED_INDEX)
         return 0 if data is None else tables.decode_u64(data)
 
+    def earliest_deadline(self) -> int | None:
+        """The earliest `expires_at` of a pending transaction here (Unix ns), if any."""
+        with self._storage.read() as view:
+            rows = view.scan(tables.EXPIRIES, b"", b"", 1)
+        return tables.decode_expiry_key(rows[0][0])[0] if rows else None
+
     def applied_index(self) -> int:
         with self._storage.read() as view:
             return self._applied_index_in(view)
@@ -616,7 +636,7 @@ class AccountsCore:
                     return core_pb2.CommandResult(outcome=OK, log_index=log_index)
                 return self._execute_checked(view, None, command_bytes, log_index, answering)[0]
 
-        def run(transaction: WriteTransaction) -> tuple[core_pb2.CommandResult, _Changes, bool]:
+        def run(transaction: WriteTransaction) -> tuple[core_pb2.CommandResult, Changes, bool]:
             applied_index = self._applied_index_in(transaction)
             if log_index <= applied_index:
                 # Only this replica's apply thread writes; a higher index here means another
@@ -648,8 +668,8 @@ class AccountsCore:
         command_bytes: bytes,
         log_index: int,
         answering: bool,
-    ) -> tuple[core_pb2.CommandResult, _Changes]:
-        changes = _Changes(view, transaction, answering, self._recent_requests, self.owns_account)
+    ) -> tuple[core_pb2.CommandResult, Changes]:
+        changes = Changes(view, transaction, answering, self._recent_requests, self.owns_account)
         result = _execute(changes, commands.parse(command_bytes))
         changes.flush(log_index)
         changes.check()
@@ -741,6 +761,7 @@ class AccountsCore:
                 # Log indexes in `recent_requests` keys belong to the source's log.
                 move_recent_requests(transaction)
             transaction.put(tables.META, tables.META_APPLIED_INDEX, tables.encode_u64(index))
+            rebuild_expiries(transaction)
             problems = self._problems_in(transaction, index)
             if problems:
                 raise SnapshotCorruptError(

@@ -10,12 +10,13 @@ that is too long) is in `rules`, which both the gateway and the core call."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from google.protobuf.message import DecodeError
 
+from ledger_cluster.core.records import SETTLED, Metadata, TransactionRecord
 from ledger_cluster.errors import LedgerError
 from ledger_cluster.internal.v1 import core_pb2
 
@@ -49,8 +50,32 @@ def envelope(kind: CommandType, now: int, payload: bytes) -> bytes:
     return core_pb2.CommandEnvelope(type=kind, now=now, payload=payload).SerializeToString()
 
 
-def create_account(account_id: int, request_id: str, now: int) -> bytes:
-    payload = core_pb2.CreateAccountCommand(account_id=account_id, request_id=request_id)
+def canonical_metadata(metadata: Mapping[str, str] | Iterable[tuple[str, str]]) -> Metadata:
+    """Entries sorted by key: the one order metadata travels and is stored in."""
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    return tuple(sorted(items))
+
+
+def _metadata_entries(metadata: Metadata) -> list[core_pb2.MetadataEntry]:
+    return [core_pb2.MetadataEntry(key=key, value=value) for key, value in metadata]
+
+
+def create_account(
+    account_id: int,
+    request_id: str,
+    now: int,
+    *,
+    currency: str = "",
+    overdraft_limit: int = 0,
+    metadata: Metadata = (),
+) -> bytes:
+    payload = core_pb2.CreateAccountCommand(
+        account_id=account_id,
+        request_id=request_id,
+        currency=currency,
+        overdraft_limit=overdraft_limit,
+        metadata=_metadata_entries(metadata),
+    )
     return envelope(core_pb2.COMMAND_TYPE_CREATE_ACCOUNT, now, payload.SerializeToString())
 
 
@@ -63,6 +88,8 @@ def create_transaction(
     settled: bool,
     request_id: str,
     now: int,
+    metadata: Metadata = (),
+    timeout_seconds: int = 0,
 ) -> bytes:
     payload = core_pb2.CreateTransactionCommand(
         account_id=account_id,
@@ -71,12 +98,17 @@ def create_transaction(
         description=description,
         settled=settled,
         request_id=request_id,
+        metadata=_metadata_entries(metadata),
+        timeout_seconds=timeout_seconds,
     )
     return envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSACTION, now, payload.SerializeToString())
 
 
-def settle_transaction(account_id: int, transaction_number: int, now: int) -> bytes:
-    payload = core_pb2.SettleTransactionCommand(account_id=account_id, transaction_number=transaction_number)
+def settle_transaction(account_id: int, transaction_number: int, now: int, amount: int = 0) -> bytes:
+    """`amount` 0 settles all; else that much (signed like the transaction), the rest released."""
+    payload = core_pb2.SettleTransactionCommand(
+        account_id=account_id, transaction_number=transaction_number, amount=amount
+    )
     return envelope(core_pb2.COMMAND_TYPE_SETTLE_TRANSACTION, now, payload.SerializeToString())
 
 
@@ -87,6 +119,93 @@ def cancel_transaction(account_id: int, transaction_number: int, now: int) -> by
 
 # settle_transaction or cancel_transaction: the gateway serves both the same way.
 FinishTransaction: TypeAlias = Callable[[int, int, int], bytes]
+
+
+def create_transfer(
+    *,
+    debit_account_id: int,
+    transfer_number: int,
+    credit_account_id: int,
+    amount: int,
+    description: str,
+    settled: bool,
+    request_id: str,
+    now: int,
+    currency: str = "",
+    metadata: Metadata = (),
+    timeout_seconds: int = 0,
+) -> bytes:
+    """For the debit account's shard. `currency` is the credit account's, as the gateway read it."""
+    payload = core_pb2.CreateTransferCommand(
+        debit_account_id=debit_account_id,
+        transfer_number=transfer_number,
+        credit_account_id=credit_account_id,
+        amount=amount,
+        description=description,
+        settled=settled,
+        request_id=request_id,
+        metadata=_metadata_entries(metadata),
+        timeout_seconds=timeout_seconds,
+        currency=currency,
+    )
+    return envelope(core_pb2.COMMAND_TYPE_CREATE_TRANSFER, now, payload.SerializeToString())
+
+
+def credit_leg_of(debit_leg: TransactionRecord, metadata: Metadata, currency: str, now: int) -> bytes:
+    """The credit leg that the debit leg `debit_leg` owes its counterparty's shard: everything
+    in it comes from the stored debit leg, so every sender sends the same command."""
+    payload = core_pb2.CreditLegCommand(
+        credit_account_id=debit_leg.counterparty_account_id,
+        debit_account_id=debit_leg.account_id,
+        transfer_number=debit_leg.transaction_number,
+        amount=-debit_leg.amount,
+        settled=debit_leg.initial_status == SETTLED,
+        description=debit_leg.description,
+        metadata=_metadata_entries(metadata),
+        created_at=debit_leg.created_at,
+        expires_at=debit_leg.expires_at,
+        currency=currency,
+    )
+    return envelope(core_pb2.COMMAND_TYPE_CREDIT_LEG, now, payload.SerializeToString())
+
+
+def resolve_transfer(
+    debit_account_id: int, transfer_number: int, settle: bool, amount: int, now: int
+) -> bytes:
+    payload = core_pb2.ResolveTransferCommand(
+        debit_account_id=debit_account_id, transfer_number=transfer_number, settle=settle, amount=amount
+    )
+    return envelope(core_pb2.COMMAND_TYPE_RESOLVE_TRANSFER, now, payload.SerializeToString())
+
+
+def resolve_leg_of(debit_leg: TransactionRecord, now: int) -> bytes:
+    """The credit leg's move to the (final) status of `debit_leg`."""
+    payload = core_pb2.ResolveLegCommand(
+        credit_account_id=debit_leg.counterparty_account_id,
+        debit_account_id=debit_leg.account_id,
+        transfer_number=debit_leg.transaction_number,
+        status=debit_leg.status,
+        settled_amount=-debit_leg.settled_amount,
+        updated_at=debit_leg.updated_at,
+    )
+    return envelope(core_pb2.COMMAND_TYPE_RESOLVE_LEG, now, payload.SerializeToString())
+
+
+def finish_transfer(
+    debit_account_id: int, transfer_number: int, credit_leg: bytes, refusal: int, now: int
+) -> bytes:
+    """What the credit shard answered: its stored leg, or the outcome with which it refused."""
+    payload = core_pb2.FinishTransferCommand(
+        debit_account_id=debit_account_id,
+        transfer_number=transfer_number,
+        credit_leg=credit_leg,
+        refusal=refusal,
+    )
+    return envelope(core_pb2.COMMAND_TYPE_FINISH_TRANSFER, now, payload.SerializeToString())
+
+
+def expire_due(now: int) -> bytes:
+    return envelope(core_pb2.COMMAND_TYPE_EXPIRE_DUE, now, b"")
 
 
 def noop(now: int = 0) -> bytes:
@@ -109,6 +228,9 @@ class CreateAccount:
     account_id: int
     request_id: str
     now: int
+    currency: str = ""
+    overdraft_limit: int = 0
+    metadata: Metadata = ()
 
 
 @_parsed
@@ -120,6 +242,8 @@ class CreateTransaction:
     settled: bool
     request_id: str
     now: int
+    metadata: Metadata = ()
+    timeout_seconds: int = 0
 
 
 @_parsed
@@ -127,12 +251,77 @@ class SettleTransaction:
     account_id: int
     transaction_number: int
     now: int
+    amount: int = 0
 
 
 @_parsed
 class CancelTransaction:
     account_id: int
     transaction_number: int
+    now: int
+
+
+@_parsed
+class CreateTransfer:
+    account_id: int  # the debit account: the shard routes and checks by it
+    transfer_number: int
+    credit_account_id: int
+    amount: int
+    description: str
+    settled: bool
+    request_id: str
+    metadata: Metadata
+    timeout_seconds: int
+    currency: str
+    now: int
+
+
+@_parsed
+class CreditLeg:
+    account_id: int  # the credit account
+    debit_account_id: int
+    transfer_number: int
+    amount: int
+    settled: bool
+    description: str
+    metadata: Metadata
+    created_at: int
+    expires_at: int
+    currency: str
+    now: int
+
+
+@_parsed
+class ResolveTransfer:
+    account_id: int  # the debit account
+    transfer_number: int
+    settle: bool
+    amount: int
+    now: int
+
+
+@_parsed
+class ResolveLeg:
+    account_id: int  # the credit account
+    debit_account_id: int
+    transfer_number: int
+    status: int
+    settled_amount: int
+    updated_at: int
+    now: int
+
+
+@_parsed
+class FinishTransfer:
+    account_id: int  # the debit account
+    transfer_number: int
+    credit_leg: bytes
+    refusal: int
+    now: int
+
+
+@_parsed
+class ExpireDue:
     now: int
 
 
@@ -153,11 +342,19 @@ class Undecodable:
     reason: str
 
 
-Command: TypeAlias = (
-    CreateAccount | CreateTransaction | SettleTransaction | CancelTransaction | Noop | Batch | Undecodable
+# The commands that name an account (`account_id`); the core checks that its shard owns it.
+AccountCommand: TypeAlias = (
+    CreateAccount
+    | CreateTransaction
+    | SettleTransaction
+    | CancelTransaction
+    | CreateTransfer
+    | CreditLeg
+    | ResolveTransfer
+    | ResolveLeg
+    | FinishTransfer
 )
-# The commands that name an account; the core checks that its shard owns it.
-AccountCommand: TypeAlias = CreateAccount | CreateTransaction | SettleTransaction | CancelTransaction
+Command: TypeAlias = AccountCommand | ExpireDue | Noop | Batch | Undecodable
 
 
 def parse_batch_items(payload: bytes) -> tuple[bytes, ...]:
@@ -165,9 +362,26 @@ def parse_batch_items(payload: bytes) -> tuple[bytes, ...]:
     return tuple(core_pb2.BatchCommand.FromString(payload).commands)
 
 
+def _metadata_of(entries: Sequence[core_pb2.MetadataEntry]) -> Metadata:
+    """As sent: the core refuses entries out of order or twice (rules.metadata_problem and
+    `is_canonical`), so equal metadata is always equal bytes."""
+    return tuple((entry.key, entry.value) for entry in entries)
+
+
+def is_canonical(metadata: Metadata) -> bool:
+    return all(metadata[index][0] < metadata[index + 1][0] for index in range(len(metadata) - 1))
+
+
 def _create_account_of(payload: bytes, now: int) -> CreateAccount:
     decoded = core_pb2.CreateAccountCommand.FromString(payload)
-    return CreateAccount(decoded.account_id, decoded.request_id, now)
+    return CreateAccount(
+        decoded.account_id,
+        decoded.request_id,
+        now,
+        decoded.currency,
+        decoded.overdraft_limit,
+        _metadata_of(decoded.metadata),
+    )
 
 
 def _create_transaction_of(payload: bytes, now: int) -> CreateTransaction:
@@ -180,12 +394,79 @@ def _create_transaction_of(payload: bytes, now: int) -> CreateTransaction:
         decoded.settled,
         decoded.request_id,
         now,
+        _metadata_of(decoded.metadata) if decoded.metadata else (),
+        decoded.timeout_seconds,
     )
 
 
 def _settle_transaction_of(payload: bytes, now: int) -> SettleTransaction:
     decoded = core_pb2.SettleTransactionCommand.FromString(payload)
-    return SettleTransaction(decoded.account_id, decoded.transaction_number, now)
+    return SettleTransaction(decoded.account_id, decoded.transaction_number, now, decoded.amount)
+
+
+def _create_transfer_of(payload: bytes, now: int) -> CreateTransfer:
+    decoded = core_pb2.CreateTransferCommand.FromString(payload)
+    return CreateTransfer(
+        decoded.debit_account_id,
+        decoded.transfer_number,
+        decoded.credit_account_id,
+        decoded.amount,
+        decoded.description,
+        decoded.settled,
+        decoded.request_id,
+        _metadata_of(decoded.metadata),
+        decoded.timeout_seconds,
+        decoded.currency,
+        now,
+    )
+
+
+def _credit_leg_of(payload: bytes, now: int) -> CreditLeg:
+    decoded = core_pb2.CreditLegCommand.FromString(payload)
+    return CreditLeg(
+        decoded.credit_account_id,
+        decoded.debit_account_id,
+        decoded.transfer_number,
+        decoded.amount,
+        decoded.settled,
+        decoded.description,
+        _metadata_of(decoded.metadata),
+        decoded.created_at,
+        decoded.expires_at,
+        decoded.currency,
+        now,
+    )
+
+
+def _resolve_transfer_of(payload: bytes, now: int) -> ResolveTransfer:
+    decoded = core_pb2.ResolveTransferCommand.FromString(payload)
+    return ResolveTransfer(
+        decoded.debit_account_id, decoded.transfer_number, decoded.settle, decoded.amount, now
+    )
+
+
+def _resolve_leg_of(payload: bytes, now: int) -> ResolveLeg:
+    decoded = core_pb2.ResolveLegCommand.FromString(payload)
+    return ResolveLeg(
+        decoded.credit_account_id,
+        decoded.debit_account_id,
+        decoded.transfer_number,
+        decoded.status,
+        decoded.settled_amount,
+        decoded.updated_at,
+        now,
+    )
+
+
+def _finish_transfer_of(payload: bytes, now: int) -> FinishTransfer:
+    decoded = core_pb2.FinishTransferCommand.FromString(payload)
+    return FinishTransfer(
+        decoded.debit_account_id, decoded.transfer_number, decoded.credit_leg, decoded.refusal, now
+    )
+
+
+def _expire_due_of(payload: bytes, now: int) -> ExpireDue:
+    return ExpireDue(now)
 
 
 def _cancel_transaction_of(payload: bytes, now: int) -> CancelTransaction:
@@ -213,6 +494,12 @@ _PAYLOAD_READERS: dict[int, _PayloadReader] = {
     core_pb2.COMMAND_TYPE_CANCEL_TRANSACTION: _cancel_transaction_of,
     core_pb2.COMMAND_TYPE_NOOP: _noop_of,
     core_pb2.COMMAND_TYPE_BATCH: _batch_of,
+    core_pb2.COMMAND_TYPE_CREATE_TRANSFER: _create_transfer_of,
+    core_pb2.COMMAND_TYPE_CREDIT_LEG: _credit_leg_of,
+    core_pb2.COMMAND_TYPE_RESOLVE_TRANSFER: _resolve_transfer_of,
+    core_pb2.COMMAND_TYPE_RESOLVE_LEG: _resolve_leg_of,
+    core_pb2.COMMAND_TYPE_FINISH_TRANSFER: _finish_transfer_of,
+    core_pb2.COMMAND_TYPE_EXPIRE_DUE: _expire_due_of,
 }
 _ITEM_PAYLOAD_READERS: dict[int, _PayloadReader] = {
     **_PAYLOAD_READERS,
@@ -244,6 +531,8 @@ def _parse_with(command: bytes, readers: dict[int, _PayloadReader]) -> Command:
                 payload.settled,
                 payload.request_id,
                 decoded.now,
+                _metadata_of(payload.metadata) if payload.metadata else (),
+                payload.timeout_seconds,
             )
     except DecodeError as error:
         return _undecodable(error)

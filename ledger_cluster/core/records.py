@@ -19,6 +19,11 @@ Transaction (102 bytes + description)::
     | 16s request digest | u64 transfer number | u64 counterparty account id
     | u16 description length | description (UTF-8)
 
+A transfer's legs are transactions flagged DEBIT_LEG / CREDIT_LEG: `linked number` is the number
+of the other leg (on the counterparty account), so each leg names the other (docs/transfers.md).
+
+Metadata lives in its own table (tables.METADATA), encoded by `encode_metadata`.
+
 Rows repeat the ids of their key, so an answer (one record's bytes) is complete on its own.
 Balances are derived, never stored: settled = credits settled - debits settled, available =
 settled - debits pending. Totals only grow or shrink with the transactions they sum, which is
@@ -64,6 +69,9 @@ PENDING = int(Status.PENDING)
 SETTLED = int(Status.SETTLED)
 CANCELLED = int(Status.CANCELLED)
 INSUFFICIENT_FUNDS = int(Status.INSUFFICIENT_FUNDS)
+EXPIRED = int(Status.EXPIRED)
+# A transaction in one of these statuses never changes again.
+FINAL_STATUSES = frozenset({SETTLED, CANCELLED, INSUFFICIENT_FUNDS, EXPIRED})
 
 
 class AccountFlag(enum.IntFlag):
@@ -78,11 +86,27 @@ class TransactionFlag(enum.IntFlag):
     # One leg of a transfer: the debit leg when the account is the transfer's debit side.
     DEBIT_LEG = 8
     CREDIT_LEG = 16
+    # A debit leg whose shard still owes the credit shard work: storing the credit leg, or
+    # passing on a settle, cancel or expiry. Listed in `transfer_work` while either is set.
+    CREDIT_OWED = 32
+    RESOLVE_OWED = 64
+    # The credit shard refused the credit leg (its account would leave int64): the debit leg
+    # was reversed (CANCELLED).
+    CREDIT_REFUSED = 128
 
 
 ACCOUNT_HAS_REQUEST_ID = int(AccountFlag.HAS_REQUEST_ID)
 TRANSACTION_SETTLED_REQUESTED = int(TransactionFlag.SETTLED_REQUESTED)
 TRANSACTION_HAS_REQUEST_ID = int(TransactionFlag.HAS_REQUEST_ID)
+TRANSACTION_HAS_METADATA = int(TransactionFlag.HAS_METADATA)
+DEBIT_LEG = int(TransactionFlag.DEBIT_LEG)
+CREDIT_LEG = int(TransactionFlag.CREDIT_LEG)
+CREDIT_OWED = int(TransactionFlag.CREDIT_OWED)
+RESOLVE_OWED = int(TransactionFlag.RESOLVE_OWED)
+CREDIT_REFUSED = int(TransactionFlag.CREDIT_REFUSED)
+OWED_WORK = CREDIT_OWED | RESOLVE_OWED
+LEG_FLAGS = DEBIT_LEG | CREDIT_LEG
+ACCOUNT_HAS_METADATA = int(AccountFlag.HAS_METADATA)
 _ACCOUNT_FLAGS = int(AccountFlag.HAS_REQUEST_ID | AccountFlag.HAS_METADATA)
 _TRANSACTION_FLAGS = int(
     TransactionFlag.SETTLED_REQUESTED
@@ -90,6 +114,9 @@ _TRANSACTION_FLAGS = int(
     | TransactionFlag.HAS_METADATA
     | TransactionFlag.DEBIT_LEG
     | TransactionFlag.CREDIT_LEG
+    | TransactionFlag.CREDIT_OWED
+    | TransactionFlag.RESOLVE_OWED
+    | TransactionFlag.CREDIT_REFUSED
 )
 
 
@@ -224,7 +251,7 @@ class TransactionRecord:
     expires_at: int = 0
     flags: int = 0
     request_digest: bytes = NO_REQUEST_DIGEST
-    transfer_number: int = 0
+    linked_number: int = 0
     counterparty_account_id: int = 0
 
     @property
@@ -246,7 +273,7 @@ class TransactionRecord:
             self.expires_at,
             self.flags,
             self.request_digest,
-            self.transfer_number,
+            self.linked_number,
             self.counterparty_account_id,
         )
 
@@ -265,7 +292,7 @@ def encode_transaction(  # noqa: PLR0917 - the row's fields in order, positional
     expires_at: int,
     flags: int,
     digest: bytes,
-    transfer_number: int,
+    linked_number: int,
     counterparty_account_id: int,
 ) -> bytes:
     """A transaction row from its fields, in TransactionRecord's order: a new transaction is
@@ -288,7 +315,7 @@ def encode_transaction(  # noqa: PLR0917 - the row's fields in order, positional
             updated_at,
             expires_at,
             digest,
-            transfer_number,
+            linked_number,
             counterparty_account_id,
             len(text),
         )
@@ -313,7 +340,7 @@ def decode_transaction(data: bytes) -> TransactionRecord:
         updated_at,
         expires_at,
         digest,
-        transfer_number,
+        linked_number,
         counterparty,
         description_length,
     ) = _TRANSACTION_HEAD.unpack_from(data)
@@ -346,6 +373,46 @@ def decode_transaction(data: bytes) -> TransactionRecord:
         expires_at,
         flags,
         digest,
-        transfer_number,
+        linked_number,
         counterparty,
     )
+
+
+# -- metadata ------------------------------------------------------------------------------------
+
+# Entries sorted by key, each: u8 key length | key | u16 value length | value (UTF-8).
+Metadata = tuple[tuple[str, str], ...]
+_METADATA_KEY_LENGTH = struct.Struct(">B")
+_METADATA_VALUE_LENGTH = struct.Struct(">H")
+
+
+def encode_metadata(entries: Metadata) -> bytes:
+    """Canonical bytes of metadata entries (already sorted by key and within the rules'
+    limits): equal metadata, equal bytes, so it compares as part of an idempotency payload."""
+    parts = []
+    for key, value in entries:
+        key_bytes, value_bytes = key.encode(), value.encode()
+        parts.append(_METADATA_KEY_LENGTH.pack(len(key_bytes)) + key_bytes)
+        parts.append(_METADATA_VALUE_LENGTH.pack(len(value_bytes)) + value_bytes)
+    return b"".join(parts)
+
+
+def decode_metadata(data: bytes) -> Metadata:
+    entries = []
+    position = 0
+    try:
+        while position < len(data):
+            (key_length,) = _METADATA_KEY_LENGTH.unpack_from(data, position)
+            position += _METADATA_KEY_LENGTH.size
+            key = data[position : position + key_length].decode()
+            position += key_length
+            (value_length,) = _METADATA_VALUE_LENGTH.unpack_from(data, position)
+            position += _METADATA_VALUE_LENGTH.size
+            value = data[position : position + value_length]
+            if len(value) != value_length:
+                raise RecordFormatError("metadata value is cut short")
+            entries.append((key, value.decode()))
+            position += value_length
+    except (struct.error, UnicodeDecodeError) as error:
+        raise RecordFormatError(f"metadata does not decode: {error}") from None
+    return tuple(entries)

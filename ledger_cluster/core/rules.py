@@ -8,14 +8,36 @@ the public API or of gRPC: the core may not."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ledger_cluster.limits import BATCH_ITEMS_MAX, DESCRIPTION_BYTES_MAX, REQUEST_ID_BYTES_MAX
+from ledger_cluster.limits import (
+    BATCH_ITEMS_MAX,
+    CURRENCY_CHARACTERS_MAX,
+    DESCRIPTION_BYTES_MAX,
+    INT64_MAX,
+    METADATA_ENTRIES_MAX,
+    METADATA_KEY_BYTES_MAX,
+    METADATA_VALUE_BYTES_MAX,
+    REQUEST_ID_BYTES_MAX,
+    TIMEOUT_SECONDS_MAX,
+)
 
 INVALID_AMOUNT = "INVALID_AMOUNT"
 DESCRIPTION_TOO_LONG = "DESCRIPTION_TOO_LONG"
 REQUEST_ID_TOO_LONG = "REQUEST_ID_TOO_LONG"
 BATCH_TOO_LARGE = "BATCH_TOO_LARGE"
+INVALID_CURRENCY = "INVALID_CURRENCY"
+INVALID_OVERDRAFT_LIMIT = "INVALID_OVERDRAFT_LIMIT"
+INVALID_METADATA = "INVALID_METADATA"
+INVALID_TIMEOUT = "INVALID_TIMEOUT"
+INVALID_SETTLE_AMOUNT = "INVALID_SETTLE_AMOUNT"
+SAME_ACCOUNT = "SAME_ACCOUNT"
+
+_CURRENCY = re.compile(rf"[A-Z0-9_]{{1,{CURRENCY_CHARACTERS_MAX}}}")
+_METADATA_KEY = re.compile(rf"[a-z0-9_.\-]{{1,{METADATA_KEY_BYTES_MAX}}}")
+_NANOSECONDS_PER_SECOND = 1_000_000_000
 
 # A code point is at most this many UTF-8 bytes, so text of at most limit / 4 characters fits
 # without being encoded (the common case, checked for every item of every entry).
@@ -76,3 +98,128 @@ def batch_size_problem(count: int) -> Problem | None:
     if count > BATCH_ITEMS_MAX:
         return Problem(BATCH_TOO_LARGE, f"{count} items; a batch holds at most {BATCH_ITEMS_MAX}")
     return None
+
+
+def currency_problem(currency: str) -> Problem | None:
+    if currency and not _CURRENCY.fullmatch(currency):
+        return Problem(
+            INVALID_CURRENCY,
+            f"currency must be empty or 1-{CURRENCY_CHARACTERS_MAX} characters of [A-Z0-9_],"
+            f" got {currency!r}",
+        )
+    return None
+
+
+def overdraft_limit_problem(overdraft_limit: int) -> Problem | None:
+    if overdraft_limit < 0:
+        return Problem(INVALID_OVERDRAFT_LIMIT, f"overdraft_limit must be >= 0, got {overdraft_limit}")
+    return None
+
+
+def metadata_problem(entries: Sequence[tuple[str, str]]) -> Problem | None:
+    """Entries as (key, value) pairs; a key twice is a problem (a command's list may hold one)."""
+    if not entries:
+        return None
+    if len(entries) > METADATA_ENTRIES_MAX:
+        return Problem(INVALID_METADATA, f"{len(entries)} metadata entries; at most {METADATA_ENTRIES_MAX}")
+    keys = set()
+    for key, value in entries:
+        if not _METADATA_KEY.fullmatch(key):
+            return Problem(
+                INVALID_METADATA,
+                f"metadata key {key[:80]!r} must be 1-{METADATA_KEY_BYTES_MAX} characters of [a-z0-9_.-]",
+            )
+        if key in keys:
+            return Problem(INVALID_METADATA, f"metadata key {key!r} appears twice")
+        keys.add(key)
+        size = len(value.encode())
+        if size > METADATA_VALUE_BYTES_MAX:
+            return Problem(
+                INVALID_METADATA,
+                f"metadata value of {key!r} is {size} UTF-8 bytes; at most {METADATA_VALUE_BYTES_MAX}",
+            )
+    return None
+
+
+def timeout_problem(timeout_seconds: int, settled: bool) -> Problem | None:
+    if timeout_seconds == 0:
+        return None
+    if settled:
+        return Problem(INVALID_TIMEOUT, "timeout_seconds applies to pending writes only (settled is set)")
+    if not 0 < timeout_seconds <= TIMEOUT_SECONDS_MAX:
+        return Problem(
+            INVALID_TIMEOUT,
+            f"timeout_seconds must be 1..{TIMEOUT_SECONDS_MAX} (30 days), got {timeout_seconds}",
+        )
+    return None
+
+
+def expires_at_of(now: int, timeout_seconds: int) -> int:
+    """The deadline of a write created at `now`: 0 (never) without a timeout; capped at int64."""
+    if timeout_seconds <= 0:
+        return 0
+    return min(now + timeout_seconds * _NANOSECONDS_PER_SECOND, INT64_MAX)
+
+
+def create_account_problem(
+    request_id: str, currency: str, overdraft_limit: int, metadata: Sequence[tuple[str, str]]
+) -> Problem | None:
+    return (
+        request_id_problem(request_id)
+        or currency_problem(currency)
+        or overdraft_limit_problem(overdraft_limit)
+        or metadata_problem(metadata)
+    )
+
+
+def create_transaction_extras_problem(
+    metadata: Sequence[tuple[str, str]], timeout_seconds: int, settled: bool
+) -> Problem | None:
+    """The second wave's fields of a CreateTransaction, apart so the common case (none) costs
+    one test."""
+    if not metadata and not timeout_seconds:
+        return None
+    return metadata_problem(metadata) or timeout_problem(timeout_seconds, settled)
+
+
+def settle_amount_problem(requested: int, amount: int) -> Problem | None:
+    """A settle of `requested` (0: all) of a transaction of `amount` (signed)."""
+    if requested == 0:
+        return None
+    if (requested > 0) != (amount > 0) or abs(requested) > abs(amount):
+        return Problem(
+            INVALID_SETTLE_AMOUNT,
+            f"settle amount must be 0 (all) or 1..{abs(amount)} with the transaction's sign, got {requested}",
+        )
+    return None
+
+
+def transfer_settle_amount_problem(requested: int) -> Problem | None:
+    """What the edge can tell without the transfer: its amounts are positive."""
+    if requested < 0:
+        return Problem(
+            INVALID_SETTLE_AMOUNT, f"settle amount of a transfer must be >= 0 (0: all), got {requested}"
+        )
+    return None
+
+
+def create_transfer_problem(  # noqa: PLR0917 - the request's fields, checked in order
+    debit_account_id: int,
+    credit_account_id: int,
+    amount: int,
+    description: str,
+    request_id: str,
+    metadata: Sequence[tuple[str, str]],
+    timeout_seconds: int,
+    settled: bool,
+) -> Problem | None:
+    if debit_account_id == credit_account_id:
+        return Problem(SAME_ACCOUNT, "debit and credit account must differ")
+    if amount <= 0:
+        return Problem(INVALID_AMOUNT, f"transfer amount must be > 0, got {amount}")
+    return (
+        description_problem(description)
+        or request_id_problem(request_id)
+        or metadata_problem(metadata)
+        or timeout_problem(timeout_seconds, settled)
+    )

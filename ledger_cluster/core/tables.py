@@ -8,8 +8,14 @@ The exception, recent_requests, names its accounts in its values, and restore sp
     account_transactions  account id (8) + sequence (8)          -> number (8)   apply order
     requests              account id (8) + request digest (16)   -> number (8)
     recent_requests       log index (8)            -> (account id (8) + digest (16) + number (8))*
-    metadata              account id (8) + kind (1) + number (8) -> metadata (issue 14)
+    metadata              account id (8) + kind (1) + number (8) -> records.encode_metadata
+    transfer_work         account id (8) + number (8)            -> b""  debit legs owing work
+    expiries              expires at (8) + account id (8) + number (8) -> b""
     meta                  name                                   -> value
+
+`expiries` lists the pending transactions (and debit legs) with a deadline, in deadline order.
+It is derived from the transactions: not shipped in snapshots (its keys start with a time, not
+an account), rebuilt by restore.
 
 Idempotency lives in two tables. `requests` is keyed by a random digest, so one insert per item
 would dirty one B-tree leaf per item. New request ids go to `recent_requests` instead, one row
@@ -28,8 +34,22 @@ ACCOUNT_TRANSACTIONS = "account_transactions"
 REQUESTS = "requests"
 RECENT_REQUESTS = "recent_requests"
 METADATA = "metadata"
+TRANSFER_WORK = "transfer_work"
+EXPIRIES = "expiries"
 META = "meta"
-TABLE_NAMES = (ACCOUNTS, TRANSACTIONS, ACCOUNT_TRANSACTIONS, REQUESTS, RECENT_REQUESTS, METADATA, META)
+TABLE_NAMES = (
+    ACCOUNTS,
+    TRANSACTIONS,
+    ACCOUNT_TRANSACTIONS,
+    REQUESTS,
+    RECENT_REQUESTS,
+    METADATA,
+    TRANSFER_WORK,
+    EXPIRIES,
+    META,
+)
+METADATA_OF_ACCOUNT = 0
+METADATA_OF_TRANSACTION = 1
 
 # Snapshot table ids: a wire contract, never renumbered. Meta is not shipped: the restoring
 # side writes its own from the snapshot header and its own shard bounds. Id 4 was format 1's
@@ -41,6 +61,7 @@ SNAPSHOT_TABLES = {
     5: REQUESTS,
     6: RECENT_REQUESTS,
     7: METADATA,
+    8: TRANSFER_WORK,
 }
 SNAPSHOT_TABLE_RECENT_REQUESTS = 6
 SNAPSHOT_TABLE_V1_IDEMPOTENCY = 4
@@ -101,3 +122,20 @@ def encode_bounds(lower_bound: int, upper_bound: int) -> bytes:
 def decode_bounds(data: bytes) -> tuple[int, int]:
     lower, upper = _BOUNDS.unpack(data)
     return int(lower), int(upper)
+
+
+def metadata_key(account_id: int, kind: int, number: int) -> bytes:
+    return _METADATA_KEY.pack(account_id, kind, number)
+
+
+def expiry_key(expires_at: int, account_id: int, number: int) -> bytes:
+    return _EXPIRY_KEY.pack(expires_at, account_id, number)
+
+
+def decode_expiry_key(key: bytes) -> tuple[int, int, int]:
+    expires_at, account_id, number = _EXPIRY_KEY.unpack(key)
+    return int(expires_at), int(account_id), int(number)
+
+
+_METADATA_KEY = struct.Struct(">QBQ")
+_EXPIRY_KEY = struct.Struct(">QQQ")

@@ -9,6 +9,7 @@ the per-account sums need no more than one pass each."""
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,21 +31,27 @@ from ledger_cluster.core.records import (
     TransactionFlag,
     TransactionRecord,
     decode_account,
+    decode_metadata,
     decode_transaction,
+    encode_metadata,
 )
 from ledger_cluster.errors import RecordFormatError
 from ledger_cluster.storage import ReadTransaction
 
 # What a transaction's status can become from the status it was created with: a settled or
-# refused one never changes; a pending one is settled or cancelled once.
+# refused one never changes; a pending one is settled, cancelled or expired once. Two more
+# happen to transfer legs only: a debit leg whose credit was refused is reversed (CANCELLED,
+# flag CREDIT_REFUSED), and such a refused credit leg is stored CANCELLED.
 REACHABLE_STATUSES: dict[int, frozenset[int]] = {
     Status.SETTLED: frozenset({Status.SETTLED}),
     Status.INSUFFICIENT_FUNDS: frozenset({Status.INSUFFICIENT_FUNDS}),
-    Status.PENDING: frozenset({Status.PENDING, Status.SETTLED, Status.CANCELLED}),
+    Status.PENDING: frozenset({Status.PENDING, Status.SETTLED, Status.CANCELLED, Status.EXPIRED}),
 }
+_REVERSED_DEBIT_LEG = frozenset({Status.SETTLED, Status.CANCELLED})
 # A listing of problems stops growing here: one bad table would otherwise flood the report.
 PROBLEMS_MAX = 100
 _LEG_FLAGS = TransactionFlag.DEBIT_LEG | TransactionFlag.CREDIT_LEG
+_OWED = TransactionFlag.CREDIT_OWED | TransactionFlag.RESOLVE_OWED
 
 
 @dataclass(slots=True)
@@ -87,10 +94,12 @@ def verify_state(
     comes from the clocks of several gateways, which may disagree)."""
     problems = _Problems()
     accounts = _check_accounts(view, owns_account, problems)
-    seen = _check_transactions(view, accounts, problems)
+    seen = _check_transactions(view, accounts, owns_account, problems)
     _check_order_index(view, accounts, seen, problems)
     _check_requests(view, seen, applied_index, recent_requests_max, problems)
-    _check_metadata(view, problems)
+    _check_metadata(view, accounts, problems)
+    _check_transfer_work(view, problems)
+    _check_expiries(view, problems)
     for account_id, account in sorted(accounts.items()):
         _check_account_sums(account, seen.get(account_id, _Seen()), problems)
     return list(problems)
@@ -103,9 +112,9 @@ def _account_problem(account: AccountRecord, value: bytes, owns_account: Callabl
         return "belongs to another shard"
     if bool(account.flags & AccountFlag.HAS_REQUEST_ID) == (account.request_digest == NO_REQUEST_DIGEST):
         return "request id flag and digest disagree"
-    # What no command of this release sets changes how later commands behave: refused.
-    if account.currency or account.overdraft_limit or account.flags & AccountFlag.HAS_METADATA:
-        return "has a currency, an overdraft limit or metadata, which this release does not set"
+    problem = rules.currency_problem(account.currency)
+    if problem is not None:
+        return problem.message
     return None
 
 
@@ -133,7 +142,12 @@ def _check_accounts(
 
 def _status_problem(record: TransactionRecord) -> str | None:
     """A status, amount and settled amount that some sequence of commands produces."""
-    if record.status not in REACHABLE_STATUSES.get(record.initial_status, ()):
+    reachable = REACHABLE_STATUSES.get(record.initial_status, frozenset())
+    if record.flags & TransactionFlag.CREDIT_REFUSED and record.flags & TransactionFlag.DEBIT_LEG:
+        reachable = reachable | _REVERSED_DEBIT_LEG
+    if record.flags & TransactionFlag.CREDIT_LEG and record.initial_status == Status.CANCELLED:
+        reachable = frozenset({Status.CANCELLED})
+    if record.status not in reachable:
         # An unknown status restores cleanly, then stops every replica that touches it.
         return (
             f"has status {record.status} after initial status {record.initial_status},"
@@ -145,11 +159,12 @@ def _status_problem(record: TransactionRecord) -> str | None:
         return "is a top-up refused for want of funds"
     settled = record.settled_amount
     if record.status == Status.SETTLED:
-        if settled != record.amount:
+        partial = record.initial_status == Status.PENDING and (settled > 0) == (record.amount > 0)
+        if settled != record.amount and not (partial and abs(settled) <= abs(record.amount)):
             return f"is settled for {settled} of {record.amount}"
     elif settled:
         return f"is {Status(record.status).name} with a settled amount {settled}"
-    if record.initial_status == Status.SETTLED and not record.settled_requested:
+    if record.initial_status in (Status.SETTLED, Status.CANCELLED) and not record.settled_requested:
         return "was created settled without being asked to"
     if record.initial_status == Status.PENDING and record.settled_requested:
         return "was created pending when asked to settle"
@@ -165,16 +180,50 @@ def _transaction_problem(record: TransactionRecord) -> str | None:
         return description.message
     if bool(record.flags & TransactionFlag.HAS_REQUEST_ID) == (record.request_digest == NO_REQUEST_DIGEST):
         return "request id flag and digest disagree"
-    # What no command of this release sets changes how later commands behave: refused.
-    if record.flags & (_LEG_FLAGS | TransactionFlag.HAS_METADATA) or record.transfer_number:
-        return "is a transfer leg or has metadata, which this release does not make"
-    if record.counterparty_account_id or record.expires_at:
-        return "has a counterparty or an expiry, which this release does not set"
+    return _leg_problem(record)
+
+
+def _leg_problem(record: TransactionRecord) -> str | None:
+    flags = record.flags
+    legs = flags & _LEG_FLAGS
+    if legs == _LEG_FLAGS:
+        return "is both legs of a transfer"
+    if not legs:
+        if (
+            flags & (_OWED | TransactionFlag.CREDIT_REFUSED)
+            or record.linked_number
+            or record.counterparty_account_id
+        ):
+            return "is no transfer leg but has a transfer's fields"
+        return _expiry_problem(record)
+    if record.counterparty_account_id == record.account_id:
+        return "is a transfer leg with itself as counterparty"
+    if flags & TransactionFlag.DEBIT_LEG and record.amount > 0:
+        return "is a debit leg with a positive amount"
+    if flags & TransactionFlag.CREDIT_LEG:
+        if record.amount < 0 or flags & (
+            _OWED | TransactionFlag.CREDIT_REFUSED | TransactionFlag.HAS_REQUEST_ID
+        ):
+            return "is a credit leg with a debit leg's amount or flags"
+        return None
+    if record.initial_status == Status.INSUFFICIENT_FUNDS and flags & (
+        _OWED | TransactionFlag.CREDIT_REFUSED
+    ):
+        return "is a refused transfer that owes its credit shard work"
+    return _expiry_problem(record)
+
+
+def _expiry_problem(record: TransactionRecord) -> str | None:
+    if record.expires_at and record.initial_status != Status.PENDING:
+        return f"has a deadline but was created {Status(record.initial_status).name}"
     return None
 
 
 def _check_transactions(
-    view: ReadTransaction, accounts: dict[int, AccountRecord], problems: _Problems
+    view: ReadTransaction,
+    accounts: dict[int, AccountRecord],
+    owns_account: Callable[[int], bool],
+    problems: _Problems,
 ) -> dict[int, _Seen]:
     seen: dict[int, _Seen] = {}
     for key, value in view.iterate(tables.TRANSACTIONS):
@@ -202,6 +251,10 @@ def _check_transactions(
             tables.ACCOUNT_TRANSACTIONS, tables.sequence_key(record.account_id, record.sequence)
         ) != tables.encode_u64(record.transaction_number):
             problems.add(f"{where} is not in its account's order index")
+        if record.flags & TransactionFlag.DEBIT_LEG and owns_account(record.counterparty_account_id):
+            leg_problem = _local_legs_problem(view, record)
+            if leg_problem is not None:
+                problems.add(f"{where} {leg_problem}")
         sums = seen.setdefault(record.account_id, _Seen())
         sums.totals = add_totals(sums.totals, contribution(record))
         sums.count += 1
@@ -288,10 +341,135 @@ def _check_requests(
             )
 
 
-def _check_metadata(view: ReadTransaction, problems: _Problems) -> None:
-    """The metadata table is laid out for the next release (issue 14): this one writes none."""
-    for key, _ in view.iterate(tables.METADATA):
-        problems.add(f"metadata row {key.hex()} exists, and this release writes none")
+def _local_legs_problem(view: ReadTransaction, debit_leg: TransactionRecord) -> str | None:
+    """A transfer with both legs on this shard: they agree (the cross-shard ones are summed by
+    `transfer_summary` and compared across shards)."""
+    if debit_leg.initial_status == Status.INSUFFICIENT_FUNDS:
+        return None
+    if debit_leg.flags & _OWED:
+        return "is a same-shard transfer that owes work"
+    credit = _decodable(
+        view.get(
+            tables.TRANSACTIONS,
+            tables.transaction_key(debit_leg.counterparty_account_id, debit_leg.linked_number),
+        )
+    )
+    if credit is None or not legs_agree(debit_leg, credit):
+        return "and its credit leg disagree"
+    return None
+
+
+def legs_agree(debit_leg: TransactionRecord, credit_leg: TransactionRecord) -> bool:
+    return (
+        bool(credit_leg.flags & TransactionFlag.CREDIT_LEG)
+        and credit_leg.account_id == debit_leg.counterparty_account_id
+        and credit_leg.counterparty_account_id == debit_leg.account_id
+        and credit_leg.linked_number == debit_leg.transaction_number
+        and credit_leg.amount == -debit_leg.amount
+        and credit_leg.status == debit_leg.status
+        and credit_leg.settled_amount == -debit_leg.settled_amount
+    )
+
+
+def _check_metadata(view: ReadTransaction, accounts: dict[int, AccountRecord], problems: _Problems) -> None:
+    """Every metadata row belongs to a record flagged as having metadata, and decodes to
+    entries the rules allow, in canonical order; every flagged record has its row."""
+    rows = 0
+    for key, value in view.iterate(tables.METADATA):
+        where = f"metadata row {key.hex()}"
+        if len(key) != 17:
+            problems.add(f"{where} is malformed")
+            continue
+        account_id, kind, number = tables.decode_u64(key[:8]), key[8], tables.decode_u64(key[9:])
+        if kind == tables.METADATA_OF_ACCOUNT:
+            account = accounts.get(account_id)
+            owner_flagged = (
+                account is not None and number == 0 and bool(account.flags & AccountFlag.HAS_METADATA)
+            )
+        else:
+            record = _decodable(view.get(tables.TRANSACTIONS, key[:8] + key[9:]))
+            owner_flagged = (
+                kind == tables.METADATA_OF_TRANSACTION
+                and record is not None
+                and bool(record.flags & TransactionFlag.HAS_METADATA)
+            )
+        if not owner_flagged:
+            problems.add(f"{where} belongs to no record flagged with metadata")
+        problem = _metadata_value_problem(value)
+        if problem is not None:
+            problems.add(f"{where} {problem}")
+        rows += 1
+    flagged = sum(1 for account in accounts.values() if account.flags & AccountFlag.HAS_METADATA)
+    for _, value in view.iterate(tables.TRANSACTIONS):
+        record = _decodable(value)
+        flagged += record is not None and bool(record.flags & TransactionFlag.HAS_METADATA)
+    if flagged != rows:
+        problems.add(f"{flagged} records are flagged with metadata, {rows} metadata rows exist")
+
+
+def _metadata_value_problem(value: bytes) -> str | None:
+    try:
+        entries = decode_metadata(value)
+    except RecordFormatError as error:
+        return str(error)
+    if not entries:
+        return "is empty"
+    problem = rules.metadata_problem(entries)
+    if problem is not None:
+        return problem.message
+    if encode_metadata(tuple(sorted(entries))) != value:
+        return "is not in its canonical encoding"
+    return None
+
+
+def _check_transfer_work(view: ReadTransaction, problems: _Problems) -> None:
+    """`transfer_work` lists exactly the debit legs that owe their credit shard work."""
+    listed = 0
+    for key, value in view.iterate(tables.TRANSFER_WORK):
+        record = _decodable(view.get(tables.TRANSACTIONS, key))
+        if (
+            value
+            or record is None
+            or not record.flags & TransactionFlag.DEBIT_LEG
+            or not record.flags & _OWED
+        ):
+            problems.add(f"transfer_work row {key.hex()} lists no debit leg that owes work")
+        listed += 1
+    owing = 0
+    for _, value in view.iterate(tables.TRANSACTIONS):
+        record = _decodable(value)
+        owing += record is not None and bool(record.flags & _OWED)
+    if owing != listed:
+        problems.add(f"{owing} debit legs owe work, transfer_work lists {listed}")
+
+
+def _check_expiries(view: ReadTransaction, problems: _Problems) -> None:
+    """`expiries` lists exactly the pending transactions and debit legs with a deadline."""
+    listed = 0
+    for key, value in view.iterate(tables.EXPIRIES):
+        try:
+            expires_at, account_id, number = tables.decode_expiry_key(key)
+        except struct.error:
+            problems.add(f"expiries row {key.hex()} is malformed")
+            continue
+        record = _decodable(view.get(tables.TRANSACTIONS, tables.transaction_key(account_id, number)))
+        if value or record is None or not _expires_on_its_own(record) or record.expires_at != expires_at:
+            problems.add(f"expiries row {key.hex()} lists no pending transaction with that deadline")
+        listed += 1
+    due = 0
+    for _, value in view.iterate(tables.TRANSACTIONS):
+        record = _decodable(value)
+        due += record is not None and _expires_on_its_own(record)
+    if due != listed:
+        problems.add(f"{due} pending transactions have a deadline, expiries lists {listed}")
+
+
+def _expires_on_its_own(record: TransactionRecord) -> bool:
+    return (
+        bool(record.expires_at)
+        and record.status == Status.PENDING
+        and not record.flags & TransactionFlag.CREDIT_LEG
+    )
 
 
 def _check_account_sums(account: AccountRecord, seen: _Seen, problems: _Problems) -> None:

@@ -27,6 +27,7 @@ from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.metrics import ShardFigures
 from ledger_cluster.process import stop_broken_process
 from ledger_cluster.storage import DirectoryLock
+from ledger_cluster.transfer_flow import LocalShard, TransferDriver
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class CoreApi(Protocol):
 
     async def read(
         self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, deadline: Deadline
+    ) -> core_pb2.ReadResult: ...
+
+    async def read_shard(
+        self, shard_id: str, query: core_pb2.ReadQuery, consistent: bool, deadline: Deadline
     ) -> core_pb2.ReadResult: ...
 
     def is_ready(self) -> bool: ...
@@ -102,6 +107,21 @@ class _StandaloneShard:
         self.next_index = core.applied_index() + 1
 
 
+class _LocalStandaloneShard:
+    def __init__(self, shard_id: str, core: AccountsCore) -> None:
+        self.shard_id = shard_id
+        self._core = core
+
+    def is_leader(self) -> bool:
+        return True
+
+    def read(self, query: core_pb2.ReadQuery) -> core_pb2.ReadResult:
+        return self._core.read(query)
+
+    def earliest_deadline(self) -> int | None:
+        return self._core.earliest_deadline()
+
+
 class StandaloneBackend(_CoalescingBackend):
     """Every shard of a config in this process: one LMDB environment per shard, no Raft. Each
     coalesced group of writes is one synced LMDB write transaction, so an acknowledged write
@@ -129,9 +149,18 @@ class StandaloneBackend(_CoalescingBackend):
         self._executor = futures.ThreadPoolExecutor(
             max_workers=min(len(config.shards), APPLY_THREADS_MAX), thread_name_prefix="apply"
         )
+        # This process leads every shard: it expires and finishes transfers of all of them.
+        self._driver = TransferDriver(self, self._local_shards)
+
+    def _local_shards(self) -> list[LocalShard]:
+        if self._closed:
+            return []
+        return [
+            _LocalStandaloneShard(shard_id, shard.core) for shard_id, shard in sorted(self._shards.items())
+        ]
 
     async def start(self) -> None:
-        return None
+        self._driver.start()
 
     def core(self, shard_id: str) -> AccountsCore:
         return self._shard(shard_id).core
@@ -187,9 +216,14 @@ class StandaloneBackend(_CoalescingBackend):
     async def read(
         self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, deadline: Deadline
     ) -> core_pb2.ReadResult:
+        return await self.read_shard(self.shard_id(account_id), query, consistent, deadline)
+
+    async def read_shard(
+        self, shard_id: str, query: core_pb2.ReadQuery, consistent: bool, deadline: Deadline
+    ) -> core_pb2.ReadResult:
         # One process, synced commits before acknowledgement: every read is linearizable,
         # so `consistent` needs no extra step here.
-        return self._shard(self.shard_id(account_id)).core.read(query)
+        return self._shard(shard_id).core.read(query)
 
     def is_ready(self) -> bool:
         return not self._closed
@@ -204,6 +238,7 @@ class StandaloneBackend(_CoalescingBackend):
     async def close(self) -> None:
         if self._closed:
             return
+        await self._driver.stop()
         await self._close_coalescers()
         self._closed = True
         # Waits for an apply in flight: the environments close only after it committed.
@@ -259,6 +294,11 @@ class ClusterBackend(_CoalescingBackend):
         self, account_id: int, query: core_pb2.ReadQuery, consistent: bool, deadline: Deadline
     ) -> core_pb2.ReadResult:
         return await self._client.read(self.shard_id(account_id), query, consistent, deadline)
+
+    async def read_shard(
+        self, shard_id: str, query: core_pb2.ReadQuery, consistent: bool, deadline: Deadline
+    ) -> core_pb2.ReadResult:
+        return await self._client.read(shard_id, query, consistent, deadline)
 
     def is_ready(self) -> bool:
         return self._ready

@@ -41,6 +41,23 @@ _OUTCOME_STATUS: dict[int, tuple[grpc.StatusCode, str]] = {
     core_pb2.OUTCOME_ACCOUNT_ID_COLLISION: (grpc.StatusCode.ABORTED, "ID_COLLISION"),
     core_pb2.OUTCOME_TRANSACTION_ID_COLLISION: (grpc.StatusCode.ABORTED, "ID_COLLISION"),
     core_pb2.OUTCOME_SHARD_MISMATCH: (grpc.StatusCode.UNAVAILABLE, "SHARD_MISMATCH"),
+    core_pb2.OUTCOME_CURRENCY_MISMATCH: (grpc.StatusCode.FAILED_PRECONDITION, "CURRENCY_MISMATCH"),
+    core_pb2.OUTCOME_TRANSACTION_EXPIRED: (grpc.StatusCode.FAILED_PRECONDITION, "TRANSACTION_EXPIRED"),
+    core_pb2.OUTCOME_INVALID_SETTLE_AMOUNT: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SETTLE_AMOUNT"),
+    core_pb2.OUTCOME_SAME_ACCOUNT: (grpc.StatusCode.INVALID_ARGUMENT, "SAME_ACCOUNT"),
+    core_pb2.OUTCOME_TRANSFER_NOT_FOUND: (grpc.StatusCode.NOT_FOUND, "TRANSFER_NOT_FOUND"),
+    core_pb2.OUTCOME_CREDIT_ACCOUNT_NOT_FOUND: (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+    core_pb2.OUTCOME_SETTLED_WITH_OTHER_AMOUNT: (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SETTLE_AMOUNT_MISMATCH",
+    ),
+    core_pb2.OUTCOME_TRANSFER_LEG: (grpc.StatusCode.FAILED_PRECONDITION, "TRANSFER_LEG"),
+}
+# The same outcomes, named for a transfer when the call was about one.
+_TRANSFER_REASONS = {
+    core_pb2.OUTCOME_TRANSACTION_EXPIRED: "TRANSFER_EXPIRED",
+    core_pb2.OUTCOME_TRANSACTION_NOT_PENDING: "TRANSFER_NOT_PENDING",
+    core_pb2.OUTCOME_TRANSACTION_NOT_FOUND: "TRANSFER_NOT_FOUND",
 }
 
 
@@ -50,6 +67,23 @@ def outcome_error(outcome: core_pb2.Outcome.ValueType, message: str, **metadata:
         return None
     code, reason = _OUTCOME_STATUS.get(outcome, (grpc.StatusCode.INTERNAL, "INTERNAL"))
     return ApiError(code, reason, message, metadata)
+
+
+def transfer_outcome_error(
+    outcome: core_pb2.Outcome.ValueType, message: str, **metadata: str
+) -> ApiError | None:
+    """`outcome_error` of a transfer call: a missing account names its side, and the
+    transaction reasons are named for the transfer."""
+    error = outcome_error(outcome, message, **metadata)
+    if error is None:
+        return None
+    if outcome == core_pb2.OUTCOME_ACCOUNT_NOT_FOUND:
+        return ApiError(error.code, error.reason, message, {**metadata, "side": "debit"})
+    if outcome == core_pb2.OUTCOME_CREDIT_ACCOUNT_NOT_FOUND:
+        return ApiError(error.code, error.reason, message, {**metadata, "side": "credit"})
+    if outcome in _TRANSFER_REASONS:
+        return ApiError(error.code, _TRANSFER_REASONS[outcome], message, dict(metadata))
+    return error
 
 
 def raise_for_outcome(outcome: core_pb2.Outcome.ValueType, message: str, **metadata: str) -> None:
@@ -73,6 +107,12 @@ def backend_error(error: LedgerError) -> ApiError:
             f"the write may or may not have been applied; retry with the same request_id: {error}",
         )
     return ApiError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error: {type(error).__name__}")
+
+
+def transfer_item_error(error: ApiError) -> ledger_pb2.TransferResult:
+    return ledger_pb2.TransferResult(
+        error=ledger_pb2.ItemError(code=error.code.name, reason=error.reason, message=error.message)
+    )
 
 
 def item_error(error: ApiError) -> ledger_pb2.TransactionResult:

@@ -32,14 +32,16 @@ from ledger_cluster.gateway.outcomes import (
     outcome_error,
     raise_for_outcome,
 )
+from ledger_cluster.gateway.transfer_calls import TransferCalls
 from ledger_cluster.gateway.validation import (
     account_id_for_request,
     account_id_of,
     check_batch_size,
+    check_create_account,
     check_create_transaction,
-    check_request_id,
     decode_page_token,
     encode_page_token,
+    metadata_of,
     page_size_of,
     transaction_id_of,
 )
@@ -103,6 +105,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         self._new_id = new_id
         self._new_transaction_number = new_transaction_number
         self.gate = CallGate("LedgerService", calls_in_flight_max)
+        self.transfers = TransferCalls(backend, clock_ns, new_transaction_number)
 
     # -- plumbing --
 
@@ -132,17 +135,26 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
     async def _create_account(
         self, request: ledger_pb2.CreateAccountRequest, context: Context
     ) -> ledger_pb2.CreateAccountResponse:
-        check_request_id(request.request_id)
+        check_create_account(request)
         deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
         now = self._clock_ns()
         for _ in range(ID_ATTEMPTS_MAX):
             account_id = account_id_for_request(request.request_id) if request.request_id else self._new_id()
-            command = commands.create_account(account_id, request.request_id, now)
+            command = commands.create_account(
+                account_id,
+                request.request_id,
+                now,
+                currency=request.currency,
+                overdraft_limit=request.overdraft_limit,
+                metadata=metadata_of(request.metadata),
+            )
             result = await self._write(account_id, command, deadline)
             if result.outcome != core_pb2.OUTCOME_ACCOUNT_ID_COLLISION or request.request_id:
                 break
         raise_for_outcome(result.outcome, result.message)
-        return ledger_pb2.CreateAccountResponse(account=views.account_view(result.account, result.repeat))
+        return ledger_pb2.CreateAccountResponse(
+            account=views.account_view(result.account, result.repeat, result.metadata)
+        )
 
     async def GetAccount(
         self, request: ledger_pb2.GetAccountRequest, context: Context
@@ -152,7 +164,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id))
             result = await self._read(account_id, query, request.consistent, context)
             raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
-            return ledger_pb2.GetAccountResponse(account=views.account_view(result.account))
+            return ledger_pb2.GetAccountResponse(
+                account=views.account_view(result.account, metadata=result.metadata)
+            )
 
         return await self.gate.run("GetAccount", context, run)
 
@@ -179,7 +193,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                 break
         raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
         return ledger_pb2.CreateTransactionResponse(
-            transaction=views.transaction_view(result.transaction, result.repeat)
+            transaction=views.transaction_view(result.transaction, result.repeat, result.metadata)
         )
 
     def _create_transaction_command(
@@ -210,6 +224,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             settled=request.settled,
             request_id=request.request_id,
             now=now,
+            metadata=metadata_of(request.metadata) if request.metadata else (),
+            timeout_seconds=request.timeout_seconds,
         )
 
     async def GetTransaction(
@@ -224,7 +240,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             )
             result = await self._read(wanted.account_id, query, request.consistent, context)
             raise_for_outcome(result.outcome, result.message, transaction_id=request.transaction_id)
-            return ledger_pb2.GetTransactionResponse(transaction=views.transaction_view(result.transaction))
+            return ledger_pb2.GetTransactionResponse(
+                transaction=views.transaction_view(result.transaction, metadata=result.metadata)
+            )
 
         return await self.gate.run("GetTransaction", context, run)
 
@@ -244,7 +262,10 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             raise_for_outcome(result.outcome, result.message, account_id=request.account_id)
             token = encode_page_token(account_id, result.next_sequence) if result.next_sequence else ""
             return ledger_pb2.ListTransactionsResponse(
-                transactions=[views.transaction_view(data) for data in result.transactions],
+                transactions=[
+                    views.transaction_view(data, metadata=metadata)
+                    for data, metadata in zip(result.transactions, result.metadatas, strict=True)
+                ],
                 next_page_token=token,
             )
 
@@ -254,7 +275,12 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.SettleTransactionRequest, context: Context
     ) -> ledger_pb2.SettleTransactionResponse:
         async def run() -> ledger_pb2.SettleTransactionResponse:
-            transaction = await self._finish(request.transaction_id, commands.settle_transaction, context)
+            amount = request.amount
+
+            def settle(account_id: int, number: int, now: int) -> bytes:
+                return commands.settle_transaction(account_id, number, now, amount)
+
+            transaction = await self._finish(request.transaction_id, settle, context)
             return ledger_pb2.SettleTransactionResponse(transaction=transaction)
 
         return await self.gate.run("SettleTransaction", context, run)
@@ -276,7 +302,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         command = finish(wanted.account_id, wanted.transaction_number, self._clock_ns())
         result = await self._write(wanted.account_id, command, deadline)
         raise_for_outcome(result.outcome, result.message, transaction_id=transaction_id)
-        return views.transaction_view(result.transaction, result.repeat)
+        return views.transaction_view(result.transaction, result.repeat, result.metadata)
 
     # -- batches --
 
@@ -403,10 +429,62 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                     item_error(refusal)
                     if refusal
                     else ledger_pb2.TransactionResult(
-                        transaction=views.transaction_view(answer.transaction, answer.repeat)
+                        transaction=views.transaction_view(answer.transaction, answer.repeat, answer.metadata)
                     )
                 )
         return collided
+
+    # -- transfers --
+
+    async def CreateTransfer(
+        self, request: ledger_pb2.CreateTransferRequest, context: Context
+    ) -> ledger_pb2.CreateTransferResponse:
+        async def run() -> ledger_pb2.CreateTransferResponse:
+            deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
+            return ledger_pb2.CreateTransferResponse(transfer=await self.transfers.create(request, deadline))
+
+        return await self.gate.run("CreateTransfer", context, run)
+
+    async def CreateTransfers(
+        self, request: ledger_pb2.CreateTransfersRequest, context: Context
+    ) -> ledger_pb2.CreateTransfersResponse:
+        async def run() -> ledger_pb2.CreateTransfersResponse:
+            check_batch_size(len(request.items))
+            deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
+            results = await self.transfers.create_many(request.items, deadline)
+            return ledger_pb2.CreateTransfersResponse(results=results)
+
+        return await self.gate.run("CreateTransfers", context, run)
+
+    async def GetTransfer(
+        self, request: ledger_pb2.GetTransferRequest, context: Context
+    ) -> ledger_pb2.GetTransferResponse:
+        async def run() -> ledger_pb2.GetTransferResponse:
+            deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
+            transfer = await self.transfers.get(request.transfer_id, request.consistent, deadline)
+            return ledger_pb2.GetTransferResponse(transfer=transfer)
+
+        return await self.gate.run("GetTransfer", context, run)
+
+    async def SettleTransfer(
+        self, request: ledger_pb2.SettleTransferRequest, context: Context
+    ) -> ledger_pb2.SettleTransferResponse:
+        async def run() -> ledger_pb2.SettleTransferResponse:
+            deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
+            transfer = await self.transfers.resolve(request.transfer_id, True, request.amount, deadline)
+            return ledger_pb2.SettleTransferResponse(transfer=transfer)
+
+        return await self.gate.run("SettleTransfer", context, run)
+
+    async def CancelTransfer(
+        self, request: ledger_pb2.CancelTransferRequest, context: Context
+    ) -> ledger_pb2.CancelTransferResponse:
+        async def run() -> ledger_pb2.CancelTransferResponse:
+            deadline = work_deadline(context.time_remaining(), DEFAULT_TIMEOUT_SECONDS)
+            transfer = await self.transfers.resolve(request.transfer_id, False, 0, deadline)
+            return ledger_pb2.CancelTransferResponse(transfer=transfer)
+
+        return await self.gate.run("CancelTransfer", context, run)
 
 
 def _finish_builder(

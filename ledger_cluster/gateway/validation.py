@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Mapping
 
 import grpc
 
 from ledger_cluster.api.v1 import ledger_pb2
-from ledger_cluster.core import rules
+from ledger_cluster.core import commands, rules
+from ledger_cluster.core.records import Metadata
 from ledger_cluster.core.rules import Problem
 from ledger_cluster.errors import InvalidIdError
 from ledger_cluster.ids import TransactionId, parse_account_id, parse_transaction_id
@@ -57,8 +59,54 @@ def check_request_id(request_id: str) -> None:
     _raise_problem(rules.request_id_problem(request_id))
 
 
+def metadata_of(metadata: Mapping[str, str]) -> Metadata:
+    return commands.canonical_metadata(metadata)
+
+
+def check_create_account(request: ledger_pb2.CreateAccountRequest) -> None:
+    _raise_problem(
+        rules.create_account_problem(
+            request.request_id, request.currency, request.overdraft_limit, metadata_of(request.metadata)
+        )
+    )
+
+
 def check_create_transaction(request: ledger_pb2.CreateTransactionRequest) -> None:
     _raise_problem(rules.create_transaction_problem(request.amount, request.description, request.request_id))
+    if request.metadata or request.timeout_seconds:
+        _raise_problem(
+            rules.create_transaction_extras_problem(
+                metadata_of(request.metadata), request.timeout_seconds, request.settled
+            )
+        )
+
+
+def check_create_transfer(
+    request: ledger_pb2.CreateTransferRequest, debit_account_id: int, credit_account_id: int
+) -> None:
+    _raise_problem(
+        rules.create_transfer_problem(
+            debit_account_id,
+            credit_account_id,
+            request.amount,
+            request.description,
+            request.request_id,
+            metadata_of(request.metadata),
+            request.timeout_seconds,
+            request.settled,
+        )
+    )
+
+
+def check_transfer_settle_amount(amount: int) -> None:
+    _raise_problem(rules.transfer_settle_amount_problem(amount))
+
+
+def transfer_id_of(text: str) -> TransactionId:
+    try:
+        return parse_transaction_id(text)
+    except InvalidIdError as error:
+        raise invalid("INVALID_TRANSFER_ID", str(error), transfer_id=escaped(text)) from None
 
 
 def check_batch_size(count: int) -> None:

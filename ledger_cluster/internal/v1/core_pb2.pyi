@@ -126,6 +126,8 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     """ACCOUNT_NOT_FOUND of a transfer's credit side (the debit side's is ACCOUNT_NOT_FOUND)."""
     OUTCOME_SETTLED_WITH_OTHER_AMOUNT: _Outcome.ValueType  # 18
     """Settle with another amount than the settled one."""
+    OUTCOME_TRANSFER_LEG: _Outcome.ValueType  # 19
+    """A transfer's leg is settled or cancelled through its transfer, never on its own."""
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     """Domain outcomes are data, never exceptions (DESIGN §2 rule 2)."""
@@ -155,6 +157,8 @@ OUTCOME_CREDIT_ACCOUNT_NOT_FOUND: Outcome.ValueType  # 17
 """ACCOUNT_NOT_FOUND of a transfer's credit side (the debit side's is ACCOUNT_NOT_FOUND)."""
 OUTCOME_SETTLED_WITH_OTHER_AMOUNT: Outcome.ValueType  # 18
 """Settle with another amount than the settled one."""
+OUTCOME_TRANSFER_LEG: Outcome.ValueType  # 19
+"""A transfer's leg is settled or cancelled through its transfer, never on its own."""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,262 @@
+"""Finishing cross-shard transfers (docs/transfers.md): the steps after the debit shard D
+stored a debit leg that owes its credit shard C work, taken by the gateway on the call's path
+and by the driver on D's leader for everything left unfinished.
+
+Every step is an idempotent core command built from stored state, so the gateway and any
+number of drivers may take the same step at once: C's log decides the credit leg, D's log
+decides the transfer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ledger_cluster.core import commands
+from ledger_cluster.core.commands import ItemAnswer
+from ledger_cluster.core.records import (
+    CREDIT_OWED,
+    PENDING,
+    RESOLVE_OWED,
+    TransactionRecord,
+    decode_account,
+    decode_metadata,
+    decode_transaction,
+)
+from ledger_cluster.deadlines import Deadline
+from ledger_cluster.errors import LedgerError
+from ledger_cluster.internal.v1 import core_pb2
+
+logger = logging.getLogger(__name__)
+
+# How often a driver looks for unfinished transfers and due deadlines on the shards it leads.
+DRIVE_PERIOD_SECONDS = 0.5
+# A transfer this young is left to the gateway that is finishing it on the call's path.
+DRIVE_GRACE_SECONDS = 1.0
+# Unfinished transfers read per shard per round (the rest wait for the next round).
+TRANSFER_WORK_PAGE_MAX = 500
+DRIVE_CALL_TIMEOUT_SECONDS = 5.0
+# An answer of C that means it will never store this credit leg: D reverses the debit.
+REFUSALS = frozenset(
+    {
+        core_pb2.OUTCOME_CREDIT_ACCOUNT_NOT_FOUND,
+        core_pb2.OUTCOME_ACCOUNT_NOT_FOUND,
+        core_pb2.OUTCOME_CURRENCY_MISMATCH,
+        core_pb2.OUTCOME_TRANSACTION_ID_COLLISION,
+        core_pb2.OUTCOME_INVALID_COMMAND,
+    }
+)
+
+
+class ShardApi(Protocol):
+    def shard_id(self, account_id: int) -> str: ...
+
+    async def update(self, shard_id: str, items: list[bytes], deadline: Deadline) -> list[ItemAnswer]: ...
+
+    async def read_shard(
+        self, shard_id: str, query: core_pb2.ReadQuery, consistent: bool, deadline: Deadline
+    ) -> core_pb2.ReadResult: ...
+
+
+class TransferStepError(LedgerError):
+    """A step's outcome is unknown or it was not taken (no leader, timeout): the transfer stays
+    listed on D, and a driver takes the step again."""
+
+
+@dataclass(slots=True)
+class Unfinished:
+    """A debit leg that owes its credit shard work, with what the credit leg is built from."""
+
+    debit_leg: TransactionRecord
+    metadata: bytes
+    currency: str
+
+
+@dataclass(slots=True)
+class Step:
+    """What C answered for one unfinished transfer: its credit leg, or the refusal."""
+
+    unfinished: Unfinished
+    credit_leg: bytes = b""
+    refusal: core_pb2.Outcome.ValueType = core_pb2.OUTCOME_UNSPECIFIED
+
+
+def commands_for_credit_shard(unfinished: Unfinished, now: int) -> list[bytes]:
+    """In order: the credit leg if it is owed, then the leg's resolution if the debit leg is
+    final (C applies them in this order, in one entry when they travel together)."""
+    leg = unfinished.debit_leg
+    items = []
+    if leg.flags & CREDIT_OWED:
+        metadata = decode_metadata(unfinished.metadata) if unfinished.metadata else ()
+        items.append(commands.credit_leg_of(leg, metadata, unfinished.currency, now))
+    if leg.status != PENDING and (leg.flags & RESOLVE_OWED or leg.status != leg.initial_status):
+        items.append(commands.resolve_leg_of(leg, now))
+    return items
+
+
+def _step_of(unfinished: Unfinished, answers: Sequence[ItemAnswer]) -> Step:
+    step = Step(unfinished)
+    for answer in answers:
+        if isinstance(answer, LedgerError):
+            raise TransferStepError(f"credit shard: {answer}")
+        if answer.outcome == core_pb2.OUTCOME_OK:
+            step.credit_leg = answer.transaction
+        elif answer.outcome in REFUSALS and unfinished.debit_leg.flags & CREDIT_OWED:
+            step.refusal = answer.outcome
+            return step
+        else:
+            outcome = core_pb2.Outcome.Name(answer.outcome)
+            raise TransferStepError(f"credit shard answered {outcome}: {answer.message}")
+    return step
+
+
+async def take_credit_steps(
+    api: ShardApi, unfinished: Sequence[Unfinished], now: int, deadline: Deadline
+) -> list[Step | TransferStepError]:
+    """C's part of each transfer, one update per credit shard for all of them."""
+    by_shard: dict[str, list[int]] = {}
+    for index, item in enumerate(unfinished):
+        by_shard.setdefault(api.shard_id(item.debit_leg.counterparty_account_id), []).append(index)
+    results: list[Step | TransferStepError] = [TransferStepError("not sent")] * len(unfinished)
+
+    async def send(shard_id: str, indexes: list[int]) -> None:
+        batches = [commands_for_credit_shard(unfinished[index], now) for index in indexes]
+        flat = [command for batch in batches for command in batch]
+        try:
+            answers = await api.update(shard_id, flat, deadline)
+        except LedgerError as error:
+            for index in indexes:
+                results[index] = TransferStepError(str(error))
+            return
+        position = 0
+        for index, batch in zip(indexes, batches, strict=True):
+            own = answers[position : position + len(batch)]
+            position += len(batch)
+            try:
+                results[index] = _step_of(unfinished[index], own)
+            except TransferStepError as error:
+                results[index] = error
+
+    await asyncio.gather(*(send(shard_id, indexes) for shard_id, indexes in by_shard.items()))
+    return results
+
+
+def finish_command(step: Step, now: int) -> bytes:
+    leg = step.unfinished.debit_leg
+    return commands.finish_transfer(
+        leg.account_id, leg.transaction_number, step.credit_leg, step.refusal, now
+    )
+
+
+async def finish_on_debit_shard(
+    api: ShardApi, steps: Sequence[Step], now: int, deadline: Deadline
+) -> list[ItemAnswer]:
+    """D records C's answers; all of one debit shard's in one update."""
+    if not steps:
+        return []
+    shard_id = api.shard_id(steps[0].unfinished.debit_leg.account_id)
+    return await api.update(shard_id, [finish_command(step, now) for step in steps], deadline)
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+
+class LocalShard(Protocol):
+    """A shard this process may lead: its leadership, and reads of its own state."""
+
+    shard_id: str
+
+    def is_leader(self) -> bool: ...
+
+    def read(self, query: core_pb2.ReadQuery) -> core_pb2.ReadResult: ...
+
+    def earliest_deadline(self) -> int | None: ...
+
+
+class TransferDriver:
+    """On each shard this process leads, every DRIVE_PERIOD_SECONDS: propose ExpireDue once the
+    earliest deadline has passed by this clock (the entry carries the time, so every replica
+    expires the same transactions), and finish the transfers that owe work and that the
+    gateway has not finished within DRIVE_GRACE_SECONDS."""
+
+    def __init__(
+        self,
+        api: ShardApi,
+        shards: Callable[[], Sequence[LocalShard]],
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._api = api
+        self._shards = shards
+        self._clock_ns = clock_ns
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="transfer-driver")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.drive_once()
+            except Exception:  # the driver must outlive any one bad round
+                logger.exception("transfer driver round failed")
+            await asyncio.sleep(DRIVE_PERIOD_SECONDS)
+
+    async def drive_once(self) -> int:
+        """One round over the shards led here; returns how many transfers it finished."""
+        finished = 0
+        for shard in self._shards():
+            if not shard.is_leader():
+                continue
+            await self._expire(shard)
+            finished += await self._finish_unfinished(shard)
+        return finished
+
+    async def _expire(self, shard: LocalShard) -> None:
+        now = self._clock_ns()
+        deadline = shard.earliest_deadline()
+        if deadline is None or deadline > now:
+            return
+        answers = await self._api.update(shard.shard_id, [commands.expire_due(now)], _deadline())
+        if isinstance(answers[0], LedgerError):
+            logger.info("shard %s: expiry not proposed: %s", shard.shard_id, answers[0])
+
+    async def _finish_unfinished(self, shard: LocalShard) -> int:
+        query = core_pb2.ReadQuery(transfer_work=core_pb2.TransferWorkQuery(limit=TRANSFER_WORK_PAGE_MAX))
+        work = await asyncio.to_thread(shard.read, query)
+        now = self._clock_ns()
+        grace_ns = int(DRIVE_GRACE_SECONDS * 1e9)
+        unfinished = []
+        for data, metadata in zip(work.transactions, work.metadatas, strict=True):
+            leg = decode_transaction(data)
+            if now - leg.updated_at < grace_ns and now - leg.created_at < grace_ns:
+                continue
+            currency = await self._currency_of(shard, leg.account_id)
+            unfinished.append(Unfinished(leg, metadata, currency))
+        if not unfinished:
+            return 0
+        deadline = _deadline()
+        results = await take_credit_steps(self._api, unfinished, now, deadline)
+        steps = [result for result in results if isinstance(result, Step)]
+        for result in results:
+            if isinstance(result, TransferStepError):
+                logger.info("shard %s: a transfer stays unfinished: %s", shard.shard_id, result)
+        answers = await finish_on_debit_shard(self._api, steps, now, deadline)
+        return sum(1 for answer in answers if not isinstance(answer, LedgerError))
+
+    async def _currency_of(self, shard: LocalShard, account_id: int) -> str:
+        query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id))
+        result = await asyncio.to_thread(shard.read, query)
+        return decode_account(result.account).currency if result.outcome == core_pb2.OUTCOME_OK else ""
+
+
+def _deadline() -> Deadline:
+    return Deadline.after(DRIVE_CALL_TIMEOUT_SECONDS)

@@ -1,0 +1,143 @@
+"""Transfers on a real 3-node cluster behind its gateway: a cross-shard transfer is visible on
+both shards once the call returns, and one whose caller vanished after the debit (the debit
+command sent straight to the debit shard's leader, as a gateway that died would leave it) is
+finished by the debit shard's driver, and expires by replicated time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ledger_cluster.api.v1 import ledger_pb2
+from ledger_cluster.config import ClusterConfig
+from ledger_cluster.core import commands
+from ledger_cluster.ids import parse_account_id
+from ledger_cluster.internal.v1 import core_pb2, node_pb2
+from tests.cluster import Cluster, running_cluster
+
+RPC_TIMEOUT_SECONDS = 10.0
+# The issue's bound for the cluster finishing a transfer by itself, with the driver's grace.
+DRIVEN_WITHIN_SECONDS = 10.0
+POLL_SECONDS = 0.1
+ACCOUNT_TRIES_MAX = 200
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_cluster(tmp_path_factory.mktemp("transfer-cluster")) as running:
+        running.wait_healthy()
+        yield running
+
+
+def shard_of(config: ClusterConfig, account_id: str) -> str:
+    return config.shard_for_account(parse_account_id(account_id)).shard_id
+
+
+def cross_shard_pair(cluster: Cluster, balance: int) -> tuple[str, str]:
+    stub = cluster.ledger_stub()
+    debit = stub.CreateAccount(ledger_pb2.CreateAccountRequest(), timeout=RPC_TIMEOUT_SECONDS).account.id
+    stub.CreateTransaction(
+        ledger_pb2.CreateTransactionRequest(account_id=debit, amount=balance, settled=True),
+        timeout=RPC_TIMEOUT_SECONDS,
+    )
+    for _ in range(ACCOUNT_TRIES_MAX):
+        credit = stub.CreateAccount(ledger_pb2.CreateAccountRequest(), timeout=RPC_TIMEOUT_SECONDS).account.id
+        if shard_of(cluster.config, credit) != shard_of(cluster.config, debit):
+            return debit, credit
+    raise AssertionError("no account on another shard")
+
+
+def balances(cluster: Cluster, account_id: str) -> tuple[int, int, int]:
+    found = (
+        cluster.ledger_stub()
+        .GetAccount(
+            ledger_pb2.GetAccountRequest(account_id=account_id, consistent=True), timeout=RPC_TIMEOUT_SECONDS
+        )
+        .account
+    )
+    return found.available_balance, found.settled_balance, found.credits_pending
+
+
+def wait_for(condition: object, what: str, seconds: float = DRIVEN_WITHIN_SECONDS) -> float:
+    started = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() - started < seconds, f"{what}: not within {seconds} s"
+        time.sleep(POLL_SECONDS)
+    return time.monotonic() - started
+
+
+def test_a_cross_shard_transfer_is_whole_when_the_call_returns(cluster: Cluster) -> None:
+    debit, credit = cross_shard_pair(cluster, 100)
+    made = (
+        cluster.ledger_stub()
+        .CreateTransfer(
+            ledger_pb2.CreateTransferRequest(
+                debit_account_id=debit, credit_account_id=credit, amount=40, settled=True
+            ),
+            timeout=RPC_TIMEOUT_SECONDS,
+        )
+        .transfer
+    )
+    assert made.status == ledger_pb2.TRANSFER_STATUS_SETTLED
+    assert balances(cluster, debit) == (60, 60, 0)
+    assert balances(cluster, credit) == (40, 40, 0)
+
+
+def send_debit_only(
+    cluster: Cluster, debit: str, credit: str, amount: int, *, settled: bool, timeout_seconds: int
+) -> str:
+    """CreateTransfer on the debit shard's leader and nothing else: what a gateway that died
+    right after the debit leaves behind."""
+    shard_id = shard_of(cluster.config, debit)
+    number = time.time_ns()
+    command = commands.create_transfer(
+        debit_account_id=parse_account_id(debit),
+        transfer_number=number,
+        credit_account_id=parse_account_id(credit),
+        amount=amount,
+        description="orphaned",
+        settled=settled,
+        request_id="",
+        now=time.time_ns(),
+        timeout_seconds=timeout_seconds,
+    )
+    leader = cluster.leader_of(shard_id)
+    answer = cluster.node_stub(leader).Update(
+        node_pb2.UpdateRequest(shard_id=shard_id, command=command), timeout=RPC_TIMEOUT_SECONDS
+    )
+    assert answer.result.outcome == core_pb2.OUTCOME_OK, answer.result.message
+    return f"{debit}{number:016x}"
+
+
+def test_the_driver_finishes_a_transfer_whose_caller_vanished(cluster: Cluster) -> None:
+    debit, credit = cross_shard_pair(cluster, 100)
+    transfer_id = send_debit_only(cluster, debit, credit, 30, settled=True, timeout_seconds=0)
+    assert balances(cluster, debit) == (70, 70, 0)
+    seconds = wait_for(lambda: balances(cluster, credit) == (30, 30, 0), "the credit leg")
+    found = cluster.ledger_stub().GetTransfer(
+        ledger_pb2.GetTransferRequest(transfer_id=transfer_id), timeout=RPC_TIMEOUT_SECONDS
+    )
+    assert (
+        found.transfer.status == ledger_pb2.TRANSFER_STATUS_SETTLED and found.transfer.credit_transaction_id
+    )
+    assert seconds < DRIVEN_WITHIN_SECONDS
+
+
+def test_a_pending_cross_shard_transfer_expires_on_both_sides(cluster: Cluster) -> None:
+    debit, credit = cross_shard_pair(cluster, 100)
+    send_debit_only(cluster, debit, credit, 25, settled=False, timeout_seconds=1)
+    stub = cluster.ledger_stub()
+
+    def credit_statuses() -> list[int]:
+        listing = stub.ListTransactions(
+            ledger_pb2.ListTransactionsRequest(account_id=credit, consistent=True),
+            timeout=RPC_TIMEOUT_SECONDS,
+        )
+        return [transaction.status for transaction in listing.transactions]
+
+    # The driver may store the credit leg and its expiry in one entry: only the end is sure.
+    wait_for(lambda: credit_statuses() == [ledger_pb2.TRANSACTION_STATUS_EXPIRED], "the expired credit leg")
+    assert balances(cluster, credit) == (0, 0, 0)
+    assert balances(cluster, debit) == (100, 100, 0)
