@@ -877,13 +877,14 @@ async def _balance_mismatch(stub: Stub, account_id: str) -> _AccountCheck:
     )
 
 
-async def _report_progress(tally: _Tally, progress: Callable[[str], None]) -> None:
+async def _report_progress(tally: _Tally, progress: Callable[[str], None], unit: str) -> None:
     while True:
         await asyncio.sleep(PROGRESS_INTERVAL_SECONDS)
         if tally.counting:
             elapsed = time.monotonic() - tally.measure_started_monotonic
             done = tally.transactions
-            progress(f"{elapsed:5.1f} s  {done} transactions  {done / max(elapsed, 1e-9):,.0f} tx/s")
+            per_second = "transfers/s" if unit == "transfers" else "tx/s"
+            progress(f"{elapsed:5.1f} s  {done} {unit}  {done / max(elapsed, 1e-9):,.0f} {per_second}")
 
 
 async def _run_for(clients: list[asyncio.Task[None]], seconds: float) -> None:
@@ -916,7 +917,7 @@ async def _measure(
         load_generator_cpu_before = time.process_time()
         tally.measure_started_monotonic = time.monotonic()
         tally.counting = True
-        reporter = asyncio.create_task(_report_progress(tally, progress))
+        reporter = asyncio.create_task(_report_progress(tally, progress, result.unit))
         await _run_for(tasks, duration_seconds)
         tally.counting = False
         tally.stopping = True
