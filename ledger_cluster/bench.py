@@ -10,6 +10,15 @@ that may still apply) is counted as an error, never as a success, and is re-sent
 request_id after the run until it is answered, so the final balances are known exactly and are
 compared with what the acknowledged writes imply.
 
+`--mix transfer` moves one unit between two random accounts on different shards (`transfer-same`:
+on one shard), settled at once, with CreateTransfer or CreateTransfers; a transfer counts as one
+transaction (the PostgreSQL reference counts one transfer as one database transaction). Which
+shard an account is on comes from the cluster config, so the accounts of a fresh run are created
+evenly over its shards. After a run of writes whose every fate is known (create and transfer
+mixes, no settle or cancel), each account's settled balance must equal its balance before the
+run plus the net of its acknowledged writes, and the sum of all settled balances must have moved
+only by the top-ups and purchases: transfers conserve it.
+
 CPU comes from each server process's Prometheus endpoint (`process_cpu_seconds_total`), read
 right before and right after the measured window; the processes are named by their
 `ledger_process_info` labels. Endpoints are only ever loopback addresses.
@@ -41,13 +50,26 @@ from ledger_cluster.bench_metrics import (
     probe_endpoints,
     sample_endpoints,
 )
+from ledger_cluster.config import ClusterConfig, ShardConfig
 from ledger_cluster.errors import LedgerError
+from ledger_cluster.gateway import account_id_for_request
+from ledger_cluster.ids import parse_account_id
+from ledger_cluster.sharding import shard_key
 from ledger_cluster.status import ErrorDetails, error_details
 
 if TYPE_CHECKING:
     from ledger_cluster.api.v1.ledger_pb2_grpc import LedgerServiceAsyncStub as Stub
 
-OPERATIONS = ("create", "settle", "cancel", "read")
+TRANSFER_OPERATIONS = ("transfer", "transfer-same")
+OPERATIONS = ("create", "settle", "cancel", "read", *TRANSFER_OPERATIONS)
+# Mixes of only these leave no write of unknown fate behind (a settle or cancel whose answer was
+# lost is not re-sent), so every account's settled balance is known from the acknowledgments.
+NET_CHECKED_OPERATIONS = frozenset({"create", "read", *TRANSFER_OPERATIONS})
+# Every transfer moves one unit, settled at once: against SETUP_BALANCE none is ever refused.
+TRANSFER_AMOUNT = 1
+# An account of a shard holding 1/S of the key space takes S request ids on average; past this
+# many the shard is too narrow (a config of over 10,000 shards).
+ACCOUNT_DRAWS_MAX = 1_000_000
 ACCOUNTS_MAX = 100_000
 CONCURRENCY_MAX = 512
 DURATION_SECONDS_MAX = 3600.0
@@ -107,6 +129,8 @@ class BenchError(LedgerError):
 @dataclass
 class BenchResult:
     operations: int = 0
+    # What `transactions` counts: "transactions", or "transfers" for a mix of transfers only.
+    unit: str = "transactions"
     transactions: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     latency_ms_max: float = 0.0
@@ -149,6 +173,7 @@ class BenchResult:
         seconds = max(self.measured_seconds, 1e-9)
         by_process = self.cpu.cpu_seconds_by_process
         return {
+            "unit": self.unit,
             "throughput_tx_per_s": round(self.transactions / seconds, 1),
             "operations_per_s": round(self.operations / seconds, 1),
             "transactions": self.transactions,
@@ -199,8 +224,9 @@ class BenchResult:
                 f", tx/s per {self.window_seconds:g} s window {rates}"
                 f" (last/first {self.window_ratio_last_to_first()})"
             )
+        per_second = "transfers/s" if self.unit == "transfers" else "tx/s"
         return (
-            f"{summary['throughput_tx_per_s']} tx/s over {summary['measured_seconds']} s,"
+            f"{summary['throughput_tx_per_s']} {per_second} over {summary['measured_seconds']} s,"
             f" latency ms p50 {summary['latency_ms_p50']} p95 {summary['latency_ms_p95']}"
             f" p99 {summary['latency_ms_p99']} max {summary['latency_ms_max']},"
             f" errors {summary['errors_by_code'] or 'none'},"
@@ -216,6 +242,131 @@ class BenchResult:
 class _Write:
     request: ledger_pb2.CreateTransactionRequest
     answered: ledger_pb2.Transaction | None = None
+
+
+@dataclass
+class _TransferWrite:
+    request: ledger_pb2.CreateTransferRequest
+    answered: ledger_pb2.Transfer | None = None
+
+
+AnyWrite = _Write | _TransferWrite
+
+
+def account_request_in_shard(lower_bound: int, upper_bound: int) -> tuple[int, str]:
+    """A new account of the shard [lower_bound, upper_bound] and its CreateAccount request id:
+    the gateway derives the id from the request id, so request ids are drawn until one lands
+    in the shard."""
+    for _ in range(ACCOUNT_DRAWS_MAX):
+        request_id = new_request_id()
+        account_id = account_id_for_request(request_id)
+        if lower_bound <= shard_key(account_id) <= upper_bound:
+            return account_id, request_id
+    raise BenchError(f"no account in shard keys {lower_bound}..{upper_bound} after {ACCOUNT_DRAWS_MAX} draws")
+
+
+def spread_request_ids(shards: Sequence[ShardConfig], count: int) -> list[str]:
+    """CreateAccount request ids of `count` new accounts, dealt over `shards` in turn, so every
+    shard holds count // len(shards) or one more."""
+    return [
+        account_request_in_shard(shard.lower_bound, shard.upper_bound)[1]
+        for shard in (shards[index % len(shards)] for index in range(count))
+    ]
+
+
+def shards_of(config: ClusterConfig, account_ids: Sequence[str]) -> dict[str, str]:
+    """Each account's shard id under `config`."""
+    return {
+        account_id: config.shard_for_account(parse_account_id(account_id)).shard_id
+        for account_id in account_ids
+    }
+
+
+class TransferPairs:
+    """Random (debit, credit) pairs of two different accounts, on two different shards
+    (`cross_shard`) or on one. Every account that can be in such a pair is the debit account
+    equally often, and its partner is uniform among the accounts it can pair with; each draw is
+    O(1) over one list of the accounts ordered by shard."""
+
+    def __init__(self, shard_of: dict[str, str], *, cross_shard: bool) -> None:
+        by_shard: dict[str, list[str]] = {}
+        for account_id, shard_id in shard_of.items():
+            by_shard.setdefault(shard_id, []).append(account_id)
+        self.cross_shard = cross_shard
+        self._ordered: list[str] = []
+        # The [start, end) of each account's shard in `_ordered`, by position.
+        self._ranges: list[tuple[int, int]] = []
+        for shard_id in sorted(by_shard):
+            start = len(self._ordered)
+            self._ordered.extend(by_shard[shard_id])
+            self._ranges.extend([(start, len(self._ordered))] * len(by_shard[shard_id]))
+        if cross_shard:
+            self._debit_positions = list(range(len(self._ordered))) if len(by_shard) > 1 else []
+        else:
+            self._debit_positions = [
+                position for position, (start, end) in enumerate(self._ranges) if end - start > 1
+            ]
+        if not self._debit_positions:
+            kind = "two shards" if cross_shard else "one shard"
+            raise BenchError(
+                f"no two of the {len(shard_of)} accounts are on {kind}"
+                f" ({len(by_shard)} shards hold them): use more accounts"
+            )
+
+    def pick(self, chooser: random.Random) -> tuple[str, str]:
+        position = chooser.choice(self._debit_positions)
+        start, end = self._ranges[position]
+        if self.cross_shard:
+            # Uniform over the accounts outside [start, end).
+            other = chooser.randrange(len(self._ordered) - (end - start))
+            if other >= start:
+                other += end - start
+        else:
+            # Uniform over [start, end) without `position`.
+            other = start + chooser.randrange(end - start - 1)
+            if other >= position:
+                other += 1
+        return self._ordered[position], self._ordered[other]
+
+
+def settled_amount_of(transaction: ledger_pb2.Transaction) -> int:
+    """What a SETTLED transaction moved: its settled amount (a partial settle), else its amount."""
+    return transaction.settled_amount or transaction.amount
+
+
+def transfer_moved(transfer: ledger_pb2.Transfer) -> int:
+    """What a transfer finally moved from its debit account to its credit account (0 unless SETTLED)."""
+    if transfer.status != ledger_pb2.TRANSFER_STATUS_SETTLED:
+        return 0
+    return transfer.settled_amount or transfer.amount
+
+
+def balance_totals(
+    settled_by_account: dict[str, int],
+    start_by_account: dict[str, int],
+    net_by_account: Counter[str],
+    outside_net: int,
+) -> list[str]:
+    """What the settled balances after a run of known writes get wrong: each account must hold
+    its start plus the net of its acknowledged writes, and the sum of all must have moved by
+    `outside_net` only (the top-ups and purchases: money that entered or left the ledger), which
+    checks conservation apart from the per-account bookkeeping."""
+    problems = []
+    for account_id, settled in settled_by_account.items():
+        expected = start_by_account[account_id] + net_by_account[account_id]
+        if settled != expected:
+            problems.append(
+                f"{account_id}: settled {settled}, its start {start_by_account[account_id]}"
+                f" and acknowledged net {net_by_account[account_id]} give {expected}"
+            )
+    total = sum(settled_by_account.values())
+    expected_total = sum(start_by_account[account_id] for account_id in settled_by_account) + outside_net
+    if total != expected_total:
+        problems.append(
+            f"sum of settled balances {total}, expected {expected_total}"
+            f" (start plus top-ups and purchases {outside_net:+}): transfers did not conserve it"
+        )
+    return problems
 
 
 class _Latencies:
@@ -254,7 +405,24 @@ class _Tally:
         self.latencies = _Latencies(seed=0)
         self.errors: Counter[str] = Counter()
         # Writes whose fate is unknown, re-sent after the run.
-        self.unresolved: list[_Write] = []
+        self.unresolved: list[AnyWrite] = []
+        # What the acknowledged writes (counted or not) moved: per account, and in sum the
+        # writes that are no transfers.
+        self.net_by_account: Counter[str] = Counter()
+        self.outside_net = 0
+
+    def acknowledge(self, write: AnyWrite) -> None:
+        """Book an answered write's effect on settled balances."""
+        if isinstance(write, _TransferWrite):
+            if write.answered is not None and (moved := transfer_moved(write.answered)):
+                self.net_by_account[write.answered.debit_account_id] -= moved
+                self.net_by_account[write.answered.credit_account_id] += moved
+            return
+        answered = write.answered
+        if answered is not None and answered.status == ledger_pb2.TRANSACTION_STATUS_SETTLED:
+            moved = settled_amount_of(answered)
+            self.net_by_account[answered.account_id] += moved
+            self.outside_net += moved
 
     def add_transactions(self, count: int, started_monotonic: float) -> None:
         """Count the transactions of an operation that started at `started_monotonic`, in the
@@ -265,7 +433,7 @@ class _Tally:
         index = min(max(0, int(elapsed / self.window_seconds)), len(self.transactions_by_window) - 1)
         self.transactions_by_window[index] += count
 
-    def add_unresolved(self, writes: Sequence[_Write]) -> None:
+    def add_unresolved(self, writes: Sequence[AnyWrite]) -> None:
         if len(self.unresolved) + len(writes) > UNRESOLVED_WRITES_MAX:
             raise BenchError(
                 f"more than {UNRESOLVED_WRITES_MAX} writes of unknown outcome: is the server answering?"
@@ -290,6 +458,24 @@ def _new_write(account_id: str, amount: int, settled: bool) -> _Write:
     )
 
 
+def _new_transfer(debit_account_id: str, credit_account_id: str) -> _TransferWrite:
+    return _TransferWrite(
+        ledger_pb2.CreateTransferRequest(
+            debit_account_id=debit_account_id,
+            credit_account_id=credit_account_id,
+            amount=TRANSFER_AMOUNT,
+            settled=True,
+            description="bench",
+            request_id=new_request_id(),
+        )
+    )
+
+
+def _transfer_status_code(transfer: ledger_pb2.Transfer) -> str:
+    """How a transfer that answered but moved nothing (INSUFFICIENT_FUNDS, ...) is counted."""
+    return ledger_pb2.TransferStatus.Name(transfer.status)
+
+
 def _error_code(details: ErrorDetails) -> str:
     return f"{details.code.name}:{details.reason}" if details.reason else details.code.name
 
@@ -302,12 +488,22 @@ class _Client:
     """One simulated client: draws operations from the mix and runs them one after another."""
 
     def __init__(
-        self, stub: Stub, accounts: list[str], mix: list[str], *, seed: int, tally: _Tally, batch: int
+        self,
+        stub: Stub,
+        accounts: list[str],
+        mix: list[str],
+        *,
+        seed: int,
+        tally: _Tally,
+        batch: int,
+        pairs: dict[str, TransferPairs] | None = None,
     ) -> None:
         self._stub = stub
         self._accounts = accounts
         self._mix = mix
         self._batch = batch
+        # By transfer operation: where its pairs come from.
+        self._pairs = pairs or {}
         self._random = random.Random(seed)
         self._tally = tally
         self._started_monotonic = 0.0
@@ -346,6 +542,7 @@ class _Client:
             self._tally.add_unresolved([write])  # may still apply: resolve it after the run
             return False
         write.answered = answer.transaction
+        self._tally.acknowledge(write)
         return True
 
     async def _create_batch(self, writes: list[_Write], count: bool) -> list[_Write]:
@@ -362,6 +559,7 @@ class _Client:
         for write, result in zip(writes, answer.results, strict=True):
             if result.HasField("transaction"):
                 write.answered = result.transaction
+                self._tally.acknowledge(write)
                 acknowledged.append(write)
                 continue
             if count:
@@ -369,6 +567,45 @@ class _Client:
             if result.error.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
                 self._tally.add_unresolved([write])
         return acknowledged
+
+    def _transferred(self, write: _TransferWrite, transfer: ledger_pb2.Transfer, count: bool) -> bool:
+        """Book an answered transfer; True when it moved its amount."""
+        write.answered = transfer
+        self._tally.acknowledge(write)
+        if transfer_moved(transfer):
+            return True
+        if count:
+            self._tally.errors[_transfer_status_code(transfer)] += 1
+        return False
+
+    async def _transfer(self, write: _TransferWrite, count: bool) -> bool:
+        """CreateTransfer; True when the transfer moved its amount."""
+        answer = await self._timed(
+            self._stub.CreateTransfer(write.request, timeout=CALL_TIMEOUT_SECONDS), count
+        )
+        if answer is None:
+            self._tally.add_unresolved([write])  # may still apply: resolve it after the run
+            return False
+        return self._transferred(write, answer.transfer, count)
+
+    async def _transfer_batch(self, writes: list[_TransferWrite], count: bool) -> int:
+        """CreateTransfers with every write; returns how many moved their amount. Items whose
+        outcome is open (an item UNAVAILABLE, or the whole call failing) are resolved after the run."""
+        request = ledger_pb2.CreateTransfersRequest(items=[write.request for write in writes])
+        answer = await self._timed(self._stub.CreateTransfers(request, timeout=CALL_TIMEOUT_SECONDS), count)
+        if answer is None:
+            self._tally.add_unresolved(writes)
+            return 0
+        moved = 0
+        for write, result in zip(writes, answer.results, strict=True):
+            if result.HasField("transfer"):
+                moved += self._transferred(write, result.transfer, count)
+                continue
+            if count:
+                self._tally.errors[_item_error_code(result.error)] += 1
+            if result.error.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                self._tally.add_unresolved([write])
+        return moved
 
     async def _finish_batch(self, operation: str, transaction_ids: list[str], count: bool) -> int:
         """SettleTransactions or CancelTransactions; returns how many items succeeded."""
@@ -403,6 +640,12 @@ class _Client:
         operation = self._random.choice(self._mix)
         if operation == "read":
             await self._read(self._random.choice(self._accounts), count)
+        elif operation in TRANSFER_OPERATIONS:
+            pairs = self._pairs[operation]
+            transfers = [_new_transfer(*pairs.pick(self._random)) for _ in range(self._batch)]
+            moved = await self._transfer_batch(transfers, count)
+            if count:
+                self._tally.add_transactions(moved, self._started_monotonic)
         elif operation == "create":
             writes = [
                 _new_write(
@@ -426,6 +669,11 @@ class _Client:
 
     async def _run_one(self, count: bool) -> None:
         operation = self._random.choice(self._mix)
+        if operation in TRANSFER_OPERATIONS:
+            write = _new_transfer(*self._pairs[operation].pick(self._random))
+            if await self._transfer(write, count) and count:
+                self._tally.add_transactions(1, self._started_monotonic)
+            return
         account_id = self._random.choice(self._accounts)
         if operation == "read":
             await self._read(account_id, count)
@@ -485,14 +733,18 @@ async def _for_each(
     return [answers[index] for index in range(len(items))]
 
 
-async def _setup_accounts(stub: Stub, count: int, progress: Callable[[str], None]) -> list[str]:
+async def _setup_accounts(
+    stub: Stub, request_ids: Sequence[str], progress: Callable[[str], None]
+) -> list[str]:
+    """One account per CreateAccount request id, each topped up with SETUP_BALANCE."""
     created = 0
+    count = len(request_ids)
 
-    async def create(_: int) -> str:
+    async def create(request_id: str) -> str:
         nonlocal created
         account = (
             await stub.CreateAccount(
-                ledger_pb2.CreateAccountRequest(request_id=new_request_id()), timeout=CALL_TIMEOUT_SECONDS
+                ledger_pb2.CreateAccountRequest(request_id=request_id), timeout=CALL_TIMEOUT_SECONDS
             )
         ).account
         await stub.CreateTransaction(
@@ -510,19 +762,21 @@ async def _setup_accounts(stub: Stub, count: int, progress: Callable[[str], None
             progress(f"created {created}/{count} accounts")
         return account.id
 
-    return await _for_each(range(count), create, SETUP_CONCURRENCY_MAX)
+    return await _for_each(request_ids, create, SETUP_CONCURRENCY_MAX)
 
 
-async def _check_existing_accounts(stub: Stub, account_ids: Sequence[str]) -> None:
-    """Every account named by --accounts-file exists and holds enough to pay for the run.
-    Raises BenchError otherwise: a missing account fails every write and a drained one every
-    purchase, and the run would measure refusals."""
+async def _check_existing_accounts(stub: Stub, account_ids: Sequence[str]) -> dict[str, int]:
+    """Every account named by --accounts-file exists and holds enough to pay for the run; returns
+    each one's settled balance. Raises BenchError otherwise: a missing account fails every write
+    and a drained one every purchase, and the run would measure refusals."""
+    settled: dict[str, int] = {}
 
     async def check(account_id: str) -> str | None:
         try:
             account = (
                 await stub.GetAccount(
-                    ledger_pb2.GetAccountRequest(account_id=account_id), timeout=CALL_TIMEOUT_SECONDS
+                    ledger_pb2.GetAccountRequest(account_id=account_id, consistent=True),
+                    timeout=CALL_TIMEOUT_SECONDS,
                 )
             ).account
         except grpc.RpcError as error:
@@ -531,6 +785,7 @@ async def _check_existing_accounts(stub: Stub, account_ids: Sequence[str]) -> No
             raise
         if account.available_balance < ACCOUNTS_FILE_BALANCE_MIN:
             return f"{account_id} holds {account.available_balance}, below {ACCOUNTS_FILE_BALANCE_MIN}"
+        settled[account_id] = account.settled_balance
         return None
 
     problems = [problem for problem in await _for_each(account_ids, check, SETUP_CONCURRENCY_MAX) if problem]
@@ -539,22 +794,31 @@ async def _check_existing_accounts(stub: Stub, account_ids: Sequence[str]) -> No
             f"{len(problems)} of the {len(account_ids)} accounts given cannot carry the run"
             f" (was the preloaded state restored?): {'; '.join(problems[:3])}"
         )
+    return settled
 
 
-async def _resolve_unknown(stub: Stub, unresolved: list[_Write]) -> None:
-    """Re-send every write of unknown fate with its request_id until it is answered."""
+async def _resolve_unknown(stub: Stub, unresolved: list[AnyWrite], tally: _Tally) -> None:
+    """Re-send every write of unknown fate with its request_id until it is answered, and book
+    what the answered ones moved."""
 
-    async def resend(write: _Write) -> bool:
+    async def resend(write: AnyWrite) -> bool:
         """True while the write's fate is still unknown."""
         try:
-            answer = await stub.CreateTransaction(write.request, timeout=CALL_TIMEOUT_SECONDS)
+            if isinstance(write, _TransferWrite):
+                write.answered = (
+                    await stub.CreateTransfer(write.request, timeout=CALL_TIMEOUT_SECONDS)
+                ).transfer
+            else:
+                write.answered = (
+                    await stub.CreateTransaction(write.request, timeout=CALL_TIMEOUT_SECONDS)
+                ).transaction
         except grpc.RpcError as error:
             # Any other answer is definite: the write was refused and applied nothing.
             return error_details(error).code in (
                 grpc.StatusCode.UNAVAILABLE,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
             )
-        write.answered = answer.transaction
+        tally.acknowledge(write)
         return False
 
     pending = list(unresolved)
@@ -569,8 +833,15 @@ async def _resolve_unknown(stub: Stub, unresolved: list[_Write]) -> None:
         raise BenchError(f"{len(pending)} writes of unknown outcome never got an answer")
 
 
-async def _balance_mismatch(stub: Stub, account_id: str) -> str | None:
-    """Whether the account's balances equal what its listed transactions imply; None when so."""
+@dataclass(frozen=True)
+class _AccountCheck:
+    settled_balance: int
+    mismatch: str | None
+
+
+async def _balance_mismatch(stub: Stub, account_id: str) -> _AccountCheck:
+    """The account's settled balance, and whether its balances equal what its listed
+    transactions (transfer legs among them) imply; mismatch None when so."""
     transactions: list[ledger_pb2.Transaction] = []
     token = ""
     for _ in range(LIST_PAGES_PER_ACCOUNT_MAX):
@@ -586,7 +857,9 @@ async def _balance_mismatch(stub: Stub, account_id: str) -> str | None:
             break
     else:
         raise BenchError(f"{account_id}: more than {LIST_PAGES_PER_ACCOUNT_MAX} pages of transactions")
-    settled = sum(t.amount for t in transactions if t.status == ledger_pb2.TRANSACTION_STATUS_SETTLED)
+    settled = sum(
+        settled_amount_of(t) for t in transactions if t.status == ledger_pb2.TRANSACTION_STATUS_SETTLED
+    )
     held = sum(
         -t.amount for t in transactions if t.status == ledger_pb2.TRANSACTION_STATUS_PENDING and t.amount < 0
     )
@@ -596,20 +869,22 @@ async def _balance_mismatch(stub: Stub, account_id: str) -> str | None:
         )
     ).account
     if (account.settled_balance, account.available_balance) == (settled, settled - held):
-        return None
-    return (
+        return _AccountCheck(account.settled_balance, None)
+    return _AccountCheck(
+        account.settled_balance,
         f"{account_id}: stored {account.settled_balance}/{account.available_balance},"
-        f" transactions give {settled}/{settled - held}"
+        f" transactions give {settled}/{settled - held}",
     )
 
 
-async def _report_progress(tally: _Tally, progress: Callable[[str], None]) -> None:
+async def _report_progress(tally: _Tally, progress: Callable[[str], None], unit: str) -> None:
     while True:
         await asyncio.sleep(PROGRESS_INTERVAL_SECONDS)
         if tally.counting:
             elapsed = time.monotonic() - tally.measure_started_monotonic
             done = tally.transactions
-            progress(f"{elapsed:5.1f} s  {done} transactions  {done / max(elapsed, 1e-9):,.0f} tx/s")
+            per_second = "transfers/s" if unit == "transfers" else "tx/s"
+            progress(f"{elapsed:5.1f} s  {done} {unit}  {done / max(elapsed, 1e-9):,.0f} {per_second}")
 
 
 async def _run_for(clients: list[asyncio.Task[None]], seconds: float) -> None:
@@ -642,7 +917,7 @@ async def _measure(
         load_generator_cpu_before = time.process_time()
         tally.measure_started_monotonic = time.monotonic()
         tally.counting = True
-        reporter = asyncio.create_task(_report_progress(tally, progress))
+        reporter = asyncio.create_task(_report_progress(tally, progress, result.unit))
         await _run_for(tasks, duration_seconds)
         tally.counting = False
         tally.stopping = True
@@ -680,13 +955,18 @@ async def run_bench_async(
     metrics_urls: Sequence[str] | None = None,
     window_seconds: float = WINDOW_SECONDS_DEFAULT,
     existing_account_ids: Sequence[str] | None = None,
+    config: ClusterConfig | None = None,
 ) -> BenchResult:
     """The whole bench on the running loop. `metrics_urls` None tries the dev cluster's ports;
-    `existing_account_ids` are used (after a check) instead of `accounts` new accounts."""
+    `existing_account_ids` are used (after a check) instead of `accounts` new accounts; `config`
+    (the server's cluster config) places accounts on shards, which transfer mixes need."""
     for url in metrics_urls or ():
         problem = loopback_url_problem(url)
         if problem is not None:
             raise ValueError(problem)
+    transfer_operations = sorted(set(mix) & set(TRANSFER_OPERATIONS))
+    if transfer_operations and config is None:
+        raise ValueError(f"{', '.join(transfer_operations)} need the cluster config to place accounts")
     answering, silent = await probe_endpoints(metrics_urls)
     for url, reason in silent.items():
         progress(f"metrics endpoint {url} does not answer ({reason}); its CPU is not reported")
@@ -694,18 +974,34 @@ async def run_bench_async(
     async with aio.insecure_channel(address) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         if existing_account_ids is None:
-            account_ids = await _setup_accounts(stub, accounts, progress)
+            request_ids = (
+                spread_request_ids(config.shards, accounts)
+                if transfer_operations and config is not None
+                else [new_request_id() for _ in range(accounts)]
+            )
+            account_ids = await _setup_accounts(stub, request_ids, progress)
+            start_by_account = dict.fromkeys(account_ids, SETUP_BALANCE)
         else:
             account_ids = list(existing_account_ids)
-            await _check_existing_accounts(stub, account_ids)
+            start_by_account = await _check_existing_accounts(stub, account_ids)
             progress(f"using {len(account_ids)} existing accounts")
+        pairs: dict[str, TransferPairs] = {}
+        if config is not None and transfer_operations:
+            shard_of = shards_of(config, account_ids)
+            pairs = {
+                operation: TransferPairs(shard_of, cross_shard=operation == "transfer")
+                for operation in transfer_operations
+            }
         windows = max(1, math.ceil(duration_seconds / window_seconds - WINDOW_ROUNDING_SLACK))
         tally = _Tally(window_seconds, windows)
         clients = [
-            _Client(stub, account_ids, mix, seed=seed, tally=tally, batch=batch)
+            _Client(stub, account_ids, mix, seed=seed, tally=tally, batch=batch, pairs=pairs)
             for seed in range(concurrency)
         ]
-        result = BenchResult(window_seconds=window_seconds)
+        only_transfers = set(mix) <= set(TRANSFER_OPERATIONS)
+        result = BenchResult(
+            window_seconds=window_seconds, unit="transfers" if only_transfers else "transactions"
+        )
         await _measure(
             clients,
             tally,
@@ -724,12 +1020,20 @@ async def run_bench_async(
         result.errors_by_code = tally.errors
         if tally.unresolved:
             progress(f"re-sending {len(tally.unresolved)} writes of unknown outcome")
-        await _resolve_unknown(stub, tally.unresolved)
-        mismatches = await _for_each(
+        await _resolve_unknown(stub, tally.unresolved, tally)
+        checks = await _for_each(
             account_ids, lambda account_id: _balance_mismatch(stub, account_id), CHECK_CONCURRENCY_MAX
         )
         result.balances_checked = len(account_ids)
-        result.balance_mismatches = [mismatch for mismatch in mismatches if mismatch is not None]
+        result.balance_mismatches = [check.mismatch for check in checks if check.mismatch is not None]
+        if set(mix) <= NET_CHECKED_OPERATIONS:
+            settled_by_account = {
+                account_id: check.settled_balance
+                for account_id, check in zip(account_ids, checks, strict=True)
+            }
+            result.balance_mismatches.extend(
+                balance_totals(settled_by_account, start_by_account, tally.net_by_account, tally.outside_net)
+            )
         return result
 
 
@@ -746,6 +1050,7 @@ def run_bench(
     metrics_urls: Sequence[str] | None = None,
     window_seconds: float = WINDOW_SECONDS_DEFAULT,
     existing_account_ids: Sequence[str] | None = None,
+    config: ClusterConfig | None = None,
 ) -> BenchResult:
     """Set up accounts (or check `existing_account_ids`), load `address` for the warm-up and the
     window, re-send writes of unknown outcome, then check every account's balances. Raises
@@ -763,5 +1068,6 @@ def run_bench(
             metrics_urls=metrics_urls,
             window_seconds=window_seconds,
             existing_account_ids=existing_account_ids,
+            config=config,
         )
     )

@@ -40,15 +40,19 @@ from ledger_cluster.backup import (
     prepare_backup_directory,
     validate_backup,
 )
-from ledger_cluster.bench import CREATE_MIX_AMOUNTS, SETUP_BALANCE, new_request_id
+from ledger_cluster.bench import (
+    CREATE_MIX_AMOUNTS,
+    SETUP_BALANCE,
+    account_request_in_shard,
+    new_request_id,
+)
 from ledger_cluster.config import ClusterConfig, write_json_atomic
 from ledger_cluster.core import AccountsCore, commands, tables
 from ledger_cluster.errors import LedgerError
-from ledger_cluster.gateway import account_id_for_request, time_ordered_transaction_number
+from ledger_cluster.gateway import time_ordered_transaction_number
 from ledger_cluster.gateway.service import TRANSACTION_NUMBER_RANDOM_BITS
 from ledger_cluster.ids import format_account_id
 from ledger_cluster.limits import BATCH_ITEMS_MAX
-from ledger_cluster.sharding import shard_key
 from ledger_cluster.storage import Storage, fsync_directory
 
 Progress = Callable[[str], None]
@@ -58,9 +62,6 @@ ACCOUNTS_DEFAULT = 60
 ITEM_DESCRIPTION = "bench"
 SETUP_DESCRIPTION = "bench setup"
 PROGRESS_EVERY_TRANSACTIONS = 100_000
-# An account of a shard holding 1/S of the key space takes S request ids on average; past this
-# many the shard is too narrow for this tool (a config of over 10,000 shards).
-ACCOUNT_DRAWS_MAX = 1_000_000
 # Bumped whenever what a preload writes changes (the mix, descriptions, top-ups), so a cached
 # state of the old recipe is never measured as if it were the new one.
 PRELOAD_RECIPE_VERSION = 1
@@ -107,20 +108,6 @@ class TransactionNumbers:
             if (account_id, number) not in self._drawn:
                 self._drawn.add((account_id, number))
                 return number
-
-
-def account_request_in_shard(lower_bound: int, upper_bound: int) -> tuple[int, str]:
-    """A new account of the shard [lower_bound, upper_bound] and its CreateAccount request id:
-    the gateway derives the id from the request id, so request ids are drawn until one lands
-    in the shard."""
-    for _ in range(ACCOUNT_DRAWS_MAX):
-        request_id = new_request_id()
-        account_id = account_id_for_request(request_id)
-        if lower_bound <= shard_key(account_id) <= upper_bound:
-            return account_id, request_id
-    raise BenchStateError(
-        f"no account in shard keys {lower_bound}..{upper_bound} after {ACCOUNT_DRAWS_MAX} draws"
-    )
 
 
 def create_accounts_entries(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -172,6 +173,254 @@ def scenario_1(account_id: str, gateway: str, timeout_seconds: float) -> None:
         printer.create("purchase -1000", -1000, settled=True, description="scenario-1 large purchase")
 
 
+# scenario-2's amounts: a top-up, a pending transfer settled in part, one far beyond the funds
+# (at least this much), and a pending one left to expire.
+SCENARIO_2_TOP_UP = 100
+SCENARIO_2_PENDING = 30
+SCENARIO_2_PARTIAL_SETTLE = 20
+SCENARIO_2_TOO_LARGE_MIN = 1000
+SCENARIO_2_EXPIRING = 10
+SCENARIO_2_EXPIRY_TIMEOUT_SECONDS = 2
+# The cluster expires a transfer within a second or two of its deadline (and then its credit leg
+# on the other shard) while the shards have leaders; this far past the deadline it has failed.
+SCENARIO_2_EXPIRY_WAIT_SECONDS = 20.0
+SCENARIO_2_POLL_SECONDS = 0.1
+# One page of each account's legs is printed; a fresh account has a handful.
+SCENARIO_2_LEGS_PAGE_SIZE = 1000
+
+
+def _transfer_status_name(transfer: ledger_pb2.Transfer) -> str:
+    return ledger_pb2.TransferStatus.Name(transfer.status).removeprefix("TRANSFER_STATUS_")
+
+
+def _shard_id_of(config: cluster_config.ClusterConfig, account_id: str, option: str) -> str:
+    try:
+        return config.shard_for_account(parse_account_id(account_id)).shard_id
+    except InvalidIdError as error:
+        raise click.BadParameter(str(error), param_hint=option) from None
+
+
+def _account_on_other_shard(
+    stub: ledger_pb2_grpc.LedgerServiceStub,
+    config: cluster_config.ClusterConfig,
+    shard_id: str,
+    timeout_seconds: float,
+) -> str:
+    """A new account on a shard other than `shard_id`: the gateway derives an account id from
+    its CreateAccount request id, so the request id is drawn for a shard of the config."""
+    others = [shard for shard in config.shards if shard.shard_id != shard_id]
+    if not others:
+        raise click.ClickException(
+            f"the config has one shard only ({shard_id}): no transfer can cross shards"
+        )
+    shard = others[secrets.randbelow(len(others))]
+    _, request_id = bench.account_request_in_shard(shard.lower_bound, shard.upper_bound)
+    request = ledger_pb2.CreateAccountRequest(request_id=request_id)
+    return stub.CreateAccount(request, timeout=timeout_seconds).account.id
+
+
+class _TransferScenarioPrinter:
+    """One line per step: what it made (id, amount, settled amount, status) and both accounts'
+    balances read back consistently."""
+
+    def __init__(
+        self,
+        stub: ledger_pb2_grpc.LedgerServiceStub,
+        debit_account_id: str,
+        credit_account_id: str,
+        timeout: float,
+    ):
+        self._stub = stub
+        self._accounts = (("debit", debit_account_id), ("credit", credit_account_id))
+        self._timeout = timeout
+        self._step = 0
+
+    def account(self, account_id: str) -> ledger_pb2.Account:
+        request = ledger_pb2.GetAccountRequest(account_id=account_id, consistent=True)
+        return self._stub.GetAccount(request, timeout=self._timeout).account
+
+    def balances(self) -> str:
+        cells = []
+        for label, account_id in self._accounts:
+            account = self.account(account_id)
+            cells.append(f"{label} available/settled {account.available_balance}/{account.settled_balance}")
+        return "  ".join(cells)
+
+    def line(self, action: str, object_id: str, amount: int, settled_amount: int, status: str) -> None:
+        self._step += 1
+        click.echo(
+            f"{self._step}  {action:28}  {object_id:32}  {amount:>7}  {settled_amount:>7}  {status:18}"
+            f"  {self.balances()}"
+        )
+
+    def transfer(self, action: str, transfer: ledger_pb2.Transfer) -> ledger_pb2.Transfer:
+        self.line(
+            action, transfer.id, transfer.amount, transfer.settled_amount, _transfer_status_name(transfer)
+        )
+        return transfer
+
+    def legs(self, label: str, account_id: str, shard_id: str) -> list[ledger_pb2.Transaction]:
+        page = self._stub.ListTransactions(
+            ledger_pb2.ListTransactionsRequest(account_id=account_id, page_size=SCENARIO_2_LEGS_PAGE_SIZE),
+            timeout=self._timeout,
+        )
+        click.echo(f"transactions of the {label} account {account_id} ({shard_id}):")
+        for leg in page.transactions:
+            click.echo(
+                f"   {leg.id:32}  {leg.amount:>7}  {leg.settled_amount:>7}  {_status_name(leg):18}"
+                f"  transfer {leg.transfer_id or '-':32}  counterparty {leg.counterparty_account_id or '-'}"
+            )
+        if page.next_page_token:
+            click.echo(f"   (more than {SCENARIO_2_LEGS_PAGE_SIZE}; the rest not shown)")
+        return list(page.transactions)
+
+
+def _poll_until(what: str, done: Callable[[], bool], deadline_seconds: float) -> None:
+    """Call `done` every SCENARIO_2_POLL_SECONDS until it is true; fail the command past the deadline."""
+    deadline = time.monotonic() + deadline_seconds
+    while not done():
+        if time.monotonic() >= deadline:
+            raise click.ClickException(f"{what} not seen within {deadline_seconds:g} s")
+        time.sleep(SCENARIO_2_POLL_SECONDS)
+
+
+@main.command("scenario-2")
+@click.option(
+    "--debit-account-id",
+    default=None,
+    help="Account the money leaves (16 hex chars). Default: a new account.",
+)
+@click.option(
+    "--credit-account-id",
+    default=None,
+    help="Account the money arrives in, on another shard of --config. Default: a new account on"
+    " another shard.",
+)
+@config_option
+@gateway_option
+@timeout_option
+def scenario_2(
+    debit_account_id: str | None,
+    credit_account_id: str | None,
+    config_path: str,
+    gateway: str,
+    timeout_seconds: float,
+) -> None:
+    """Walk a transfer between two accounts on different shards: top-up of the debit account
+    +100, a pending transfer of 30, settle 20 of it (the rest of the hold is released), a
+    transfer beyond the funds (INSUFFICIENT_FUNDS, nothing moves), a pending transfer of 10 with
+    timeout_seconds=2 polled until it is EXPIRED; every step prints its id, amount, settled
+    amount, status and both accounts' balances. Then both accounts' transactions (the legs).
+    Without account ids, new accounts are created on two shards of --config."""
+    config = load_config(config_path)
+    with ledger_stub(gateway) as stub:
+        if debit_account_id is None:
+            debit_account_id = stub.CreateAccount(
+                ledger_pb2.CreateAccountRequest(request_id=bench.new_request_id()), timeout=timeout_seconds
+            ).account.id
+        debit_shard = _shard_id_of(config, debit_account_id, "--debit-account-id")
+        if credit_account_id is None:
+            credit_account_id = _account_on_other_shard(stub, config, debit_shard, timeout_seconds)
+        credit_shard = _shard_id_of(config, credit_account_id, "--credit-account-id")
+        if credit_shard == debit_shard:
+            raise click.BadParameter(
+                f"both accounts are on {debit_shard}; scenario-2 crosses shards",
+                param_hint="--credit-account-id",
+            )
+        printer = _TransferScenarioPrinter(stub, debit_account_id, credit_account_id, timeout_seconds)
+        click.echo(
+            f"scenario-2 from {debit_account_id} ({debit_shard}) to {credit_account_id} ({credit_shard})"
+            f" via {gateway}"
+        )
+        click.echo(
+            f"#  {'step':28}  {'transaction or transfer':32}  {'amount':>7}  {'settled':>7}  {'status':18}"
+            "  balances"
+        )
+        top_up = stub.CreateTransaction(
+            ledger_pb2.CreateTransactionRequest(
+                account_id=debit_account_id,
+                amount=SCENARIO_2_TOP_UP,
+                settled=True,
+                description="scenario-2 top-up",
+            ),
+            timeout=timeout_seconds,
+        ).transaction
+        printer.line(
+            f"top-up debit +{SCENARIO_2_TOP_UP} (instant)",
+            top_up.id,
+            top_up.amount,
+            top_up.settled_amount,
+            _status_name(top_up),
+        )
+
+        def create(amount: int, settled: bool, description: str, timeout: int = 0) -> ledger_pb2.Transfer:
+            request = ledger_pb2.CreateTransferRequest(
+                debit_account_id=debit_account_id,
+                credit_account_id=credit_account_id,
+                amount=amount,
+                settled=settled,
+                description=description,
+                timeout_seconds=timeout,
+            )
+            return stub.CreateTransfer(request, timeout=timeout_seconds).transfer
+
+        pending = printer.transfer(
+            f"transfer {SCENARIO_2_PENDING} (pending)",
+            create(SCENARIO_2_PENDING, settled=False, description="scenario-2 pending transfer"),
+        )
+        printer.transfer(
+            f"settle {SCENARIO_2_PARTIAL_SETTLE} of it",
+            stub.SettleTransfer(
+                ledger_pb2.SettleTransferRequest(transfer_id=pending.id, amount=SCENARIO_2_PARTIAL_SETTLE),
+                timeout=timeout_seconds,
+            ).transfer,
+        )
+        debit = printer.account(debit_account_id)
+        too_large = max(SCENARIO_2_TOO_LARGE_MIN, debit.available_balance + debit.overdraft_limit + 1)
+        printer.transfer(
+            f"transfer {too_large}", create(too_large, settled=True, description="scenario-2 large transfer")
+        )
+        expiring = printer.transfer(
+            f"transfer {SCENARIO_2_EXPIRING} (pending, {SCENARIO_2_EXPIRY_TIMEOUT_SECONDS} s)",
+            create(
+                SCENARIO_2_EXPIRING,
+                settled=False,
+                description="scenario-2 expiring transfer",
+                timeout=SCENARIO_2_EXPIRY_TIMEOUT_SECONDS,
+            ),
+        )
+        latest = expiring
+
+        def resolved() -> bool:
+            nonlocal latest
+            latest = stub.GetTransfer(
+                ledger_pb2.GetTransferRequest(transfer_id=expiring.id, consistent=True),
+                timeout=timeout_seconds,
+            ).transfer
+            return latest.status != ledger_pb2.TRANSFER_STATUS_PENDING
+
+        wait_seconds = SCENARIO_2_EXPIRY_TIMEOUT_SECONDS + SCENARIO_2_EXPIRY_WAIT_SECONDS
+        _poll_until(f"transfer {expiring.id} leaving PENDING", resolved, wait_seconds)
+        printer.transfer("wait until it expires", latest)
+        if latest.status != ledger_pb2.TRANSFER_STATUS_EXPIRED:
+            raise click.ClickException(
+                f"transfer {expiring.id} ended {_transfer_status_name(latest)}, not EXPIRED"
+            )
+
+        def credit_leg_expired() -> bool:
+            leg = stub.GetTransaction(
+                ledger_pb2.GetTransactionRequest(transaction_id=latest.credit_transaction_id),
+                timeout=timeout_seconds,
+            ).transaction
+            return leg.status == ledger_pb2.TRANSACTION_STATUS_EXPIRED
+
+        # The credit leg on the other shard follows the debit leg's expiry a moment later.
+        _poll_until(f"credit leg {latest.credit_transaction_id} EXPIRED", credit_leg_expired, wait_seconds)
+        click.echo(f"final balances: {printer.balances()}")
+        printer.legs("debit", debit_account_id, debit_shard)
+        printer.legs("credit", credit_account_id, credit_shard)
+
+
 def _replica_health(replica: node_pb2.ReplicaStatus | None, node_error: str) -> str:
     if node_error:
         return f"down ({node_error})"
@@ -245,15 +494,18 @@ def _account_ids_of(path: Path, count: int) -> list[str]:
     type=click.IntRange(1, BATCH_ITEMS_MAX),
     default=1,
     show_default=True,
-    help="Items per call: above 1, creates, settles and cancels use the batch RPCs (B items count as"
-    " B transactions); reads stay unary.",
+    help="Items per call: above 1, creates, settles, cancels and transfers use the batch RPCs (B items"
+    " count as B transactions); reads stay unary.",
 )
 @click.option(
     "--mix",
     default="create,settle,cancel,read",
     show_default=True,
-    help="Comma-separated operations to draw from evenly: create, settle, cancel, read.",
+    help="Comma-separated operations to draw from evenly: create, settle, cancel, read, transfer (one"
+    " unit, settled, between two accounts on different shards of --config), transfer-same (on one"
+    " shard). A mix of transfers only counts transfers per second.",
 )
+@config_option
 @click.option(
     "--metrics",
     "metrics_urls",
@@ -285,13 +537,16 @@ def bench_command(
     mix: str,
     metrics_urls: tuple[str, ...],
     as_json: bool,
+    config_path: str,
     gateway: str,
 ) -> None:
     """Load a running gateway with concurrent clients (one unary call per transaction, or batch
     calls of --batch items) and report throughput, latency percentiles, errors by code and CPU
     per transaction (of each server process with a metrics endpoint, and of this load
-    generator); then check every account's balances against its transactions (exit 1 on any
-    mismatch). A write whose outcome is unknown counts as an error, never as a success."""
+    generator); then check every account's balances against its transactions, and, for a mix
+    without settles and cancels, against its acknowledged writes and the sum of all balances
+    against conservation (exit 1 on any mismatch). A write whose outcome is unknown counts as an
+    error, never as a success. Transfer mixes read the server's shards from --config."""
     operations = [name.strip() for name in mix.split(",") if name.strip()]
     unknown = sorted(set(operations) - set(bench.OPERATIONS))
     if not operations or unknown:
@@ -307,6 +562,8 @@ def bench_command(
         if problem is not None:
             raise click.BadParameter(problem, param_hint="--metrics")
     existing_account_ids = None if accounts_file is None else _account_ids_of(accounts_file, accounts)
+    needs_config = bool(set(operations) & set(bench.TRANSFER_OPERATIONS))
+    config = load_config(config_path) if needs_config else None
     try:
         result = bench.run_bench(
             gateway,
@@ -321,6 +578,7 @@ def bench_command(
             metrics_urls=list(metrics_urls) or None,
             window_seconds=window_seconds,
             existing_account_ids=existing_account_ids,
+            config=config,
         )
     except grpc.RpcError as error:
         raise click.ClickException(f"{gateway}: {describe_rpc_error(error)}") from None
