@@ -19,6 +19,7 @@ from ledger_cluster.core import commands, tables
 from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.core.records import (
     CREDIT_OWED,
+    EXPIRED,
     PENDING,
     RESOLVE_OWED,
     TransactionRecord,
@@ -34,8 +35,9 @@ logger = logging.getLogger(__name__)
 
 # How often a driver looks for unfinished transfers and due deadlines on the shards it leads.
 DRIVE_PERIOD_SECONDS = 0.5
-# A transfer this young is left to the gateway that is finishing it on the call's path.
-DRIVE_GRACE_SECONDS = 1.0
+# A transfer this young is left to the gateway that is finishing it on the call's path (under
+# load its finish may queue for a second or more; a shorter grace doubles the work).
+DRIVE_GRACE_SECONDS = 3.0
 # Unfinished transfers read per page, and pages read per shard per round (the rest wait for the
 # next round).
 TRANSFER_WORK_PAGE_MAX = 500
@@ -268,7 +270,9 @@ class TransferDriver:
         currencies: dict[int, str] = {}
         for data, metadata in zip(work.transactions, work.metadatas, strict=True):
             leg = decode_transaction(data)
-            if now - leg.updated_at < grace_ns and now - leg.created_at < grace_ns:
+            # An expiry owes its credit shard work that no gateway is doing: no grace for it.
+            young = now - leg.updated_at < grace_ns and now - leg.created_at < grace_ns
+            if young and leg.status != EXPIRED:
                 continue
             if leg.account_id not in currencies:
                 currencies[leg.account_id] = await self._currency_of(shard, leg.account_id)

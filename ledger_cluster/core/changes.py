@@ -127,6 +127,17 @@ class Changes:
             self._put_transaction(key, data)
         return data
 
+    def overwrite_transaction(self, record: TransactionRecord) -> bytes:
+        """Store `record` over its row when its account's totals do not move (a debit leg's owed
+        work done): the account is neither read nor written."""
+        key = tables.transaction_key(record.account_id, record.transaction_number)
+        data = record.encode()
+        if self._put_transaction is None:
+            self._transactions[key] = data
+        else:
+            self._put_transaction(key, data)
+        return data
+
     def insert_transaction(self, key: bytes, data: bytes) -> bool:
         """Store a new transaction row; False (and nothing stored) when its key is taken."""
         if self._insert_transaction is not None:
@@ -280,11 +291,8 @@ def expiry_key_of(record: TransactionRecord) -> bytes:
     return tables.expiry_key(record.expires_at, record.account_id, record.transaction_number)
 
 
-def replace_transaction(
-    changes: Changes, change: AccountChange, before: TransactionRecord, after: TransactionRecord, now: int
-) -> bytes:
-    """Store `after` over `before` (same key), moving totals, the deadline index and the
-    transfer work index with it."""
+def _move_indexes(changes: Changes, before: TransactionRecord, after: TransactionRecord) -> None:
+    """The deadline and transfer work indexes follow a transaction's change."""
     if expires_on_its_own(before) and not expires_on_its_own(after):
         changes.delete_row(tables.EXPIRIES, expiry_key_of(before))
     if bool(before.flags & OWED_WORK) != bool(after.flags & OWED_WORK):
@@ -293,6 +301,22 @@ def replace_transaction(
             changes.put_row(tables.TRANSFER_WORK, work_key, b"")
         else:
             changes.delete_row(tables.TRANSFER_WORK, work_key)
+
+
+def replace_bookkeeping(changes: Changes, before: TransactionRecord, after: TransactionRecord) -> bytes:
+    """Store `after` over `before` when only its bookkeeping changes (flags, the linked number),
+    not what it contributes to its account's totals."""
+    require_invariant(contribution(before) == contribution(after), "bookkeeping that moves totals")
+    _move_indexes(changes, before, after)
+    return changes.overwrite_transaction(after)
+
+
+def replace_transaction(
+    changes: Changes, change: AccountChange, before: TransactionRecord, after: TransactionRecord, now: int
+) -> bytes:
+    """Store `after` over `before` (same key), moving totals, the deadline index and the
+    transfer work index with it."""
+    _move_indexes(changes, before, after)
     return changes.put_transaction(change, before, after, now)
 
 

@@ -16,6 +16,7 @@ from ledger_cluster.core.changes import (
     Changes,
     failure,
     ok_transaction,
+    replace_bookkeeping,
     replace_transaction,
     store_new_transaction,
     transaction_metadata,
@@ -498,9 +499,6 @@ def finish_transfer(changes: Changes, command: commands.FinishTransfer) -> core_
         or leg.account_id != before.counterparty_account_id
     ):
         return failure(core_pb2.OUTCOME_INVALID_COMMAND, "the credit leg is another transfer's")
-    change = changes.account(before.account_id)
-    require_invariant(change is not None, f"debit leg of missing account {before.account_id:016x}")
-    assert change is not None  # narrowed for mypy; checked just above
     after = decode_transaction(before.encode())
     if leg is None or leg.initial_status == CANCELLED:
         if not before.flags & CREDIT_OWED:
@@ -514,6 +512,12 @@ def finish_transfer(changes: Changes, command: commands.FinishTransfer) -> core_
         after.linked_number = leg.transaction_number
         if leg.status == before.status and leg.settled_amount == -before.settled_amount:
             after.flags &= ~RESOLVE_OWED
+        # The common case: only bookkeeping, so the account is left alone.
+        replace_bookkeeping(changes, before, after)
+        return _answer(changes, after)
+    change = changes.account(before.account_id)
+    require_invariant(change is not None, f"debit leg of missing account {before.account_id:016x}")
+    assert change is not None  # narrowed for mypy; checked just above
     replace_transaction(changes, change, before, after, command.now)
     return _answer(changes, after)
 

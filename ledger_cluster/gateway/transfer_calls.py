@@ -196,19 +196,32 @@ class TransferCalls:
 
     async def _read_currencies(self, pending: list[_Pending], deadline: Deadline) -> None:
         """Cross-shard items need the credit account's currency before the debit (the credit side
-        can then never refuse for a static reason). Same-shard items are checked by the core."""
-
-        async def read(item: _Pending) -> None:
+        can then never refuse for a static reason). Same-shard items are checked by the core.
+        Known currencies are taken from the cache here: a task per item costs more than the item."""
+        missing: dict[int, list[_Pending]] = {}
+        for item in pending:
             if self._backend.shard_id(item.debit_account_id) == self._backend.shard_id(
                 item.credit_account_id
             ):
-                return
-            try:
-                item.currency = await self._credit_currency(item.credit_account_id, deadline)
-            except ApiError as error:
-                item.end = error
+                continue
+            known = self._currencies.get(item.credit_account_id)
+            if known is None:
+                missing.setdefault(item.credit_account_id, []).append(item)
+            else:
+                item.currency = known
 
-        await asyncio.gather(*(read(item) for item in pending))
+        async def read(account_id: int, items: list[_Pending]) -> None:
+            try:
+                currency = await self._credit_currency(account_id, deadline)
+            except ApiError as error:
+                for item in items:
+                    item.end = error
+                return
+            for item in items:
+                item.currency = currency
+
+        if missing:
+            await asyncio.gather(*(read(account_id, items) for account_id, items in missing.items()))
 
     async def _debit(self, pending: list[_Pending], now: int, deadline: Deadline) -> None:
         """Each debit shard's items in one update; items whose number was taken draw again.
