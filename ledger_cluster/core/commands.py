@@ -369,6 +369,8 @@ def _metadata_of(entries: Sequence[core_pb2.MetadataEntry]) -> Metadata:
 
 
 def is_canonical(metadata: Metadata) -> bool:
+    if len(metadata) < 2:  # nearly every command: no metadata at all
+        return True
     return all(metadata[index][0] < metadata[index + 1][0] for index in range(len(metadata) - 1))
 
 
@@ -380,7 +382,7 @@ def _create_account_of(payload: bytes, now: int) -> CreateAccount:
         now,
         decoded.currency,
         decoded.overdraft_limit,
-        _metadata_of(decoded.metadata),
+        _metadata_of(decoded.metadata) if decoded.metadata else (),
     )
 
 
@@ -414,7 +416,7 @@ def _create_transfer_of(payload: bytes, now: int) -> CreateTransfer:
         decoded.description,
         decoded.settled,
         decoded.request_id,
-        _metadata_of(decoded.metadata),
+        _metadata_of(decoded.metadata) if decoded.metadata else (),
         decoded.timeout_seconds,
         decoded.currency,
         now,
@@ -430,7 +432,7 @@ def _credit_leg_of(payload: bytes, now: int) -> CreditLeg:
         decoded.amount,
         decoded.settled,
         decoded.description,
-        _metadata_of(decoded.metadata),
+        _metadata_of(decoded.metadata) if decoded.metadata else (),
         decoded.created_at,
         decoded.expires_at,
         decoded.currency,
