@@ -119,13 +119,7 @@ class Changes:
     ) -> bytes:
         """Store `record` (which was `before`) and move its account's totals by the difference."""
         move_totals(change, subtract_totals(contribution(record), contribution(before)), now)
-        key = tables.transaction_key(record.account_id, record.transaction_number)
-        data = record.encode()
-        if self._put_transaction is None:
-            self._transactions[key] = data
-        else:
-            self._put_transaction(key, data)
-        return data
+        return self.overwrite_transaction(record)
 
     def overwrite_transaction(self, record: TransactionRecord) -> bytes:
         """Store `record` over its row when its account's totals do not move (a debit leg's owed
