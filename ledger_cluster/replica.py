@@ -29,6 +29,7 @@ from pysyncobj.journal import createJournal
 from pysyncobj.node import Node
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 
+from ledger_cluster import replica_journal
 from ledger_cluster.config import ClusterConfig, ShardConfig
 from ledger_cluster.core import AccountsCore, commands
 from ledger_cluster.deadlines import Deadline
@@ -55,6 +56,8 @@ from ledger_cluster.sharding import SHARD_KEY_MAX
 from ledger_cluster.storage import make_private_directory
 
 logger = logging.getLogger(__name__)
+# Every journal this process opens trims atomically (replica_journal.py).
+replica_journal.install()
 
 # Raft timing, chosen by measurement (docs/performance.md): heartbeats every 0.2 s keep an idle
 # 16-shard cluster near 1% of a core per node, and elections start after 0.7-1.4 s without one
