@@ -60,6 +60,8 @@ DURATION_SECONDS_MAX = 24 * 3600.0
 # Snapshots (and snapshot transfers to restarted or wiped replicas) every few hundred writes.
 LOG_COMPACTION_MIN_ENTRIES_DEFAULT = 100
 FINAL_READ_TIMEOUT_SECONDS = 60.0
+# Reads of one account's state (account, listing, account) until the account held still.
+FINAL_READ_ATTEMPTS_MAX = 20
 FINAL_READ_CALL_TIMEOUT_SECONDS = 5.0
 FINAL_READ_PAUSE_SECONDS = 0.2
 CONVERGE_TIMEOUT_SECONDS = 60.0
@@ -319,8 +321,29 @@ def read_final_state(
 def _read_account_state(
     stub: ledger_pb2_grpc.LedgerServiceStub, account_id: str, deadline: float
 ) -> checks.AccountState:
+    """The account and its listing as one state: the account is read again after the listing,
+    and both are read again when it moved in between (a driver may still finish a transfer
+    while the final state is read), at most FINAL_READ_ATTEMPTS_MAX times."""
+    state = checks.AccountState(None)
+    for _ in range(FINAL_READ_ATTEMPTS_MAX):
+        before = _read_account(stub, account_id, deadline)
+        if before is None:
+            return checks.AccountState(None)
+        transactions = _read_listing(stub, account_id, deadline)
+        after = _read_account(stub, account_id, deadline)
+        state = checks.AccountState(account_view(before), transactions)
+        if after == before:
+            return state
+        if time.monotonic() > deadline:
+            break
+    return state
+
+
+def _read_account(
+    stub: ledger_pb2_grpc.LedgerServiceStub, account_id: str, deadline: float
+) -> ledger_pb2.Account | None:
     try:
-        account = _retrying(
+        account: ledger_pb2.Account = _retrying(
             lambda: (
                 stub.GetAccount(
                     ledger_pb2.GetAccountRequest(account_id=account_id, consistent=True),
@@ -331,8 +354,14 @@ def _read_account_state(
         )
     except grpc.RpcError as error:
         if error_details(error).code == grpc.StatusCode.NOT_FOUND:
-            return checks.AccountState(None)
+            return None
         raise
+    return account
+
+
+def _read_listing(
+    stub: ledger_pb2_grpc.LedgerServiceStub, account_id: str, deadline: float
+) -> list[dict[str, Any]]:
     transactions: list[dict[str, Any]] = []
     token = ""
     while True:
@@ -345,7 +374,7 @@ def _read_account_state(
         transactions.extend(transaction_view(transaction) for transaction in page.transactions)
         token = page.next_page_token
         if not token:
-            return checks.AccountState(account_view(account), transactions)
+            return transactions
 
 
 def _quiet_deadline_ns(final: checks.FinalState, healed_unix_ns: int) -> int:
