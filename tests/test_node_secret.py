@@ -1,0 +1,79 @@
+"""The Raft secret of `ledger-node`: from the environment or a file, never the command line, and
+never short or blank unless development asks for it explicitly. A refused secret stops the
+process before it opens anything."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from ledger_cluster.cli.node import RAFT_SECRET_BYTES_MIN, raft_secret
+
+STRONG = "s" * RAFT_SECRET_BYTES_MIN
+NODE_TIMEOUT_SECONDS = 30.0
+
+
+def test_a_strong_secret_comes_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    assert raft_secret(STRONG, None, allow_weak=False) == STRONG
+    path = tmp_path / "secret"
+    path.write_text(STRONG + "\n")
+    assert raft_secret("ignored-when-a-file-is-given", str(path), allow_weak=False) == STRONG
+
+
+@pytest.mark.parametrize(
+    ("from_environment", "why"),
+    [
+        (None, "no Raft secret"),
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("s" * (RAFT_SECRET_BYTES_MIN - 1), "at least"),
+    ],
+)
+def test_a_missing_blank_or_short_secret_is_refused(from_environment: str | None, why: str) -> None:
+    with pytest.raises(click.UsageError, match=why):
+        raft_secret(from_environment, None, allow_weak=False)
+
+
+def test_development_may_use_a_short_secret_but_never_a_blank_one() -> None:
+    assert raft_secret("short", None, allow_weak=True) == "short"
+    with pytest.raises(click.UsageError, match="is empty"):
+        raft_secret("", None, allow_weak=True)
+
+
+def run_node(arguments: list[str], environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {key: value for key, value in os.environ.items() if not key.startswith("LEDGER_")}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ledger_cluster.cli.node",
+            "--node-id",
+            "node01",
+            "--data-dir",
+            "/nonexistent",
+            *arguments,
+        ],
+        env={**base, **environment},
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+def test_the_node_refuses_a_secret_on_its_command_line() -> None:
+    result = run_node(["--raft-password", STRONG], {})
+    assert result.returncode == 2
+    assert "shows in /proc/*/cmdline" in result.stderr
+
+
+def test_the_node_refuses_a_short_secret_before_it_starts() -> None:
+    result = run_node([], {"LEDGER_RAFT_PASSWORD": "local-development-only"})
+    assert result.returncode == 2
+    assert f"at least {RAFT_SECRET_BYTES_MIN}" in result.stderr
+    assert not Path("/nonexistent").exists()
