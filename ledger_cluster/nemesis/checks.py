@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -76,7 +76,8 @@ class CheckResult:
 
 @dataclass
 class _LogicalWrite:
-    """Every attempt (original and duplicates) of one create-transaction request_id."""
+    """Every attempt (original and duplicates) of one create request_id (a transaction's or a
+    transfer's)."""
 
     request: dict[str, Any]
     attempts: list[h.Operation] = field(default_factory=list)
@@ -94,12 +95,16 @@ class _LogicalWrite:
         return min((op.complete_seconds for op in self.acknowledged), default=None)
 
 
-def _logical_writes(operations: Iterable[h.Operation]) -> dict[str, _LogicalWrite]:
+def _logical_requests(operations: Iterable[h.Operation], kinds: Collection[str]) -> dict[str, _LogicalWrite]:
     writes: dict[str, _LogicalWrite] = {}
     for op in operations:
-        if op.kind in h.TRANSACTION_WRITES:
+        if op.kind in kinds:
             writes.setdefault(op.request["request_id"], _LogicalWrite(op.request)).attempts.append(op)
     return writes
+
+
+def _logical_writes(operations: Iterable[h.Operation]) -> dict[str, _LogicalWrite]:
+    return _logical_requests(operations, h.TRANSACTION_WRITES)
 
 
 def status_follows(earlier: str, later: str) -> bool:
@@ -453,28 +458,8 @@ class _StoredTransfers:
         return stored
 
 
-@dataclass
-class _LogicalTransfer:
-    """Every attempt (original and duplicates) of one create-transfer request_id."""
-
-    request: dict[str, Any]
-    attempts: list[h.Operation] = field(default_factory=list)
-
-    @property
-    def acknowledged(self) -> list[h.Operation]:
-        return [op for op in self.attempts if op.outcome == h.OUTCOME_OK]
-
-    @property
-    def unknown(self) -> bool:
-        return not self.acknowledged and any(op.outcome == h.OUTCOME_UNKNOWN for op in self.attempts)
-
-
-def _logical_transfers(operations: Iterable[h.Operation]) -> dict[str, _LogicalTransfer]:
-    transfers: dict[str, _LogicalTransfer] = {}
-    for op in operations:
-        if op.kind in h.TRANSFER_WRITES:
-            transfers.setdefault(op.request["request_id"], _LogicalTransfer(op.request)).attempts.append(op)
-    return transfers
+def _logical_transfers(operations: Iterable[h.Operation]) -> dict[str, _LogicalWrite]:
+    return _logical_requests(operations, h.TRANSFER_WRITES)
 
 
 def leg_disagreement(debit: dict[str, Any], credits: list[dict[str, Any]]) -> str | None:
@@ -590,7 +575,7 @@ def check_acknowledged_transfers(operations: list[h.Operation], final: FinalStat
 
 
 def _acknowledged_transfer_problems(
-    transfer: _LogicalTransfer, debit: dict[str, Any], stored: _StoredTransfers
+    transfer: _LogicalWrite, debit: dict[str, Any], stored: _StoredTransfers
 ) -> Iterator[str]:
     request = transfer.request
     if (debit["account_id"], debit["counterparty_account_id"], debit["amount"]) != (
@@ -653,7 +638,7 @@ def check_unacknowledged_transfers(operations: list[h.Operation], final: FinalSt
 def _check_unrequested_transfer_finishes(
     operations: list[h.Operation],
     stored: _StoredTransfers,
-    transfers: dict[str, _LogicalTransfer],
+    transfers: dict[str, _LogicalWrite],
     result: CheckResult,
 ) -> None:
     may_have: dict[str, set[str]] = defaultdict(set)
