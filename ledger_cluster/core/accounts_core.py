@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ledger_cluster.core import commands, migration, rules, tables, transfers, verification
-from ledger_cluster.core.balances import contribution_of, require_invariant
+from ledger_cluster.core.balances import (
+    contribution_of,
+    credit_overflows,
+    debit_overflows,
+    is_refused,
+    require_invariant,
+)
 from ledger_cluster.core.changes import (
     OK,
     AccountChange,
@@ -27,6 +33,7 @@ from ledger_cluster.core.changes import (
     ok_account,
     ok_transaction,
     replace_transaction,
+    same_extras,
     store_new_transaction,
     transaction_metadata,
 )
@@ -45,7 +52,6 @@ from ledger_cluster.core.records import (
     TRANSACTION_HAS_REQUEST_ID,
     TRANSACTION_SETTLED_REQUESTED,
     AccountRecord,
-    Metadata,
     Status,
     TransactionRecord,
     decode_account,
@@ -61,7 +67,7 @@ from ledger_cluster.errors import (
     StorageLayoutError,
 )
 from ledger_cluster.internal.v1 import core_pb2
-from ledger_cluster.limits import INT64_MAX, PAGE_SIZE_MAX
+from ledger_cluster.limits import PAGE_SIZE_MAX
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.storage import (
     ReadTransaction,
@@ -149,22 +155,8 @@ def _same_transaction_payload(
         and record.settled_requested == command.settled
         and record.request_digest == digest
         and not record.flags & LEG_FLAGS
-        and _same_extras(changes, record, command.metadata, command.timeout_seconds)
+        and same_extras(changes, record, command.metadata, command.timeout_seconds)
     )
-
-
-def _same_extras(
-    changes: Changes, record: TransactionRecord, metadata: Metadata, timeout_seconds: int
-) -> bool:
-    """Metadata and timeout are part of the idempotency payload too."""
-    if not metadata and not timeout_seconds and not record.flags & TRANSACTION_HAS_METADATA:
-        return not record.expires_at or record.initial_status == INSUFFICIENT_FUNDS
-    stored = changes.metadata_of(record.account_id, tables.METADATA_OF_TRANSACTION, record.transaction_number)
-    if stored != encode_metadata(metadata):
-        return False
-    if record.initial_status == INSUFFICIENT_FUNDS:
-        return True  # a refused write keeps no deadline
-    return record.expires_at == rules.expires_at_of(record.created_at, timeout_seconds)
 
 
 def _create_transaction(changes: Changes, command: commands.CreateTransaction) -> core_pb2.CommandResult:
@@ -229,14 +221,8 @@ def _overflows(account: AccountRecord, amount: int, refused: bool) -> bool:
     included, so settling it later can never overflow; a purchase that would be taken counts
     against the lifetime debits (one that cannot be paid, `refused`, is recorded instead)."""
     if amount > 0:
-        headroom = INT64_MAX - amount - account.credits_pending
-        return account.settled_balance > headroom or account.credits_settled > headroom
-    return not refused and account.debits_settled + account.debits_pending - amount > INT64_MAX
-
-
-def is_refused(account: AccountRecord, amount: int) -> bool:
-    """A debit of `amount` (< 0) that would take the available balance below the overdraft limit."""
-    return amount < 0 and account.available_balance + amount < -account.overdraft_limit
+        return credit_overflows(account, amount)
+    return not refused and debit_overflows(account, -amount)
 
 
 class _NewRow(NamedTuple):
@@ -256,6 +242,7 @@ def _record_new_transaction(
     account = change.record
     amount = command.amount
     now = command.now
+    # is_refused, written out: this runs for every new item on every replica.
     refused = amount < 0 and account.available_balance + amount < -account.overdraft_limit
     if _overflows(account, amount, refused):
         if changes.transaction_at(row.key) is not None:  # a taken number answers first

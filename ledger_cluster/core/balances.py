@@ -45,6 +45,24 @@ def subtract_totals(left: Totals, right: Totals) -> Totals:
     return (left[0] - right[0], left[1] - right[1], left[2] - right[2], left[3] - right[3])
 
 
+def is_refused(account: AccountRecord, amount: int) -> bool:
+    """A debit of `amount` (< 0) that would take the available balance below the overdraft limit:
+    a purchase or a transfer is then recorded as refused for funds."""
+    return amount < 0 and account.available_balance + amount < -account.overdraft_limit
+
+
+def credit_overflows(account: AccountRecord, amount: int) -> bool:
+    """A credit of `amount` (> 0) counts against the settled balance and the lifetime credits,
+    pending ones included, so settling it later can never overflow."""
+    headroom = INT64_MAX - amount - account.credits_pending
+    return account.settled_balance > headroom or account.credits_settled > headroom
+
+
+def debit_overflows(account: AccountRecord, amount: int) -> bool:
+    """A debit of `amount` (> 0) that would be taken counts against the lifetime debits."""
+    return account.debits_settled + account.debits_pending + amount > INT64_MAX
+
+
 def account_problems(account: AccountRecord) -> list[str]:
     """Every limit an account's stored totals must meet; empty when it meets them all."""
     where = f"account {account.account_id:016x}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ledger_cluster.core import tables
+from ledger_cluster.core import rules, tables
 from ledger_cluster.core.balances import (
     NO_TOTALS,
     Totals,
@@ -21,12 +21,15 @@ from ledger_cluster.core.balances import (
 )
 from ledger_cluster.core.records import (
     CREDIT_LEG,
+    INSUFFICIENT_FUNDS,
     OWED_WORK,
     PENDING,
     TRANSACTION_HAS_METADATA,
     AccountRecord,
+    Metadata,
     TransactionRecord,
     decode_account,
+    encode_metadata,
 )
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.storage import ReadTransaction, WriteTransaction
@@ -159,8 +162,8 @@ class Changes:
             self._transaction.delete(table, key)
 
     def scan(self, table: str, limit: int) -> list[tuple[bytes, bytes]]:
-        """The first `limit` rows of a table, as the state was before this entry (ExpireDue is
-        the only scanner, and the entry is that one command)."""
+        """The first `limit` rows of a table, with this entry's writes (a dry run, which only
+        answers, reads the state before the entry)."""
         return self._view.scan(table, b"", b"", limit)
 
     def metadata_of(self, account_id: int, kind: int, number: int) -> bytes:
@@ -235,10 +238,30 @@ def ok_transaction(
     )
 
 
-def transaction_metadata(changes: Changes, record: TransactionRecord) -> bytes:
-    if not record.flags & TRANSACTION_HAS_METADATA or not changes.answering:
+def stored_metadata(changes: Changes, record: TransactionRecord) -> bytes:
+    """A transaction's metadata as stored (b"" when it has none)."""
+    if not record.flags & TRANSACTION_HAS_METADATA:
         return b""
     return changes.metadata_of(record.account_id, tables.METADATA_OF_TRANSACTION, record.transaction_number)
+
+
+def transaction_metadata(changes: Changes, record: TransactionRecord) -> bytes:
+    """A transaction's metadata for an answer: none when nobody waits for one."""
+    return stored_metadata(changes, record) if changes.answering else b""
+
+
+def same_extras(
+    changes: Changes, record: TransactionRecord, metadata: Metadata, timeout_seconds: int
+) -> bool:
+    """Metadata and timeout are part of a create's idempotency payload (a transaction's or a
+    transfer's) too."""
+    if not metadata and not timeout_seconds and not record.flags & TRANSACTION_HAS_METADATA:
+        return not record.expires_at or record.initial_status == INSUFFICIENT_FUNDS
+    if stored_metadata(changes, record) != encode_metadata(metadata):
+        return False
+    if record.initial_status == INSUFFICIENT_FUNDS:
+        return True  # a refused write keeps no deadline
+    return record.expires_at == rules.expires_at_of(record.created_at, timeout_seconds)
 
 
 def store_new_transaction(  # noqa: PLR0917 - the row and what goes with it

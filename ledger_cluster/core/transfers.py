@@ -8,8 +8,10 @@ seen half-applied at all."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ledger_cluster.core import commands, rules, tables
-from ledger_cluster.core.balances import require_invariant
+from ledger_cluster.core.balances import credit_overflows, debit_overflows, is_refused, require_invariant
 from ledger_cluster.core.changes import (
     OK,
     AccountChange,
@@ -18,6 +20,7 @@ from ledger_cluster.core.changes import (
     ok_transaction,
     replace_bookkeeping,
     replace_transaction,
+    same_extras,
     store_new_transaction,
     transaction_metadata,
 )
@@ -36,7 +39,6 @@ from ledger_cluster.core.records import (
     TRANSACTION_HAS_METADATA,
     TRANSACTION_HAS_REQUEST_ID,
     TRANSACTION_SETTLED_REQUESTED,
-    AccountRecord,
     TransactionRecord,
     decode_transaction,
     encode_metadata,
@@ -44,7 +46,6 @@ from ledger_cluster.core.records import (
 )
 from ledger_cluster.errors import RecordFormatError
 from ledger_cluster.internal.v1 import core_pb2
-from ledger_cluster.limits import INT64_MAX
 
 # A credit leg is stored at the transfer's number on the credit account, or at the next free
 # number when the account has a transaction of that number already (numbers are drawn at
@@ -55,15 +56,6 @@ LEG_NUMBER_PROBES_MAX = 64
 # at once when more are due.
 EXPIRE_BATCH_MAX = 1000
 _FINAL_FOR_LEGS = frozenset({SETTLED, CANCELLED, EXPIRED})
-
-
-def _credit_overflows(account: AccountRecord, amount: int) -> bool:
-    headroom = INT64_MAX - amount - account.credits_pending
-    return account.settled_balance > headroom or account.credits_settled > headroom
-
-
-def _debit_overflows(account: AccountRecord, amount: int) -> bool:
-    return account.debits_settled + account.debits_pending + amount > INT64_MAX
 
 
 def _is_leg_of(record: TransactionRecord, debit_account_id: int, transfer_number: int) -> bool:
@@ -110,27 +102,15 @@ def _answer(changes: Changes, debit_leg: TransactionRecord, repeat: bool = False
 def _same_transfer_payload(
     changes: Changes, record: TransactionRecord, command: commands.CreateTransfer, digest: bytes
 ) -> bool:
-    if not (
-        record.flags & DEBIT_LEG
+    return (
+        bool(record.flags & DEBIT_LEG)
         and record.amount == -command.amount
         and record.counterparty_account_id == command.credit_account_id
         and record.description == command.description
         and record.settled_requested == command.settled
         and record.request_digest == digest
-    ):
-        return False
-    stored = transaction_metadata_of(changes, record)
-    if stored != encode_metadata(command.metadata):
-        return False
-    if record.initial_status == INSUFFICIENT_FUNDS:
-        return True
-    return record.expires_at == rules.expires_at_of(record.created_at, command.timeout_seconds)
-
-
-def transaction_metadata_of(changes: Changes, record: TransactionRecord) -> bytes:
-    if not record.flags & TRANSACTION_HAS_METADATA:
-        return b""
-    return changes.metadata_of(record.account_id, tables.METADATA_OF_TRANSACTION, record.transaction_number)
+        and same_extras(changes, record, command.metadata, command.timeout_seconds)
+    )
 
 
 def _create_transfer_problem(command: commands.CreateTransfer) -> rules.Problem | None:
@@ -208,10 +188,10 @@ def _store_transfer(  # noqa: PLR0917 - what create_transfer looked up, passed o
     request_key: bytes,
 ) -> core_pb2.CommandResult:
     now, amount = command.now, command.amount
-    refused = debit.record.available_balance - amount < -debit.record.overdraft_limit
+    refused = is_refused(debit.record, -amount)
     if not refused and (
-        _debit_overflows(debit.record, amount)
-        or (credit is not None and _credit_overflows(credit.record, amount))
+        debit_overflows(debit.record, amount)
+        or (credit is not None and credit_overflows(credit.record, amount))
     ):
         return failure(core_pb2.OUTCOME_BALANCE_OVERFLOW, "a balance would exceed int64")
     credit_number = command.transfer_number
@@ -344,7 +324,7 @@ def credit_leg(changes: Changes, command: commands.CreditLeg) -> core_pb2.Comman
     metadata = encode_metadata(command.metadata)
     # A credit that would take the account past int64 is stored CANCELLED: the refusal is
     # frozen like any leg, and D reverses the debit when it learns of it.
-    status = CANCELLED if _credit_overflows(credit.record, command.amount) else None
+    status = CANCELLED if credit_overflows(credit.record, command.amount) else None
     leg = _credit_leg_record(
         command.account_id,
         free_number,
@@ -374,12 +354,8 @@ def _settle_amount_of(debit_leg: TransactionRecord, requested: int) -> int | Non
     return -requested
 
 
-def _resolved(debit_leg: TransactionRecord, status: int, settled_amount: int, now: int) -> TransactionRecord:
-    after = decode_transaction(debit_leg.encode())
-    after.status = status
-    after.settled_amount = settled_amount
-    after.updated_at = now
-    return after
+def _resolved(leg: TransactionRecord, status: int, settled_amount: int, now: int) -> TransactionRecord:
+    return replace(leg, status=status, settled_amount=settled_amount, updated_at=now)
 
 
 def _resolve_debit_leg(
@@ -499,7 +475,7 @@ def finish_transfer(changes: Changes, command: commands.FinishTransfer) -> core_
         or leg.account_id != before.counterparty_account_id
     ):
         return failure(core_pb2.OUTCOME_INVALID_COMMAND, "the credit leg is another transfer's")
-    after = decode_transaction(before.encode())
+    after = replace(before)
     if leg is None or leg.initial_status == CANCELLED:
         if not before.flags & CREDIT_OWED:
             return failure(core_pb2.OUTCOME_INVALID_COMMAND, "a refusal of a credit leg that exists")

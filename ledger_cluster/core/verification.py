@@ -22,6 +22,7 @@ from ledger_cluster.core.balances import (
     contribution,
     totals_of,
 )
+from ledger_cluster.core.changes import expires_on_its_own
 from ledger_cluster.core.recent_requests import recent_request_entries
 from ledger_cluster.core.records import (
     NO_REQUEST_DIGEST,
@@ -419,23 +420,15 @@ def _check_expiries(view: ReadTransaction, problems: _Problems) -> None:
             problems.add(f"expiries row {key.hex()} is malformed")
             continue
         record = _decodable(view.get(tables.TRANSACTIONS, tables.transaction_key(account_id, number)))
-        if value or record is None or not _expires_on_its_own(record) or record.expires_at != expires_at:
+        if value or record is None or not expires_on_its_own(record) or record.expires_at != expires_at:
             problems.add(f"expiries row {key.hex()} lists no pending transaction with that deadline")
         listed += 1
     due = 0
     for _, value in view.iterate(tables.TRANSACTIONS):
         record = _decodable(value)
-        due += record is not None and _expires_on_its_own(record)
+        due += record is not None and expires_on_its_own(record)
     if due != listed:
         problems.add(f"{due} pending transactions have a deadline, expiries lists {listed}")
-
-
-def _expires_on_its_own(record: TransactionRecord) -> bool:
-    return (
-        bool(record.expires_at)
-        and record.status == Status.PENDING
-        and not record.flags & TransactionFlag.CREDIT_LEG
-    )
 
 
 def _check_account_sums(account: AccountRecord, seen: _Seen, problems: _Problems) -> None:
