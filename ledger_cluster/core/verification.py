@@ -65,6 +65,16 @@ class _Seen:
     indexed: int = 0
 
 
+@dataclass(slots=True)
+class _Flagged:
+    """Decodable transaction rows that the smaller tables must list, counted in the one pass
+    over the transactions."""
+
+    with_metadata: int = 0
+    owing_work: int = 0
+    expiring: int = 0
+
+
 class _Problems(list[str]):
     def add(self, problem: str) -> None:
         if len(self) < PROBLEMS_MAX:
@@ -95,12 +105,13 @@ def verify_state(
     comes from the clocks of several gateways, which may disagree)."""
     problems = _Problems()
     accounts = _check_accounts(view, owns_account, problems)
-    seen = _check_transactions(view, accounts, owns_account, problems)
+    flagged = _Flagged()
+    seen = _check_transactions(view, accounts, flagged, problems)
     _check_order_index(view, accounts, seen, problems)
     _check_requests(view, seen, applied_index, recent_requests_max, problems)
-    _check_metadata(view, accounts, problems)
-    _check_transfer_work(view, problems)
-    _check_expiries(view, problems)
+    _check_metadata(view, accounts, flagged.with_metadata, problems)
+    _check_transfer_work(view, flagged.owing_work, problems)
+    _check_expiries(view, flagged.expiring, problems)
     for account_id, account in sorted(accounts.items()):
         _check_account_sums(account, seen.get(account_id, _Seen()), problems)
     return list(problems)
@@ -223,7 +234,7 @@ def _expiry_problem(record: TransactionRecord) -> str | None:
 def _check_transactions(
     view: ReadTransaction,
     accounts: dict[int, AccountRecord],
-    owns_account: Callable[[int], bool],
+    flagged: _Flagged,
     problems: _Problems,
 ) -> dict[int, _Seen]:
     seen: dict[int, _Seen] = {}
@@ -234,6 +245,9 @@ def _check_transactions(
         except RecordFormatError as error:
             problems.add(f"{where}: {error}")
             continue
+        flagged.with_metadata += bool(record.flags & TransactionFlag.HAS_METADATA)
+        flagged.owing_work += bool(record.flags & _OWED)
+        flagged.expiring += expires_on_its_own(record)
         if len(key) != 16 or key != tables.transaction_key(record.account_id, record.transaction_number):
             problems.add(f"{where} does not match its record")
             continue
@@ -338,7 +352,9 @@ def _check_requests(
             )
 
 
-def _check_metadata(view: ReadTransaction, accounts: dict[int, AccountRecord], problems: _Problems) -> None:
+def _check_metadata(
+    view: ReadTransaction, accounts: dict[int, AccountRecord], flagged_transactions: int, problems: _Problems
+) -> None:
     """Every metadata row belongs to a record flagged as having metadata, and decodes to
     entries the rules allow, in canonical order; every flagged record has its row."""
     rows = 0
@@ -366,10 +382,9 @@ def _check_metadata(view: ReadTransaction, accounts: dict[int, AccountRecord], p
         if problem is not None:
             problems.add(f"{where} {problem}")
         rows += 1
-    flagged = sum(1 for account in accounts.values() if account.flags & AccountFlag.HAS_METADATA)
-    for _, value in view.iterate(tables.TRANSACTIONS):
-        record = _decodable(value)
-        flagged += record is not None and bool(record.flags & TransactionFlag.HAS_METADATA)
+    flagged = flagged_transactions + sum(
+        1 for account in accounts.values() if account.flags & AccountFlag.HAS_METADATA
+    )
     if flagged != rows:
         problems.add(f"{flagged} records are flagged with metadata, {rows} metadata rows exist")
 
@@ -389,7 +404,7 @@ def _metadata_value_problem(value: bytes) -> str | None:
     return None
 
 
-def _check_transfer_work(view: ReadTransaction, problems: _Problems) -> None:
+def _check_transfer_work(view: ReadTransaction, owing: int, problems: _Problems) -> None:
     """`transfer_work` lists exactly the debit legs that owe their credit shard work."""
     listed = 0
     for key, value in view.iterate(tables.TRANSFER_WORK):
@@ -402,15 +417,11 @@ def _check_transfer_work(view: ReadTransaction, problems: _Problems) -> None:
         ):
             problems.add(f"transfer_work row {key.hex()} lists no debit leg that owes work")
         listed += 1
-    owing = 0
-    for _, value in view.iterate(tables.TRANSACTIONS):
-        record = _decodable(value)
-        owing += record is not None and bool(record.flags & _OWED)
     if owing != listed:
         problems.add(f"{owing} debit legs owe work, transfer_work lists {listed}")
 
 
-def _check_expiries(view: ReadTransaction, problems: _Problems) -> None:
+def _check_expiries(view: ReadTransaction, due: int, problems: _Problems) -> None:
     """`expiries` lists exactly the pending transactions and debit legs with a deadline."""
     listed = 0
     for key, value in view.iterate(tables.EXPIRIES):
@@ -423,10 +434,6 @@ def _check_expiries(view: ReadTransaction, problems: _Problems) -> None:
         if value or record is None or not expires_on_its_own(record) or record.expires_at != expires_at:
             problems.add(f"expiries row {key.hex()} lists no pending transaction with that deadline")
         listed += 1
-    due = 0
-    for _, value in view.iterate(tables.TRANSACTIONS):
-        record = _decodable(value)
-        due += record is not None and expires_on_its_own(record)
     if due != listed:
         problems.add(f"{due} pending transactions have a deadline, expiries lists {listed}")
 
