@@ -437,21 +437,6 @@ class _ClusterShards:
         return await self.client.read(shard_id, query, consistent, deadline)
 
 
-class _LocalReplica:
-    def __init__(self, shard_id: str, replica: ShardReplica) -> None:
-        self.shard_id = shard_id
-        self._replica = replica
-
-    def is_leader(self) -> bool:
-        return self._replica.is_leader()
-
-    def read(self, query: core_pb2.ReadQuery) -> core_pb2.ReadResult:
-        return self._replica.core.read(query)
-
-    def earliest_deadline(self) -> int | None:
-        return self._replica.core.earliest_deadline()
-
-
 class NodeServer:
     """The replicas of one node plus the gRPC server and the metrics endpoint in front of them.
     Build it, then `start()` and `stop()` it on the event loop that serves it."""
@@ -491,7 +476,10 @@ class NodeServer:
         self._driver: TransferDriver | None = None
 
     def _leading_replicas(self) -> list[LocalShard]:
-        return [_LocalReplica(shard_id, replica) for shard_id, replica in sorted(self.replicas.items())]
+        return [
+            LocalShard(shard_id, replica.core, replica.is_leader)
+            for shard_id, replica in sorted(self.replicas.items())
+        ]
 
     def _shard_figures(self) -> list[ShardFigures]:
         figures = []

@@ -15,12 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ledger_cluster.core import commands, tables
+from ledger_cluster.core import AccountsCore, commands, tables
 from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.core.records import (
     CREDIT_OWED,
     EXPIRED,
-    PENDING,
     RESOLVE_OWED,
     TransactionRecord,
     decode_account,
@@ -98,7 +97,7 @@ def commands_for_credit_shard(unfinished: Unfinished, now: int) -> list[bytes]:
     if leg.flags & CREDIT_OWED:
         metadata = decode_metadata(unfinished.metadata) if unfinished.metadata else ()
         items.append(commands.credit_leg_of(leg, metadata, unfinished.currency, now))
-    if leg.status != PENDING and (leg.flags & RESOLVE_OWED or leg.status != leg.initial_status):
+    if leg.flags & RESOLVE_OWED:  # set only on a final debit leg
         items.append(commands.resolve_leg_of(leg, now))
     return items
 
@@ -119,34 +118,47 @@ def _step_of(unfinished: Unfinished, answers: Sequence[ItemAnswer]) -> Step:
     return step
 
 
+async def update_by_shard(
+    api: ShardApi, requests: Sequence[tuple[str, list[bytes]]], deadline: Deadline
+) -> list[list[ItemAnswer]]:
+    """Each request's commands sent to its shard, all of one shard's in one update; the answers
+    of each request, in order (a whole update that fails answers each of its commands so)."""
+    by_shard: dict[str, list[int]] = {}
+    for index, (shard_id, _) in enumerate(requests):
+        by_shard.setdefault(shard_id, []).append(index)
+    answers: list[list[ItemAnswer]] = [[] for _ in requests]
+
+    async def send(shard_id: str, indexes: list[int]) -> None:
+        flat = [command for index in indexes for command in requests[index][1]]
+        sent: Sequence[ItemAnswer]
+        try:
+            sent = await api.update(shard_id, flat, deadline)
+        except LedgerError as error:
+            sent = [error] * len(flat)
+        position = 0
+        for index in indexes:
+            count = len(requests[index][1])
+            answers[index] = list(sent[position : position + count])
+            position += count
+
+    await asyncio.gather(*(send(shard_id, indexes) for shard_id, indexes in by_shard.items()))
+    return answers
+
+
 async def take_credit_steps(
     api: ShardApi, unfinished: Sequence[Unfinished], now: int, deadline: Deadline
 ) -> list[Step | TransferStepError]:
     """C's part of each transfer, one update per credit shard for all of them."""
-    by_shard: dict[str, list[int]] = {}
-    for index, item in enumerate(unfinished):
-        by_shard.setdefault(api.shard_id(item.debit_leg.counterparty_account_id), []).append(index)
-    results: list[Step | TransferStepError] = [TransferStepError("not sent")] * len(unfinished)
-
-    async def send(shard_id: str, indexes: list[int]) -> None:
-        batches = [commands_for_credit_shard(unfinished[index], now) for index in indexes]
-        flat = [command for batch in batches for command in batch]
+    requests = [
+        (api.shard_id(item.debit_leg.counterparty_account_id), commands_for_credit_shard(item, now))
+        for item in unfinished
+    ]
+    results: list[Step | TransferStepError] = []
+    for item, answers in zip(unfinished, await update_by_shard(api, requests, deadline), strict=True):
         try:
-            answers = await api.update(shard_id, flat, deadline)
-        except LedgerError as error:
-            for index in indexes:
-                results[index] = TransferStepError(str(error))
-            return
-        position = 0
-        for index, batch in zip(indexes, batches, strict=True):
-            own = answers[position : position + len(batch)]
-            position += len(batch)
-            try:
-                results[index] = _step_of(unfinished[index], own)
-            except TransferStepError as error:
-                results[index] = error
-
-    await asyncio.gather(*(send(shard_id, indexes) for shard_id, indexes in by_shard.items()))
+            results.append(_step_of(item, answers))
+        except TransferStepError as error:
+            results.append(error)
     return results
 
 
@@ -161,38 +173,24 @@ async def finish_on_debit_shard(
     api: ShardApi, steps: Sequence[Step], now: int, deadline: Deadline
 ) -> list[ItemAnswer]:
     """D records C's answers: one update per debit shard; answers in the order of `steps`."""
-    by_shard: dict[str, list[int]] = {}
-    for index, step in enumerate(steps):
-        by_shard.setdefault(api.shard_id(step.unfinished.debit_leg.account_id), []).append(index)
-    answers: list[ItemAnswer] = [TransferStepError("not sent")] * len(steps)
-
-    async def send(shard_id: str, indexes: list[int]) -> None:
-        try:
-            sent = await api.update(
-                shard_id, [finish_command(steps[index], now) for index in indexes], deadline
-            )
-        except LedgerError as error:
-            sent = [error] * len(indexes)
-        for index, answer in zip(indexes, sent, strict=True):
-            answers[index] = answer
-
-    await asyncio.gather(*(send(shard_id, indexes) for shard_id, indexes in by_shard.items()))
-    return answers
+    requests = [
+        (api.shard_id(step.unfinished.debit_leg.account_id), [finish_command(step, now)]) for step in steps
+    ]
+    return [answers[0] for answers in await update_by_shard(api, requests, deadline)]
 
 
 # -- the driver --------------------------------------------------------------------------------
 
 
-class LocalShard(Protocol):
-    """A shard this process may lead: its leadership, and reads of its own state."""
+class LocalShard:
+    """A shard whose core is in this process, as the driver sees it: it acts on the shard only
+    while `is_leader` says this process leads it."""
 
-    shard_id: str
-
-    def is_leader(self) -> bool: ...
-
-    def read(self, query: core_pb2.ReadQuery) -> core_pb2.ReadResult: ...
-
-    def earliest_deadline(self) -> int | None: ...
+    def __init__(self, shard_id: str, core: AccountsCore, is_leader: Callable[[], bool]) -> None:
+        self.shard_id = shard_id
+        self.is_leader = is_leader
+        self.read = core.read
+        self.earliest_deadline = core.earliest_deadline
 
 
 class TransferDriver:
@@ -299,7 +297,7 @@ class TransferDriver:
 
     async def _currency_of(self, shard: LocalShard, account_id: int) -> str:
         query = core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id))
-        result = await asyncio.to_thread(shard.read, query)
+        result = shard.read(query)  # one small read: on the loop, like the work listing
         return decode_account(result.account).currency if result.outcome == core_pb2.OUTCOME_OK else ""
 
 

@@ -107,19 +107,8 @@ class _StandaloneShard:
         self.next_index = core.applied_index() + 1
 
 
-class _LocalStandaloneShard:
-    def __init__(self, shard_id: str, core: AccountsCore) -> None:
-        self.shard_id = shard_id
-        self._core = core
-
-    def is_leader(self) -> bool:
-        return True
-
-    def read(self, query: core_pb2.ReadQuery) -> core_pb2.ReadResult:
-        return self._core.read(query)
-
-    def earliest_deadline(self) -> int | None:
-        return self._core.earliest_deadline()
+def _always() -> bool:
+    return True  # a standalone process leads every shard it holds
 
 
 class StandaloneBackend(_CoalescingBackend):
@@ -155,9 +144,7 @@ class StandaloneBackend(_CoalescingBackend):
     def _local_shards(self) -> list[LocalShard]:
         if self._closed:
             return []
-        return [
-            _LocalStandaloneShard(shard_id, shard.core) for shard_id, shard in sorted(self._shards.items())
-        ]
+        return [LocalShard(shard_id, shard.core, _always) for shard_id, shard in sorted(self._shards.items())]
 
     async def start(self) -> None:
         self._driver.start()

@@ -49,6 +49,7 @@ from ledger_cluster.transfer_flow import (
     Unfinished,
     finish_on_debit_shard,
     take_credit_steps,
+    update_by_shard,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,12 +85,10 @@ def _outcome_unknown(message: str, debit_leg: TransactionRecord | None = None) -
 class _Pending:
     """One CreateTransfer of a call, on its way: `end` is set once its answer is known."""
 
-    index: int
     request: ledger_pb2.CreateTransferRequest
     debit_account_id: int
     credit_account_id: int
     currency: str = ""
-    collided: bool = False
     debit_leg: TransactionRecord | None = None
     metadata: bytes = b""
     end: ledger_pb2.Transfer | ApiError | None = None
@@ -184,8 +183,8 @@ class TransferCalls:
     ) -> list[ledger_pb2.Transfer | ApiError]:
         now = self._clock_ns()
         pending = []
-        for index, request in enumerate(requests):
-            item = _Pending(index, request, 0, 0)
+        for request in requests:
+            item = _Pending(request, 0, 0)
             try:
                 item.debit_account_id = account_id_of(request.debit_account_id)
                 item.credit_account_id = account_id_of(request.credit_account_id)
@@ -235,37 +234,34 @@ class TransferCalls:
         for _ in range(ID_ATTEMPTS_MAX):
             if not waiting:
                 return
-            groups: dict[str, list[_Pending]] = {}
-            for item in waiting:
-                groups.setdefault(self._backend.shard_id(item.debit_account_id), []).append(item)
-            await asyncio.gather(
-                *(self._send_debits(shard_id, group, now, deadline) for shard_id, group in groups.items())
-            )
-            waiting = [item for item in waiting if item.collided]
+            requests = [
+                (self._backend.shard_id(item.debit_account_id), [self._debit_command(item, now)])
+                for item in waiting
+            ]
+            collided = []
+            for item, (answer,) in zip(
+                waiting, await update_by_shard(self._backend, requests, deadline), strict=True
+            ):
+                if isinstance(answer, LedgerError):
+                    item.end = backend_error(answer)
+                elif answer.outcome == core_pb2.OUTCOME_TRANSACTION_ID_COLLISION:
+                    collided.append(item)
+                else:
+                    self._take_debit_answer(item, answer)
+            waiting = collided
         for item in waiting:
             item.end = ApiError(grpc.StatusCode.ABORTED, "ID_COLLISION", "no free transfer id")
 
-    async def _send_debits(self, shard_id: str, group: list[_Pending], now: int, deadline: Deadline) -> None:
-        built = [self._debit_command(item, now) for item in group]
-        answers: Sequence[ItemAnswer]
-        try:
-            answers = await self._backend.update(shard_id, built, deadline)
-        except LedgerError as error:
-            answers = [error] * len(group)
-        for item, answer in zip(group, answers, strict=True):
-            item.collided = False
-            if isinstance(answer, LedgerError):
-                item.end = backend_error(answer)
-            elif answer.outcome == core_pb2.OUTCOME_TRANSACTION_ID_COLLISION:
-                item.collided = True
-            elif answer.outcome != core_pb2.OUTCOME_OK:
-                item.end = transfer_outcome_error(answer.outcome, answer.message)
-            else:
-                leg = decode_transaction(answer.transaction)
-                if leg.flags & OWED_WORK:
-                    item.debit_leg, item.metadata = leg, answer.metadata
-                else:
-                    item.end = views.transfer_message(leg, answer.metadata)
+    @staticmethod
+    def _take_debit_answer(item: _Pending, answer: core_pb2.CommandResult) -> None:
+        if answer.outcome != core_pb2.OUTCOME_OK:
+            item.end = transfer_outcome_error(answer.outcome, answer.message)
+            return
+        leg = decode_transaction(answer.transaction)
+        if leg.flags & OWED_WORK:
+            item.debit_leg, item.metadata = leg, answer.metadata
+        else:
+            item.end = views.transfer_message(leg, answer.metadata)
 
     def _debit_command(self, item: _Pending, now: int) -> bytes:
         request = item.request
