@@ -6,8 +6,9 @@ in the middle leaves a journal that holds only some of them (entries 1-10 trimme
 killed after three re-adds reopen as 6-8). The replica then either refuses to start or
 forgets entries it acknowledged.
 
-This journal trims by writing the kept entries to a new file beside the old one, syncing it,
-and renaming it over the old one (then syncing the directory). Before the rename the old
+This journal trims by writing the kept entries to a new file beside the old one (with
+PySyncObj's own journal code), syncing it, and renaming it over the old one (then syncing the
+directory). Before the rename the old
 journal is whole; after it the new one is. The file format is PySyncObj's, so either journal
 opens with the other's code.
 
@@ -16,7 +17,6 @@ Only the replica layer uses this module (it subclasses PySyncObj's journal)."""
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,26 +29,6 @@ from ledger_cluster.storage import fsync_directory
 TRIM_SUFFIX = ".trim"
 # The steps of a trim, in order, each reported to `after_step` (tests kill the process there).
 TRIM_STEPS = ("written", "synced", "renamed", "directory-synced")
-_RECORD_SIZE = struct.Struct("<I")
-_RECORD_HEAD = struct.Struct("<QQ")
-
-
-def _header(last_record_offset: int) -> bytes:
-    name = pysyncobj_journal.APP_NAME
-    version = pysyncobj_journal.APP_VERSION
-    return bytes(
-        name
-        + b"\0" * (pysyncobj_journal.NAME_SIZE - len(name))
-        + version
-        + b"\0" * (pysyncobj_journal.VERSION_SIZE - len(version))
-        + struct.pack("<II", pysyncobj_journal.JOURNAL_FORMAT_VERSION, last_record_offset)
-    )
-
-
-def _record(command: Any, index: int, term: int) -> bytes:
-    data = _RECORD_HEAD.pack(index, term) + bytes(pysyncobj_journal.to_bytes(command))
-    size = _RECORD_SIZE.pack(len(data))
-    return size + data + size
 
 
 class AtomicTrimJournal(pysyncobj_journal.FileJournal):  # type: ignore[misc]
@@ -68,28 +48,36 @@ class AtomicTrimJournal(pysyncobj_journal.FileJournal):  # type: ignore[misc]
             self.after_step(name)
 
     def deleteEntriesTo(self, entry_to: int) -> None:
-        # FileJournal's state is name-mangled private: reached through the instance dict.
+        # FileJournal's state is name-mangled private: reached through the instance dicts.
         state: dict[str, Any] = self.__dict__
         kept = list(state["_FileJournal__journal"][entry_to:])
-        records = b"".join(_record(command, index, term) for command, index, term in kept)
-        end = pysyncobj_journal.FIRST_RECORD_OFFSET + len(records)
         temporary = self._path.with_name(self._path.name + TRIM_SUFFIX)
-        with open(temporary, "wb") as file:
-            file.write(_header(end) + records)
-            self._step("written")
-            file.flush()
-            os.fsync(file.fileno())
+        temporary.unlink(missing_ok=True)
+        # The kept entries written by PySyncObj's own journal code, into a file of their own.
+        trimmed = pysyncobj_journal.FileJournal(str(temporary))
+        for entry in kept:
+            trimmed.add(*entry)
+        self._step("written")
+        trimmed.flush()
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         self._step("synced")
         state["_FileJournal__journalFile"]._destroy()  # flushes and unmaps the old file
         os.replace(temporary, self._path)
         self._step("renamed")
         fsync_directory(self._path.parent)
         self._step("directory-synced")
-        state["_FileJournal__journalFile"] = pysyncobj_journal.ResizableFile(
-            str(self._path), defaultContent=_header(pysyncobj_journal.FIRST_RECORD_OFFSET)
-        )
+        # The new file stays mapped: it is the same file under the journal's name now.
+        adopted: dict[str, Any] = trimmed.__dict__
+        journal_file = adopted["_FileJournal__journalFile"]
+        # It reopens by name when it cannot grow its map in place: the name is the journal's now.
+        journal_file.__dict__["_ResizableFile__fileName"] = str(self._path)
+        state["_FileJournal__journalFile"] = journal_file
+        state["_FileJournal__currentOffset"] = adopted["_FileJournal__currentOffset"]
         state["_FileJournal__journal"] = kept
-        state["_FileJournal__currentOffset"] = end
 
 
 def create_journal(journal_file: str | None = None) -> Any:
