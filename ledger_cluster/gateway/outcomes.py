@@ -109,13 +109,14 @@ def backend_error(error: LedgerError) -> ApiError:
     return ApiError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error: {type(error).__name__}")
 
 
+def _item_error(error: ApiError) -> ledger_pb2.ItemError:
+    """What one item of a batch answers instead of the unary call's status."""
+    return ledger_pb2.ItemError(code=error.code.name, reason=error.reason, message=error.message)
+
+
 def transfer_item_error(error: ApiError) -> ledger_pb2.TransferResult:
-    return ledger_pb2.TransferResult(
-        error=ledger_pb2.ItemError(code=error.code.name, reason=error.reason, message=error.message)
-    )
+    return ledger_pb2.TransferResult(error=_item_error(error))
 
 
 def item_error(error: ApiError) -> ledger_pb2.TransactionResult:
-    return ledger_pb2.TransactionResult(
-        error=ledger_pb2.ItemError(code=error.code.name, reason=error.reason, message=error.message)
-    )
+    return ledger_pb2.TransactionResult(error=_item_error(error))

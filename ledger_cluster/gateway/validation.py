@@ -43,11 +43,17 @@ def account_id_of(text: str) -> int:
         raise invalid("INVALID_ACCOUNT_ID", str(error), account_id=escaped(text)) from None
 
 
-def transaction_id_of(text: str) -> TransactionId:
+def _id_of(text: str, reason: str, field_name: str) -> TransactionId:
+    """A transaction id (a transfer's has the same form), or INVALID_ARGUMENT `reason` naming
+    the field it came in."""
     try:
         return parse_transaction_id(text)
     except InvalidIdError as error:
-        raise invalid("INVALID_TRANSACTION_ID", str(error), transaction_id=escaped(text)) from None
+        raise invalid(reason, str(error), **{field_name: escaped(text)}) from None
+
+
+def transaction_id_of(text: str) -> TransactionId:
+    return _id_of(text, "INVALID_TRANSACTION_ID", "transaction_id")
 
 
 def _raise_problem(problem: Problem | None) -> None:
@@ -103,10 +109,7 @@ def check_transfer_settle_amount(amount: int) -> None:
 
 
 def transfer_id_of(text: str) -> TransactionId:
-    try:
-        return parse_transaction_id(text)
-    except InvalidIdError as error:
-        raise invalid("INVALID_TRANSFER_ID", str(error), transfer_id=escaped(text)) from None
+    return _id_of(text, "INVALID_TRANSFER_ID", "transfer_id")
 
 
 def check_batch_size(count: int) -> None:
