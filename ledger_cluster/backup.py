@@ -38,6 +38,7 @@ from ledger_cluster.core import SNAPSHOT_TABLE_IDS, AccountsCore
 from ledger_cluster.errors import BackupError, ConfigError, SnapshotError, StorageError
 from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.node_protocol import LEADER_HINT_METADATA_KEY, NodeReason
+from ledger_cluster.security import ClientCredentials
 from ledger_cluster.sharding import SHARD_KEY_MAX
 from ledger_cluster.status import error_details
 from ledger_cluster.storage import (
@@ -235,12 +236,14 @@ def _check_snapshot_header(
 
 
 @contextmanager
-def node_stubs(config: ClusterConfig) -> Iterator[dict[str, node_pb2_grpc.NodeServiceStub]]:
+def node_stubs(
+    config: ClusterConfig, credentials: ClientCredentials
+) -> Iterator[dict[str, node_pb2_grpc.NodeServiceStub]]:
     """A NodeService stub per node of the config, their channels closed afterwards."""
     with ExitStack() as stack:
         stubs = {}
         for node in config.nodes:
-            channel = stack.enter_context(grpc.insecure_channel(node.grpc_address, options=CHANNEL_OPTIONS))
+            channel = stack.enter_context(credentials.channel(node.grpc_address, options=CHANNEL_OPTIONS))
             stubs[node.node_id] = node_pb2_grpc.NodeServiceStub(channel)
         yield stubs
 
@@ -376,6 +379,7 @@ def prepare_backup_directory(out_dir: Path) -> None:
 
 def backup_cluster(
     config: ClusterConfig,
+    credentials: ClientCredentials,
     out_dir: Path,
     progress: Progress,
     timeout_seconds: float = SNAPSHOT_STREAM_TIMEOUT_SECONDS_DEFAULT,
@@ -383,11 +387,11 @@ def backup_cluster(
     """Snapshot every shard from its leader into `out_dir`, then write the manifest. On any
     failure the files written so far are removed and no manifest exists."""
     prepare_backup_directory(out_dir)
-    leaders = leaders_of(node_statuses_now(config, LEADER_DISCOVERY_TIMEOUT_SECONDS))
+    leaders = leaders_of(node_statuses_now(config, credentials, LEADER_DISCOVERY_TIMEOUT_SECONDS))
     written: list[Path] = []
     try:
         shards = []
-        with node_stubs(config) as stubs:
+        with node_stubs(config, credentials) as stubs:
             for index, shard in enumerate(config.shards):
                 target = out_dir / f"{shard.shard_id}{SNAPSHOT_FILE_SUFFIX}"
                 _require(not target.exists(), f"{target} appeared while the backup ran")
@@ -709,6 +713,7 @@ def check_transfers(shards: Sequence[ShardVerification]) -> TransferCheck:
 
 def verify_cluster(
     config: ClusterConfig,
+    credentials: ClientCredentials,
     progress: Progress,
     timeout_seconds: float = VERIFY_RPC_TIMEOUT_SECONDS_DEFAULT,
     settle_seconds: float = VERIFY_SETTLE_SECONDS_DEFAULT,
@@ -716,7 +721,7 @@ def verify_cluster(
     """Verify every replica of every shard; replicas at different applied indexes are asked
     again until they meet or `settle_seconds` pass (replicas of a busy shard may never meet)."""
     results = []
-    with node_stubs(config) as stubs:
+    with node_stubs(config, credentials) as stubs:
         for shard in config.shards:
             deadline = time.monotonic() + settle_seconds
             while True:

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
-from grpc import aio
 
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.bench_metrics import (
@@ -54,6 +53,7 @@ from ledger_cluster.config import ClusterConfig, ShardConfig
 from ledger_cluster.errors import LedgerError
 from ledger_cluster.gateway import account_id_for_request
 from ledger_cluster.ids import parse_account_id
+from ledger_cluster.security import public_client_from_environment
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.status import ErrorDetails, error_details
 
@@ -971,7 +971,7 @@ async def run_bench_async(
     for url, reason in silent.items():
         progress(f"metrics endpoint {url} does not answer ({reason}); its CPU is not reported")
     progress(f"reading CPU from {', '.join(answering)}" if answering else "no metrics endpoint answers")
-    async with aio.insecure_channel(address) as channel:
+    async with public_client_from_environment().aio_channel(address) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         if existing_account_ids is None:
             request_ids = (

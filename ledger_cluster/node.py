@@ -27,7 +27,7 @@ from ledger_cluster.core.verification import TransferSummary
 from ledger_cluster.deadlines import Deadline, work_deadline
 from ledger_cluster.errors import BackendTimeoutError, NotLeaderError, SnapshotError, StorageError
 from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
-from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
+from ledger_cluster.limits import COMMAND_BYTES_MAX, NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.metrics import MetricsServer, ShardFigures, serve_metrics
 from ledger_cluster.node_protocol import (
     NODE_ID_METADATA_KEY,
@@ -36,6 +36,7 @@ from ledger_cluster.node_protocol import (
     node_error,
 )
 from ledger_cluster.replica import NodeRaft, ReplicaOptions, ShardReplica
+from ledger_cluster.security import ClientCredentials, InternalCredentials
 from ledger_cluster.status import ApiError
 from ledger_cluster.storage import (
     RESTORE_MARKER_FILE_NAME,
@@ -138,6 +139,12 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.UpdateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> node_pb2.UpdateResponse:
         replica = self._replica(request.shard_id)
+        if len(request.command) > COMMAND_BYTES_MAX:
+            raise ApiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                NodeReason.COMMAND_TOO_LARGE,
+                f"a command of {len(request.command)} bytes; at most {COMMAND_BYTES_MAX}",
+            )
         deadline = _deadline(context)
         if deadline.expired():
             # Proposing what nobody will wait for only turns it into an unknown outcome.
@@ -421,9 +428,9 @@ def transfer_summary_message(summary: TransferSummary) -> node_pb2.TransferSumma
 class _ClusterShards:
     """The ShardApi of a node's transfer driver: every shard through its leader."""
 
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, credentials: ClientCredentials) -> None:
         self._config = config
-        self.client = ClusterClient(config)
+        self.client = ClusterClient(config, credentials)
 
     def shard_id(self, account_id: int) -> str:
         return self._config.shard_for_account(account_id).shard_id
@@ -441,8 +448,18 @@ class NodeServer:
     """The replicas of one node plus the gRPC server and the metrics endpoint in front of them.
     Build it, then `start()` and `stop()` it on the event loop that serves it."""
 
-    def __init__(self, config: ClusterConfig, node_id: str, data_dir: Path, options: ReplicaOptions) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        node_id: str,
+        data_dir: Path,
+        options: ReplicaOptions,
+        credentials: InternalCredentials,
+    ) -> None:
         self.node = config.node(node_id)
+        self._credentials = credentials
+        # Before anything is opened: a node that may not serve must not touch its data.
+        credentials.check_listen_address(self.node.grpc_address)
         self._lock = DirectoryLock(data_dir)
         if (data_dir / RESTORE_MARKER_FILE_NAME).exists():
             self._lock.release()
@@ -502,7 +519,9 @@ class NodeServer:
     async def start(self) -> None:
         """Listen on the node's address (and metrics address, when the config names one);
         raises OSError when one is taken."""
+        server_credentials = self._credentials.server()
         server = grpc.aio.server(
+            interceptors=server_credentials.interceptors(),
             options=[
                 ("grpc.max_receive_message_length", NODE_MESSAGE_BYTES_MAX),
                 ("grpc.max_send_message_length", NODE_MESSAGE_BYTES_MAX),
@@ -514,10 +533,7 @@ class NodeServer:
             NodeServicer(self.node.node_id, self.replicas, self._snapshot_spool), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        try:
-            self.port = server.add_insecure_port(self.node.grpc_address)
-        except RuntimeError as error:
-            raise OSError(f"cannot listen on {self.node.grpc_address}: {error}") from error
+        self.port = server_credentials.add_port(server, self.node.grpc_address)
         if self.node.metrics_address is not None:
             host, _, port = self.node.metrics_address.rpartition(":")
             self._metrics = serve_metrics(host, int(port), "node", self.node.node_id, self._shard_figures)
@@ -526,7 +542,7 @@ class NodeServer:
         for service in ("", NODE_SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         # Expiry and unfinished transfers of the shards this node leads.
-        self._shards_api = _ClusterShards(self._config)
+        self._shards_api = _ClusterShards(self._config, self._credentials.client())
         self._driver = TransferDriver(self._shards_api, self._leading_replicas)
         self._driver.start()
         logger.info(

@@ -23,6 +23,7 @@ from ledger_cluster.deadlines import MICROSECONDS_PER_SECOND, Deadline
 from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.limits import NODE_MESSAGE_BYTES_MAX
 from ledger_cluster.node_protocol import UPDATE_MANY_UPDATES_MAX, NodeReason
+from ledger_cluster.security import Metadata
 from ledger_cluster.status import ErrorDetails, error_details, status_details
 
 logger = logging.getLogger(__name__)
@@ -55,9 +56,13 @@ class _Pending:
 class NodeCalls:
     """Lives on the event loop's thread."""
 
-    def __init__(self, node_id: str, stub: node_pb2_grpc.NodeServiceAsyncStub) -> None:
+    def __init__(
+        self, node_id: str, stub: node_pb2_grpc.NodeServiceAsyncStub, metadata: Metadata = ()
+    ) -> None:
         self._node_id = node_id
         self._stub = stub
+        # The cluster's credentials, sent with every call.
+        self._metadata = metadata
         self._waiting: deque[_Pending] = deque()
         self._drain_task: asyncio.Task[None] | None = None
         # Set when an update arrives, so a drain waiting on stalled calls looks again.
@@ -178,14 +183,17 @@ class NodeCalls:
 
     async def _call_one(self, pending: _Pending, timeout_seconds: float) -> None:
         try:
-            _answer(pending, await self._stub.Update(pending.request, timeout=timeout_seconds))
+            _answer(
+                pending,
+                await self._stub.Update(pending.request, timeout=timeout_seconds, metadata=self._metadata),
+            )
         except grpc.aio.AioRpcError as error:
             _answer(pending, error_details(error))
 
     async def _call_many(self, taken: list[_Pending], timeout_seconds: float) -> None:
         """One UpdateMany: each update answered as soon as its answer streams in."""
         request = node_pb2.UpdateManyRequest(updates=[pending.request for pending in taken])
-        async for answers in self._stub.UpdateMany(request, timeout=timeout_seconds):
+        async for answers in self._stub.UpdateMany(request, timeout=timeout_seconds, metadata=self._metadata):
             for outcome in answers.outcomes:
                 if outcome.index < len(taken):
                     _answer(taken[outcome.index], _outcome(outcome))

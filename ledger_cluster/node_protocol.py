@@ -58,6 +58,8 @@ class NodeReason(enum.StrEnum):
     INVALID_ITEM_BUDGETS = "INVALID_ITEM_BUDGETS"
     # INVALID_ARGUMENT: an UpdateMany of more than UPDATE_MANY_UPDATES_MAX updates (not taken)
     TOO_MANY_UPDATES = "TOO_MANY_UPDATES"
+    # INVALID_ARGUMENT: a command longer than COMMAND_BYTES_MAX, which no gateway builds (not taken)
+    COMMAND_TOO_LARGE = "COMMAND_TOO_LARGE"
 
 
 NOT_TAKEN_REASONS = frozenset(

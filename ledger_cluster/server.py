@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.gateway import CoreApi, LedgerService
 from ledger_cluster.metrics import MetricsServer, serve_metrics
+from ledger_cluster.security import ServerCredentials
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,11 @@ ServingStatus: TypeAlias = health_pb2.HealthCheckResponse.ServingStatus.ValueTyp
 class LedgerServer:
     """Build inside the event loop that serves it (grpc.aio binds to the running loop)."""
 
-    def __init__(self, service: LedgerService, address: str) -> None:
+    def __init__(self, service: LedgerService, address: str, credentials: ServerCredentials) -> None:
         self.service = service
         self.backend = service.backend
         self._server = grpc.aio.server(
+            interceptors=credentials.interceptors(),
             options=[
                 ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
                 ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
@@ -49,10 +51,7 @@ class LedgerServer:
         reflection.enable_server_reflection(
             (LEDGER_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        try:
-            self.port = self._server.add_insecure_port(address)
-        except RuntimeError as error:  # grpcio raises rather than return 0 when it cannot bind
-            raise OSError(f"cannot listen on {address}: {error}") from error
+        self.port = credentials.add_port(self._server, address)
         self._serving: ServingStatus | None = None
         self._health_watcher: asyncio.Task[None] | None = None
 
@@ -131,6 +130,7 @@ async def serve_ledger(
     metrics_port: int,
     role: str,
     calls_in_flight_max: int,
+    credentials: ServerCredentials,
     stop_requested: threading.Event,
     describe: Callable[[int, int], str],
 ) -> None:
@@ -141,7 +141,7 @@ async def serve_ledger(
     metrics_server: MetricsServer | None = None
     try:
         server = LedgerServer(
-            LedgerService(backend, calls_in_flight_max=calls_in_flight_max), f"{host}:{port}"
+            LedgerService(backend, calls_in_flight_max=calls_in_flight_max), f"{host}:{port}", credentials
         )
         metrics_server = serve_metrics(host, metrics_port, role, role, backend.shard_figures)
     except BaseException:

@@ -13,9 +13,12 @@ from typing import Any, TypeVar
 import grpc
 
 from ledger_cluster.gateway import CoreApi, LedgerService
+from ledger_cluster.security import ServerCredentials
 from ledger_cluster.server import LedgerServer
 
 LOOP_CALL_TIMEOUT_SECONDS = 30.0
+# In-process servers take calls without TLS or tokens (test_security.py covers those).
+OPEN_PORT = ServerCredentials(tls=None, tokens=(), who="")
 Result = TypeVar("Result")
 
 
@@ -46,7 +49,7 @@ def served(
     try:
 
         async def start() -> LedgerServer:
-            server = LedgerServer(make_service(), "127.0.0.1:0")
+            server = LedgerServer(make_service(), "127.0.0.1:0", OPEN_PORT)
             await server.start()
             return server
 

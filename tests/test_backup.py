@@ -57,8 +57,10 @@ BULK_WRITERS = 8
 Expected = dict[str, tuple[ledger_pb2.Account, list[ledger_pb2.Transaction]]]
 
 
-def run_dev(*arguments: str) -> subprocess.CompletedProcess[str]:
-    return run_dev_cli(arguments, DEV_CLI_TIMEOUT_SECONDS, cwd=REPO_ROOT)
+def run_dev(*arguments: str, cluster: Cluster | None = None) -> subprocess.CompletedProcess[str]:
+    """`ledger-dev`, with the cluster token of `cluster` for the commands that call its nodes."""
+    environment = cluster.environment() if cluster is not None else None
+    return run_dev_cli(arguments, DEV_CLI_TIMEOUT_SECONDS, cwd=REPO_ROOT, environment=environment)
 
 
 def describe(result: subprocess.CompletedProcess[str]) -> str:
@@ -138,6 +140,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
             str(backup_dir),
             "--timeout-seconds",
             SNAPSHOT_TIMEOUT_SECONDS,
+            cluster=cluster,
         )
         assert result.returncode == 0, describe(result)
         yield Source(cluster=cluster, expected=expected, backup_dir=backup_dir)
@@ -156,7 +159,14 @@ def restore(source: Source, config_path: Path, data_root: Path) -> subprocess.Co
 
 
 def verify(cluster: Cluster) -> subprocess.CompletedProcess[str]:
-    return run_dev("verify", "--config", str(cluster.config_path), "--settle-seconds", VERIFY_SETTLE_SECONDS)
+    return run_dev(
+        "verify",
+        "--config",
+        str(cluster.config_path),
+        "--settle-seconds",
+        VERIFY_SETTLE_SECONDS,
+        cluster=cluster,
+    )
 
 
 # -- backup -------------------------------------------------------------------------------------
@@ -203,7 +213,9 @@ def test_backup_refuses_a_non_empty_directory(source: Source, tmp_path: Path) ->
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me\n")
-    result = run_dev("backup", "--config", str(source.cluster.config_path), "--out", str(occupied))
+    result = run_dev(
+        "backup", "--config", str(source.cluster.config_path), "--out", str(occupied), cluster=source.cluster
+    )
     assert result.returncode != 0, describe(result)
     assert "is not empty" in result.stderr, describe(result)
     assert sorted(path.name for path in occupied.iterdir()) == ["notes.txt"]

@@ -22,6 +22,7 @@ from ledger_cluster.deadlines import Deadline
 from ledger_cluster.errors import BackendUnavailableError, UnknownOutcomeError
 from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.node_protocol import not_leader
+from ledger_cluster.security import ClientCredentials
 from ledger_cluster.status import ApiError
 from tests.processes import LOOPBACK_HOST, free_port
 
@@ -129,7 +130,7 @@ async def nodes(*scripts: list[Step] | None) -> AsyncIterator[tuple[ClusterConfi
 
 
 async def update(config: ClusterConfig, items: list[bytes], deadlines: list[Deadline]) -> list[object]:
-    client = ClusterClient(config)
+    client = ClusterClient(config, ClientCredentials(token=None, tls=None))
     try:
         return list(await client.update(SHARD_ID, items, deadlines))
     finally:

@@ -60,7 +60,7 @@ def test_status_shows_the_preferred_leader_and_marks_shards_led_elsewhere(
     cluster_config.write_atomic(config, config_path)
     leaders = {"shard-00": "node01", "shard-01": "node03", "shard-02": "node03", "shard-03": "node02"}
     statuses = _statuses(config, leaders, quorumless="shard-02")
-    monkeypatch.setattr(dev, "node_statuses_now", lambda _config, _timeout: statuses)
+    monkeypatch.setattr(dev, "node_statuses_now", lambda _config, _credentials, _timeout: statuses)
 
     result = CliRunner().invoke(dev.main, ["status", "--config", str(config_path)])
 

@@ -155,11 +155,13 @@ def test_verify_sees_every_transfer_whole(cluster: Cluster) -> None:
     )
 
     def transfers_whole() -> bool:
-        check = cluster_backup.check_transfers(cluster_backup.verify_cluster(cluster.config, lambda _: None))
+        check = cluster_backup.check_transfers(
+            cluster_backup.verify_cluster(cluster.config, cluster.internal_credentials, lambda _: None)
+        )
         return not check.failures
 
     wait_for(transfers_whole, "a quiet, whole cluster")
-    shards = cluster_backup.verify_cluster(cluster.config, lambda _: None)
+    shards = cluster_backup.verify_cluster(cluster.config, cluster.internal_credentials, lambda _: None)
     assert all(shard.clean for shard in shards)
     check = cluster_backup.check_transfers(shards)
     assert check.debit_legs == check.credit_legs >= 3

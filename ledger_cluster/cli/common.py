@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import click
 import grpc
@@ -15,6 +17,18 @@ from ledger_cluster.config import ClusterConfig, load
 from ledger_cluster.errors import ConfigError
 from ledger_cluster.gateway.service import CALLS_IN_FLIGHT_MAX
 from ledger_cluster.metrics import DEFAULT_METRICS_PORT
+from ledger_cluster.security import (
+    CLIENT_TOKENS_ENVIRONMENT_VARIABLE,
+    CLUSTER_TOKEN_ENVIRONMENT_VARIABLE,
+    CLUSTER_TOKEN_FILE_ENVIRONMENT_VARIABLE,
+    INTERNAL_TLS_CA_ENVIRONMENT_VARIABLE,
+    INTERNAL_TLS_CERTIFICATE_ENVIRONMENT_VARIABLE,
+    INTERNAL_TLS_KEY_ENVIRONMENT_VARIABLE,
+    SECRET_BYTES_MIN,
+    ServerCredentials,
+    read_client_tokens,
+    tls_identity,
+)
 from ledger_cluster.status import error_details
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -52,9 +66,105 @@ def config_option(function: Command) -> Command:
     )(function)
 
 
+def refuse_secret_arguments(given: dict[str, str | None]) -> None:
+    """Exit 2 when a secret was given as an argument: it would show in /proc/*/cmdline."""
+    for option, value in given.items():
+        if value is not None:
+            raise click.UsageError(
+                f"{option} is refused: a secret on the command line shows in /proc/*/cmdline."
+                " Use its environment variable or its --...-file option"
+            )
+
+
+@dataclass(frozen=True)
+class PublicSecurity:
+    """The public listener's TLS files and client token file, as given."""
+
+    tls_cert: str | None
+    tls_key: str | None
+    tls_client_ca: str | None
+    client_tokens_file: str | None
+    allow_weak_secrets: bool
+
+    def server_credentials(self) -> ServerCredentials:
+        """UsageError for files that cannot serve (missing half of a pair, short tokens)."""
+        try:
+            return ServerCredentials(
+                tls=tls_identity(self.tls_cert, self.tls_key, self.tls_client_ca),
+                tokens=read_client_tokens(self.client_tokens_file, self.allow_weak_secrets),
+                who="a client token (Authorization: Bearer ...)",
+            )
+        except ConfigError as error:
+            raise click.UsageError(str(error)) from error
+
+
+def _collect_public_security(function: Command) -> Command:
+    @functools.wraps(function)
+    def collected(**arguments: Any) -> Any:
+        arguments["public_security"] = PublicSecurity(
+            tls_cert=arguments.pop("tls_cert"),
+            tls_key=arguments.pop("tls_key"),
+            tls_client_ca=arguments.pop("tls_client_ca"),
+            client_tokens_file=arguments.pop("client_tokens_file"),
+            allow_weak_secrets=arguments.pop("allow_weak_secrets"),
+        )
+        return function(**arguments)
+
+    return cast(Command, collected)
+
+
+def public_security_options(function: Command) -> Command:
+    """TLS and client tokens of a public LedgerService listener, handed to the command as one
+    `public_security: PublicSecurity`."""
+    function = _collect_public_security(function)
+    existing_file = click.Path(dir_okay=False, exists=True)
+    for name, help_text in reversed(
+        [
+            ("--tls-cert", "PEM certificate chain: serve TLS (env LEDGER_TLS_CERT)."),
+            ("--tls-key", "PEM private key of --tls-cert (env LEDGER_TLS_KEY)."),
+            ("--tls-client-ca", "PEM CA: require client certificates it signed (env LEDGER_TLS_CLIENT_CA)."),
+            (
+                "--client-tokens-file",
+                "File of accepted client tokens, one per line: every call must carry"
+                " `authorization: Bearer <token>` (env LEDGER_CLIENT_TOKENS_FILE, or the tokens"
+                f" comma-separated in {CLIENT_TOKENS_ENVIRONMENT_VARIABLE}).",
+            ),
+        ]
+    ):
+        variable = "LEDGER_" + name.removeprefix("--").replace("-", "_").upper()
+        function = click.option(name, type=existing_file, envvar=variable, help=help_text)(function)
+    return click.option(
+        "--allow-weak-secrets",
+        is_flag=True,
+        help=f"Development only: accept secrets shorter than {SECRET_BYTES_MIN} bytes.",
+    )(function)
+
+
+def cluster_token_options(function: Command) -> Command:
+    """--cluster-token-file, and --cluster-token only to refuse it."""
+    function = click.option(
+        "--cluster-token", hidden=True, help="Refused: a secret on the command line shows in ps."
+    )(function)
+    return click.option(
+        "--cluster-token-file",
+        type=click.Path(dir_okay=False, exists=True),
+        envvar=CLUSTER_TOKEN_FILE_ENVIRONMENT_VARIABLE,
+        help=(
+            "File holding the token every NodeService call carries (env"
+            f" {CLUSTER_TOKEN_FILE_ENVIRONMENT_VARIABLE}); without it the token is read from"
+            f" {CLUSTER_TOKEN_ENVIRONMENT_VARIABLE}. At least {SECRET_BYTES_MIN} bytes, the same for"
+            " every node, the gateway and ledger-dev. Mutual TLS between them comes from"
+            f" {INTERNAL_TLS_CERTIFICATE_ENVIRONMENT_VARIABLE}, {INTERNAL_TLS_KEY_ENVIRONMENT_VARIABLE}"
+            f" and {INTERNAL_TLS_CA_ENVIRONMENT_VARIABLE} (file paths), required for a node whose"
+            " address is not a loopback address."
+        ),
+    )(function)
+
+
 def listen_options(function: Command) -> Command:
     """--host, --port, --metrics-port and --calls-in-flight-max of a public LedgerService
-    listener."""
+    listener, and its `public_security_options`."""
+    function = public_security_options(function)
     function = click.option(
         "--calls-in-flight-max",
         type=click.IntRange(1, CALLS_IN_FLIGHT_LIMIT),

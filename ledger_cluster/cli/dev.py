@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 import time
@@ -25,6 +26,7 @@ from ledger_cluster.cli.common import (
     version_option,
 )
 from ledger_cluster.client import NodeStatus, node_statuses_now
+from ledger_cluster.dev_certificates import write_development_certificates
 from ledger_cluster.errors import ConfigError, InvalidIdError, LedgerError
 from ledger_cluster.ids import parse_account_id
 from ledger_cluster.internal.v1 import node_pb2
@@ -32,8 +34,21 @@ from ledger_cluster.limits import BATCH_ITEMS_MAX
 from ledger_cluster.localcluster.cluster import config_ports
 from ledger_cluster.nemesis import runner as nemesis_runner
 from ledger_cluster.nemesis.faults import ELECTION_BOUND_SECONDS_DEFAULT, FAULT_KINDS
+from ledger_cluster.security import (
+    CLIENT_TLS_CA_ENVIRONMENT_VARIABLE,
+    CLUSTER_TOKEN_ENVIRONMENT_VARIABLE,
+    CLUSTER_TOKEN_FILE_ENVIRONMENT_VARIABLE,
+    INTERNAL_TLS_CA_ENVIRONMENT_VARIABLE,
+    INTERNAL_TLS_CERTIFICATE_ENVIRONMENT_VARIABLE,
+    INTERNAL_TLS_KEY_ENVIRONMENT_VARIABLE,
+    ClientCredentials,
+    InternalCredentials,
+    public_client_from_environment,
+)
 
 DEFAULT_GATEWAY = "localhost:8000"
+# Read for the cluster token when the environment has none: the local cluster's (honcho's).
+DEVELOPMENT_ENVIRONMENT_FILE = Path(".env")
 DEFAULT_TIMEOUT_SECONDS = 5.0
 SEED_ACCOUNTS_MAX = 1_000_000
 
@@ -59,10 +74,43 @@ def timeout_option(function: click.decorators.FC) -> click.decorators.FC:
     )(function)
 
 
+def development_environment(path: Path) -> dict[str, str]:
+    """The LEDGER_* assignments of a dotenv file like the repository's `.env` ({} without one)."""
+    if not path.is_file():
+        return {}
+    assignments = {}
+    for line in path.read_text().splitlines():
+        key, equals, value = line.strip().partition("=")
+        if equals and key.startswith("LEDGER_"):
+            assignments[key] = value
+    return assignments
+
+
+def cluster_credentials() -> ClientCredentials:
+    """What ledger-dev presents to the nodes: the cluster token from LEDGER_CLUSTER_TOKEN (or
+    LEDGER_CLUSTER_TOKEN_FILE), else the development token in ./.env, so the README's local
+    cluster needs no setup; internal TLS from the LEDGER_INTERNAL_TLS_* variables."""
+    environment = dict(os.environ)
+    if not {CLUSTER_TOKEN_ENVIRONMENT_VARIABLE, CLUSTER_TOKEN_FILE_ENVIRONMENT_VARIABLE} & environment.keys():
+        environment.update(development_environment(DEVELOPMENT_ENVIRONMENT_FILE))
+    try:
+        # Weak or not, the token is the nodes' to judge; a client only presents it.
+        return InternalCredentials.from_environment(allow_weak=True, environment=environment).client()
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+
+
+def public_credentials() -> ClientCredentials:
+    try:
+        return public_client_from_environment()
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+
+
 @contextmanager
 def ledger_stub(address: str) -> Iterator[ledger_pb2_grpc.LedgerServiceStub]:
     """A stub whose failed calls end the command with the status and its ErrorInfo reason."""
-    with grpc.insecure_channel(address) as channel:
+    with public_credentials().channel(address) as channel:
         try:
             yield ledger_pb2_grpc.LedgerServiceStub(channel)
         except grpc.RpcError as error:
@@ -95,6 +143,31 @@ def seed_cluster_config(nodes: int, shards: int, replicas: int, host: str, out: 
     except ConfigError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote {out}: {nodes} nodes, {shards} shards, {replicas} replicas per shard")
+
+
+@main.command("dev-certificates")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("dev-certificates"),
+    show_default=True,
+)
+def dev_certificates(out_dir: Path) -> None:
+    """Write a DEVELOPMENT-ONLY CA and a certificate it signs for localhost and 127.0.0.1-3
+    (server and client use): enough for mutual TLS between a local cluster's processes and
+    for TLS on a local gateway. Prints the variables that turn them on."""
+    written = write_development_certificates(out_dir)
+    click.echo(f"wrote {written.ca_path}, {written.certificate_path}, {written.key_path} (development only)")
+    click.echo("internal mutual TLS (nodes, gateway, ledger-dev):")
+    for variable, path in (
+        (INTERNAL_TLS_CA_ENVIRONMENT_VARIABLE, written.ca_path),
+        (INTERNAL_TLS_CERTIFICATE_ENVIRONMENT_VARIABLE, written.certificate_path),
+        (INTERNAL_TLS_KEY_ENVIRONMENT_VARIABLE, written.key_path),
+    ):
+        click.echo(f"  export {variable}={path.resolve()}")
+    click.echo("public TLS: ledger-gateway --tls-cert ... --tls-key ...; clients:")
+    click.echo(f"  export {CLIENT_TLS_CA_ENVIRONMENT_VARIABLE}={written.ca_path.resolve()}")
 
 
 @main.command("seed-accounts")
@@ -741,7 +814,7 @@ def status(config_path: str, timeout_seconds: float) -> None:
     preferred one), term, and each replica's commit and applied index and health. Exits 1 when
     any shard has no leader; a leader other than the preferred one is reported, not an error."""
     config = load_config(config_path)
-    statuses = node_statuses_now(config, timeout_seconds)
+    statuses = node_statuses_now(config, cluster_credentials(), timeout_seconds)
     by_node = {status.node_id: status for status in statuses}
     for node_status in statuses:
         state = f"down ({node_status.error})" if node_status.error else "up"
@@ -796,7 +869,9 @@ def backup(config_path: str, out_dir: Path, timeout_seconds: float) -> None:
     directory without it is no backup). Progress goes to stderr."""
     config = load_config(config_path)
     try:
-        manifest = cluster_backup.backup_cluster(config, out_dir, _progress, timeout_seconds)
+        manifest = cluster_backup.backup_cluster(
+            config, cluster_credentials(), out_dir, _progress, timeout_seconds
+        )
     except LedgerError as error:
         raise click.ClickException(f"backup failed: {error}") from error
     records = sum(shard.record_count for shard in manifest.shards)
@@ -863,7 +938,9 @@ def verify(config_path: str, timeout_seconds: float, settle_seconds: float) -> N
     per currency transfers moved money without making any (run it on a quiet cluster). Prints
     one line per shard (replica applied index/digest); exits 1 on any problem or mismatch."""
     config = load_config(config_path)
-    results = cluster_backup.verify_cluster(config, _progress, timeout_seconds, settle_seconds)
+    results = cluster_backup.verify_cluster(
+        config, cluster_credentials(), _progress, timeout_seconds, settle_seconds
+    )
     click.echo(f"{'shard':10}  {'result':8}  replicas (applied index/digest)")
     for shard in results:
         cells = " | ".join(_replica_cell(replica) for replica in shard.replicas)

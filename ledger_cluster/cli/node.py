@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from ledger_cluster.cli.common import (
     CONTEXT_SETTINGS,
+    cluster_token_options,
     config_option,
     load_config,
     log_level_option,
+    refuse_secret_arguments,
     setup_logging,
     version_option,
 )
-from ledger_cluster.config import ClusterConfig
 from ledger_cluster.errors import ConfigError, ReplicaBrokenError, StorageError
 from ledger_cluster.node import NodeServer
 from ledger_cluster.replica import (
@@ -27,13 +28,14 @@ from ledger_cluster.replica import (
     RAFT_PASSWORD_ENVIRONMENT_VARIABLE,
     ReplicaOptions,
 )
+from ledger_cluster.security import (
+    SECRET_BYTES_MIN,
+    InternalCredentials,
+    read_secret,
+)
 from ledger_cluster.server import install_stop_signals, wait_for_stop
 
 logger = logging.getLogger("ledger_cluster.node")
-
-# A shared secret shorter than this is refused (a guessable one would let anybody who can reach
-# a Raft port speak as a node).
-RAFT_SECRET_BYTES_MIN = 32
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -57,13 +59,14 @@ RAFT_SECRET_BYTES_MIN = 32
     help=(
         "File holding the shared secret that encrypts and authenticates Raft traffic between"
         f" nodes (env LEDGER_RAFT_PASSWORD_FILE); without it the secret is read from"
-        f" {RAFT_PASSWORD_ENVIRONMENT_VARIABLE}. At least {RAFT_SECRET_BYTES_MIN} bytes."
+        f" {RAFT_PASSWORD_ENVIRONMENT_VARIABLE}. At least {SECRET_BYTES_MIN} bytes."
     ),
 )
+@cluster_token_options
 @click.option(
-    "--allow-weak-raft-password",
+    "--allow-weak-secrets",
     is_flag=True,
-    help=f"Development only: accept a Raft secret shorter than {RAFT_SECRET_BYTES_MIN} bytes.",
+    help=f"Development only: accept a Raft secret or cluster token shorter than {SECRET_BYTES_MIN} bytes.",
 )
 @click.option("--raft-password", hidden=True, help="Refused: a secret on the command line shows in ps.")
 @click.option(
@@ -90,8 +93,10 @@ def main(
     node_id: str,
     data_dir: str,
     raft_password_file: str | None,
-    allow_weak_raft_password: bool,
+    cluster_token_file: str | None,
+    allow_weak_secrets: bool,
     raft_password: str | None,
+    cluster_token: str | None,
     log_compaction_min_entries: int,
     log_compaction_min_seconds: float,
     config_path: str,
@@ -99,14 +104,17 @@ def main(
 ) -> None:
     """Host this node's shard replicas (one PySyncObj Raft group member per shard) and serve
     the internal NodeService on the node's configured address."""
-    if raft_password is not None:
-        raise click.UsageError(
-            f"--raft-password is refused: a secret on the command line shows in /proc/*/cmdline."
-            f" Set {RAFT_PASSWORD_ENVIRONMENT_VARIABLE} or pass --raft-password-file"
+    refuse_secret_arguments({"--raft-password": raft_password, "--cluster-token": cluster_token})
+    try:
+        secret = read_secret(
+            "Raft secret",
+            environment_variable=RAFT_PASSWORD_ENVIRONMENT_VARIABLE,
+            path=raft_password_file,
+            allow_weak=allow_weak_secrets,
         )
-    secret = raft_secret(
-        os.environ.get(RAFT_PASSWORD_ENVIRONMENT_VARIABLE), raft_password_file, allow_weak_raft_password
-    )
+        credentials = InternalCredentials.from_environment(cluster_token_file, allow_weak_secrets)
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from error
     stop_requested = install_stop_signals()
     setup_logging(log_level)
     config = load_config(config_path)
@@ -116,47 +124,17 @@ def main(
         log_compaction_min_seconds=log_compaction_min_seconds,
     )
     try:
-        asyncio.run(_serve(config, node_id, Path(data_dir), options, stop_requested))
+        asyncio.run(
+            _serve(lambda: NodeServer(config, node_id, Path(data_dir), options, credentials), stop_requested)
+        )
     except (ConfigError, StorageError, ReplicaBrokenError, OSError) as error:
         raise click.ClickException(str(error)) from error
     logger.info("node %s stopped", node_id)
 
 
-def raft_secret(from_environment: str | None, path: str | None, allow_weak: bool) -> str:
-    """The Raft secret from its file (one trailing newline dropped) or the environment; refused
-    when missing, blank, or shorter than RAFT_SECRET_BYTES_MIN bytes without `allow_weak`."""
-    if path is not None:
-        try:
-            secret = Path(path).read_bytes().decode().removesuffix("\n").removesuffix("\r")
-        except (OSError, UnicodeDecodeError) as error:
-            raise click.UsageError(f"cannot read the Raft secret from {path}: {error}") from error
-        where = path
-    elif from_environment is not None:
-        secret, where = from_environment, RAFT_PASSWORD_ENVIRONMENT_VARIABLE
-    else:
-        raise click.UsageError(
-            f"no Raft secret: set {RAFT_PASSWORD_ENVIRONMENT_VARIABLE} or pass --raft-password-file"
-        )
-    if not secret.strip():
-        raise click.UsageError(f"the Raft secret in {where} is empty")
-    size = len(secret.encode())
-    if size < RAFT_SECRET_BYTES_MIN and not allow_weak:
-        raise click.UsageError(
-            f"the Raft secret in {where} is {size} bytes; at least {RAFT_SECRET_BYTES_MIN} are needed"
-            " (--allow-weak-raft-password accepts it, for development only)"
-        )
-    return secret
-
-
-async def _serve(
-    config: ClusterConfig,
-    node_id: str,
-    data_dir: Path,
-    options: ReplicaOptions,
-    stop_requested: threading.Event,
-) -> None:
+async def _serve(make_server: Callable[[], NodeServer], stop_requested: threading.Event) -> None:
     # The replicas start (journal replay included) before the loop serves anything.
-    server = NodeServer(config, node_id, data_dir, options)
+    server = make_server()
     try:
         await server.start()
         await wait_for_stop(stop_requested)

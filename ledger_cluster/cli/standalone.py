@@ -10,6 +10,7 @@ import click
 
 from ledger_cluster.cli.common import (
     CONTEXT_SETTINGS,
+    PublicSecurity,
     config_option,
     listen_options,
     load_config,
@@ -43,6 +44,7 @@ def main(
     port: int,
     metrics_port: int,
     calls_in_flight_max: int,
+    public_security: PublicSecurity,
     data_dir: str,
     config_path: str,
     log_level: str,
@@ -50,6 +52,7 @@ def main(
     """Serve ledger_cluster.api.v1.LedgerService from one process: every shard of the config,
     one LMDB environment each; concurrent writes to a shard share one LMDB write transaction,
     synced before any of them is acknowledged."""
+    credentials = public_security.server_credentials()
     stop_requested = install_stop_signals()
     setup_logging(log_level)
     config = load_config(config_path)
@@ -69,6 +72,7 @@ def main(
                 metrics_port=metrics_port,
                 role="standalone",
                 calls_in_flight_max=calls_in_flight_max,
+                credentials=credentials,
                 stop_requested=stop_requested,
                 describe=describe,
             )

@@ -26,6 +26,7 @@ from ledger_cluster.gateway.coalescer import ShardCoalescer
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.metrics import ShardFigures
 from ledger_cluster.process import stop_broken_process
+from ledger_cluster.security import ClientCredentials
 from ledger_cluster.storage import DirectoryLock
 from ledger_cluster.transfer_flow import LocalShard, TransferDriver
 
@@ -244,9 +245,9 @@ class ClusterBackend(_CoalescingBackend):
     shard's leader through the ClusterClient. A background poll of the nodes keeps the leader
     cache warm and tells health whether every shard has a reachable leader."""
 
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, credentials: ClientCredentials) -> None:
         super().__init__(config)
-        self._client = ClusterClient(config)
+        self._client = ClusterClient(config, credentials)
         self._shard_ids = {shard.shard_id for shard in config.shards}
         self._ready = False
         self._poller: asyncio.Task[None] | None = None

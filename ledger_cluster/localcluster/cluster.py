@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ import grpc
 from ledger_cluster import config as cluster_config
 from ledger_cluster.api.v1 import ledger_pb2_grpc
 from ledger_cluster.config import ClusterConfig
+from ledger_cluster.dev_certificates import DevelopmentCertificates
 from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
 from ledger_cluster.localcluster.processes import (
     LEDGER_SERVICE_NAME,
@@ -47,6 +49,14 @@ from ledger_cluster.localcluster.processes import (
     wait_until_serving,
 )
 from ledger_cluster.replica import RAFT_PASSWORD_ENVIRONMENT_VARIABLE
+from ledger_cluster.security import (
+    CLUSTER_TOKEN_ENVIRONMENT_VARIABLE,
+    INTERNAL_TLS_CA_ENVIRONMENT_VARIABLE,
+    INTERNAL_TLS_CERTIFICATE_ENVIRONMENT_VARIABLE,
+    INTERNAL_TLS_KEY_ENVIRONMENT_VARIABLE,
+    ClientCredentials,
+    InternalCredentials,
+)
 
 NODE_SERVICE_NAME = "ledger_cluster.internal.v1.NodeService"
 NODE_READY_TIMEOUT_SECONDS = 30.0
@@ -55,6 +65,8 @@ CONVERGE_TIMEOUT_SECONDS = 30.0
 NODE_RPC_TIMEOUT_SECONDS = 2.0
 DEV_CLI_TIMEOUT_SECONDS = 60.0
 CLUSTER_LOG_TAIL_LINES = 25
+# Random bytes of a local cluster's token (hex-encoded: twice as many characters).
+CLUSTER_TOKEN_BYTES = 32
 # Port sets are re-drawn when they meet the checked-in config's ports; a bound on the loop.
 PORT_DRAWS_MAX = 10
 # gRPC, Raft (one transport for all of the node's shards) and metrics.
@@ -195,6 +207,11 @@ class Cluster:
     gateway_metrics_port: int
     gateway_log_path: Path
     gateway: ManagedProcess | None = None
+    # Every NodeService call of this cluster carries it: its own, so no other cluster's
+    # process (nor a developer's .env) can call this one's nodes.
+    cluster_token: str = field(default_factory=lambda: secrets.token_hex(CLUSTER_TOKEN_BYTES), repr=False)
+    # Mutual TLS between the cluster's processes (and this object's node channels), if set.
+    internal_tls: DevelopmentCertificates | None = None
     _channels: dict[str, grpc.Channel] = field(default_factory=dict, repr=False)
 
     # -- addresses and clients --
@@ -203,10 +220,34 @@ class Cluster:
     def gateway_address(self) -> str:
         return f"{LOOPBACK_HOST}:{self.gateway_port}"
 
+    @property
+    def internal_credentials(self) -> ClientCredentials:
+        return InternalCredentials.from_environment(environment=self.environment()).client()
+
+    def environment(self) -> dict[str, str]:
+        """What this cluster's processes and the dev CLI aimed at it need in their environment."""
+        environment = {
+            RAFT_PASSWORD_ENVIRONMENT_VARIABLE: self.raft_password,
+            CLUSTER_TOKEN_ENVIRONMENT_VARIABLE: self.cluster_token,
+        }
+        if self.internal_tls is not None:
+            environment[INTERNAL_TLS_CA_ENVIRONMENT_VARIABLE] = str(self.internal_tls.ca_path)
+            environment[INTERNAL_TLS_CERTIFICATE_ENVIRONMENT_VARIABLE] = str(
+                self.internal_tls.certificate_path
+            )
+            environment[INTERNAL_TLS_KEY_ENVIRONMENT_VARIABLE] = str(self.internal_tls.key_path)
+        return environment
+
     def _channel(self, address: str) -> grpc.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.insecure_channel(
+            # The gateway's port is open (no client tokens here); the nodes' take the token.
+            credentials = (
+                ClientCredentials(None, None)
+                if address == self.gateway_address
+                else self.internal_credentials
+            )
+            channel = credentials.channel(
                 address,
                 options=[
                     ("grpc.use_local_subchannel_pool", 1),
@@ -263,8 +304,7 @@ class Cluster:
         node = self.nodes[node_id]
         if node.is_running():
             raise LocalClusterError(f"{node_id} is already running")
-        env = clean_environment()
-        env[RAFT_PASSWORD_ENVIRONMENT_VARIABLE] = self.raft_password
+        env = {**clean_environment(), **self.environment()}
         command = node_command(node_id, self.config_path, node.data_dir, self.log_compaction_min_entries)
         node.process = start_process(f"ledger-node {node_id}", command, node.log_path, env=env)
         node.down_on_purpose = False
@@ -274,7 +314,9 @@ class Cluster:
         node = self.nodes[node_id]
         assert node.process is not None, f"{node_id} was never started"
         try:
-            wait_until_serving(node.process, node.address, NODE_SERVICE_NAME, timeout_seconds)
+            wait_until_serving(
+                node.process, node.address, NODE_SERVICE_NAME, timeout_seconds, self.internal_credentials
+            )
         except LocalClusterError as error:
             self.fail(str(error))
 
@@ -338,7 +380,9 @@ class Cluster:
         if self.gateway is not None and self.gateway.is_running():
             raise LocalClusterError("the gateway is already running")
         command = gateway_command(self.gateway_port, self.gateway_metrics_port, self.config_path)
-        self.gateway = start_process("ledger-gateway", command, self.gateway_log_path)
+        env = {**clean_environment(), **self.environment()}
+        del env[RAFT_PASSWORD_ENVIRONMENT_VARIABLE]  # the gateway speaks no Raft
+        self.gateway = start_process("ledger-gateway", command, self.gateway_log_path, env=env)
         return self.gateway
 
     def stop_all(self) -> None:
@@ -506,7 +550,11 @@ class Cluster:
         """`ledger-dev status --config <this cluster's config>`."""
         arguments = ["status", "--config", str(self.config_path)]
         arguments += ["--timeout-seconds", str(NODE_RPC_TIMEOUT_SECONDS)]
-        return run_dev_cli(arguments, DEV_CLI_TIMEOUT_SECONDS)
+        return self.dev_cli(arguments)
+
+    def dev_cli(self, arguments: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """`ledger-dev ARGUMENTS...` with this cluster's credentials."""
+        return run_dev_cli(arguments, DEV_CLI_TIMEOUT_SECONDS, cwd=cwd, environment=self.environment())
 
 
 def new_cluster(

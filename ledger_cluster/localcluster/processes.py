@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ledger_cluster.errors import LedgerError
+from ledger_cluster.security import ClientCredentials
 
 LOOPBACK_HOST = "127.0.0.1"
 LEDGER_SERVICE_NAME = "ledger_cluster.api.v1.LedgerService"
@@ -185,13 +186,17 @@ def clean_environment() -> dict[str, str]:
 
 
 def run_dev_cli(
-    arguments: Sequence[str], timeout_seconds: float, cwd: Path | None = None
+    arguments: Sequence[str],
+    timeout_seconds: float,
+    cwd: Path | None = None,
+    environment: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`ledger-dev ARGUMENTS...` in a subprocess, waited for, so nothing is left running."""
+    """`ledger-dev ARGUMENTS...` in a subprocess, waited for, so nothing is left running;
+    `environment` is added to the clean one (a cluster's credentials, say)."""
     return subprocess.run(
         [sys.executable, "-m", "ledger_cluster.cli.dev", *arguments],
         cwd=cwd,
-        env=clean_environment(),
+        env={**clean_environment(), **(environment or {})},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -255,12 +260,14 @@ def wait_until_serving(
     address: str,
     service: str = "",
     timeout_seconds: float = READY_TIMEOUT_SECONDS,
+    credentials: ClientCredentials | None = None,
 ) -> None:
     """Poll grpc.health.v1 Health/Check until SERVING; fail with the log tail if the process
-    exits first or the deadline passes."""
+    exits first or the deadline passes. `credentials` for a TLS port (plaintext without)."""
     deadline = time.monotonic() + timeout_seconds
     last_seen = "no answer yet"
-    with grpc.insecure_channel(address, options=_PROBE_CHANNEL_OPTIONS) as channel:
+    credentials = credentials or ClientCredentials(token=None, tls=None)
+    with credentials.channel(address, options=_PROBE_CHANNEL_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process.exit_code() is not None:

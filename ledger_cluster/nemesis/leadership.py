@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
+from ledger_cluster.security import ClientCredentials
 
 SAMPLE_INTERVAL_SECONDS = 1.0
 # Short: a paused node never answers, and a sample must not wait long for it.
@@ -69,15 +70,14 @@ class LeadershipSampler:
     def __init__(
         self,
         node_addresses: Iterable[str],
+        credentials: ClientCredentials,
         clock: Callable[[], float],
         samples: list[LeadershipSample],
     ) -> None:
         self._clock = clock
         self.samples = samples
         # Its own channels: the cluster's are created lazily by other threads without a lock.
-        self._channels = [
-            grpc.insecure_channel(address, options=CHANNEL_OPTIONS) for address in node_addresses
-        ]
+        self._channels = [credentials.channel(address, options=CHANNEL_OPTIONS) for address in node_addresses]
         self._stubs = [node_pb2_grpc.NodeServiceStub(channel) for channel in self._channels]
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nemesis-leadership-sampler")

@@ -240,7 +240,10 @@ def _drive(
         f"cluster healthy; {options.clients} clients and the nemesis run for {options.duration_seconds:g} s"
     )
     sampler = LeadershipSampler(
-        (node.address for node in cluster.nodes.values()), history.now, log.leadership
+        (node.address for node in cluster.nodes.values()),
+        cluster.internal_credentials,
+        history.now,
+        log.leadership,
     )
     workload.start()
     sampler.start()

@@ -1,0 +1,473 @@
+"""Who may call which port (issue 15, item 1), on real processes.
+
+- NodeService refuses every call without the cluster token (or with another one) with
+  UNAUTHENTICATED before a handler runs, so a refused Update changes nothing; health stays open.
+- A node refuses a command longer than any a gateway builds.
+- With internal TLS the nodes speak mutual TLS only: plaintext and certificate-less clients
+  are turned away, and the gateway, the nodes and ledger-dev work through it.
+- The public port serves TLS (mutual with a client CA) and checks bearer tokens when given
+  them; ledger-dev reaches it with LEDGER_TLS_CA and LEDGER_CLIENT_TOKEN.
+- Secrets given on a command line, short ones, and a node address beyond loopback without
+  TLS are refused before anything opens.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ledger_cluster import config as cluster_config
+from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
+from ledger_cluster.core import commands
+from ledger_cluster.dev_certificates import DevelopmentCertificates, write_development_certificates
+from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
+from ledger_cluster.limits import (
+    BATCH_ITEMS_MAX,
+    COMMAND_BYTES_MAX,
+    CURRENCY_CHARACTERS_MAX,
+    DESCRIPTION_BYTES_MAX,
+    INT64_MIN,
+    ITEM_COMMAND_BYTES_MAX,
+    METADATA_ENTRIES_MAX,
+    METADATA_KEY_BYTES_MAX,
+    METADATA_VALUE_BYTES_MAX,
+    REQUEST_ID_BYTES_MAX,
+    TIMEOUT_SECONDS_MAX,
+)
+from ledger_cluster.localcluster.processes import (
+    LOOPBACK_HOST,
+    ManagedProcess,
+    clean_environment,
+    free_port,
+    start_process,
+    wait_until_serving,
+)
+from ledger_cluster.security import SECRET_BYTES_MIN, ClientCredentials, TlsIdentity
+from ledger_cluster.status import error_details
+from tests.cluster import TEST_RAFT_PASSWORD, Cluster, new_cluster, started_cluster
+from tests.processes import REPO_ROOT, standalone_command, write_generated_config
+
+RPC_TIMEOUT_SECONDS = 10.0
+PROCESS_TIMEOUT_SECONDS = 30.0
+CLIENT_TOKEN = "client-token-for-the-security-tests-0001"
+OTHER_TOKEN = "client-token-nobody-was-ever-given-00002"
+UINT64_MAX = 2**64 - 1
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with started_cluster(new_cluster(tmp_path_factory.mktemp("cluster"), shards=2)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> DevelopmentCertificates:
+    return write_development_certificates(tmp_path_factory.mktemp("certificates"))
+
+
+def tls_of(certificates: DevelopmentCertificates, with_certificate: bool = True) -> TlsIdentity:
+    return TlsIdentity(
+        certificate_chain=certificates.certificate_path.read_bytes() if with_certificate else b"",
+        private_key=certificates.key_path.read_bytes() if with_certificate else b"",
+        root_certificates=certificates.ca_path.read_bytes(),
+    )
+
+
+def node_stub(
+    address: str, credentials: ClientCredentials
+) -> tuple[grpc.Channel, node_pb2_grpc.NodeServiceStub]:
+    channel = credentials.channel(address)
+    return channel, node_pb2_grpc.NodeServiceStub(channel)
+
+
+def run_command(arguments: list[str], environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A command run to its end, from the repository root (whose .env a tool may read)."""
+    return subprocess.run(
+        arguments,
+        env=environment,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+def dev_command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "ledger_cluster.cli.dev", *arguments]
+
+
+def code_and_reason(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as raised:
+        if callable(call):
+            call()
+    details = error_details(raised.value)
+    return details.code, details.reason
+
+
+def account_on(config: cluster_config.ClusterConfig, shard_id: str) -> int:
+    """A fresh account id that the config places on `shard_id`."""
+    candidate = time.time_ns()
+    while config.shard_for_account(candidate).shard_id != shard_id:
+        candidate += 1
+    return candidate
+
+
+def assert_no_account(cluster: Cluster, account_id: int) -> None:
+    with pytest.raises(grpc.RpcError) as missing:
+        cluster.ledger_stub().GetAccount(
+            ledger_pb2.GetAccountRequest(account_id=f"{account_id:016x}", consistent=True),
+            timeout=RPC_TIMEOUT_SECONDS,
+        )
+    assert error_details(missing.value).code == grpc.StatusCode.NOT_FOUND
+
+
+# -- the node command cap -------------------------------------------------------------------------
+
+
+def largest_legal_items() -> list[bytes]:
+    """Every one-item command a gateway builds, each with every field at its legal maximum."""
+    metadata = tuple(
+        (f"{index:02d}".ljust(METADATA_KEY_BYTES_MAX, "k"), "v" * METADATA_VALUE_BYTES_MAX)
+        for index in range(METADATA_ENTRIES_MAX)
+    )
+    common = {
+        "amount": INT64_MIN,
+        "description": "é" * (DESCRIPTION_BYTES_MAX // 2),
+        "settled": False,
+        "request_id": "r" * REQUEST_ID_BYTES_MAX,
+        "now": 2**63 - 1,
+        "metadata": metadata,
+        "timeout_seconds": TIMEOUT_SECONDS_MAX,
+    }
+    return [
+        commands.create_transfer(
+            debit_account_id=UINT64_MAX,
+            transfer_number=UINT64_MAX,
+            credit_account_id=UINT64_MAX,
+            currency="X" * CURRENCY_CHARACTERS_MAX,
+            **common,  # type: ignore[arg-type]
+        ),
+        commands.create_transaction(account_id=UINT64_MAX, transaction_number=UINT64_MAX, **common),  # type: ignore[arg-type]
+        commands.create_account(
+            UINT64_MAX,
+            "r" * REQUEST_ID_BYTES_MAX,
+            2**63 - 1,
+            currency="X" * CURRENCY_CHARACTERS_MAX,
+            overdraft_limit=2**63 - 1,
+            metadata=metadata,
+        ),
+    ]
+
+
+def test_the_node_command_cap_holds_the_largest_command_a_gateway_builds() -> None:
+    items = largest_legal_items()
+    assert max(len(item) for item in items) <= ITEM_COMMAND_BYTES_MAX
+    assert len(commands.batch([max(items, key=len)] * BATCH_ITEMS_MAX)) <= COMMAND_BYTES_MAX
+
+
+def test_a_node_refuses_a_command_longer_than_the_cap_and_changes_nothing(cluster: Cluster) -> None:
+    shard = cluster.config.shards[0]
+    account_id = account_on(cluster.config, shard.shard_id)
+    padding = "p" * (DESCRIPTION_BYTES_MAX * 4)
+    item = commands.create_account(account_id, padding, time.time_ns())
+    too_large = commands.batch([item] * (COMMAND_BYTES_MAX // len(item) + 1))
+    assert len(too_large) > COMMAND_BYTES_MAX
+    leader = cluster.leader_of(shard.shard_id)
+    request = node_pb2.UpdateRequest(shard_id=shard.shard_id, command=too_large)
+    code, reason = code_and_reason(
+        lambda: cluster.node_stub(leader).Update(request, timeout=RPC_TIMEOUT_SECONDS)
+    )
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "COMMAND_TOO_LARGE")
+    assert_no_account(cluster, account_id)
+
+
+# -- NodeService authentication -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, OTHER_TOKEN], ids=["no-token", "wrong-token"])
+def test_node_service_refuses_calls_without_the_cluster_token(cluster: Cluster, token: str | None) -> None:
+    shard = cluster.config.shards[0]
+    leader = cluster.leader_of(shard.shard_id)
+    account_id = account_on(cluster.config, shard.shard_id)
+    channel, stub = node_stub(cluster.nodes[leader].address, ClientCredentials(token=token, tls=None))
+    with channel:
+        update = node_pb2.UpdateRequest(
+            shard_id=shard.shard_id, command=commands.create_account(account_id, "", time.time_ns())
+        )
+        calls = {
+            "Update": lambda: stub.Update(update, timeout=RPC_TIMEOUT_SECONDS),
+            "Status": lambda: stub.Status(node_pb2.StatusRequest(), timeout=RPC_TIMEOUT_SECONDS),
+            "Read": lambda: stub.Read(
+                node_pb2.ReadRequest(
+                    shard_id=shard.shard_id,
+                    query=core_pb2.ReadQuery(get_account=core_pb2.GetAccountQuery(account_id=account_id)),
+                    consistent=True,
+                ),
+                timeout=RPC_TIMEOUT_SECONDS,
+            ),
+            "Snapshot": lambda: list(
+                stub.Snapshot(node_pb2.SnapshotRequest(shard_id=shard.shard_id), timeout=RPC_TIMEOUT_SECONDS)
+            ),
+            "TransferLeadership": lambda: stub.TransferLeadership(
+                node_pb2.TransferLeadershipRequest(shard_id=shard.shard_id, target_node_id=leader),
+                timeout=RPC_TIMEOUT_SECONDS,
+            ),
+            "Verify": lambda: stub.Verify(
+                node_pb2.VerifyRequest(shard_id=shard.shard_id), timeout=RPC_TIMEOUT_SECONDS
+            ),
+        }
+        for name, call in calls.items():
+            assert code_and_reason(call) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"), name
+        # Health answers anybody: it tells only whether the node serves.
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT_SECONDS
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    # The refused Update created nothing; the same Update with the token does.
+    assert_no_account(cluster, account_id)
+    answer = cluster.node_stub(leader).Update(update, timeout=RPC_TIMEOUT_SECONDS)
+    assert answer.result.outcome == core_pb2.OUTCOME_OK, answer.result.message
+
+
+def test_ledger_dev_needs_the_cluster_token(cluster: Cluster) -> None:
+    answered = cluster.dev_cli(["status", "--config", str(cluster.config_path)])
+    assert answered.returncode == 0, answered.stderr
+    assert "UNAUTHENTICATED" not in answered.stdout
+    environment = {**cluster.environment(), "LEDGER_CLUSTER_TOKEN": OTHER_TOKEN}
+    refused = run_command(
+        dev_command("status", "--config", str(cluster.config_path)),
+        {**clean_environment(), **environment},
+    )
+    assert "UNAUTHENTICATED" in refused.stdout + refused.stderr
+
+
+# -- internal mutual TLS ------------------------------------------------------------------------
+
+
+def test_internal_mutual_tls_admits_only_the_cluster(
+    tmp_path: Path, certificates: DevelopmentCertificates
+) -> None:
+    tls_cluster = new_cluster(tmp_path, shards=2)
+    tls_cluster.internal_tls = certificates
+    with started_cluster(tls_cluster) as running:
+        # The gateway reached every shard's leader over mutual TLS with the token.
+        created = running.ledger_stub().CreateAccount(
+            ledger_pb2.CreateAccountRequest(), timeout=RPC_TIMEOUT_SECONDS
+        )
+        assert created.account.id
+        address = running.nodes["node01"].address
+        attempts = {
+            "plaintext": ClientCredentials(token=running.cluster_token, tls=None),
+            "TLS without a client certificate": ClientCredentials(
+                token=running.cluster_token,
+                tls=tls_of(certificates, with_certificate=False),
+                tls_roots_only=True,
+            ),
+        }
+        for name, credentials in attempts.items():
+            channel, stub = node_stub(address, credentials)
+            with channel:
+                code, _ = code_and_reason(
+                    lambda stub=stub: stub.Status(node_pb2.StatusRequest(), timeout=RPC_TIMEOUT_SECONDS)
+                )
+                assert code == grpc.StatusCode.UNAVAILABLE, name
+        channel, stub = node_stub(address, ClientCredentials(token=None, tls=tls_of(certificates)))
+        with channel:
+            code, _ = code_and_reason(
+                lambda: stub.Status(node_pb2.StatusRequest(), timeout=RPC_TIMEOUT_SECONDS)
+            )
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+        verified = running.dev_cli(["verify", "--config", str(running.config_path)])
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_node_refuses_plaintext_node_service_beyond_loopback(tmp_path: Path) -> None:
+    config_path = tmp_path / "cluster_config.json"
+    config = cluster_config.generate(1, 1, 1, host="192.0.2.10")
+    cluster_config.write_atomic(config, config_path)
+    data_dir = tmp_path / "data"
+    result = run_command(
+        [
+            sys.executable,
+            "-m",
+            "ledger_cluster.cli.node",
+            "--node-id",
+            "node01",
+            "--data-dir",
+            str(data_dir),
+            "--config",
+            str(config_path),
+        ],
+        {
+            **clean_environment(),
+            "LEDGER_RAFT_PASSWORD": TEST_RAFT_PASSWORD + "-long-enough",
+            "LEDGER_CLUSTER_TOKEN": "t" * SECRET_BYTES_MIN,
+        },
+    )
+    assert result.returncode != 0
+    assert "reachable from other machines" in result.stderr
+    assert not data_dir.exists()
+
+
+def test_the_gateway_refuses_a_token_on_its_command_line() -> None:
+    result = run_command(
+        [sys.executable, "-m", "ledger_cluster.cli.gateway", "--cluster-token", "t" * SECRET_BYTES_MIN],
+        clean_environment(),
+    )
+    assert result.returncode == 2
+    assert "--cluster-token is refused" in result.stderr
+
+
+# -- the public port: TLS and client tokens ---------------------------------------------------------
+
+
+def start_public_server(
+    tmp_path: Path, certificates: DevelopmentCertificates, extra_arguments: list[str], tokens: str
+) -> tuple[ManagedProcess, str]:
+    config_path = write_generated_config(tmp_path / "cluster_config.json", 3, 2, 3)
+    port = free_port()
+    command = standalone_command(port, tmp_path / "data", config_path)
+    command += ["--tls-cert", str(certificates.certificate_path), "--tls-key", str(certificates.key_path)]
+    command += extra_arguments
+    environment = {**clean_environment(), "LEDGER_CLIENT_TOKENS": tokens}
+    process = start_process("ledger-standalone (TLS)", command, tmp_path / "server.log", env=environment)
+    address = f"{LOOPBACK_HOST}:{port}"
+    try:
+        # With a client certificate: a server given a client CA asks for one even for health.
+        identity = ClientCredentials(token=None, tls=tls_of(certificates))
+        wait_until_serving(process, address, credentials=identity)
+    except BaseException:
+        process.stop()
+        raise
+    return process, address
+
+
+@pytest.fixture
+def public_server(tmp_path: Path, certificates: DevelopmentCertificates) -> Iterator[str]:
+    process, address = start_public_server(
+        tmp_path, certificates, [], f"{OTHER_TOKEN.upper()},{CLIENT_TOKEN}"
+    )
+    try:
+        yield address
+    finally:
+        process.stop()
+
+
+def ledger_call(address: str, credentials: ClientCredentials) -> ledger_pb2.CreateAccountResponse:
+    with credentials.channel(address) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        response: ledger_pb2.CreateAccountResponse = stub.CreateAccount(
+            ledger_pb2.CreateAccountRequest(), timeout=RPC_TIMEOUT_SECONDS
+        )
+        return response
+
+
+def top_up(address: str, credentials: ClientCredentials, account_id: str) -> None:
+    with credentials.channel(address) as channel:
+        ledger_pb2_grpc.LedgerServiceStub(channel).CreateTransaction(
+            ledger_pb2.CreateTransactionRequest(account_id=account_id, amount=100, settled=True),
+            timeout=RPC_TIMEOUT_SECONDS,
+        )
+
+
+def available(address: str, credentials: ClientCredentials, account_id: str) -> int:
+    with credentials.channel(address) as channel:
+        answer = ledger_pb2_grpc.LedgerServiceStub(channel).GetAccount(
+            ledger_pb2.GetAccountRequest(account_id=account_id), timeout=RPC_TIMEOUT_SECONDS
+        )
+        return int(answer.account.available_balance)
+
+
+def test_the_public_port_serves_tls_and_checks_client_tokens(
+    public_server: str, certificates: DevelopmentCertificates
+) -> None:
+    roots = tls_of(certificates, with_certificate=False)
+    refused = {
+        "plaintext": (ClientCredentials(token=CLIENT_TOKEN, tls=None), grpc.StatusCode.UNAVAILABLE),
+        "no token": (
+            ClientCredentials(token=None, tls=roots, tls_roots_only=True),
+            grpc.StatusCode.UNAUTHENTICATED,
+        ),
+        "wrong token": (
+            ClientCredentials(token=OTHER_TOKEN, tls=roots, tls_roots_only=True),
+            grpc.StatusCode.UNAUTHENTICATED,
+        ),
+    }
+    admitted = ClientCredentials(token=CLIENT_TOKEN, tls=roots, tls_roots_only=True)
+    account_id = ledger_call(public_server, admitted).account.id
+    for name, (credentials, expected) in refused.items():
+        code, _ = code_and_reason(
+            lambda credentials=credentials: top_up(public_server, credentials, account_id)
+        )
+        assert code == expected, name
+    # No refused top-up moved money; an admitted one does.
+    assert available(public_server, admitted, account_id) == 0
+    top_up(public_server, admitted, account_id)
+    assert available(public_server, admitted, account_id) == 100
+
+
+def test_ledger_dev_reaches_a_tls_gateway_with_a_token(
+    public_server: str, certificates: DevelopmentCertificates
+) -> None:
+    environment = {
+        **clean_environment(),
+        "LEDGER_TLS_CA": str(certificates.ca_path),
+        "LEDGER_CLIENT_TOKEN": CLIENT_TOKEN,
+    }
+    result = run_command(
+        dev_command("seed-accounts", "--count", "3", "--gateway", public_server),
+        environment,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    without_token = {key: value for key, value in environment.items() if key != "LEDGER_CLIENT_TOKEN"}
+    refused = run_command(
+        dev_command("seed-accounts", "--count", "3", "--gateway", public_server),
+        without_token,
+    )
+    assert refused.returncode != 0
+    assert "UNAUTHENTICATED" in refused.stderr
+
+
+def test_the_public_port_with_a_client_ca_requires_a_client_certificate(
+    tmp_path: Path, certificates: DevelopmentCertificates
+) -> None:
+    process, address = start_public_server(
+        tmp_path, certificates, ["--tls-client-ca", str(certificates.ca_path)], CLIENT_TOKEN
+    )
+    try:
+        roots_only = ClientCredentials(
+            token=CLIENT_TOKEN, tls=tls_of(certificates, False), tls_roots_only=True
+        )
+        code, _ = code_and_reason(lambda: ledger_call(address, roots_only))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        answer = ledger_call(address, ClientCredentials(token=CLIENT_TOKEN, tls=tls_of(certificates)))
+        assert answer.account.id
+    finally:
+        process.stop()
+
+
+def test_the_public_port_refuses_short_client_tokens(
+    tmp_path: Path, certificates: DevelopmentCertificates
+) -> None:
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text(f"# clients\n{CLIENT_TOKEN}\nshort-token\n")
+    config_path = write_generated_config(tmp_path / "cluster_config.json", 3, 2, 3)
+    command = standalone_command(free_port(), tmp_path / "data", config_path)
+    result = run_command(
+        [*command, "--client-tokens-file", str(tokens_file)],
+        clean_environment(),
+    )
+    assert result.returncode == 2
+    assert f"client token #2 in {tokens_file} is 11 bytes" in result.stderr
+    assert not (tmp_path / "data").exists()
