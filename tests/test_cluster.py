@@ -14,6 +14,7 @@ import itertools
 import random
 import secrets
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -41,6 +42,7 @@ from ledger_cluster.raft_codec import master_key
 from ledger_cluster.status import error_details, status_details
 from tests import test_raft_transport as transport
 from tests.cluster import (
+    CLUSTER_READY_TIMEOUT_SECONDS,
     NODE_RPC_TIMEOUT_SECONDS,
     PREFERRED_LEADERS_SECONDS,
     SMALL_LOG_COMPACTION_MIN_ENTRIES,
@@ -449,9 +451,19 @@ def test_writes_on_every_shard_reach_every_replica(healthy: Cluster) -> None:
         assert expected_balances(listed) == (available, settled_balance)
 
 
+def status_with_steady_leaders(cluster: Cluster) -> tuple[dict[str, str], subprocess.CompletedProcess[str]]:
+    """`ledger-dev status` taken while no shard changed leader (a preferred leader taking its
+    shard back between two reads would make either read look wrong)."""
+    deadline = time.monotonic() + CLUSTER_READY_TIMEOUT_SECONDS
+    while True:
+        before = cluster.wait_leaders()
+        result = cluster.dev_status()
+        if cluster.wait_leaders() == before or time.monotonic() > deadline:
+            return before, result
+
+
 def test_dev_status_shows_a_leader_for_every_shard(healthy: Cluster) -> None:
-    leaders = healthy.wait_leaders()
-    result = healthy.dev_status()
+    leaders, result = status_with_steady_leaders(healthy)
     assert result.returncode == 0, f"ledger-dev status failed:\n{result.stdout}\n{result.stderr}"
     print(result.stdout)
     lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
