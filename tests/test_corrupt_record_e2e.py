@@ -19,6 +19,7 @@ from ledger_cluster.core import TABLE_NAMES, tables
 from ledger_cluster.ids import parse_account_id
 from ledger_cluster.status import error_details
 from ledger_cluster.storage import Storage, WriteTransaction
+from tests.cluster import new_cluster, started_cluster
 from tests.processes import StandaloneServer, standalone_server, write_generated_config
 
 RPC_TIMEOUT_SECONDS = 10.0
@@ -152,3 +153,47 @@ def test_a_corrupt_row_is_answered_data_loss_and_the_server_serves_the_rest(setu
 
     # Nothing of the refused writes was stored: the damaged row as it was, its one deposit.
     assert stored_rows_of(setup.data_dir, setup.shard_id, setup.corrupt_account) == (damaged_row, 1)
+
+
+# -- a cluster: no crash loop of the shard's replicas ----------------------------------------------
+
+CLUSTER_SHARDS = 1
+
+
+def test_a_corrupt_row_on_every_replica_stops_no_replica_and_they_stay_identical(tmp_path: Path) -> None:
+    """The same damage on every replica (as a restore would bring it): the write that meets it
+    is refused alike on all three, none of them stops, a restart of each replays its journal
+    without stopping, and the shard keeps taking writes and stays identical on its replicas."""
+    cluster = new_cluster(tmp_path / "cluster", shards=CLUSTER_SHARDS)
+    (shard,) = cluster.config.shards
+    with started_cluster(cluster):
+        stub = cluster.ledger_stub()
+        corrupt_account, healthy_account = (
+            stub.CreateAccount(ledger_pb2.CreateAccountRequest(), timeout=RPC_TIMEOUT_SECONDS).account.id
+            for _ in range(2)
+        )
+        for account_id in (corrupt_account, healthy_account):
+            deposit(stub, account_id, FIRST_DEPOSIT)
+        cluster.wait_converged()
+        cluster.close_channels()
+    for node in cluster.nodes.values():
+        set_unknown_flag(node.data_dir, shard.shard_id, corrupt_account)
+
+    with started_cluster(cluster):
+        stub = cluster.ledger_stub()
+        with pytest.raises(grpc.RpcError) as refused:
+            deposit(stub, corrupt_account, 5)
+        expect_corrupt(refused.value)
+        assert deposit(stub, healthy_account, 2).transaction.amount == 2
+        before_restarts = cluster.wait_converged()[shard.shard_id]
+
+        for node_id in cluster.nodes:
+            cluster.stop_node(node_id)
+            cluster.restart_node(node_id)
+        cluster.wait_healthy()
+
+        assert deposit(stub, healthy_account, 3).transaction.amount == 3
+        after_restarts = cluster.wait_converged()[shard.shard_id]
+        assert after_restarts.applied_index > before_restarts.applied_index
+        cluster.check_processes()
+        cluster.close_channels()
