@@ -66,6 +66,19 @@ def viewed_read(result: core_pb2.ReadResult) -> Answer:
     )
 
 
+def create_item(now: int, number: int, amount: int, request_id: str = "", account_id: int = ACCOUNT) -> bytes:
+    """A settled CreateTransaction command, as a log entry or a batch item."""
+    return commands.create_transaction(
+        account_id=account_id,
+        transaction_number=number,
+        amount=amount,
+        description="",
+        settled=True,
+        request_id=request_id,
+        now=now,
+    )
+
+
 class Ledger:
     """Drives one core the way a replica would: encoded commands, increasing log indices."""
 

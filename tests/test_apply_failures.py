@@ -23,11 +23,12 @@ from ledger_cluster.errors import (
 )
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.storage import WriteTransaction
-from tests.core_ledger import ACCOUNT, OTHER_ACCOUNT, Ledger
+from tests.core_ledger import ACCOUNT, OTHER_ACCOUNT, Ledger, create_item
 
 OK = core_pb2.OUTCOME_OK
 CORRUPT_RECORD = core_pb2.OUTCOME_CORRUPT_RECORD
 THIRD_ACCOUNT = 0x00000000000000C3
+NOW = 2_000
 ACCOUNT_FLAGS_OFFSET = 1  # after the layout byte
 UNKNOWN_ACCOUNT_FLAG = 0x80
 Damage = Callable[[WriteTransaction], None]
@@ -90,15 +91,7 @@ def apply_on_both(
 
 
 def create(account_id: int, number: int, amount: int) -> bytes:
-    return commands.create_transaction(
-        account_id=account_id,
-        transaction_number=number,
-        amount=amount,
-        description="",
-        settled=True,
-        request_id="",
-        now=2_000,
-    )
+    return create_item(NOW, number, amount, account_id=account_id)
 
 
 def digests(replicas: tuple[Ledger, Ledger]) -> list[tuple[int, str]]:
@@ -110,8 +103,8 @@ def digests(replicas: tuple[Ledger, Ledger]) -> list[tuple[int, str]]:
     [
         (unknown_account_flag, create(ACCOUNT, 9, 5), "flags 0x80 are unknown"),
         (overspent_account, create(ACCOUNT, 9, 5), "below the overdraft limit"),
-        (undecodable_transaction, commands.settle_transaction(ACCOUNT, 2, 2_000), "cut short"),
-        (undecodable_transaction, commands.cancel_transaction(ACCOUNT, 2, 2_000), "cut short"),
+        (undecodable_transaction, commands.settle_transaction(ACCOUNT, 2, NOW), "cut short"),
+        (undecodable_transaction, commands.cancel_transaction(ACCOUNT, 2, NOW), "cut short"),
     ],
 )
 def test_a_command_that_meets_a_corrupt_record_is_refused_alike_and_changes_nothing(

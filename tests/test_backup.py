@@ -146,15 +146,20 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
 
 
 def restore(source: Source, config_path: Path, data_root: Path) -> subprocess.CompletedProcess[str]:
+    return restore_backup(source.backup_dir, config_path, data_root)
+
+
+def restore_backup(backup_dir: Path, config_path: Path, data_root: Path) -> subprocess.CompletedProcess[str]:
     return run_dev(
-        "restore",
-        "--backup",
-        str(source.backup_dir),
-        "--config",
-        str(config_path),
-        "--data-root",
-        str(data_root),
+        "restore", "--backup", str(backup_dir), "--config", str(config_path), "--data-root", str(data_root)
     )
+
+
+def damaged_copy(source: Source, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the source's backup, and in it the snapshot a test damages."""
+    damaged = tmp_path / "damaged-backup"
+    shutil.copytree(source.backup_dir, damaged)
+    return damaged, damaged / f"{source.cluster.config.shards[1].shard_id}.snapshot"
 
 
 def verify(cluster: Cluster) -> subprocess.CompletedProcess[str]:
@@ -297,9 +302,7 @@ def rehash_in_manifest(backup_dir: Path, file_name: str) -> None:
     ],
 )
 def test_restore_rejects_a_damaged_backup(source: Source, tmp_path: Path, damage: str, message: str) -> None:
-    damaged = tmp_path / "damaged-backup"
-    shutil.copytree(source.backup_dir, damaged)
-    victim = damaged / f"{source.cluster.config.shards[1].shard_id}.snapshot"
+    damaged, victim = damaged_copy(source, tmp_path)
     if damage == "cut-short":
         cut_short(victim)
     else:
@@ -308,15 +311,7 @@ def test_restore_rejects_a_damaged_backup(source: Source, tmp_path: Path, damage
             rehash_in_manifest(damaged, victim.name)
     target = new_cluster(tmp_path / "restored", shards=2)
     data_root = target.base_dir / "data"
-    result = run_dev(
-        "restore",
-        "--backup",
-        str(damaged),
-        "--config",
-        str(target.config_path),
-        "--data-root",
-        str(data_root),
-    )
+    result = restore_backup(damaged, target.config_path, data_root)
     assert result.returncode != 0, describe(result)
     assert message in result.stderr and victim.name in result.stderr, describe(result)
     assert not data_root.exists(), f"restore wrote {sorted(data_root.rglob('*'))}"
@@ -346,9 +341,7 @@ def rewrite_with_unknown_account_flag(snapshot: Path, scratch: Path) -> None:
 def test_restore_refuses_a_backup_whose_state_no_command_makes(source: Source, tmp_path: Path) -> None:
     """A shard snapshot that passes every checksum (the manifest's and its own) but holds a row
     no command writes: restore names the row's problem and leaves no replica behind."""
-    damaged = tmp_path / "damaged-backup"
-    shutil.copytree(source.backup_dir, damaged)
-    victim = damaged / f"{source.cluster.config.shards[1].shard_id}.snapshot"
+    damaged, victim = damaged_copy(source, tmp_path)
     size_before = victim.stat().st_size
     rewrite_with_unknown_account_flag(victim, tmp_path / "scratch")
     assert victim.stat().st_size == size_before
@@ -356,15 +349,7 @@ def test_restore_refuses_a_backup_whose_state_no_command_makes(source: Source, t
     target = new_cluster(tmp_path / "restored", shards=2)
     data_root = target.base_dir / "data"
 
-    result = run_dev(
-        "restore",
-        "--backup",
-        str(damaged),
-        "--config",
-        str(target.config_path),
-        "--data-root",
-        str(data_root),
-    )
+    result = restore_backup(damaged, target.config_path, data_root)
 
     assert result.returncode != 0, describe(result)
     assert "passes its checksum but is inconsistent" in result.stderr, describe(result)
