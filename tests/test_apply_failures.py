@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ledger_cluster.api.v1 import ledger_pb2
 from ledger_cluster.core import commands, records, tables
 from ledger_cluster.core.apply_failures import DETERMINISTIC_ERRORS
 from ledger_cluster.errors import (
@@ -23,12 +24,20 @@ from ledger_cluster.errors import (
 )
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.storage import WriteTransaction
-from tests.core_ledger import ACCOUNT, OTHER_ACCOUNT, Ledger, create_item
+from tests.core_ledger import (
+    ACCOUNT,
+    BOUNDS_WITHOUT_FAR_ACCOUNT,
+    FAR_ACCOUNT,
+    OTHER_ACCOUNT,
+    Ledger,
+    create_item,
+)
 
 OK = core_pb2.OUTCOME_OK
 CORRUPT_RECORD = core_pb2.OUTCOME_CORRUPT_RECORD
 THIRD_ACCOUNT = 0x00000000000000C3
 NOW = 2_000
+NANOSECONDS_PER_SECOND = 1_000_000_000
 ACCOUNT_FLAGS_OFFSET = 1  # after the layout byte
 UNKNOWN_ACCOUNT_FLAG = 0x80
 Damage = Callable[[WriteTransaction], None]
@@ -200,6 +209,72 @@ def test_a_read_of_a_corrupt_record_answers_corrupt_record(replicas: tuple[Ledge
     assert result.outcome == CORRUPT_RECORD
     assert "flags 0x80 are unknown" in result.message
     assert leader.balances(OTHER_ACCOUNT) == (70, 100)
+
+
+def test_an_expiry_passes_over_a_corrupt_transaction_and_expires_the_others(
+    replicas: tuple[Ledger, Ledger],
+) -> None:
+    """One corrupt row listed in `expiries` must not hold up every expiry of its shard."""
+    for account_id in (ACCOUNT, OTHER_ACCOUNT):
+        pending = commands.create_transaction(
+            account_id=account_id,
+            transaction_number=20,
+            amount=-5,
+            description="",
+            settled=False,
+            request_id="",
+            now=NOW,
+            timeout_seconds=1,
+        )
+        assert [answer.outcome for answer in apply_on_both(replicas, pending)] == [OK, OK]
+    damage_both(
+        replicas,
+        lambda transaction: transaction.put(
+            tables.TRANSACTIONS, tables.transaction_key(ACCOUNT, 20), b"\x01\x63"
+        ),
+    )
+
+    answer, _ = apply_on_both(replicas, commands.expire_due(NOW + 2 * NANOSECONDS_PER_SECOND))
+
+    assert answer.outcome == OK
+    assert answer.message == "expired 1, passed over 1 with a corrupt record"
+    leader, _ = replicas
+    assert leader.transaction(20, OTHER_ACCOUNT).transaction.status == ledger_pb2.TRANSACTION_STATUS_EXPIRED
+    assert leader.core.earliest_deadline() == NOW + NANOSECONDS_PER_SECOND  # the corrupt one stays listed
+    first, second = digests(replicas)
+    assert first == second
+
+
+def test_the_transfer_work_listing_leaves_out_a_corrupt_debit_leg(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger", BOUNDS_WITHOUT_FAR_ACCOUNT)
+    try:
+        for account_id in (ACCOUNT, OTHER_ACCOUNT):
+            ledger.create_account(now=NOW, account_id=account_id)
+            ledger.submit(create_item(NOW, 1, 100, account_id=account_id))
+            transfer = commands.create_transfer(
+                debit_account_id=account_id,
+                transfer_number=30,
+                credit_account_id=FAR_ACCOUNT,
+                amount=10,
+                description="",
+                settled=True,
+                request_id="",
+                now=NOW,
+            )
+            assert ledger.submit(transfer).outcome == OK
+        ledger.storage.write(
+            lambda transaction: transaction.put(
+                tables.TRANSACTIONS, tables.transaction_key(ACCOUNT, 30), b"\x01\x63"
+            )
+        )
+        query = core_pb2.ReadQuery(transfer_work=core_pb2.TransferWorkQuery(limit=10))
+
+        work = ledger.core.read(query)
+
+        assert work.outcome == OK
+        assert [records.decode_transaction(leg).account_id for leg in work.transactions] == [OTHER_ACCOUNT]
+    finally:
+        ledger.storage.close()
 
 
 @pytest.mark.parametrize(

@@ -21,10 +21,9 @@ from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.limits import INT64_MAX, METADATA_VALUE_BYTES_MAX, TIMEOUT_SECONDS_MAX
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.storage import WriteTransaction
-from tests.core_ledger import ACCOUNT, OTHER_ACCOUNT, Ledger
+from tests.core_ledger import ACCOUNT, BOUNDS_WITHOUT_FAR_ACCOUNT, FAR_ACCOUNT, OTHER_ACCOUNT, Ledger
 
 OK = core_pb2.OUTCOME_OK
-FAR_ACCOUNT = 0x00000000000000F4  # the credit side of a transfer across shards
 NOW = 1_700_000_000_000_000_000
 NANOSECONDS_PER_SECOND = 1_000_000_000
 TIMEOUT_SECONDS = 60
@@ -91,18 +90,15 @@ def populate(ledger: Ledger) -> None:
     assert ledger.transaction(EXPIRED).transaction.status == ledger_pb2.TRANSACTION_STATUS_EXPIRED
 
 
-def bounds_without_far_account() -> tuple[int, int]:
-    """Shard bounds holding ACCOUNT and OTHER_ACCOUNT but not FAR_ACCOUNT, so a transfer to
-    it crosses shards."""
-    inside = sorted(shard_key(account) for account in (ACCOUNT, OTHER_ACCOUNT))
-    far = shard_key(FAR_ACCOUNT)
-    assert not inside[0] <= far <= inside[1], "pick another FAR_ACCOUNT"
-    return inside[0], inside[1]
+def test_the_bounds_hold_both_accounts_but_not_the_far_one() -> None:
+    lower, upper = BOUNDS_WITHOUT_FAR_ACCOUNT
+    assert all(lower <= shard_key(account) <= upper for account in (ACCOUNT, OTHER_ACCOUNT))
+    assert not lower <= shard_key(FAR_ACCOUNT) <= upper
 
 
 @pytest.fixture
 def source(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = Ledger(tmp_path / "source", bounds_without_far_account())
+    ledger = Ledger(tmp_path / "source", BOUNDS_WITHOUT_FAR_ACCOUNT)
     try:
         populate(ledger)
         assert ledger.core.verify() == []

@@ -490,10 +490,16 @@ def _transfer_work(view: ReadTransaction, query: core_pb2.TransferWorkQuery) -> 
     start = query.after_key + b"\0" if query.after_key else b""
     for key, _ in view.scan(tables.TRANSFER_WORK, start, b"", query.limit):
         data = view.get(tables.TRANSACTIONS, key)
-        require_invariant(data is not None, "transfer_work lists a missing transaction")
-        assert data is not None  # narrowed for mypy; checked just above
+        try:
+            require_invariant(data is not None, "transfer_work lists a missing transaction")
+            assert data is not None  # narrowed for mypy; checked just above
+            metadata = _stored_metadata(view, decode_transaction(data))
+        except apply_failures.CORRUPT_RECORD_ERRORS as error:
+            # Left out, so that it holds up none of the shard's other transfers.
+            logger.error("transfer_work row %s left out: %s", key.hex(), error)
+            continue
         result.transactions.append(data)
-        result.metadatas.append(_stored_metadata(view, decode_transaction(data)))
+        result.metadatas.append(metadata)
     return result
 
 
