@@ -14,7 +14,7 @@ import functools
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 from ledger_cluster.core import (
     apply_failures,
@@ -89,7 +89,6 @@ from ledger_cluster.storage import (
 )
 
 logger = logging.getLogger(__name__)
-_Applied = TypeVar("_Applied")
 
 
 # -- command handlers --------------------------------------------------------------------------
@@ -669,7 +668,7 @@ class AccountsCore:
                     )
                     return answered
 
-                return self._isolating_failures(dry_run, log_index)[0]
+                return apply_failures.run_isolating(dry_run, log_index)[0]
 
         def run(
             refused: Mapping[int, core_pb2.CommandResult], transaction: WriteTransaction
@@ -689,7 +688,7 @@ class AccountsCore:
         ) -> tuple[core_pb2.CommandResult, Changes, bool]:
             return self._storage.write(functools.partial(run, refused))
 
-        applied, refused_items = self._isolating_failures(write, log_index)
+        applied, refused_items = apply_failures.run_isolating(write, log_index)
         self.refused_commands += refused_items
         if isinstance(applied, core_pb2.CommandResult):
             # Refused whole: nothing of it stays but its index, so it is consumed exactly once.
@@ -718,36 +717,6 @@ class AccountsCore:
     def _consume_refused_entry(cls, log_index: int, transaction: WriteTransaction) -> None:
         cls._check_unapplied(transaction, log_index)
         transaction.put(tables.META, tables.META_APPLIED_INDEX, tables.encode_u64(log_index))
-
-    @staticmethod
-    def _isolating_failures(
-        attempt: Callable[[Mapping[int, core_pb2.CommandResult]], _Applied], log_index: int
-    ) -> tuple[_Applied | core_pb2.CommandResult, int]:
-        """Run `attempt` until it completes, each time with one more batch item refused (the one
-        that raised); (its result, or the refusal of the whole entry, and the items refused).
-        The rule of what is refused and what still stops the replica: apply_failures.py."""
-        refused: dict[int, core_pb2.CommandResult] = {}
-        for _ in range(apply_failures.ENTRY_RUNS_MAX):
-            try:
-                return attempt(refused), len(refused)
-            except apply_failures.ItemFailedError as failed:
-                if failed.position in refused:
-                    # Not the item after all (it did not run): nothing to charge it to.
-                    refusal = apply_failures.refusal_of(failed)
-                    apply_failures.log_refusal(log_index, None, refusal)
-                    return refusal, len(refused)
-                refusal = failed.refusal
-                refusal.log_index = log_index
-                apply_failures.log_refusal(log_index, failed.position, refusal)
-                refused[failed.position] = refusal
-            except apply_failures.DETERMINISTIC_ERRORS as error:
-                refusal = apply_failures.refusal_of(error)
-                refusal.log_index = log_index
-                apply_failures.log_refusal(log_index, None, refusal)
-                return refusal, len(refused)
-        raise ReplicaBrokenError(
-            f"log entry {log_index} still fails after {apply_failures.ENTRY_RUNS_MAX} runs"
-        )
 
     def _execute_checked(
         self,

@@ -46,12 +46,15 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
-from ledger_cluster.errors import InvariantViolationError, RecordFormatError
+from ledger_cluster.errors import InvariantViolationError, RecordFormatError, ReplicaBrokenError
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.limits import BATCH_ITEMS_MAX
 
 logger = logging.getLogger(__name__)
+_Applied = TypeVar("_Applied")
 
 CORRUPT_RECORD_ERRORS: tuple[type[Exception], ...] = (RecordFormatError, InvariantViolationError)
 DETERMINISTIC_ERRORS: tuple[type[Exception], ...] = (
@@ -102,3 +105,34 @@ def refusal_of(error: Exception) -> core_pb2.CommandResult:
 def log_refusal(log_index: int, position: int | None, refusal: core_pb2.CommandResult) -> None:
     where = f"log entry {log_index}" if position is None else f"log entry {log_index} item {position}"
     logger.error("%s refused (%s): %s", where, core_pb2.Outcome.Name(refusal.outcome), refusal.message)
+
+
+def run_isolating(
+    attempt: Callable[[Mapping[int, core_pb2.CommandResult]], _Applied], log_index: int
+) -> tuple[_Applied | core_pb2.CommandResult, int]:
+    """Run `attempt` (one run of entry `log_index`, given the batch items to refuse) until it
+    completes, each time with one more item refused: the one that raised. Returns its result,
+    or the refusal of the whole entry, and how many items were refused."""
+    refused: dict[int, core_pb2.CommandResult] = {}
+    for _ in range(ENTRY_RUNS_MAX):
+        try:
+            return attempt(refused), len(refused)
+        except ItemFailedError as failed:
+            if failed.position in refused:
+                # Not the item after all (it did not run): nothing to charge it to.
+                refusal = _entry_refusal(failed, log_index)
+                return refusal, len(refused)
+            refusal = failed.refusal
+            refusal.log_index = log_index
+            log_refusal(log_index, failed.position, refusal)
+            refused[failed.position] = refusal
+        except DETERMINISTIC_ERRORS as error:
+            return _entry_refusal(error, log_index), len(refused)
+    raise ReplicaBrokenError(f"log entry {log_index} still fails after {ENTRY_RUNS_MAX} runs")
+
+
+def _entry_refusal(error: Exception, log_index: int) -> core_pb2.CommandResult:
+    refusal = refusal_of(error)
+    refusal.log_index = log_index
+    log_refusal(log_index, None, refusal)
+    return refusal
