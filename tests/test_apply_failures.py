@@ -38,6 +38,8 @@ CORRUPT_RECORD = core_pb2.OUTCOME_CORRUPT_RECORD
 THIRD_ACCOUNT = 0x00000000000000C3
 NOW = 2_000
 NANOSECONDS_PER_SECOND = 1_000_000_000
+# A layout byte and a status byte, then nothing: a transaction row cut short.
+UNDECODABLE_ROW = b"\x01\x63"
 ACCOUNT_FLAGS_OFFSET = 1  # after the layout byte
 UNKNOWN_ACCOUNT_FLAG = 0x80
 Damage = Callable[[WriteTransaction], None]
@@ -80,7 +82,7 @@ def overspent_account(transaction: WriteTransaction) -> None:
 
 
 def undecodable_transaction(transaction: WriteTransaction) -> None:
-    transaction.put(tables.TRANSACTIONS, tables.transaction_key(ACCOUNT, 2), b"\x01\x63")
+    transaction.put(tables.TRANSACTIONS, tables.transaction_key(ACCOUNT, 2), UNDECODABLE_ROW)
 
 
 def damage_both(replicas: tuple[Ledger, Ledger], damage: Damage) -> None:
@@ -230,7 +232,7 @@ def test_an_expiry_passes_over_a_corrupt_transaction_and_expires_the_others(
     damage_both(
         replicas,
         lambda transaction: transaction.put(
-            tables.TRANSACTIONS, tables.transaction_key(ACCOUNT, 20), b"\x01\x63"
+            tables.TRANSACTIONS, tables.transaction_key(ACCOUNT, 20), UNDECODABLE_ROW
         ),
     )
 
@@ -264,7 +266,7 @@ def test_the_transfer_work_listing_leaves_out_a_corrupt_debit_leg(tmp_path: Path
             assert ledger.submit(transfer).outcome == OK
         ledger.storage.write(
             lambda transaction: transaction.put(
-                tables.TRANSACTIONS, tables.transaction_key(ACCOUNT, 30), b"\x01\x63"
+                tables.TRANSACTIONS, tables.transaction_key(ACCOUNT, 30), UNDECODABLE_ROW
             )
         )
         query = core_pb2.ReadQuery(transfer_work=core_pb2.TransferWorkQuery(limit=10))
