@@ -79,6 +79,12 @@ RAFT_FRAMES_REJECTED = Counter(
 # Exported at 0 from the start, so a first rejection shows as a change.
 for _reason in ("handshake", "frame", "message", "shard"):
     RAFT_FRAMES_REJECTED.labels(reason=_reason)
+APPLY_REFUSED_COMMANDS = Counter(
+    "ledger_apply_refused_commands_total",
+    "Commands whose apply raised a deterministic error (a corrupt stored record, or a bug), by"
+    " shard: rolled back and answered CORRUPT_RECORD or APPLY_FAILED alike on every replica.",
+    ["shard"],
+)
 APPLY_LATENCY = Histogram(
     "ledger_apply_latency_seconds",
     "Time to apply one log entry or standalone write: one LMDB write transaction and its fsync.",

@@ -2,6 +2,11 @@
 thread, in log order, so the synced LMDB commit never holds up the node's Raft loop. Used only
 by `replica`.
 
+An exception out of the core's apply stops the process (`on_broken`): the core has already
+turned every deterministic failure of a command into that command's answer
+(core/apply_failures.py), so what is left depends on this machine (storage, memory) and must
+not be answered differently here than on the other replicas.
+
 The Raft loop hands over each committed entry and gets a `PendingApply` back at once; the
 proposer's answer waits for it. The core stores each entry's index with its effects, so an
 entry handed over but not yet applied when the process dies is applied again from the journal
@@ -104,6 +109,11 @@ class ShardApplier:
                 self._on_broken(error)
 
     def _apply(self, entry: _Entry) -> None:
+        refused_before = self._core.refused_commands
         with metrics.APPLY_LATENCY.time():
             result = self._core.apply(entry.envelope, entry.index, answering=entry.answering)
+        refused = self._core.refused_commands - refused_before
+        if refused:
+            # The core answered them (core/apply_failures.py); the count is what alerts.
+            metrics.APPLY_REFUSED_COMMANDS.labels(shard=self._shard_id).inc(refused)
         entry.pending.resolve(result)

@@ -14,6 +14,10 @@ from ledger_cluster.storage import Storage
 FULL_RANGE = (0, 2**32 - 1)
 ACCOUNT = 0x00000000000000A1
 OTHER_ACCOUNT = 0x00000000000000B2
+# Outside BOUNDS_WITHOUT_FAR_ACCOUNT, which hold ACCOUNT and OTHER_ACCOUNT: a transfer to it
+# crosses shards (tests/test_restore_refusals.py checks the keys).
+FAR_ACCOUNT = 0x00000000000000F4
+BOUNDS_WITHOUT_FAR_ACCOUNT = (62_340_941, 3_251_094_547)
 PENDING = ledger_pb2.TRANSACTION_STATUS_PENDING
 SETTLED = ledger_pb2.TRANSACTION_STATUS_SETTLED
 CANCELLED = ledger_pb2.TRANSACTION_STATUS_CANCELLED
@@ -63,6 +67,19 @@ def viewed_read(result: core_pb2.ReadResult) -> Answer:
         transactions=[views.transaction_view(data) for data in result.transactions],
         next_sequence=result.next_sequence,
         applied_index=result.applied_index,
+    )
+
+
+def create_item(now: int, number: int, amount: int, request_id: str = "", account_id: int = ACCOUNT) -> bytes:
+    """A settled CreateTransaction command, as a log entry or a batch item."""
+    return commands.create_transaction(
+        account_id=account_id,
+        transaction_number=number,
+        amount=amount,
+        description="",
+        settled=True,
+        request_id=request_id,
+        now=now,
     )
 
 

@@ -23,12 +23,12 @@ import pytest
 
 from ledger_cluster.api.v1 import ledger_pb2
 from ledger_cluster.backup import MANIFEST_FILE_NAME, file_sha256
-from ledger_cluster.core import TABLE_NAMES, records, tables
+from ledger_cluster.core import TABLE_NAMES, AccountsCore, records, tables
 from ledger_cluster.ids import parse_transaction_id
 from ledger_cluster.internal.v1 import node_pb2
 from ledger_cluster.node import SNAPSHOT_CHUNK_BYTES_MAX
 from ledger_cluster.status import error_details
-from ledger_cluster.storage import Storage, WriteTransaction
+from ledger_cluster.storage import RESTORE_MARKER_FILE_NAME, Storage, WriteTransaction, read_snapshot_header
 from tests.cluster import DEV_CLI_TIMEOUT_SECONDS, Cluster, new_cluster, running_cluster, started_cluster
 from tests.processes import REPO_ROOT, run_dev_cli
 from tests.test_cluster import (
@@ -48,6 +48,8 @@ RESTORED_SHARD_COUNTS = (2, 8)
 FLIPPED_BYTE_FRACTION = 0.5
 CUT_SHORT_FRACTION = 0.75
 SNAPSHOT_TIMEOUT_SECONDS = "30"
+ACCOUNT_FLAGS_OFFSET = 1  # records.py: after the layout byte
+UNKNOWN_ACCOUNT_FLAG = 0x80
 VERIFY_SETTLE_SECONDS = "5"
 # Enough bytes in one shard that its snapshot streams in more than one chunk.
 BULK_TRANSACTIONS = 1_100
@@ -147,15 +149,20 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
 
 
 def restore(source: Source, config_path: Path, data_root: Path) -> subprocess.CompletedProcess[str]:
+    return restore_backup(source.backup_dir, config_path, data_root)
+
+
+def restore_backup(backup_dir: Path, config_path: Path, data_root: Path) -> subprocess.CompletedProcess[str]:
     return run_dev(
-        "restore",
-        "--backup",
-        str(source.backup_dir),
-        "--config",
-        str(config_path),
-        "--data-root",
-        str(data_root),
+        "restore", "--backup", str(backup_dir), "--config", str(config_path), "--data-root", str(data_root)
     )
+
+
+def damaged_copy(source: Source, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the source's backup, and in it the snapshot a test damages."""
+    damaged = tmp_path / "damaged-backup"
+    shutil.copytree(source.backup_dir, damaged)
+    return damaged, damaged / f"{source.cluster.config.shards[1].shard_id}.snapshot"
 
 
 def verify(cluster: Cluster) -> subprocess.CompletedProcess[str]:
@@ -307,9 +314,7 @@ def rehash_in_manifest(backup_dir: Path, file_name: str) -> None:
     ],
 )
 def test_restore_rejects_a_damaged_backup(source: Source, tmp_path: Path, damage: str, message: str) -> None:
-    damaged = tmp_path / "damaged-backup"
-    shutil.copytree(source.backup_dir, damaged)
-    victim = damaged / f"{source.cluster.config.shards[1].shard_id}.snapshot"
+    damaged, victim = damaged_copy(source, tmp_path)
     if damage == "cut-short":
         cut_short(victim)
     else:
@@ -318,18 +323,51 @@ def test_restore_rejects_a_damaged_backup(source: Source, tmp_path: Path, damage
             rehash_in_manifest(damaged, victim.name)
     target = new_cluster(tmp_path / "restored", shards=2)
     data_root = target.base_dir / "data"
-    result = run_dev(
-        "restore",
-        "--backup",
-        str(damaged),
-        "--config",
-        str(target.config_path),
-        "--data-root",
-        str(data_root),
-    )
+    result = restore_backup(damaged, target.config_path, data_root)
     assert result.returncode != 0, describe(result)
     assert message in result.stderr and victim.name in result.stderr, describe(result)
     assert not data_root.exists(), f"restore wrote {sorted(data_root.rglob('*'))}"
+
+
+def rewrite_with_unknown_account_flag(snapshot: Path, scratch: Path) -> None:
+    """The same snapshot (header, record count, size) with one account row carrying a flag bit
+    no release sets: a valid stream whose checksum holds, so only restore's checks remain."""
+    header = read_snapshot_header(snapshot)
+    storage = Storage(scratch, TABLE_NAMES)
+    try:
+        core = AccountsCore(storage, header.shard_lower_bound, header.shard_upper_bound)
+        core.restore_snapshot(snapshot)
+
+        def damage(transaction: WriteTransaction) -> None:
+            (key, value), *_ = transaction.iterate(tables.ACCOUNTS)
+            data = bytearray(value)
+            data[ACCOUNT_FLAGS_OFFSET] |= UNKNOWN_ACCOUNT_FLAG
+            transaction.put(tables.ACCOUNTS, key, bytes(data))
+
+        storage.write(damage)
+        core.write_snapshot(snapshot, metadata=header.metadata)
+    finally:
+        storage.close()
+
+
+def test_restore_refuses_a_backup_whose_state_no_command_makes(source: Source, tmp_path: Path) -> None:
+    """A shard snapshot that passes every checksum (the manifest's and its own) but holds a row
+    no command writes: restore names the row's problem and leaves no replica behind."""
+    damaged, victim = damaged_copy(source, tmp_path)
+    size_before = victim.stat().st_size
+    rewrite_with_unknown_account_flag(victim, tmp_path / "scratch")
+    assert victim.stat().st_size == size_before
+    rehash_in_manifest(damaged, victim.name)
+    target = new_cluster(tmp_path / "restored", shards=2)
+    data_root = target.base_dir / "data"
+
+    result = restore_backup(damaged, target.config_path, data_root)
+
+    assert result.returncode != 0, describe(result)
+    assert "passes its checksum but is inconsistent" in result.stderr, describe(result)
+    assert "flags 0x80 are unknown" in result.stderr, describe(result)
+    assert sorted(data_root.rglob("*.mdb")) == [], "restore left a replica behind"
+    assert sorted(data_root.rglob(RESTORE_MARKER_FILE_NAME)) == []
 
 
 # -- verify finds tampering ----------------------------------------------------------------------

@@ -8,23 +8,21 @@ from pathlib import Path
 from ledger_cluster.core import commands
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.limits import BATCH_ITEMS_MAX
-from tests.core_ledger import ACCOUNT, INSUFFICIENT_FUNDS, OK, OTHER_ACCOUNT, SETTLED, Answer, Ledger, viewed
+from tests.core_ledger import (
+    ACCOUNT,
+    INSUFFICIENT_FUNDS,
+    OK,
+    OTHER_ACCOUNT,
+    SETTLED,
+    Answer,
+    Ledger,
+    create_item,
+    viewed,
+)
 
 
 def create_account_item(now: int, account_id: int = ACCOUNT) -> bytes:
     return commands.create_account(account_id, "", now)
-
-
-def create_item(now: int, number: int, amount: int, request_id: str = "", account_id: int = ACCOUNT) -> bytes:
-    return commands.create_transaction(
-        account_id=account_id,
-        transaction_number=number,
-        amount=amount,
-        description="",
-        settled=True,
-        request_id=request_id,
-        now=now,
-    )
 
 
 def outcomes(result: Answer) -> list[str]:

@@ -2,18 +2,29 @@
 
 It reads nothing but its command and its LMDB state: `now` and every new id arrive inside the
 command, so every replica applying the same log gets the same bytes. Domain outcomes are data
-(`Outcome`); an exception out of `apply` means the replica is broken and must stop. Answers
+(`Outcome`). A command whose apply raises a deterministic error (a stored record it cannot use,
+a bug of a handler) is rolled back and answered as such (apply_failures.py); any other
+exception out of `apply` means the replica is broken and must stop. Answers
 carry stored records (records.py); the public views are the gateway's business.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ledger_cluster.core import commands, migration, rules, tables, transfers, verification
+from ledger_cluster.core import (
+    apply_failures,
+    commands,
+    migration,
+    rules,
+    tables,
+    transfers,
+    verification,
+)
 from ledger_cluster.core.balances import (
     contribution_of,
     credit_overflows,
@@ -369,19 +380,36 @@ def _finish_pending(
     return ok_transaction(changes, stored, metadata=transaction_metadata(changes, after))
 
 
-def _execute_batch(changes: Changes, items: tuple[bytes, ...]) -> core_pb2.CommandResult:
+def _execute_batch(
+    changes: Changes, items: tuple[bytes, ...], refused: Mapping[int, core_pb2.CommandResult]
+) -> core_pb2.CommandResult:
     """Every item in order against the same changes, so each sees the ones before it; one
-    item's domain failure is its own answer and stops nothing else."""
+    item's domain failure is its own answer and stops nothing else. The items in `refused`
+    raised in an earlier run of this entry: they answer their refusal and are not executed."""
     problem = rules.batch_size_problem(len(items))
     if problem is not None:
         return failure(core_pb2.OUTCOME_INVALID_COMMAND, problem.message)
     result = core_pb2.CommandResult(outcome=OK)
-    if not changes.answering:
-        for item in items:
-            _execute(changes, commands.parse_item(item))
-        return result
-    result.item_results.extend([_execute(changes, commands.parse_item(item)) for item in items])
+    answers = result.item_results if changes.answering else None
+    for position, item in enumerate(items):
+        answer = refused.get(position)
+        if answer is None:
+            changes.item_position = position
+            try:
+                answer = _execute(changes, commands.parse_item(item))
+            except apply_failures.DETERMINISTIC_ERRORS as error:
+                raise apply_failures.ItemFailedError(position, apply_failures.refusal_of(error)) from error
+        if answers is not None:
+            answers.append(answer)
     return result
+
+
+def _execute_entry(
+    changes: Changes, command: commands.Command, refused: Mapping[int, core_pb2.CommandResult]
+) -> core_pb2.CommandResult:
+    if isinstance(command, commands.Batch):
+        return _execute_batch(changes, command.items, refused)
+    return _execute(changes, command)
 
 
 _ACCOUNT_HANDLERS: dict[type, Callable[[Changes, Any], core_pb2.CommandResult]] = {
@@ -405,7 +433,8 @@ def _execute(changes: Changes, command: commands.Command) -> core_pb2.CommandRes
     if isinstance(command, commands.Noop):
         return core_pb2.CommandResult(outcome=OK)
     if isinstance(command, commands.Batch):
-        return _execute_batch(changes, command.items)
+        # parse_item makes a batch inside a batch Undecodable; this keeps it so for any caller.
+        return failure(core_pb2.OUTCOME_INVALID_COMMAND, "a batch inside a batch")
     if isinstance(command, commands.ExpireDue):
         return transfers.expire_due(changes, command)
     if not changes.owns(command.account_id):
@@ -460,10 +489,16 @@ def _transfer_work(view: ReadTransaction, query: core_pb2.TransferWorkQuery) -> 
     start = query.after_key + b"\0" if query.after_key else b""
     for key, _ in view.scan(tables.TRANSFER_WORK, start, b"", query.limit):
         data = view.get(tables.TRANSACTIONS, key)
-        require_invariant(data is not None, "transfer_work lists a missing transaction")
-        assert data is not None  # narrowed for mypy; checked just above
+        try:
+            require_invariant(data is not None, "transfer_work lists a missing transaction")
+            assert data is not None  # narrowed for mypy; checked just above
+            metadata = _stored_metadata(view, decode_transaction(data))
+        except apply_failures.CORRUPT_RECORD_ERRORS as error:
+            # Left out, so that it holds up none of the shard's other transfers.
+            logger.error("transfer_work row %s left out: %s", key.hex(), error)
+            continue
         result.transactions.append(data)
-        result.metadatas.append(_stored_metadata(view, decode_transaction(data)))
+        result.metadatas.append(metadata)
     return result
 
 
@@ -533,6 +568,9 @@ class AccountsCore:
         self.lower_bound = lower_bound
         self.upper_bound = upper_bound
         self._recent_requests_max = recent_requests_max
+        # Commands refused since open because their apply raised (apply_failures.py); read by
+        # the replica's applier for its metric.
+        self.refused_commands = 0
         storage.write(self._initialize_meta)
         # Mirrors the `recent_requests` table (derived state: rebuilt from it on every open and
         # restore, changed only after a commit), so a lookup of a new request id costs no read.
@@ -623,18 +661,21 @@ class AccountsCore:
                     # A journal replayed after a restart: nobody waits, so nothing needs working
                     # out (a restart would otherwise redo every entry since the last compaction).
                     return core_pb2.CommandResult(outcome=OK, log_index=log_index)
-                return self._execute_checked(view, None, command_bytes, log_index, answering)[0]
 
-        def run(transaction: WriteTransaction) -> tuple[core_pb2.CommandResult, Changes, bool]:
-            applied_index = self._applied_index_in(transaction)
-            if log_index <= applied_index:
-                # Only this replica's apply thread writes; a higher index here means another
-                # process wrote to the same files.
-                raise ReplicaBrokenError(
-                    f"entry {log_index} was applied by another writer (stored index {applied_index})"
-                )
+                def dry_run(refused: Mapping[int, core_pb2.CommandResult]) -> core_pb2.CommandResult:
+                    answered, _ = self._execute_checked(
+                        view, None, command_bytes, log_index, answering, refused=refused
+                    )
+                    return answered
+
+                return apply_failures.run_isolating(dry_run, log_index)[0]
+
+        def run(
+            refused: Mapping[int, core_pb2.CommandResult], transaction: WriteTransaction
+        ) -> tuple[core_pb2.CommandResult, Changes, bool]:
+            self._check_unapplied(transaction, log_index)
             result, changes = self._execute_checked(
-                transaction, transaction, command_bytes, log_index, answering
+                transaction, transaction, command_bytes, log_index, answering, refused=refused
             )
             moved = len(self._recent_requests) + len(changes.new_requests) >= self._recent_requests_max
             if moved:
@@ -642,13 +683,40 @@ class AccountsCore:
             transaction.put(tables.META, tables.META_APPLIED_INDEX, tables.encode_u64(log_index))
             return result, changes, moved
 
-        result, changes, moved = self._storage.write(run)
+        def write(
+            refused: Mapping[int, core_pb2.CommandResult],
+        ) -> tuple[core_pb2.CommandResult, Changes, bool]:
+            return self._storage.write(functools.partial(run, refused))
+
+        applied, refused_items = apply_failures.run_isolating(write, log_index)
+        self.refused_commands += refused_items
+        if isinstance(applied, core_pb2.CommandResult):
+            # Refused whole: nothing of it stays but its index, so it is consumed exactly once.
+            self.refused_commands += 1
+            self._storage.write(functools.partial(self._consume_refused_entry, log_index))
+            return applied
+        result, changes, moved = applied
         # Committed: only now may the memory mirror follow the table.
         if moved:
             self._recent_requests = {}
         else:
             self._recent_requests.update(changes.new_requests)
         return result
+
+    @classmethod
+    def _check_unapplied(cls, transaction: WriteTransaction, log_index: int) -> None:
+        applied_index = cls._applied_index_in(transaction)
+        if log_index <= applied_index:
+            # Only this replica's apply thread writes; a higher index here means another
+            # process wrote to the same files.
+            raise ReplicaBrokenError(
+                f"entry {log_index} was applied by another writer (stored index {applied_index})"
+            )
+
+    @classmethod
+    def _consume_refused_entry(cls, log_index: int, transaction: WriteTransaction) -> None:
+        cls._check_unapplied(transaction, log_index)
+        transaction.put(tables.META, tables.META_APPLIED_INDEX, tables.encode_u64(log_index))
 
     def _execute_checked(
         self,
@@ -657,11 +725,22 @@ class AccountsCore:
         command_bytes: bytes,
         log_index: int,
         answering: bool,
+        *,
+        refused: Mapping[int, core_pb2.CommandResult],
     ) -> tuple[core_pb2.CommandResult, Changes]:
         changes = Changes(view, transaction, answering, self._recent_requests, self.owns_account)
-        result = _execute(changes, commands.parse(command_bytes))
+        command = commands.parse(command_bytes)
+        result = _execute_entry(changes, command, refused)
         changes.flush(log_index)
-        changes.check()
+        try:
+            changes.check()
+        except apply_failures.AccountInvariantError as error:
+            position = changes.first_item_touching(error.account_id)
+            if not isinstance(command, commands.Batch) or position is None:
+                raise
+            # The first item that touched the account is refused; a later one that touches it
+            # then becomes the first, until the account is left alone.
+            raise apply_failures.ItemFailedError(position, apply_failures.refusal_of(error)) from error
         result.log_index = log_index
         for item in result.item_results:
             item.log_index = log_index
@@ -669,7 +748,12 @@ class AccountsCore:
 
     def read(self, query: core_pb2.ReadQuery) -> core_pb2.ReadResult:
         with self._storage.read() as view:
-            result = _read(view, query, self.owns_account)
+            try:
+                result = _read(view, query, self.owns_account)
+            except apply_failures.CORRUPT_RECORD_ERRORS as error:
+                refusal = apply_failures.refusal_of(error)
+                logger.error("read refused: %s", refusal.message)
+                result = _read_failure(refusal.outcome, refusal.message)
             result.applied_index = self._applied_index_in(view)
             return result
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ledger_cluster.core import rules, tables
+from ledger_cluster.core.apply_failures import AccountInvariantError
 from ledger_cluster.core.balances import (
     NO_TOTALS,
     Totals,
@@ -31,6 +32,7 @@ from ledger_cluster.core.records import (
     decode_account,
     encode_metadata,
 )
+from ledger_cluster.errors import InvariantViolationError
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.storage import ReadTransaction, WriteTransaction
 
@@ -86,6 +88,10 @@ class Changes:
         # Rows of the smaller tables (metadata, transfer work, expiries) this entry wrote, for
         # a dry run only; None stands for a deleted row.
         self._rows: dict[tuple[str, bytes], bytes | None] = {}
+        # The batch item being executed, and the first item that touched each account: an
+        # account that fails `check` is charged to it (apply_failures.py).
+        self.item_position = 0
+        self._first_touch: dict[int, int] = {}
 
     def owns(self, account_id: int) -> bool:
         # The shard key is a sha256: computed once per account per entry.
@@ -97,6 +103,7 @@ class Changes:
     def account(self, account_id: int) -> AccountChange | None:
         if account_id in self._accounts:
             return self._accounts[account_id]
+        self._first_touch[account_id] = self.item_position
         data = self._view.get(tables.ACCOUNTS, tables.account_key(account_id))
         change = None
         if data is not None:
@@ -106,6 +113,7 @@ class Changes:
         return change
 
     def add_account(self, record: AccountRecord) -> AccountChange:
+        self._first_touch.setdefault(record.account_id, self.item_position)
         change = AccountChange(record, NO_TOTALS)
         self._accounts[record.account_id] = change
         return change
@@ -200,7 +208,12 @@ class Changes:
                 tables.RECENT_REQUESTS, tables.recent_requests_key(log_index), b"".join(self._recent_rows)
             )
 
+    def first_item_touching(self, account_id: int) -> int | None:
+        return self._first_touch.get(account_id)
+
     def check(self) -> None:
+        """Every touched account's totals against what its transactions moved, and within
+        their limits; AccountInvariantError names the account that is not."""
         for account_id, change in sorted(self._accounts.items()):
             if change is None:
                 continue
@@ -208,11 +221,14 @@ class Changes:
             expected = add_totals(
                 change.totals_before, (change.moved[0], change.moved[1], change.moved[2], change.moved[3])
             )
-            require_invariant(
-                after == expected,
-                f"account {account_id:016x}: totals moved to {after}, its transactions say {expected}",
-            )
-            check_account(change.record)
+            try:
+                require_invariant(
+                    after == expected,
+                    f"account {account_id:016x}: totals moved to {after}, its transactions say {expected}",
+                )
+                check_account(change.record)
+            except InvariantViolationError as error:
+                raise AccountInvariantError(account_id, str(error)) from error
 
 
 # -- answers ---------------------------------------------------------------------------------

@@ -161,6 +161,18 @@ def expires_at_of(now: int, timeout_seconds: int) -> int:
     return min(now + timeout_seconds * _NANOSECONDS_PER_SECOND, INT64_MAX)
 
 
+def is_deadline_of(created_at: int, expires_at: int) -> bool:
+    """Whether `expires_at_of(created_at, t)` gives `expires_at` for a timeout t the rules allow."""
+    if expires_at == INT64_MAX:
+        # Capped: any timeout long enough to reach past int64 gives it.
+        return created_at + TIMEOUT_SECONDS_MAX * _NANOSECONDS_PER_SECOND >= INT64_MAX
+    timeout_ns = expires_at - created_at
+    return (
+        timeout_ns % _NANOSECONDS_PER_SECOND == 0
+        and _NANOSECONDS_PER_SECOND <= timeout_ns <= TIMEOUT_SECONDS_MAX * _NANOSECONDS_PER_SECOND
+    )
+
+
 def create_account_problem(
     request_id: str, currency: str, overdraft_limit: int, metadata: Sequence[tuple[str, str]]
 ) -> Problem | None:

@@ -8,9 +8,11 @@ seen half-applied at all."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from ledger_cluster.core import commands, rules, tables
+from ledger_cluster.core.apply_failures import CORRUPT_RECORD_ERRORS
 from ledger_cluster.core.balances import credit_overflows, debit_overflows, is_refused, require_invariant
 from ledger_cluster.core.changes import (
     OK,
@@ -46,6 +48,8 @@ from ledger_cluster.core.records import (
 )
 from ledger_cluster.errors import RecordFormatError
 from ledger_cluster.internal.v1 import core_pb2
+
+logger = logging.getLogger(__name__)
 
 # A credit leg is stored at the transfer's number on the credit account, or at the next free
 # number when the account has a transaction of that number already (numbers are drawn at
@@ -498,29 +502,50 @@ def finish_transfer(changes: Changes, command: commands.FinishTransfer) -> core_
     return _answer(changes, after)
 
 
+def _expiring(changes: Changes, account_id: int, number: int, key: bytes) -> TransactionRecord:
+    """The pending transaction an expiries row lists, with its account loaded: every stored
+    row its expiry needs first, read before anything is written."""
+    data = changes.transaction_bytes(account_id, number)
+    record = None if data is None else decode_transaction(data)
+    require_invariant(
+        record is not None and record.status == PENDING,
+        f"expiries lists {key.hex()}, which is not pending",
+    )
+    assert record is not None  # narrowed for mypy; checked just above
+    require_invariant(
+        changes.account(account_id) is not None, f"transaction of missing account {account_id:016x}"
+    )
+    return record
+
+
 def expire_due(changes: Changes, command: commands.ExpireDue) -> core_pb2.CommandResult:
     """Every pending transaction whose deadline is at or before `now`, up to EXPIRE_BATCH_MAX:
-    released like a cancel, status EXPIRED. Answers how many it expired in `message`."""
-    expired = 0
+    released like a cancel, status EXPIRED. Answers how many it expired in `message`.
+
+    A listed transaction whose own row or account row is corrupt is passed over (and stays
+    listed), so it holds up no other expiry of the shard: that depends on the state alone, and
+    nothing of it was written yet (apply_failures.py)."""
+    expired = passed_over = 0
     for key, _ in changes.scan(tables.EXPIRIES, EXPIRE_BATCH_MAX):
         expires_at, account_id, number = tables.decode_expiry_key(key)
         if expires_at > command.now:
             break
-        data = changes.transaction_bytes(account_id, number)
-        record = None if data is None else decode_transaction(data)
-        require_invariant(
-            record is not None and record.status == PENDING,
-            f"expiries lists {key.hex()}, which is not pending",
-        )
-        assert record is not None  # narrowed for mypy; checked just above
+        try:
+            record = _expiring(changes, account_id, number, key)
+        except CORRUPT_RECORD_ERRORS as error:
+            logger.error("expiry of %s passed over: %s", key.hex(), error)
+            passed_over += 1
+            continue
         if record.flags & DEBIT_LEG:
             _resolve_debit_leg(changes, record, EXPIRED, 0, command.now)
         else:
             change = changes.account(account_id)
-            require_invariant(change is not None, f"transaction of missing account {account_id:016x}")
-            assert change is not None  # narrowed for mypy; checked just above
+            assert change is not None  # narrowed for mypy; _expiring checked it
             replace_transaction(
                 changes, change, record, _resolved(record, EXPIRED, 0, command.now), command.now
             )
         expired += 1
-    return core_pb2.CommandResult(outcome=OK, message=f"expired {expired}")
+    message = f"expired {expired}"
+    if passed_over:
+        message += f", passed over {passed_over} with a corrupt record"
+    return core_pb2.CommandResult(outcome=OK, message=message)

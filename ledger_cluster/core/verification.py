@@ -37,6 +37,7 @@ from ledger_cluster.core.records import (
     encode_metadata,
 )
 from ledger_cluster.errors import RecordFormatError
+from ledger_cluster.limits import TIMEOUT_SECONDS_MAX
 from ledger_cluster.storage import ReadTransaction
 
 # What a transaction's status can become from the status it was created with: a settled or
@@ -49,6 +50,11 @@ REACHABLE_STATUSES: dict[int, frozenset[int]] = {
     Status.PENDING: frozenset({Status.PENDING, Status.SETTLED, Status.CANCELLED, Status.EXPIRED}),
 }
 _REVERSED_DEBIT_LEG = frozenset({Status.SETTLED, Status.CANCELLED})
+# Where a debit leg whose credit was refused ends: reversed (CANCELLED), or EXPIRED when its
+# deadline passed first.
+_REVERSED_STATUSES = frozenset({Status.CANCELLED, Status.EXPIRED})
+_PENDING_ONLY = frozenset({Status.PENDING})
+_REFUSED_CREDIT_LEG = frozenset({Status.PENDING, Status.CANCELLED})
 # A listing of problems stops growing here: one bad table would otherwise flood the report.
 PROBLEMS_MAX = 100
 _LEG_FLAGS = TransactionFlag.DEBIT_LEG | TransactionFlag.CREDIT_LEG
@@ -217,17 +223,37 @@ def _leg_problem(record: TransactionRecord) -> str | None:
             _OWED | TransactionFlag.CREDIT_REFUSED | TransactionFlag.HAS_REQUEST_ID
         ):
             return "is a credit leg with a debit leg's amount or flags"
-        return None
+        return _expiry_problem(record)
     if record.initial_status == Status.INSUFFICIENT_FUNDS and flags & (
         _OWED | TransactionFlag.CREDIT_REFUSED
     ):
         return "is a refused transfer that owes its credit shard work"
+    if flags & TransactionFlag.RESOLVE_OWED and record.status == Status.PENDING:
+        # The news owed is a final status: a pending leg has none to pass on.
+        return "is a pending debit leg that owes its credit shard a resolution"
+    if flags & TransactionFlag.CREDIT_REFUSED and (flags & _OWED or record.status not in _REVERSED_STATUSES):
+        return (
+            f"is a debit leg whose credit was refused, still {Status(record.status).name}"
+            " or owing its credit shard work"
+        )
     return _expiry_problem(record)
 
 
 def _expiry_problem(record: TransactionRecord) -> str | None:
-    if record.expires_at and record.initial_status != Status.PENDING:
+    """A deadline is what `rules.expires_at_of` made of the create's `now` (the row's
+    `created_at`) and a timeout the rules allow; a credit leg carries its debit leg's, with the
+    debit leg's `created_at`. Only a transaction created pending has one (a credit leg that its
+    shard refused is created CANCELLED with its debit leg's), and only one with one expires."""
+    if not record.expires_at:
+        return "has expired without a deadline" if record.status == Status.EXPIRED else None
+    creatable = _REFUSED_CREDIT_LEG if record.flags & TransactionFlag.CREDIT_LEG else _PENDING_ONLY
+    if record.initial_status not in creatable:
         return f"has a deadline but was created {Status(record.initial_status).name}"
+    if not rules.is_deadline_of(record.created_at, record.expires_at):
+        return (
+            f"has deadline {record.expires_at} for a creation at {record.created_at}, which no"
+            f" timeout of 1..{TIMEOUT_SECONDS_MAX} whole seconds gives"
+        )
     return None
 
 

@@ -52,6 +52,10 @@ _OUTCOME_STATUS: dict[int, tuple[grpc.StatusCode, str]] = {
         "SETTLE_AMOUNT_MISMATCH",
     ),
     core_pb2.OUTCOME_TRANSFER_LEG: (grpc.StatusCode.FAILED_PRECONDITION, "TRANSFER_LEG"),
+    # The shard holds a record it cannot use: nothing was applied, and a retry fails alike until
+    # the record is repaired (restored from a backup).
+    core_pb2.OUTCOME_CORRUPT_RECORD: (grpc.StatusCode.DATA_LOSS, "CORRUPT_RECORD"),
+    core_pb2.OUTCOME_APPLY_FAILED: (grpc.StatusCode.INTERNAL, "APPLY_FAILED"),
 }
 # The same outcomes, named for a transfer when the call was about one.
 _TRANSFER_REASONS = {

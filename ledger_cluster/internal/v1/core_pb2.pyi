@@ -128,6 +128,15 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     """Settle with another amount than the settled one."""
     OUTCOME_TRANSFER_LEG: _Outcome.ValueType  # 19
     """A transfer's leg is settled or cancelled through its transfer, never on its own."""
+    OUTCOME_CORRUPT_RECORD: _Outcome.ValueType  # 20
+    """A stored record the command needs does not decode, or the state breaks an invariant once
+    the command ran: the command's writes are rolled back, the entry is consumed
+    (core/apply_failures.py). Every replica answers the same.
+    """
+    OUTCOME_APPLY_FAILED: _Outcome.ValueType  # 21
+    """Any other deterministic failure inside the core (a bug of a handler): handled like
+    OUTCOME_CORRUPT_RECORD.
+    """
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     """Domain outcomes are data, never exceptions (DESIGN §2 rule 2)."""
@@ -159,6 +168,15 @@ OUTCOME_SETTLED_WITH_OTHER_AMOUNT: Outcome.ValueType  # 18
 """Settle with another amount than the settled one."""
 OUTCOME_TRANSFER_LEG: Outcome.ValueType  # 19
 """A transfer's leg is settled or cancelled through its transfer, never on its own."""
+OUTCOME_CORRUPT_RECORD: Outcome.ValueType  # 20
+"""A stored record the command needs does not decode, or the state breaks an invariant once
+the command ran: the command's writes are rolled back, the entry is consumed
+(core/apply_failures.py). Every replica answers the same.
+"""
+OUTCOME_APPLY_FAILED: Outcome.ValueType  # 21
+"""Any other deterministic failure inside the core (a bug of a handler): handled like
+OUTCOME_CORRUPT_RECORD.
+"""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 @_typing.final
