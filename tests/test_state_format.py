@@ -140,7 +140,9 @@ def test_a_format_1_backup_restores_into_a_format_2_cluster(tmp_path: Path) -> N
                 first_wave_fields(transaction) for transaction in list_all(stub, account_id)
             ] == transactions
         cluster.wait_converged()
-        verified = run_dev("verify", "--config", str(cluster.config_path), "--settle-seconds", "5")
+        verified = run_dev(
+            "verify", "--config", str(cluster.config_path), "--settle-seconds", "5", cluster=cluster
+        )
         assert verified.returncode == 0, describe(verified)
         # The fixture's last top-up of each account (5) carried the request id "again-<account>".
         for account_id, (_, transactions) in expected.items():
