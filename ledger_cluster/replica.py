@@ -80,6 +80,8 @@ LOG_COMPACTION_MIN_SECONDS_DEFAULT = 600.0
 # Shards compact every 600 to 900 s by default, spread by their place in the key space.
 COMPACTION_INTERVAL_SPREAD = 0.5
 RAFT_PASSWORD_ENVIRONMENT_VARIABLE = "LEDGER_RAFT_PASSWORD"
+# Logged once per term a replica acknowledges writes in as leader; the nemesis reads it back.
+ACKNOWLEDGING_TERM_LOG = "acknowledging as leader: shard %s term %d node %s"
 # Preferred leaders: how often each node looks for shards to hand back, how long the preferred
 # replica must have been connected and caught up first (a node that just came back may go
 # again), and how long one hand-back may take.
@@ -277,6 +279,7 @@ class ShardReplica:
         self.node_id = node_id
         self._raft = raft
         self._on_broken = on_broken
+        self._acknowledging_term = 0
         self.core = AccountsCore.open(
             data_dir / "replicas" / shard.shard_id, shard.lower_bound, shard.upper_bound
         )
@@ -462,6 +465,7 @@ class ShardReplica:
         unknown (it may still commit), and ValueError for budgets that do not fit the
         command."""
         self._require_leader()
+        term = int(self._sync_obj.raftCurrentTerm)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Answer | LedgerError] = loop.create_future()
 
@@ -481,7 +485,16 @@ class ShardReplica:
             raise
         if isinstance(outcome, LedgerError):
             raise outcome
+        self._note_acknowledging_term(term)
         return outcome
+
+    def _note_acknowledging_term(self, term: int) -> None:
+        """Log the first acknowledgement of each term this replica leads in (the nemesis checks
+        that no two replicas of a shard acknowledge in one term); a term that changed while the
+        write was in flight is not logged, since the write may belong to either."""
+        if term != self._acknowledging_term and term == int(self._sync_obj.raftCurrentTerm):
+            self._acknowledging_term = term
+            logger.info(ACKNOWLEDGING_TERM_LOG, self.shard.shard_id, term, self.node_id)
 
     def _translate_answer(self, result: Any, error: int) -> core_pb2.CommandResult | LedgerError:
         """A PySyncObj answer to one proposal: its result, or the error to raise."""
