@@ -80,7 +80,8 @@ LOG_COMPACTION_MIN_SECONDS_DEFAULT = 600.0
 # Shards compact every 600 to 900 s by default, spread by their place in the key space.
 COMPACTION_INTERVAL_SPREAD = 0.5
 RAFT_PASSWORD_ENVIRONMENT_VARIABLE = "LEDGER_RAFT_PASSWORD"
-# Logged once per term a replica acknowledges writes in as leader; the nemesis reads it back.
+# Logged once per term in which a replica, as leader, saw its proposals commit; the nemesis reads
+# it back.
 ACKNOWLEDGING_TERM_LOG = "acknowledging as leader: shard %s term %d node %s"
 # Preferred leaders: how often each node looks for shards to hand back, how long the preferred
 # replica must have been connected and caught up first (a node that just came back may go
@@ -389,12 +390,24 @@ class ShardReplica:
     def _propose(self, entry: bytes, on_answer: Callable[[Any, int], None]) -> None:
         def answered(result: Any, error: int) -> None:
             # On the Raft loop: the entry committed; its answer comes once the applier has it.
+            if error == _ANSWER_SUCCESS:
+                self._note_acknowledging_term()
             if isinstance(result, PendingApply):
                 result.when_applied(lambda applied: on_answer(applied, error))
             else:
                 on_answer(result, error)
 
         self._sync_obj._applyCommand(entry, answered, _COMMAND_TYPE.REGULAR)
+
+    def _note_acknowledging_term(self) -> None:
+        """Log the first commit this replica saw as leader in each term (the nemesis checks that
+        no two replicas of a shard did so in one term). Only on the Raft loop, the one thread
+        that changes the term and the state: elsewhere a new term can be read while the state
+        still says leader."""
+        term = int(self._sync_obj.raftCurrentTerm)
+        if term != self._acknowledging_term and self.is_leader():
+            self._acknowledging_term = term
+            logger.info(ACKNOWLEDGING_TERM_LOG, self.shard.shard_id, term, self.node_id)
 
     def _apply_entry(self, command: bytes, index: int) -> PendingApply | None:
         """On the Raft loop, for each committed entry in log order."""
@@ -465,7 +478,6 @@ class ShardReplica:
         unknown (it may still commit), and ValueError for budgets that do not fit the
         command."""
         self._require_leader()
-        term = int(self._sync_obj.raftCurrentTerm)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Answer | LedgerError] = loop.create_future()
 
@@ -485,16 +497,7 @@ class ShardReplica:
             raise
         if isinstance(outcome, LedgerError):
             raise outcome
-        self._note_acknowledging_term(term)
         return outcome
-
-    def _note_acknowledging_term(self, term: int) -> None:
-        """Log the first acknowledgement of each term this replica leads in (the nemesis checks
-        that no two replicas of a shard acknowledge in one term); a term that changed while the
-        write was in flight is not logged, since the write may belong to either."""
-        if term != self._acknowledging_term and term == int(self._sync_obj.raftCurrentTerm):
-            self._acknowledging_term = term
-            logger.info(ACKNOWLEDGING_TERM_LOG, self.shard.shard_id, term, self.node_id)
 
     def _translate_answer(self, result: Any, error: int) -> core_pb2.CommandResult | LedgerError:
         """A PySyncObj answer to one proposal: its result, or the error to raise."""

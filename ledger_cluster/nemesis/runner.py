@@ -423,17 +423,21 @@ def wait_until_quiet(
     read_unix_ns: int,
     notes: list[str],
 ) -> int:
-    """Re-read (in place) the accounts of `final` that are not quiet until none is left or the
-    deadline passes; the wall-clock moment the last pass started (`read_unix_ns` if none)."""
+    """Re-read (in place) the accounts of `final` that are not quiet until none is left or a
+    pass that started past the deadline found some (a pass is always made after the deadline,
+    however long the first read took: an account read before it may rightly have changed since);
+    the wall-clock moment the last pass started (`read_unix_ns` if none)."""
     passes = 0
     while True:
         unquiet = sorted(checks.unquiet_accounts(final) & final.keys())
         if not unquiet:
             break
-        if time.time_ns() > _quiet_deadline_ns(final, healed_unix_ns):
+        deadline_ns = _quiet_deadline_ns(final, healed_unix_ns)
+        if read_unix_ns > deadline_ns:
             notes.append(f"note: {len(unquiet)} accounts were still not quiet when the wait for it ended")
             break
-        time.sleep(QUIET_POLL_SECONDS)
+        if time.time_ns() < deadline_ns:
+            time.sleep(QUIET_POLL_SECONDS)
         passes += 1
         read_unix_ns = time.time_ns()
         deadline = time.monotonic() + FINAL_READ_TIMEOUT_SECONDS
