@@ -824,6 +824,18 @@ def test_nemesis_command_refuses_unknown_faults_and_used_directories(tmp_path: P
     assert not (tmp_path / "new").exists()
 
 
+def test_partitions_run_only_in_the_namespace_made_for_them(tmp_path: Path) -> None:
+    """A runner that is told it was re-executed in a nemesis namespace but is not in it (here:
+    the host's, or one that does not exist) refuses before starting anything."""
+    result = CliRunner().invoke(
+        dev_main,
+        ["nemesis", "--partitions", "--out", str(tmp_path / "run")],
+        env={NAMESPACE_ENVIRONMENT_VARIABLE: f"{NAMESPACE_PREFIX}-not-this-one"},
+    )
+    assert result.exit_code == 1 and "namespace" in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
 # -- real runs -------------------------------------------------------------------------------
 
 
