@@ -316,6 +316,9 @@ class RaftLoop:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # From the node's own Raft host, not whatever source the route picks (127.0.0.1 for
+            # any loopback peer): a partition's rules tell the nodes apart by source address.
+            sock.bind((self._listener.getsockname()[0], 0))
             result = sock.connect_ex((host, int(port)))
         except OSError as error:  # a name that does not resolve, a full file table
             sock.close()

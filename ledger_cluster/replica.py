@@ -80,6 +80,9 @@ LOG_COMPACTION_MIN_SECONDS_DEFAULT = 600.0
 # Shards compact every 600 to 900 s by default, spread by their place in the key space.
 COMPACTION_INTERVAL_SPREAD = 0.5
 RAFT_PASSWORD_ENVIRONMENT_VARIABLE = "LEDGER_RAFT_PASSWORD"
+# Logged once per term in which a replica, as leader, saw its proposals commit; the nemesis reads
+# it back.
+ACKNOWLEDGING_TERM_LOG = "acknowledging as leader: shard %s term %d node %s"
 # Preferred leaders: how often each node looks for shards to hand back, how long the preferred
 # replica must have been connected and caught up first (a node that just came back may go
 # again), and how long one hand-back may take.
@@ -277,6 +280,7 @@ class ShardReplica:
         self.node_id = node_id
         self._raft = raft
         self._on_broken = on_broken
+        self._acknowledging_term = 0
         self.core = AccountsCore.open(
             data_dir / "replicas" / shard.shard_id, shard.lower_bound, shard.upper_bound
         )
@@ -386,12 +390,24 @@ class ShardReplica:
     def _propose(self, entry: bytes, on_answer: Callable[[Any, int], None]) -> None:
         def answered(result: Any, error: int) -> None:
             # On the Raft loop: the entry committed; its answer comes once the applier has it.
+            if error == _ANSWER_SUCCESS:
+                self._note_acknowledging_term()
             if isinstance(result, PendingApply):
                 result.when_applied(lambda applied: on_answer(applied, error))
             else:
                 on_answer(result, error)
 
         self._sync_obj._applyCommand(entry, answered, _COMMAND_TYPE.REGULAR)
+
+    def _note_acknowledging_term(self) -> None:
+        """Log the first commit this replica saw as leader in each term (the nemesis checks that
+        no two replicas of a shard did so in one term). Only on the Raft loop, the one thread
+        that changes the term and the state: elsewhere a new term can be read while the state
+        still says leader."""
+        term = int(self._sync_obj.raftCurrentTerm)
+        if term != self._acknowledging_term and self.is_leader():
+            self._acknowledging_term = term
+            logger.info(ACKNOWLEDGING_TERM_LOG, self.shard.shard_id, term, self.node_id)
 
     def _apply_entry(self, command: bytes, index: int) -> PendingApply | None:
         """On the Raft loop, for each committed entry in log order."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,26 @@ from ledger_cluster.ids import parse_account_id
 from ledger_cluster.localcluster.cluster import config_ports
 from ledger_cluster.nemesis import checks
 from ledger_cluster.nemesis import history as h
-from ledger_cluster.nemesis.faults import FAULT_KINDS, FaultRecord, NemesisLog, ProcessExit
+from ledger_cluster.nemesis.faults import (
+    FAULT_KINDS,
+    ISOLATE_LEADER,
+    PARTITION_KINDS,
+    SPLIT_MAJORITY,
+    FaultRecord,
+    NemesisLog,
+    ProcessExit,
+)
+from ledger_cluster.nemesis.leadership import AcknowledgingTerm, acknowledging_terms
+from ledger_cluster.nemesis.network import (
+    NAMESPACE_ENVIRONMENT_VARIABLE,
+    NAMESPACE_PREFIX,
+    Firewall,
+    NamespaceError,
+    cut_rules,
+    drop_rule,
+    namespace_problem,
+    raft_endpoint,
+)
 from ledger_cluster.nemesis.runner import (
     NemesisOptions,
     candidate_accounts,
@@ -36,11 +57,17 @@ from ledger_cluster.nemesis.runner import (
     wait_until_quiet,
 )
 from ledger_cluster.nemesis.workload import Workload
+from ledger_cluster.replica import ACKNOWLEDGING_TERM_LOG
 from tests.processes import REPO_CONFIG_PATH, standalone_server, write_generated_config
 
 NEMESIS_CI_SECONDS = 60.0
 NEMESIS_CI_SEED = 20261122
 NEMESIS_CI_CLIENTS = 3
+# The partition run: long enough that each partition kind comes once (a round of the five).
+PARTITION_CI_SECONDS = 40.0
+PARTITION_CI_SEED = 20261129
+# Start, heal, final reads and checks on top of the faults.
+PARTITION_RUN_OVERHEAD_SECONDS_MAX = 240.0
 # Load on a fault-free standalone server: long enough for every kind of operation, transfers
 # expiring included (their deadlines pass during the wait for quiet that follows).
 NO_FAULT_LOAD_SECONDS = 4.0
@@ -235,6 +262,109 @@ def test_a_consistent_read_must_show_what_was_acknowledged_before_it() -> None:
     concurrent.write(1, 500)
     read.complete_seconds = concurrent.clock + 1.0
     assert checks.check_consistent_reads(concurrent.operations, final).passed
+
+
+def account_read(history: Builder, credits_settled: int, debits_settled: int = 0) -> h.Operation:
+    shown = {"id": ACCOUNT, "credits_settled": credits_settled, "debits_settled": debits_settled}
+    request = {"account_id": ACCOUNT, "consistent": True}
+    return history._op(h.GET_ACCOUNT, request, h.OUTCOME_OK, {"account": shown})
+
+
+def test_a_consistent_account_read_is_linearizable() -> None:
+    """A deposed leader answering a consistent read from its old state shows totals without the
+    settles the new leader acknowledged before the read: caught. So is a read showing a settle
+    no client had asked for yet."""
+    final = final_state([transaction(1, 500, SETTLED), transaction(2, -100, SETTLED)], 400, 400)
+    history = Builder()
+    history.write(1, 500)
+    history.write(2, -100)
+    account_read(history, 500, 100)
+    assert checks.check_linearizable_account_reads(history.operations, final).passed
+
+    stale = Builder()
+    stale.write(1, 500)
+    stale.write(2, -100)
+    account_read(stale, 500, 0)
+    found = violations(checks.check_linearizable_account_reads(stale.operations, final))
+    assert "debits_settled 0; linearizable is 100..100 (stale" in found
+
+    future = Builder()
+    future.write(1, 500)
+    account_read(future, 500, 100)
+    future.write(2, -100)
+    found = violations(checks.check_linearizable_account_reads(future.operations, final))
+    assert "debits_settled 100; linearizable is 0..0" in found
+    # A write concurrent with the read may show or not.
+    for shown in (0, 100):
+        concurrent = Builder()
+        concurrent.write(1, 500)
+        read = account_read(concurrent, 500, shown)
+        concurrent.write(2, -100)
+        read.complete_seconds = concurrent.clock + 1.0
+        assert checks.check_linearizable_account_reads(concurrent.operations, final).passed
+
+    # A pending top-up counts once its settle was acknowledged, not from its create.
+    settled_later = final_state([transaction(1, 500, SETTLED)], 500, 500)
+    pending = Builder()
+    pending.write(1, 500, settled=False)
+    account_read(pending, 0)
+    pending.finish(h.SETTLE, 1, 500, SETTLED)
+    account_read(pending, 0)
+    found = violations(checks.check_linearizable_account_reads(pending.operations, settled_later))
+    assert "op 3" in found and "op 1" not in found
+
+    listing = Builder()
+    listing.write(1, 500)
+    listing.read_list([transaction(1, 500, SETTLED), transaction(2, -100, SETTLED)])
+    listing.write(2, -100)
+    found = violations(checks.check_linearizable_account_reads(listing.operations, final))
+    assert f"shows {ACCOUNT}{2:016x} settled; no write that could settle it" in found
+
+
+def test_two_leaders_acknowledging_in_one_term_fail() -> None:
+    one_each = [AcknowledgingTerm("shard-01", 7, "node02"), AcknowledgingTerm("shard-01", 8, "node01")]
+    assert checks.check_one_leader_per_term(one_each).passed
+    other_shard = [*one_each, AcknowledgingTerm("shard-02", 7, "node01")]
+    assert checks.check_one_leader_per_term(other_shard).passed
+    twice = [*one_each, AcknowledgingTerm("shard-01", 7, "node03")]
+    assert "shard shard-01, term 7: node02, node03" in violations(checks.check_one_leader_per_term(twice))
+
+
+def test_the_leader_terms_are_read_from_the_node_logs(tmp_path: Path) -> None:
+    first = tmp_path / "node01.log"
+    logged = ACKNOWLEDGING_TERM_LOG % ("shard-03", 1, "node01")
+    first.write_text(
+        "=== ledger-node node01\n"
+        f"2026-11-29 04:49:48,657 INFO ledger_cluster.replica: {logged}\n"
+        "2026-11-29 04:49:49,000 INFO ledger_cluster.raft_loop: raft link to node02 closed: peer silent\n"
+    )
+    second = tmp_path / "node02.log"
+    second.write_text(f"x {ACKNOWLEDGING_TERM_LOG % ('shard-03', 12, 'node02')}\n")
+    assert acknowledging_terms([first, second]) == [
+        AcknowledgingTerm("shard-03", 1, "node01"),
+        AcknowledgingTerm("shard-03", 12, "node02"),
+    ]
+
+
+def test_partition_rules_cut_only_the_raft_link_between_two_nodes() -> None:
+    first = raft_endpoint("node01", "127.0.0.1:7001")
+    second = raft_endpoint("node02", "127.0.0.2:7002")
+    rule = drop_rule(first, second)
+    assert rule == [
+        *("-p", "tcp", "-s", "127.0.0.1", "-d", "127.0.0.2"),
+        *("-m", "multiport", "--ports", "7001,7002", "-j", "DROP"),
+    ]
+    lossy = drop_rule(second, first, 0.1)
+    assert lossy[lossy.index("--probability") + 1] == "0.1000" and lossy[-2:] == ["-j", "DROP"]
+    assert cut_rules([first], [second]) == [drop_rule(first, second), drop_rule(second, first)]
+    with pytest.raises(NamespaceError, match=r"share 127\.0\.0\.1"):
+        drop_rule(first, raft_endpoint("node03", "127.0.0.1:7003"))
+
+
+def test_the_firewall_refuses_to_run_outside_a_nemesis_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(NAMESPACE_ENVIRONMENT_VARIABLE, raising=False)
+    with pytest.raises(NamespaceError, match="outside a private nemesis namespace"):
+        Firewall()
 
 
 def test_a_read_must_never_show_a_write_that_later_disappears() -> None:
@@ -694,6 +824,18 @@ def test_nemesis_command_refuses_unknown_faults_and_used_directories(tmp_path: P
     assert not (tmp_path / "new").exists()
 
 
+def test_partitions_run_only_in_the_namespace_made_for_them(tmp_path: Path) -> None:
+    """A runner that is told it was re-executed in a nemesis namespace but is not in it (here:
+    the host's, or one that does not exist) refuses before starting anything."""
+    result = CliRunner().invoke(
+        dev_main,
+        ["nemesis", "--partitions", "--out", str(tmp_path / "run")],
+        env={NAMESPACE_ENVIRONMENT_VARIABLE: f"{NAMESPACE_PREFIX}-not-this-one"},
+    )
+    assert result.exit_code == 1 and "namespace" in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
 # -- real runs -------------------------------------------------------------------------------
 
 
@@ -730,6 +872,7 @@ def test_the_workload_keeps_every_promise_on_a_standalone_server(tmp_path: Path)
         checks.check_unacknowledged_writes(operations, final),
         checks.check_balances(operations, final),
         checks.check_consistent_reads(operations, final),
+        checks.check_linearizable_account_reads(operations, final),
         checks.check_reads_never_show_lost_writes(operations, final),
         checks.check_overdraft_limits(operations, final),
         checks.check_transfer_legs(final),
@@ -794,3 +937,48 @@ def test_seeded_nemesis_run_keeps_every_promise(tmp_path: Path) -> None:
     # A wiped follower came back through a snapshot from its leader.
     logs = "".join(path.read_text(errors="replace") for path in (options.base_dir / "logs").glob("node*.log"))
     assert "restored snapshot" in logs
+
+
+@pytest.mark.slow
+def test_partitions_keep_every_promise(tmp_path: Path) -> None:
+    """`ledger-dev nemesis --partitions` as a user runs it: it makes a private network namespace,
+    re-runs itself inside, cuts and thins the Raft links with iptables under load and deletes
+    the namespace at the end. Every partition kind is injected; the isolated leader and the
+    minority are shown to lead nothing with a quorum while cut off (the rules cut what they
+    should) while the majority elects leaders; every check passes."""
+    problem = namespace_problem()
+    if problem is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the partition test: {problem}")
+        pytest.skip(problem)
+    duration_seconds = float(os.environ.get("LEDGER_NEMESIS_PARTITION_SECONDS", PARTITION_CI_SECONDS))
+    command = [sys.executable, "-m", "ledger_cluster.cli.dev", "nemesis", "--partitions", "--faults", ""]
+    command += ["--duration", str(duration_seconds), "--seed", str(PARTITION_CI_SEED)]
+    command += ["--clients", str(NEMESIS_CI_CLIENTS), "--out", str(tmp_path / "run"), "--json"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as runner:
+        try:
+            output, _ = runner.communicate(timeout=duration_seconds + PARTITION_RUN_OVERHEAD_SECONDS_MAX)
+        finally:
+            if runner.poll() is None:
+                runner.kill()  # by PID; the namespace's leftovers are its own cleanup's
+        namespace = f"{NAMESPACE_PREFIX}-{runner.pid}-"
+    print(output)
+    report = json.loads(output.splitlines()[-1])
+    assert runner.returncode == 0 and report["passed"], output
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for fault in report["faults"]:
+        by_kind.setdefault(fault["kind"], []).append(fault)
+    assert set(by_kind) == set(PARTITION_KINDS), output
+    for fault in by_kind[ISOLATE_LEADER] + by_kind[SPLIT_MAJORITY]:
+        assert "led no shard with a quorum" in fault["note"] and fault["election_seconds"] is not None, fault
+    details = {check["name"]: check["detail"] for check in report["checks"]}
+    assert int(details["consistent-reads-linearizable"].split()[0]) > 0, output
+    assert int(details["one-leader-per-term"].split()[0]) > len(report["faults"]), output
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert namespace not in namespaces
+    config = json.loads((tmp_path / "run" / "cluster_config.json").read_text())
+    assert [node["raft_address"].rpartition(":")[0] for node in config["nodes"]] == [
+        "127.0.0.1",
+        "127.0.0.2",
+        "127.0.0.3",
+    ]

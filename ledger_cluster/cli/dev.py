@@ -32,8 +32,14 @@ from ledger_cluster.ids import parse_account_id
 from ledger_cluster.internal.v1 import node_pb2
 from ledger_cluster.limits import BATCH_ITEMS_MAX
 from ledger_cluster.localcluster.cluster import config_ports
+from ledger_cluster.nemesis import network
 from ledger_cluster.nemesis import runner as nemesis_runner
-from ledger_cluster.nemesis.faults import ELECTION_BOUND_SECONDS_DEFAULT, FAULT_KINDS
+from ledger_cluster.nemesis.faults import (
+    ALL_FAULT_KINDS,
+    ELECTION_BOUND_SECONDS_DEFAULT,
+    FAULT_KINDS,
+    PARTITION_KINDS,
+)
 from ledger_cluster.security import (
     CLIENT_TLS_CA_ENVIRONMENT_VARIABLE,
     CLUSTER_TOKEN_ENVIRONMENT_VARIABLE,
@@ -681,7 +687,14 @@ def bench_command(
     "--faults",
     default=",".join(FAULT_KINDS),
     show_default=True,
-    help="Comma-separated faults to draw from.",
+    help=f"Comma-separated faults to draw from; also {', '.join(PARTITION_KINDS)}.",
+)
+@click.option(
+    "--partitions",
+    is_flag=True,
+    help="Add every network partition fault to --faults. Partitions run the whole cluster in a"
+    " private network namespace that the command makes (and deletes at the end) and re-runs itself"
+    " in: needs root, `ip` and `iptables`.",
 )
 @click.option(
     "--shards",
@@ -726,6 +739,7 @@ def nemesis_command(
     seed: int,
     clients: int,
     faults: str,
+    partitions: bool,
     shards: int,
     log_compaction_min_entries: int,
     election_bound_seconds: float,
@@ -738,11 +752,17 @@ def nemesis_command(
     nemesis kills, pauses, wipes and re-leads nodes; then heal it, check every promise against
     the history and print a report. Exits 1 when any check fails."""
     chosen = tuple(name.strip() for name in faults.split(",") if name.strip())
-    unknown = sorted(set(chosen) - set(FAULT_KINDS))
+    chosen += PARTITION_KINDS if partitions else ()
+    unknown = sorted(set(chosen) - set(ALL_FAULT_KINDS))
     if not chosen or unknown:
         raise click.BadParameter(
-            f"unknown faults {unknown}; choose from {', '.join(FAULT_KINDS)}", param_hint="--faults"
+            f"unknown faults {unknown}; choose from {', '.join(ALL_FAULT_KINDS)}", param_hint="--faults"
         )
+    if set(chosen) & set(PARTITION_KINDS):
+        try:
+            network.rerun_in_namespace_unless_inside()
+        except network.NamespaceError as error:
+            raise click.ClickException(str(error)) from error
     if out_dir is None:
         out_dir = Path("nemesis-runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-seed-{seed}"
     if out_dir.exists():

@@ -83,11 +83,23 @@ def config_ports(config: ClusterConfig) -> set[int]:
     }
 
 
+def node_host(index: int, distinct_hosts: bool) -> str:
+    """The loopback address of the `index`th node (from 0): 127.0.0.1 for every node, or with
+    `distinct_hosts` 127.0.0.<index + 1>, so that firewall rules can tell the nodes apart (only
+    inside a private network namespace: see nemesis/network.py)."""
+    return f"127.0.0.{index + 1}" if distinct_hosts else LOOPBACK_HOST
+
+
 def loopback_config(
-    nodes: int = 3, shards: int = 4, replicas: int = 3, avoided_ports: frozenset[int] = frozenset()
+    nodes: int = 3,
+    shards: int = 4,
+    replicas: int = 3,
+    avoided_ports: frozenset[int] = frozenset(),
+    distinct_hosts: bool = False,
 ) -> ClusterConfig:
     """`config.generate(nodes, shards, replicas)` with every node's gRPC, Raft and metrics port
-    replaced by a distinct free loopback port, none of them in `avoided_ports`."""
+    replaced by a distinct free loopback port, none of them in `avoided_ports`, on the node's
+    `node_host`."""
     generated = cluster_config.generate(nodes, shards, replicas, host=LOOPBACK_HOST)
     port_count = PORTS_PER_NODE * len(generated.nodes)
     avoided = set(avoided_ports) | config_ports(generated)
@@ -103,11 +115,11 @@ def loopback_config(
         nodes=tuple(
             dataclasses.replace(
                 node,
-                grpc_address=f"{LOOPBACK_HOST}:{next_port()}",
-                raft_address=f"{LOOPBACK_HOST}:{next_port()}",
-                metrics_address=f"{LOOPBACK_HOST}:{next_port()}",
+                grpc_address=f"{node_host(index, distinct_hosts)}:{next_port()}",
+                raft_address=f"{node_host(index, distinct_hosts)}:{next_port()}",
+                metrics_address=f"{node_host(index, distinct_hosts)}:{next_port()}",
             )
-            for node in generated.nodes
+            for index, node in enumerate(generated.nodes)
         ),
     )
     cluster_config.validate(config)
@@ -566,10 +578,11 @@ def new_cluster(
     replicas: int = 3,
     log_compaction_min_entries: int | None = None,
     avoided_ports: frozenset[int] = frozenset(),
+    distinct_hosts: bool = False,
 ) -> Cluster:
     """A cluster's config and directories; nothing is started yet."""
     base_dir.mkdir(parents=True, exist_ok=True)
-    config = loopback_config(nodes, shards, replicas, avoided_ports)
+    config = loopback_config(nodes, shards, replicas, avoided_ports, distinct_hosts)
     config_path = base_dir / "cluster_config.json"
     cluster_config.write_atomic(config, config_path)
     gateway_port, gateway_metrics_port = free_ports(2)

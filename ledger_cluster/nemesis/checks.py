@@ -23,7 +23,7 @@ from typing import Any
 from ledger_cluster.backup import TransferCheck
 from ledger_cluster.nemesis import history as h
 from ledger_cluster.nemesis.faults import FaultRecord, NemesisLog
-from ledger_cluster.nemesis.leadership import LeadershipSample, ShardLeader
+from ledger_cluster.nemesis.leadership import AcknowledgingTerm, LeadershipSample, ShardLeader
 
 # Violations listed per check in the report (the count says how many there were).
 VIOLATION_EXAMPLES_MAX = 10
@@ -983,6 +983,126 @@ def _check_seen(
             )
 
 
+@dataclass
+class _SettledWindow:
+    """When a stored SETTLED transaction's settled amount may first show in a read: not before
+    the earliest write that could have settled it was invoked (its create, a duplicate, a settle
+    of it or of its transfer), and surely once one that did was acknowledged."""
+
+    transaction_id: str
+    total: str  # "credits_settled" or "debits_settled"
+    amount: int
+    possible_seconds: float
+    acknowledged_seconds: float | None
+
+
+def _settled_windows(
+    operations: list[h.Operation], final: FinalState, acknowledged: _Acknowledged
+) -> dict[str, list[_SettledWindow]]:
+    """account id -> the window of every SETTLED transaction (transfer legs included) it holds."""
+    first_invoke: dict[str, float] = {}
+    for op in operations:
+        if op.kind in h.WRITES:
+            for key in ("request_id", "transaction_id", "transfer_id"):
+                if key in op.request:
+                    _earliest(first_invoke, f"{key}:{op.request[key]}", op.invoke_seconds)
+    stored = _transactions_by_id(final)
+    windows: dict[str, list[_SettledWindow]] = defaultdict(list)
+    for state in final.values():
+        for transaction in state.transactions:
+            moved = settled_amount(transaction)
+            if not moved:
+                continue
+            # A credit leg carries no request_id of its own: its debit leg's description is the
+            # create-transfer's.
+            creator = stored.get(transaction.get("transfer_id") or transaction["id"], transaction)
+            keys = [
+                f"request_id:{creator['description']}",
+                f"transaction_id:{transaction['id']}",
+                f"transfer_id:{transaction.get('transfer_id')}",
+            ]
+            settled_at = (
+                [acknowledged.created[transaction["id"]]]
+                if (acknowledged.created_status.get(transaction["id"]) == SETTLED)
+                else []
+            )
+            finished = acknowledged.finished.get(transaction["id"])
+            if finished is not None and finished[1] == SETTLED:
+                settled_at.append(finished[0])
+            windows[transaction["account_id"]].append(
+                _SettledWindow(
+                    transaction_id=transaction["id"],
+                    total="credits_settled" if moved > 0 else "debits_settled",
+                    amount=abs(moved),
+                    possible_seconds=min((first_invoke[k] for k in keys if k in first_invoke), default=0.0),
+                    acknowledged_seconds=min(settled_at, default=None),
+                )
+            )
+    return windows
+
+
+def check_linearizable_account_reads(operations: list[h.Operation], final: FinalState) -> CheckResult:
+    """Settled totals only grow, so a consistent read of an account brackets them: at least
+    what was acknowledged settled before the read was invoked (a deposed leader's stale answer
+    falls short), at most what could have been settled by writes invoked before it completed
+    (a read never shows the future)."""
+    result = CheckResult(
+        "consistent-reads-linearizable",
+        "each consistent account read shows settled credit and debit totals between those of every"
+        " settle acknowledged before the read was invoked and those of every write invoked before it"
+        " completed; a consistent listing shows no transaction created or settled by a write invoked"
+        " after it completed",
+    )
+    acknowledged = _Acknowledged.of(operations)
+    windows = _settled_windows(operations, final, acknowledged)
+    checked = 0
+    for op in operations:
+        if not op.request.get("consistent") or op.outcome != h.OUTCOME_OK:
+            continue
+        if op.kind == h.GET_ACCOUNT:
+            checked += 1
+            _check_account_read(op, windows.get(op.request["account_id"], []), result)
+        elif op.kind == h.LIST_TRANSACTIONS:
+            checked += 1
+            by_id = {window.transaction_id: window for window in windows.get(op.request["account_id"], [])}
+            for shown in op.result["transactions"]:
+                window = by_id.get(shown["id"])
+                if (
+                    shown["status"] == SETTLED
+                    and window is not None
+                    and window.possible_seconds > op.complete_seconds
+                ):
+                    result.add(
+                        f"op {op.op_id} ({op.kind} {op.invoke_seconds:.3f}-{op.complete_seconds:.3f} s) shows"
+                        f" {shown['id']} settled; no write that could settle it was invoked before"
+                        f" {window.possible_seconds:.3f} s"
+                    )
+    result.detail = f"{checked} consistent account reads and listings checked"
+    return result
+
+
+def _check_account_read(op: h.Operation, windows: list[_SettledWindow], result: CheckResult) -> None:
+    shown = op.result["account"]
+    for total in ("credits_settled", "debits_settled"):
+        lowest = sum(
+            w.amount
+            for w in windows
+            if w.total == total
+            and w.acknowledged_seconds is not None
+            and w.acknowledged_seconds < op.invoke_seconds
+        )
+        highest = sum(
+            w.amount for w in windows if w.total == total and w.possible_seconds < op.complete_seconds
+        )
+        value = int(shown.get(total, 0))
+        if not lowest <= value <= highest:
+            result.add(
+                f"op {op.op_id} ({op.kind} of {op.request['account_id']} {op.invoke_seconds:.3f}-"
+                f"{op.complete_seconds:.3f} s) shows {total} {value}; linearizable is {lowest}..{highest}"
+                + (" (stale: settles acknowledged before it are missing)" if value < lowest else "")
+            )
+
+
 def check_reads_never_show_lost_writes(operations: list[h.Operation], final: FinalState) -> CheckResult:
     result = CheckResult(
         "reads-never-show-lost-writes",
@@ -1079,6 +1199,24 @@ def check_elections(faults: list[FaultRecord], bound_seconds: float) -> CheckRes
             )
     measured = [fault.election_seconds for fault in faults if fault.election_seconds is not None]
     result.detail = f"worst {max(measured):.2f} s" if measured else "no fault measured"
+    return result
+
+
+def check_one_leader_per_term(acknowledgements: list[AcknowledgingTerm]) -> CheckResult:
+    """Raft's election safety as the nodes acted on it: a term has one leader, so two replicas
+    of a shard acknowledging writes in one term means two leaders took writes at once."""
+    result = CheckResult(
+        "one-leader-per-term",
+        "no two replicas of a shard acknowledged writes as leader in the same term (from the nodes'"
+        " own log of the first acknowledgement of each term)",
+    )
+    nodes: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for acknowledgement in acknowledgements:
+        nodes[acknowledgement.shard_id, acknowledgement.term].add(acknowledgement.node_id)
+    for (shard_id, term), leaders in sorted(nodes.items()):
+        if len(leaders) > 1:
+            result.add(f"shard {shard_id}, term {term}: {', '.join(sorted(leaders))} all acknowledged writes")
+    result.detail = f"{len(nodes)} leader terms that acknowledged writes"
     return result
 
 

@@ -6,6 +6,13 @@ the election timeout then SIGCONT it, kill a follower and delete its whole data 
 restarting it, and hand a shard's leadership to another replica. After every fault the nemesis
 measures how long it took until every shard had a leader again among the reachable nodes.
 
+Partition faults (only inside a private network namespace, see `network`): isolate a shard's
+leader (its node, with its replicas of every shard) from the other nodes, split the cluster into
+a majority and a one-node minority, drop one node's Raft packets to another but not the way
+back, cut two nodes apart while both still see the third (a bridge), and drop Raft packets at
+random on every link. Each holds for PARTITION_SECONDS and heals by flushing the rules. Only
+Raft links are cut: clients (the gateway, the nemesis) reach every node throughout.
+
 Faults never overlap: a wiped node has forgotten its Raft vote, which is only safe to lose while
 no election is under way, and one fault at a time keeps a majority of every shard intact.
 """
@@ -24,6 +31,7 @@ from ledger_cluster.internal.v1 import node_pb2
 from ledger_cluster.localcluster.cluster import Cluster
 from ledger_cluster.localcluster.processes import LocalClusterError, log_tail
 from ledger_cluster.nemesis.leadership import LeadershipSample, shard_leaders
+from ledger_cluster.nemesis.network import Firewall, RaftEndpoint, cut_rules, drop_rule, raft_endpoint
 from ledger_cluster.node_protocol import NodeReason
 from ledger_cluster.status import error_details
 
@@ -34,11 +42,24 @@ PAUSE_LEADER = "pause-leader"
 WIPE_FOLLOWER = "wipe-follower"
 TRANSFER_LEADERSHIP = "transfer-leadership"
 FAULT_KINDS = (KILL_LEADER, KILL_FOLLOWER, KILL_ALL, PAUSE_LEADER, WIPE_FOLLOWER, TRANSFER_LEADERSHIP)
+ISOLATE_LEADER = "isolate-leader"
+SPLIT_MAJORITY = "split-majority"
+ONE_WAY_LOSS = "one-way-loss"
+BRIDGE = "bridge"
+PACKET_LOSS = "packet-loss"
+# Faults that need a private network namespace (`ledger-dev nemesis --partitions`).
+PARTITION_KINDS = (ISOLATE_LEADER, SPLIT_MAJORITY, ONE_WAY_LOSS, BRIDGE, PACKET_LOSS)
+ALL_FAULT_KINDS = FAULT_KINDS + PARTITION_KINDS
 
 # How long a killed node stays down, and how long a paused one stays paused (the election
 # timeout is at most 1.4 s, so a pause always outlasts it).
 DOWNTIME_SECONDS = (0.5, 3.0)
 PAUSE_SECONDS = (2.0, 4.0)
+# How long a partition holds: past the leader's fallback (3 s without a quorum, it steps down)
+# and the followers' election timeout, so leaders change while it lasts.
+PARTITION_SECONDS = (4.0, 7.0)
+# Of each Raft packet, the share random loss drops.
+PACKET_LOSS_PROBABILITY = (0.05, 0.3)
 # Healthy operation between two faults.
 QUIET_SECONDS = (1.0, 3.0)
 # A shard without a leader for longer than this after a fault fails the check.
@@ -101,8 +122,12 @@ class Nemesis:
         seed: int,
         faults: tuple[str, ...],
         log: NemesisLog,
+        *,
+        firewall: Firewall | None = None,
     ) -> None:
         self._cluster = cluster
+        # Only for the partition faults; without it they fail as not injected.
+        self._firewall = firewall
         self._clock = clock
         self._rng = random.Random(f"{seed}-nemesis")
         self._faults = faults
@@ -122,6 +147,11 @@ class Nemesis:
             PAUSE_LEADER: self._pause_leader,
             WIPE_FOLLOWER: self._wipe_follower,
             TRANSFER_LEADERSHIP: self._transfer_leadership,
+            ISOLATE_LEADER: self._isolate_leader,
+            SPLIT_MAJORITY: self._split_majority,
+            ONE_WAY_LOSS: self._one_way_loss,
+            BRIDGE: self._bridge,
+            PACKET_LOSS: self._packet_loss,
         }
         while self._clock() < until_seconds:
             self._sleep_until(min(until_seconds, self._clock() + self._rng.uniform(*QUIET_SECONDS)))
@@ -149,6 +179,8 @@ class Nemesis:
         wait until the whole cluster is healthy."""
         self.collect_unexpected_exits()
         try:
+            if self._firewall is not None:
+                self._firewall.heal()
             self._restart_what_is_down()
             self._cluster.wait_healthy(HEAL_TIMEOUT_SECONDS)
         except Exception as error:  # reported, and the run goes on to the checks
@@ -253,6 +285,87 @@ class Nemesis:
             record.note = f"{details.code.name} {details.reason}: {details.message}"
         elapsed = self._wait_for_leaders(excluded=set())
         record.election_seconds = None if elapsed is None else self._clock() - started
+
+    def _isolate_leader(self, record: FaultRecord) -> None:
+        shard_id, leader = self._pick_leader()
+        self._isolate(record, leader, f"{leader} (leader of {shard_id})")
+
+    def _split_majority(self, record: FaultRecord) -> None:
+        minority = self._rng.choice(sorted(self._cluster.nodes))
+        self._isolate(record, minority, f"{minority} (the minority)")
+
+    def _isolate(self, record: FaultRecord, node_id: str, description: str) -> None:
+        """Cut every Raft link of `node_id`; the others, a majority of every shard, must elect
+        leaders among themselves, and by the end the cut-off node must lead nothing with a
+        quorum (it cannot commit: proof that the rules cut what they should)."""
+        firewall = self._require_firewall()
+        others = [self._endpoint(other) for other in sorted(self._cluster.nodes) if other != node_id]
+        hold_seconds = self._rng.uniform(*PARTITION_SECONDS)
+        record.target = (
+            f"{description} cut off from {', '.join(e.node_id for e in others)} for {hold_seconds:.1f} s"
+        )
+        firewall.add(cut_rules([self._endpoint(node_id)], others))
+        started = self._clock()
+        record.election_seconds = self._wait_for_leaders(excluded={node_id})
+        self._sleep_until(started + hold_seconds)
+        still_leading = self._leading_with_quorum(node_id)
+        if still_leading:
+            raise LocalClusterError(
+                f"{node_id} still leads {', '.join(still_leading)} with a quorum while cut off"
+            )
+        record.note = f"{node_id} led no shard with a quorum at the end of the partition"
+
+    def _one_way_loss(self, record: FaultRecord) -> None:
+        source, destination = self._rng.sample(sorted(self._cluster.nodes), 2)
+        hold_seconds = self._rng.uniform(*PARTITION_SECONDS)
+        record.target = f"{source} -> {destination} dropped, not the way back, for {hold_seconds:.1f} s"
+        self._require_firewall().add([drop_rule(self._endpoint(source), self._endpoint(destination))])
+        self._hold_partition(record, hold_seconds)
+
+    def _bridge(self, record: FaultRecord) -> None:
+        first, second, bridge = self._rng.sample(sorted(self._cluster.nodes), 3)
+        hold_seconds = self._rng.uniform(*PARTITION_SECONDS)
+        record.target = f"{first} and {second} cut apart, both still see {bridge}, for {hold_seconds:.1f} s"
+        self._require_firewall().add(cut_rules([self._endpoint(first)], [self._endpoint(second)]))
+        self._hold_partition(record, hold_seconds)
+
+    def _packet_loss(self, record: FaultRecord) -> None:
+        probability = self._rng.uniform(*PACKET_LOSS_PROBABILITY)
+        hold_seconds = self._rng.uniform(*PARTITION_SECONDS)
+        record.target = f"{probability:.0%} of Raft packets on every link for {hold_seconds:.1f} s"
+        endpoints = [self._endpoint(node_id) for node_id in sorted(self._cluster.nodes)]
+        rules = [
+            drop_rule(source, destination, probability)
+            for source in endpoints
+            for destination in endpoints
+            if source != destination
+        ]
+        self._require_firewall().add(rules)
+        self._hold_partition(record, hold_seconds)
+
+    def _hold_partition(self, record: FaultRecord, hold_seconds: float) -> None:
+        """A partition that leaves a majority connected: every shard must have a leader while it
+        holds (measured from its start), whichever node that is."""
+        started = self._clock()
+        record.election_seconds = self._wait_for_leaders(excluded=set())
+        self._sleep_until(started + hold_seconds)
+
+    def _require_firewall(self) -> Firewall:
+        if self._firewall is None:
+            raise LocalClusterError("partition faults need a private network namespace (--partitions)")
+        return self._firewall
+
+    def _endpoint(self, node_id: str) -> RaftEndpoint:
+        node = next(node for node in self._cluster.config.nodes if node.node_id == node_id)
+        return raft_endpoint(node_id, node.raft_address)
+
+    def _leading_with_quorum(self, node_id: str) -> list[str]:
+        """The shards `node_id` says it leads with a quorum (none if it does not answer)."""
+        try:
+            status = self._cluster.status(node_id, STATUS_TIMEOUT_SECONDS)
+        except grpc.RpcError:
+            return []
+        return sorted(r.shard_id for r in status.replicas if r.is_leader and r.has_quorum)
 
     # -- targets and leaders --
 

@@ -5,14 +5,22 @@ kept acknowledging writes), and a sampler that records it once a second during a
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
+from ledger_cluster.replica import ACKNOWLEDGING_TERM_LOG
 from ledger_cluster.security import ClientCredentials
+
+# ACKNOWLEDGING_TERM_LOG's line, its %s and %d fields captured.
+_ACKNOWLEDGING_TERM_PATTERN = re.compile(
+    re.escape(ACKNOWLEDGING_TERM_LOG).replace("%s", r"(\S+)").replace("%d", r"(\d+)")
+)
 
 SAMPLE_INTERVAL_SECONDS = 1.0
 # Short: a paused node never answers, and a sample must not wait long for it.
@@ -124,3 +132,26 @@ class LeadershipSampler:
             except grpc.RpcError:
                 continue  # down or paused: it claims nothing
         return LeadershipSample(started, shard_leaders(answers))
+
+
+@dataclass(frozen=True)
+class AcknowledgingTerm:
+    """A replica that, as its shard's leader, acknowledged a write (or a consistent read) in
+    `term`: the first of that term, as its node logged it."""
+
+    shard_id: str
+    term: int
+    node_id: str
+
+
+def acknowledging_terms(log_paths: Iterable[Path]) -> list[AcknowledgingTerm]:
+    """Every ACKNOWLEDGING_TERM_LOG line of the nodes' logs (which keep growing across
+    restarts, so a killed or wiped node's earlier terms count too)."""
+    found = []
+    for path in log_paths:
+        with path.open(encoding="utf-8", errors="replace") as log:
+            for line in log:
+                match = _ACKNOWLEDGING_TERM_PATTERN.search(line)
+                if match:
+                    found.append(AcknowledgingTerm(match[1], int(match[2]), match[3]))
+    return found

@@ -36,8 +36,9 @@ from ledger_cluster.internal.v1 import core_pb2, node_pb2
 from ledger_cluster.localcluster.cluster import Cluster, new_cluster, started_cluster
 from ledger_cluster.nemesis import checks
 from ledger_cluster.nemesis import history as h
-from ledger_cluster.nemesis.faults import FAULT_KINDS, FaultRecord, Nemesis, NemesisLog
-from ledger_cluster.nemesis.leadership import LeadershipSample, LeadershipSampler
+from ledger_cluster.nemesis.faults import FAULT_KINDS, PARTITION_KINDS, FaultRecord, Nemesis, NemesisLog
+from ledger_cluster.nemesis.leadership import LeadershipSample, LeadershipSampler, acknowledging_terms
+from ledger_cluster.nemesis.network import Firewall
 from ledger_cluster.nemesis.workload import (
     WORKLOAD_DEFAULT,
     WORKLOADS,
@@ -151,6 +152,10 @@ class NemesisReport:
 def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> NemesisReport:
     started = time.monotonic()
     options.base_dir.mkdir(parents=True, exist_ok=True)
+    # Partitions: in the private namespace (Firewall refuses to run anywhere else), with each
+    # node on its own loopback address so the rules can tell them apart.
+    partitions = bool(set(options.faults) & set(PARTITION_KINDS))
+    firewall = Firewall() if partitions else None
     cluster = new_cluster(
         options.base_dir,
         # A fresh secret per run: nothing outside this run should talk to its Raft ports.
@@ -160,6 +165,7 @@ def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> Nem
         replicas=REPLICAS,
         log_compaction_min_entries=options.log_compaction_min_entries,
         avoided_ports=options.avoided_ports,
+        distinct_hosts=partitions,
     )
     history = h.History(options.base_dir / "history.jsonl")
     log = NemesisLog()
@@ -168,7 +174,13 @@ def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> Nem
         progress(f"starting {NODES} nodes and a gateway under {options.base_dir}")
         with started_cluster(cluster):
             outcome = _drive(
-                cluster, options=options, history=history, log=log, progress=progress, notes=notes
+                cluster,
+                options=options,
+                history=history,
+                log=log,
+                progress=progress,
+                notes=notes,
+                firewall=firewall,
             )
         final = outcome.final
         replica_states = _read_replicas(cluster, final)
@@ -182,6 +194,10 @@ def run_nemesis(options: NemesisOptions, progress: Callable[[str], None]) -> Nem
         checks.check_balances(operations, final),
         checks.check_replicas(final, replica_states, outcome.digests, outcome.verify_problems),
         checks.check_consistent_reads(operations, final),
+        checks.check_linearizable_account_reads(operations, final),
+        checks.check_one_leader_per_term(
+            acknowledging_terms(node.log_path for node in cluster.nodes.values())
+        ),
         checks.check_reads_never_show_lost_writes(operations, final),
         checks.check_elections(log.faults, options.election_bound_seconds),
         checks.check_progress_after_heal(
@@ -225,6 +241,7 @@ def _drive(
     log: NemesisLog,
     progress: Callable[[str], None],
     notes: list[str],
+    firewall: Firewall | None,
 ) -> _DriveOutcome:
     workload = Workload(
         cluster.gateway_address,
@@ -234,7 +251,7 @@ def _drive(
         workload=options.workload,
         shard_of=_shard_for_account(cluster.config),
     )
-    nemesis = Nemesis(cluster, history.now, options.seed, options.faults, log)
+    nemesis = Nemesis(cluster, history.now, options.seed, options.faults, log, firewall=firewall)
     workload.create_initial_accounts()
     progress(
         f"cluster healthy; {options.clients} clients and the nemesis run for {options.duration_seconds:g} s"
@@ -409,17 +426,21 @@ def wait_until_quiet(
     read_unix_ns: int,
     notes: list[str],
 ) -> int:
-    """Re-read (in place) the accounts of `final` that are not quiet until none is left or the
-    deadline passes; the wall-clock moment the last pass started (`read_unix_ns` if none)."""
+    """Re-read (in place) the accounts of `final` that are not quiet until none is left or a
+    pass that started past the deadline found some (a pass is always made after the deadline,
+    however long the first read took: an account read before it may rightly have changed since);
+    the wall-clock moment the last pass started (`read_unix_ns` if none)."""
     passes = 0
     while True:
         unquiet = sorted(checks.unquiet_accounts(final) & final.keys())
         if not unquiet:
             break
-        if time.time_ns() > _quiet_deadline_ns(final, healed_unix_ns):
+        deadline_ns = _quiet_deadline_ns(final, healed_unix_ns)
+        if read_unix_ns > deadline_ns:
             notes.append(f"note: {len(unquiet)} accounts were still not quiet when the wait for it ended")
             break
-        time.sleep(QUIET_POLL_SECONDS)
+        if time.time_ns() < deadline_ns:
+            time.sleep(QUIET_POLL_SECONDS)
         passes += 1
         read_unix_ns = time.time_ns()
         deadline = time.monotonic() + FINAL_READ_TIMEOUT_SECONDS
