@@ -86,10 +86,15 @@ class NodeStatus:
     error: str  # empty when the node answered
 
 
+# Refusals made before the command was read: every replica would refuse them the same way.
+_REFUSED_REASONS = frozenset({NodeReason.UNAUTHENTICATED, NodeReason.COMMAND_TOO_LARGE})
+
+
 class _Verdict(enum.Enum):
     FOLLOW_HINT = enum.auto()  # not taken; the leader is known: ask it at once
     NOT_TAKEN = enum.auto()  # not taken; back off and try again
     LEADERLESS = enum.auto()  # not taken, and the shard has had no leader for too long
+    REFUSED = enum.auto()  # not taken, and no retry changes that (a wrong token, a command too long)
     MAYBE_TAKEN = enum.auto()  # may have reached the log: retry the same bytes
     UNEXPECTED = enum.auto()  # a bug or a refusal no retry can fix
 
@@ -132,6 +137,8 @@ class _Route:
                 self._hints_followed += 1
                 return _Verdict.FOLLOW_HINT
             return _Verdict.NOT_TAKEN
+        if details.reason in _REFUSED_REASONS:
+            return _Verdict.REFUSED
         if is_not_taken(details.reason):
             # A busy leader (QUEUE_FULL, NOT_PROPOSED, TOO_MANY_REQUESTS) is still the leader.
             if details.reason in _LEADER_GONE_REASONS:
@@ -228,6 +235,8 @@ class ClusterClient:
         }
         self._shards_by_id = {shard.shard_id: shard for shard in config.shards}
         self._leaders: dict[str, str] = {}
+        # Why each node last failed to answer a status poll ("" once it answers).
+        self._node_errors: dict[str, str] = {}
         # When each shard was last seen without a usable leader (absent: it has one, or unknown).
         self._leaderless_since: dict[str, float] = {}
 
@@ -304,6 +313,10 @@ class ClusterClient:
                 continue
             if verdict is _Verdict.LEADERLESS:
                 fates.end_all(open_indexes, f"no leader for {LEADERLESS_FAIL_FAST_SECONDS:.0f} s")
+                break
+            if verdict is _Verdict.REFUSED:
+                logger.warning("shard %s: refused by %s", shard_id, route.last_problem)
+                fates.end_all(open_indexes, f"refused by {route.last_problem}")
                 break
             if verdict is _Verdict.UNEXPECTED:
                 # Not a retry case, and the node may have taken them before it failed.
@@ -389,7 +402,7 @@ class ClusterClient:
                     return response.result
             if verdict is _Verdict.FOLLOW_HINT:
                 continue
-            if verdict is _Verdict.LEADERLESS:
+            if verdict in (_Verdict.LEADERLESS, _Verdict.REFUSED):
                 break
             if verdict is _Verdict.UNEXPECTED:
                 logger.warning("shard %s: unexpected answer from %s", shard_id, route.last_problem)
@@ -417,11 +430,26 @@ class ClusterClient:
             await asyncio.gather(*(ask(node.node_id, node.grpc_address) for node in self.config.nodes))
         )
 
+    def _report_node_errors(self, statuses: list[NodeStatus]) -> None:
+        """Log each node's failure to answer once, when it changes (UNAUTHENTICATED names a
+        token mismatch at once, instead of only "shards without a leader")."""
+        for status in statuses:
+            if status.error != self._node_errors.get(status.node_id, ""):
+                if status.error:
+                    logger.warning(
+                        "node %s (%s) does not answer: %s", status.node_id, status.address, status.error
+                    )
+                else:
+                    logger.info("node %s (%s) answers again", status.node_id, status.address)
+                self._node_errors[status.node_id] = status.error
+
     async def refresh_leaders(self, timeout_seconds: float = STATUS_TIMEOUT_SECONDS) -> dict[str, str]:
         """Ask every node who leads what; remember and return shard id -> leader node id for
         the shards whose leader answered as leader with a majority in reach (the highest term
         wins a disagreement)."""
-        leaders = leaders_of(await self.node_statuses(timeout_seconds))
+        statuses = await self.node_statuses(timeout_seconds)
+        self._report_node_errors(statuses)
+        leaders = leaders_of(statuses)
         for shard_id, node_id in leaders.items():
             self.remember_leader(shard_id, node_id)
         now = time.monotonic()

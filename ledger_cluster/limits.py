@@ -11,7 +11,7 @@ PAGE_SIZE_MAX = 1000
 # writes that group commit gathered while the previous entry was in flight).
 BATCH_ITEMS_MAX = 1000
 # The largest one-item command a gateway builds (a transfer with every field at its maximum
-# encodes to about 6.5 KB; tests/test_node_security.py builds it), and the largest command a
+# encodes to about 6.5 KB; tests/test_security.py builds it), and the largest command a
 # node takes: a batch of BATCH_ITEMS_MAX of those. A node refuses anything bigger, which no
 # gateway makes, so an internal caller cannot fill a shard's log with oversized entries.
 ITEM_COMMAND_BYTES_MAX = 8 * 1024

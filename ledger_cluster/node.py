@@ -22,12 +22,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ledger_cluster.admission import CallGate, abort
 from ledger_cluster.client import ClusterClient
 from ledger_cluster.config import ClusterConfig
+from ledger_cluster.core import commands
 from ledger_cluster.core.commands import ItemAnswer
 from ledger_cluster.core.verification import TransferSummary
 from ledger_cluster.deadlines import Deadline, work_deadline
 from ledger_cluster.errors import BackendTimeoutError, NotLeaderError, SnapshotError, StorageError
 from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
-from ledger_cluster.limits import COMMAND_BYTES_MAX, NODE_MESSAGE_BYTES_MAX
+from ledger_cluster.limits import (
+    BATCH_ITEMS_MAX,
+    COMMAND_BYTES_MAX,
+    ITEM_COMMAND_BYTES_MAX,
+    NODE_MESSAGE_BYTES_MAX,
+)
 from ledger_cluster.metrics import MetricsServer, ShardFigures, serve_metrics
 from ledger_cluster.node_protocol import (
     NODE_ID_METADATA_KEY,
@@ -111,6 +117,24 @@ def _within_message_limit(outcomes: list[node_pb2.UpdateOutcome]) -> Iterator[li
         yield message
 
 
+def oversize_problem(command: bytes) -> str | None:
+    """Why no gateway could have built `command` (longer in all, more items, or a longer item
+    than any legal one), or None. Such a command never reaches the log, so a caller with the
+    cluster token still cannot fill a shard's journal with oversized entries."""
+    if len(command) > COMMAND_BYTES_MAX:
+        return f"a command of {len(command)} bytes; at most {COMMAND_BYTES_MAX}"
+    batch = commands.parse_batch(command)
+    if isinstance(batch, commands.Batch):
+        if len(batch.items) > BATCH_ITEMS_MAX:
+            return f"{len(batch.items)} items in one command; at most {BATCH_ITEMS_MAX}"
+        longest = max((len(item) for item in batch.items), default=0)
+        if longest > ITEM_COMMAND_BYTES_MAX:
+            return f"an item of {longest} bytes; at most {ITEM_COMMAND_BYTES_MAX}"
+    elif batch is None and len(command) > ITEM_COMMAND_BYTES_MAX:
+        return f"a command of {len(command)} bytes; at most {ITEM_COMMAND_BYTES_MAX} outside a batch"
+    return None
+
+
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     def __init__(self, node_id: str, replicas: dict[str, ShardReplica], snapshot_spool: Path) -> None:
         self._node_id = node_id
@@ -139,12 +163,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.UpdateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> node_pb2.UpdateResponse:
         replica = self._replica(request.shard_id)
-        if len(request.command) > COMMAND_BYTES_MAX:
-            raise ApiError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                NodeReason.COMMAND_TOO_LARGE,
-                f"a command of {len(request.command)} bytes; at most {COMMAND_BYTES_MAX}",
-            )
+        problem = oversize_problem(request.command)
+        if problem is not None:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, NodeReason.COMMAND_TOO_LARGE, problem)
         deadline = _deadline(context)
         if deadline.expired():
             # Proposing what nobody will wait for only turns it into an unknown outcome.

@@ -56,9 +56,7 @@ class _Pending:
 class NodeCalls:
     """Lives on the event loop's thread."""
 
-    def __init__(
-        self, node_id: str, stub: node_pb2_grpc.NodeServiceAsyncStub, metadata: Metadata = ()
-    ) -> None:
+    def __init__(self, node_id: str, stub: node_pb2_grpc.NodeServiceAsyncStub, metadata: Metadata) -> None:
         self._node_id = node_id
         self._stub = stub
         # The cluster's credentials, sent with every call.

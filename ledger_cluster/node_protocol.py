@@ -24,6 +24,7 @@ from ledger_cluster.errors import (
     QueueFullError,
     UnknownOutcomeError,
 )
+from ledger_cluster.security import UNAUTHENTICATED_REASON
 from ledger_cluster.status import ApiError
 
 # ErrorInfo.metadata key of a NOT_LEADER answer: the node id of the leader this node follows.
@@ -60,6 +61,8 @@ class NodeReason(enum.StrEnum):
     TOO_MANY_UPDATES = "TOO_MANY_UPDATES"
     # INVALID_ARGUMENT: a command longer than COMMAND_BYTES_MAX, which no gateway builds (not taken)
     COMMAND_TOO_LARGE = "COMMAND_TOO_LARGE"
+    # UNAUTHENTICATED: the call lacked the cluster token; refused before any handler ran
+    UNAUTHENTICATED = UNAUTHENTICATED_REASON
 
 
 NOT_TAKEN_REASONS = frozenset(
@@ -72,6 +75,9 @@ NOT_TAKEN_REASONS = frozenset(
         NodeReason.NOT_PROPOSED,
         NodeReason.TOO_MANY_REQUESTS,
         NodeReason.NODE_UNAVAILABLE,
+        # Refused before it was read: whatever it asked for never happened.
+        NodeReason.UNAUTHENTICATED,
+        NodeReason.COMMAND_TOO_LARGE,
     }
 )
 

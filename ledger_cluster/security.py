@@ -29,7 +29,7 @@ import hmac
 import ipaddress
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -61,7 +61,15 @@ CLIENT_TOKENS_ENVIRONMENT_VARIABLE = "LEDGER_CLIENT_TOKENS"
 CLIENT_TOKENS_MAX = 1000
 
 AUTHORIZATION_METADATA_KEY = "authorization"
+BEARER_SCHEME = "bearer"  # compared without case, as HTTP authentication schemes are
 BEARER_PREFIX = "Bearer "
+# A token is sent as a header value: printable ASCII, no space.
+TOKEN_CHARACTER_FIRST = "!"
+TOKEN_CHARACTER_LAST = "~"
+# Every development secret in the repository (.env) carries it; refused without the
+# development flag, so a deployment that picks up .env fails loudly instead of running with a
+# published secret.
+DEVELOPMENT_SECRET_MARK = "local-development-only"
 UNAUTHENTICATED_REASON = "UNAUTHENTICATED"
 # Methods of these services are answered without credentials.
 OPEN_SERVICES = frozenset({health.SERVICE_NAME})
@@ -107,8 +115,18 @@ def check_secret(what: str, secret: str, where: str, allow_weak: bool) -> None:
     if size < SECRET_BYTES_MIN and not allow_weak:
         raise ConfigError(
             f"the {what} in {where} is {size} bytes; at least {SECRET_BYTES_MIN} are needed"
-            " (weak secrets are accepted for development only, with an explicit flag)"
+            " (weak secrets are accepted for development only, with --allow-weak-secrets)"
         )
+    if DEVELOPMENT_SECRET_MARK in secret and not allow_weak:
+        raise ConfigError(
+            f"the {what} in {where} is the repository's published development secret; draw your"
+            " own (e.g. `openssl rand -base64 32`), or pass --allow-weak-secrets for development"
+        )
+
+
+def check_token_characters(what: str, token: str) -> None:
+    if not all(TOKEN_CHARACTER_FIRST <= character <= TOKEN_CHARACTER_LAST for character in token):
+        raise ConfigError(f"the {what} may hold only printable ASCII without spaces (it travels in a header)")
 
 
 def read_client_tokens(path: str | None, allow_weak: bool) -> tuple[str, ...]:
@@ -121,7 +139,8 @@ def read_client_tokens(path: str | None, allow_weak: bool) -> tuple[str, ...]:
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"cannot read client tokens from {path}: {error}") from error
         where = path
-    elif os.environ.get(CLIENT_TOKENS_ENVIRONMENT_VARIABLE):
+    elif CLIENT_TOKENS_ENVIRONMENT_VARIABLE in os.environ:
+        # Set but blank is a mistake, never "no tokens": the port would take every call.
         lines = os.environ[CLIENT_TOKENS_ENVIRONMENT_VARIABLE].split(",")
         where = CLIENT_TOKENS_ENVIRONMENT_VARIABLE
     else:
@@ -133,6 +152,7 @@ def read_client_tokens(path: str | None, allow_weak: bool) -> tuple[str, ...]:
         raise ConfigError(f"{where} holds {len(tokens)} client tokens; at most {CLIENT_TOKENS_MAX}")
     for number, token in enumerate(tokens, start=1):
         check_secret(f"client token #{number}", token, where, allow_weak)
+        check_token_characters(f"client token #{number} in {where}", token)
     return tokens
 
 
@@ -145,7 +165,7 @@ class TlsIdentity:
     certificate must chain to, when one is checked."""
 
     certificate_chain: bytes
-    private_key: bytes
+    private_key: bytes = field(repr=False)
     root_certificates: bytes | None
 
 
@@ -197,7 +217,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     OPEN_SERVICES whose `authorization` metadata is not `Bearer <one of tokens>`."""
 
     def __init__(self, tokens: Iterable[str], who: str) -> None:
-        self._accepted = tuple((BEARER_PREFIX + token).encode() for token in tokens)
+        self._accepted = tuple(token.encode() for token in tokens)
         if not self._accepted:
             raise ValueError("an interceptor needs at least one token")
         self._who = who
@@ -205,9 +225,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def _admits(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
         for key, value in metadata or ():
             if key == AUTHORIZATION_METADATA_KEY:
-                presented = value.encode() if isinstance(value, str) else value
+                text = value.decode(errors="replace") if isinstance(value, bytes) else value
+                scheme, _, presented = text.partition(" ")
+                if scheme.lower() != BEARER_SCHEME:
+                    return False
                 # Every candidate is compared, in constant time each, so timing shows nothing.
-                matches = [hmac.compare_digest(presented, accepted) for accepted in self._accepted]
+                candidate = presented.strip().encode()
+                matches = [hmac.compare_digest(candidate, accepted) for accepted in self._accepted]
                 return any(matches)
         return False
 
@@ -239,11 +263,8 @@ def _refusing(handler: Handler, message: str) -> Handler:
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     build = shapes[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return build(
-        refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    # No request deserializer: a refused request is never parsed (it may be 16 MiB).
+    return build(refuse, request_deserializer=None, response_serializer=handler.response_serializer)
 
 
 @dataclass(frozen=True)
@@ -252,7 +273,7 @@ class ServerCredentials:
     the bearer tokens it accepts (none: no token is asked for)."""
 
     tls: TlsIdentity | None
-    tokens: tuple[str, ...]
+    tokens: tuple[str, ...] = field(repr=False)
     who: str
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -281,7 +302,7 @@ class ClientCredentials:
     """What a client presents to one kind of port: a bearer token (or none) and TLS roots
     (with its own certificate for mutual TLS), or plaintext when `tls` is None."""
 
-    token: str | None
+    token: str | None = field(repr=False)
     tls: TlsIdentity | None
     # A client's TLS identity may hold only roots; a client certificate is optional.
     tls_roots_only: bool = False
@@ -302,8 +323,18 @@ class ClientCredentials:
             certificate_chain=self.tls.certificate_chain,
         )
 
+    def _check_exposure(self, address: str) -> None:
+        """ConfigError rather than send a token in the clear beyond this machine."""
+        if self.token is not None and self.tls is None and not is_loopback_address(address):
+            raise ConfigError(
+                f"{address} is not a loopback address: a token is sent there only over TLS"
+                f" (set {INTERNAL_TLS_CA_ENVIRONMENT_VARIABLE} and the rest for the cluster's own"
+                f" calls, {CLIENT_TLS_CA_ENVIRONMENT_VARIABLE} for a gateway)"
+            )
+
     def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
         """A blocking channel whose every call carries the token."""
+        self._check_exposure(address)
         if self.tls is None:
             channel = grpc.insecure_channel(address, options=list(options))
         else:
@@ -316,12 +347,12 @@ class ClientCredentials:
         """An asyncio channel whose calls carry the token through an interceptor, unless made
         `without_interceptors` (hot paths pass `metadata` per call: an asyncio interceptor
         costs a task per call)."""
+        self._check_exposure(address)
+        interceptors = self.aio_interceptors()
         if self.tls is None:
-            return grpc.aio.insecure_channel(
-                address, options=list(options), interceptors=self.aio_interceptors()
-            )
+            return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
         return grpc.aio.secure_channel(
-            address, self._channel_credentials(), options=list(options), interceptors=self.aio_interceptors()
+            address, self._channel_credentials(), options=list(options), interceptors=interceptors
         )
 
     def aio_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
@@ -368,7 +399,7 @@ class _MetadataInterceptor(
 class _CallDetails(grpc.ClientCallDetails):
     method: str
     timeout: float | None
-    metadata: Metadata
+    metadata: Metadata = field(repr=False)  # it carries the token
     credentials: grpc.CallCredentials | None
     wait_for_ready: bool | None
     compression: grpc.Compression | None
@@ -418,7 +449,7 @@ def internal_tls_from_environment(environment: Mapping[str, str] | None = None) 
 class InternalCredentials:
     """The cluster token and internal TLS identity, for both ends of NodeService."""
 
-    token: str
+    token: str = field(repr=False)
     tls: TlsIdentity | None
 
     @classmethod
@@ -436,6 +467,7 @@ class InternalCredentials:
             allow_weak=allow_weak,
             environment=environment,
         )
+        check_token_characters("cluster token", token)
         return cls(token=token, tls=internal_tls_from_environment(environment))
 
     def server(self) -> ServerCredentials:

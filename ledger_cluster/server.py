@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.gateway import CoreApi, LedgerService
 from ledger_cluster.metrics import MetricsServer, serve_metrics
-from ledger_cluster.security import ServerCredentials
+from ledger_cluster.security import ServerCredentials, is_loopback_address
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,13 @@ async def serve_ledger(
     """Serve LedgerService over a new backend until asked to stop. Raises OSError when a port
     is taken (after closing what it opened). `describe(port, metrics_port)` is logged once
     serving."""
+    if not credentials.tls and not credentials.tokens and not is_loopback_address(f"{host}:{port}"):
+        logger.warning(
+            "LedgerService on %s:%d takes calls from anybody who can reach it, in plaintext:"
+            " give it --tls-cert/--tls-key and client tokens, or keep it behind a proxy that does",
+            host,
+            port,
+        )
     backend = make_backend()
     metrics_server: MetricsServer | None = None
     try:

@@ -75,7 +75,7 @@ async def node_calls(node: node_pb2_grpc.NodeServiceServicer) -> AsyncIterator[N
     await server.start()
     channel = grpc.aio.insecure_channel(address)
     try:
-        yield NodeCalls("node01", node_pb2_grpc.NodeServiceStub(channel))
+        yield NodeCalls("node01", node_pb2_grpc.NodeServiceStub(channel), ())
     finally:
         await channel.close()
         await server.stop(None)

@@ -52,6 +52,13 @@ def test_a_missing_blank_or_short_secret_is_refused(from_environment: str | None
         raft_secret(from_environment, None, allow_weak=False)
 
 
+def test_the_published_development_secret_needs_the_development_flag() -> None:
+    development = "local-development-only-not-a-secret-0000"
+    with pytest.raises(ConfigError, match="published development secret"):
+        raft_secret(development, None, allow_weak=False)
+    assert raft_secret(development, None, allow_weak=True) == development
+
+
 def test_development_may_use_a_short_secret_but_never_a_blank_one() -> None:
     assert raft_secret("short", None, allow_weak=True) == "short"
     with pytest.raises(ConfigError, match="is empty"):

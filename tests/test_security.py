@@ -16,7 +16,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -26,7 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ledger_cluster import config as cluster_config
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.core import commands
+from ledger_cluster.core.records import TransactionRecord
 from ledger_cluster.dev_certificates import DevelopmentCertificates, write_development_certificates
+from ledger_cluster.errors import ConfigError
 from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.limits import (
     BATCH_ITEMS_MAX,
@@ -150,7 +152,25 @@ def largest_legal_items() -> list[bytes]:
         "metadata": metadata,
         "timeout_seconds": TIMEOUT_SECONDS_MAX,
     }
+    debit_leg = TransactionRecord(
+        account_id=UINT64_MAX,
+        transaction_number=UINT64_MAX,
+        sequence=UINT64_MAX,
+        amount=INT64_MIN + 1,  # its credit leg carries the negation
+        status=0,
+        initial_status=0,
+        created_at=2**63 - 1,
+        updated_at=2**63 - 1,
+        description=common["description"],  # type: ignore[arg-type]
+        settled_amount=INT64_MIN + 1,
+        expires_at=2**63 - 1,
+        flags=UINT64_MAX,
+        linked_number=UINT64_MAX,
+        counterparty_account_id=UINT64_MAX,
+    )
     return [
+        commands.credit_leg_of(debit_leg, metadata, "X" * CURRENCY_CHARACTERS_MAX, 2**63 - 1),
+        commands.resolve_leg_of(debit_leg, 2**63 - 1),
         commands.create_transfer(
             debit_account_id=UINT64_MAX,
             transfer_number=UINT64_MAX,
@@ -176,13 +196,32 @@ def test_the_node_command_cap_holds_the_largest_command_a_gateway_builds() -> No
     assert len(commands.batch([max(items, key=len)] * BATCH_ITEMS_MAX)) <= COMMAND_BYTES_MAX
 
 
-def test_a_node_refuses_a_command_longer_than_the_cap_and_changes_nothing(cluster: Cluster) -> None:
+def too_long_in_all(account_id: int) -> bytes:
+    item = commands.create_account(account_id, "p" * (DESCRIPTION_BYTES_MAX * 4), time.time_ns())
+    return commands.batch([item] * (COMMAND_BYTES_MAX // len(item) + 1))
+
+
+def too_many_items(account_id: int) -> bytes:
+    return commands.batch([commands.create_account(account_id, "", time.time_ns())] * (BATCH_ITEMS_MAX + 1))
+
+
+def one_item_too_long(account_id: int) -> bytes:
+    return commands.create_account(account_id, "r" * (ITEM_COMMAND_BYTES_MAX + 1), time.time_ns())
+
+
+def an_item_too_long_in_a_batch(account_id: int) -> bytes:
+    return commands.batch([one_item_too_long(account_id)])
+
+
+@pytest.mark.parametrize(
+    "build", [too_long_in_all, too_many_items, one_item_too_long, an_item_too_long_in_a_batch]
+)
+def test_a_node_refuses_a_command_no_gateway_builds_and_changes_nothing(
+    cluster: Cluster, build: Callable[[int], bytes]
+) -> None:
     shard = cluster.config.shards[0]
     account_id = account_on(cluster.config, shard.shard_id)
-    padding = "p" * (DESCRIPTION_BYTES_MAX * 4)
-    item = commands.create_account(account_id, padding, time.time_ns())
-    too_large = commands.batch([item] * (COMMAND_BYTES_MAX // len(item) + 1))
-    assert len(too_large) > COMMAND_BYTES_MAX
+    too_large = build(account_id)
     leader = cluster.leader_of(shard.shard_id)
     request = node_pb2.UpdateRequest(shard_id=shard.shard_id, command=too_large)
     code, reason = code_and_reason(
@@ -238,6 +277,30 @@ def test_node_service_refuses_calls_without_the_cluster_token(cluster: Cluster, 
     assert_no_account(cluster, account_id)
     answer = cluster.node_stub(leader).Update(update, timeout=RPC_TIMEOUT_SECONDS)
     assert answer.result.outcome == core_pb2.OUTCOME_OK, answer.result.message
+
+
+def test_a_gateway_with_a_wrong_token_says_not_applied(cluster: Cluster, tmp_path: Path) -> None:
+    """A refusal before the handler is a promise that nothing ran: the caller hears UNAVAILABLE
+    (retry), never OUTCOME_UNKNOWN."""
+    port = free_port()
+    command = [sys.executable, "-m", "ledger_cluster.cli.gateway", "--port", str(port)]
+    command += ["--metrics-port", str(free_port()), "--config", str(cluster.config_path)]
+    environment = {**clean_environment(), "LEDGER_CLUSTER_TOKEN": OTHER_TOKEN}
+    log_path = tmp_path / "gateway.log"
+    process = start_process("ledger-gateway (wrong token)", command, log_path, env=environment)
+    try:
+        address = f"{LOOPBACK_HOST}:{port}"
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=PROCESS_TIMEOUT_SECONDS)
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            code, reason = code_and_reason(
+                lambda: stub.CreateAccount(ledger_pb2.CreateAccountRequest(), timeout=RPC_TIMEOUT_SECONDS)
+            )
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert reason != "OUTCOME_UNKNOWN"
+    finally:
+        process.stop()
+    assert "does not answer: UNAUTHENTICATED" in log_path.read_text()
 
 
 def test_ledger_dev_needs_the_cluster_token(cluster: Cluster) -> None:
@@ -455,6 +518,22 @@ def test_the_public_port_with_a_client_ca_requires_a_client_certificate(
         assert answer.account.id
     finally:
         process.stop()
+
+
+def test_tokens_travel_in_the_clear_only_to_loopback() -> None:
+    with pytest.raises(ConfigError, match="only over TLS"):
+        ClientCredentials(token=CLIENT_TOKEN, tls=None).channel("192.0.2.10:7000")
+    ClientCredentials(token=None, tls=None).channel("192.0.2.10:7000").close()
+    ClientCredentials(token=CLIENT_TOKEN, tls=None).channel("127.0.0.2:7000").close()
+
+
+def test_the_public_port_refuses_a_blank_token_variable(tmp_path: Path) -> None:
+    config_path = write_generated_config(tmp_path / "cluster_config.json", 3, 2, 3)
+    command = standalone_command(free_port(), tmp_path / "data", config_path)
+    result = run_command(command, {**clean_environment(), "LEDGER_CLIENT_TOKENS": " "})
+    assert result.returncode == 2
+    assert "LEDGER_CLIENT_TOKENS is set but blank" in result.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_the_public_port_refuses_short_client_tokens(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,16 @@ def refuse_secret_arguments(given: dict[str, str | None]) -> None:
             )
 
 
+# The environment variables of `public_security_options` (and the client tokens' own).
+PUBLIC_SECURITY_VARIABLES = (
+    "LEDGER_TLS_CERT",
+    "LEDGER_TLS_KEY",
+    "LEDGER_TLS_CLIENT_CA",
+    "LEDGER_CLIENT_TOKENS_FILE",
+    CLIENT_TOKENS_ENVIRONMENT_VARIABLE,
+)
+
+
 @dataclass(frozen=True)
 class PublicSecurity:
     """The public listener's TLS files and client token file, as given."""
@@ -88,6 +99,10 @@ class PublicSecurity:
 
     def server_credentials(self) -> ServerCredentials:
         """UsageError for files that cannot serve (missing half of a pair, short tokens)."""
+        # click reads a blank variable as unset, which here would mean "no token asked for".
+        for variable in PUBLIC_SECURITY_VARIABLES:
+            if variable in os.environ and not os.environ[variable].strip():
+                raise click.UsageError(f"{variable} is set but blank; unset it or give it a value")
         try:
             return ServerCredentials(
                 tls=tls_identity(self.tls_cert, self.tls_key, self.tls_client_ca),

@@ -81,7 +81,7 @@ def main(
                 describe=describe,
             )
         )
-    except OSError as error:
+    except (OSError, ConfigError) as error:
         raise click.ClickException(str(error)) from error
 
 

@@ -370,15 +370,19 @@ class TransferCalls:
             self._finish_timer.cancel()
             self._finish_timer = None
         steps, self._unsent_finishes = self._unsent_finishes, []
-        if not steps:
-            return
-        task = asyncio.get_running_loop().create_task(
-            finish_on_debit_shard(
-                self._backend, steps, self._clock_ns(), Deadline.after(FINISH_TIMEOUT_SECONDS)
+        # One call of CreateTransfers may add up to BATCH_ITEMS_MAX at once to an almost full
+        # list: sent whole, a debit shard's part could pass the items one command may hold.
+        for start in range(0, len(steps), FINISHES_UNSENT_MAX):
+            task = asyncio.get_running_loop().create_task(
+                finish_on_debit_shard(
+                    self._backend,
+                    steps[start : start + FINISHES_UNSENT_MAX],
+                    self._clock_ns(),
+                    Deadline.after(FINISH_TIMEOUT_SECONDS),
+                )
             )
-        )
-        self._finishing.add(task)
-        task.add_done_callback(self._finished)
+            self._finishing.add(task)
+            task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[list[ItemAnswer]]) -> None:
         self._finishing.discard(task)
