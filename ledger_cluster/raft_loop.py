@@ -7,10 +7,35 @@ every group every `LOOP_TICK_PERIOD_SECONDS` for its timers (heartbeats, electio
 share one connection per peer node: the node with the smaller id dials, the other accepts.
 What the groups send during one turn of the loop goes out as one sealed frame per peer.
 
-Nothing here waits on disk: the replica applies committed entries, restores installed snapshots
-and writes its compaction dumps on other threads (`replica_apply`, `replica_dump`). The one
-exception is back pressure: when a shard's applier has APPLY_QUEUE_ENTRIES_MAX entries waiting,
-handing it the next one waits.
+Durability (group commit of the journals). Every group's journal is synced (`sync`, an fsync
+when its records changed; replica_journal.py) after the turn's messages were delivered and
+before any group is ticked, and once more after the ticks, before the turn's frames are sealed
+and sent. So:
+- nothing a peer receives reflects a journal change that is not on disk: a follower's
+  acknowledgement (`next_node_idx` success), a leader's entries and commit index, a vote
+  (`response_vote`) and a candidacy (`request_vote`) all leave only in `_flush_links`, after
+  the turn's syncs. Terms and votes are fsynced even earlier, inside PySyncObj's
+  `setCurrentTerm`, before the message is queued;
+- a tick works on a durable log. PySyncObj's leader counts itself for every entry of its own
+  log when it computes the commit index (syncobj.py `_onTick`: `count = 1` for each index up to
+  `__getCurrentLogIndex()`), and a follower raises its commit index to the leader's up to its
+  own last entry (`__onMessageReceived`, append_entries) and applies it in the same tick
+  (`__applyLogEntries`). Entries arrive between ticks (from the network, before the tick) or
+  are appended late in the tick (`_checkCommandsToApply`, after the commit index and the
+  applies): the sync before the ticks covers the first kind, the one before sending the
+  second, so neither the commit index nor the state machine moves on an unsynced entry. The
+  one exception is the no-op entry a group of one replica appends when it elects itself in
+  the tick: it commits in that tick, carries nothing, and is synced before anything after it.
+- one fsync per changed journal per turn, however many entries the turn appended: the
+  journals' group commit. The groups' fsyncs of one turn run in parallel on
+  SYNC_THREADS threads, so the file system can commit them together.
+A failed fsync stops the node (`on_broken`): the kernel may have dropped the pages, and a
+second fsync would report success without them.
+
+Nothing else here waits on disk: the replica applies committed entries, restores installed
+snapshots and writes its compaction dumps on other threads (`replica_apply`, `replica_dump`).
+The exception is back pressure: when a shard's applier has APPLY_QUEUE_ENTRIES_MAX entries
+waiting, handing it the next one waits.
 """
 
 from __future__ import annotations
@@ -24,6 +49,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from pysyncobj.node import Node
@@ -72,6 +98,8 @@ LOOP_TASKS_MAX = 1024
 BIND_ATTEMPTS_MAX = 20
 BIND_RETRY_SECONDS = 0.5
 LOOP_JOIN_TIMEOUT_SECONDS = 10.0
+# fsyncs of different journals in flight at once at the end of a turn.
+SYNC_THREADS = 4
 
 
 class ShardTransport(Transport):  # type: ignore[misc]  # pysyncobj ships no type information
@@ -134,9 +162,17 @@ class _Link:
 
 
 class _Group:
-    def __init__(self, tick: Callable[[], None], transport: ShardTransport) -> None:
+    def __init__(
+        self,
+        tick: Callable[[], None],
+        transport: ShardTransport,
+        needs_sync: Callable[[], bool],
+        sync: Callable[[], None],
+    ) -> None:
         self.tick = tick
         self.transport = transport
+        self.needs_sync = needs_sync
+        self.sync = sync
 
 
 class RaftLoop:
@@ -169,6 +205,7 @@ class RaftLoop:
         self._tasks: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=LOOP_TASKS_MAX)
         self._groups: dict[str, _Group] = {}
         self._dirty: set[str] = set()
+        self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix=f"raft-sync-{node_id}")
         self._links: dict[str, _Link] = {}
         self._handshaking: set[_Link] = set()
         self._next_dial_seconds: dict[str, float] = {}
@@ -180,10 +217,18 @@ class RaftLoop:
     def new_transport(self, shard_id: str, partners: Iterable[Node]) -> ShardTransport:
         return ShardTransport(self, shard_id, partners)
 
-    def add_group(self, transport: ShardTransport, tick: Callable[[], None]) -> None:
+    def add_group(
+        self,
+        transport: ShardTransport,
+        tick: Callable[[], None],
+        needs_sync: Callable[[], bool],
+        sync: Callable[[], None],
+    ) -> None:
+        """`sync` makes the group's journal changes durable (and may block on the disk);
+        `needs_sync` says whether there are any. See the module docstring."""
         if self._thread is not None:
             raise RuntimeError("groups are added before the loop starts")
-        self._groups[transport.shard_id] = _Group(tick, transport)
+        self._groups[transport.shard_id] = _Group(tick, transport, needs_sync, sync)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"raft-loop-{self.node_id}", daemon=True)
@@ -198,6 +243,7 @@ class RaftLoop:
                 raise RuntimeError(
                     f"the Raft loop of {self.node_id} did not stop within {LOOP_JOIN_TIMEOUT_SECONDS} s"
                 )
+        self._sync_pool.shutdown()
         for link in list(self._links.values()) + list(self._handshaking):
             link.sock.close()
         self._listener.close()
@@ -242,8 +288,10 @@ class RaftLoop:
                 next_tick_seconds = now + LOOP_TICK_PERIOD_SECONDS
                 due = set(self._groups)
                 self._guarded(self._maintain_links, now)
+            self._sync_all()  # what arrived this turn, before any group acts on it
             for shard_id in due:
                 self._tick(shard_id)
+            self._sync_all()  # what the ticks appended, before it is sent
             self._guarded(self._flush_links)
 
     def _guarded(self, step: Callable[..., None], *arguments: Any) -> None:
@@ -264,6 +312,22 @@ class RaftLoop:
             self._wake_signalled = False
         self._dirty = set()
         return due
+
+    def _sync_all(self) -> None:
+        """Every group's journal changes so far, in parallel when there are several."""
+        pending = [group.sync for group in self._groups.values() if group.needs_sync()]
+        if len(pending) == 1:
+            self._synced(pending[0])
+        elif pending:
+            for future in [self._sync_pool.submit(self._synced, sync) for sync in pending]:
+                future.result()
+
+    def _synced(self, sync: Callable[[], None]) -> None:
+        try:
+            sync()
+        except Exception as error:
+            # Sending anything now could acknowledge what the disk may have lost.
+            self._on_broken(error)
 
     def _tick(self, shard_id: str) -> None:
         group = self._groups.get(shard_id)

@@ -515,6 +515,15 @@ def _read_stream(
     return header
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file written (and closed) elsewhere durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
