@@ -41,6 +41,7 @@ import enum
 import logging
 import os
 import struct
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -143,9 +144,15 @@ class AtomicTrimJournal(pysyncobj_journal.FileJournal):  # type: ignore[misc]
         self._directory_synced = self._path.is_file()
         if self._directory_synced:
             _cut_torn_tail(self._path)
-        super().__init__(journal_file)
+        meta_storer = _MetaStorer(journal_file + META_SUFFIX, self)
+        meta = meta_storer.getMeta()  # before any file is opened: it may refuse
+        with warnings.catch_warnings():
+            # PySyncObj reads the meta (again) without closing the file it opened.
+            warnings.simplefilter("ignore", ResourceWarning)
+            super().__init__(journal_file)
         state: dict[str, Any] = self.__dict__
-        state["_FileJournal__metaStorer"] = _MetaStorer(journal_file + META_SUFFIX, self)
+        state["_FileJournal__metaStorer"] = meta_storer
+        state["_FileJournal__meta"] = meta
         # Whatever was on disk before this process may never have been fsynced.
         self._dirty = True
 
