@@ -351,7 +351,7 @@ class ShardReplica:
             is_leader=self.is_leader,
         )
         self._preferred_healthy_since: float | None = None
-        loop.add_group(transport, lambda: self._sync_obj.doTick(0.0), journal.needs_sync, journal.sync)
+        loop.add_group(transport, lambda: self._sync_obj.doTick(0.0), journal.needs_sync, journal.begin_sync)
         self._raft.add(self)
 
     def _start_transfer(self, target: Node | None, on_answer: Callable[[Any, int], None]) -> None:

@@ -153,8 +153,10 @@ class AtomicTrimJournal(pysyncobj_journal.FileJournal):  # type: ignore[misc]
         state: dict[str, Any] = self.__dict__
         state["_FileJournal__metaStorer"] = meta_storer
         state["_FileJournal__meta"] = meta
-        # Whatever was on disk before this process may never have been fsynced.
-        self._dirty = True
+        # Changes made (by the thread that drives the group) and changes known durable; whatever
+        # was on disk before this process may never have been fsynced.
+        self._changes = 1
+        self._synced_changes = 0
 
     def _step(self, name: str) -> None:
         if self.after_step is not None:
@@ -164,32 +166,51 @@ class AtomicTrimJournal(pysyncobj_journal.FileJournal):  # type: ignore[misc]
 
     def add(self, command: bytes, index: int, term: int) -> None:
         super().add(command, index, term)
-        self._dirty = True
+        self._changes += 1
 
     def clear(self) -> None:
         super().clear()
-        self._dirty = True
+        self._changes += 1
 
     def deleteEntriesFrom(self, entry_from: int) -> None:
         super().deleteEntriesFrom(entry_from)
-        self._dirty = True
+        self._changes += 1
 
     def needs_sync(self) -> bool:
-        """Records changed since the last sync, and this journal's durability syncs them."""
-        return self._dirty and self.durability is Durability.POWER_LOSS
+        """Records changed and not yet known durable (a sync begun may still be running), and
+        this journal's durability syncs them."""
+        return self._changes != self._synced_changes and self.durability is Durability.POWER_LOSS
 
     def sync(self) -> None:
-        """Make every record change so far durable. An OSError means the disk may have dropped
-        the changes: the caller must stop the replica, never retry (a second fsync can succeed
-        without the lost pages)."""
-        if not self.needs_sync():
-            return
-        self._dirty = False
-        os.fsync(self._mapped_file().fileno())
-        if not self._directory_synced:
-            fsync_directory(self._path.parent)
-            self._directory_synced = True
-        self._keep_synced_records()
+        """Make every record change so far durable, now. Raises OSError as `begin_sync`'s call."""
+        if self.needs_sync():
+            self.begin_sync()()
+
+    def begin_sync(self) -> Callable[[], None]:
+        """Called by the thread that changes the journal: returns the call (for any thread, once,
+        and before the next `begin_sync`) that makes the changes so far durable. The journal may
+        change meanwhile; those changes wait for the next sync. An OSError from the call means
+        the disk may have dropped them: the caller must stop the replica, never retry (a second
+        fsync can succeed without the lost pages)."""
+        changes = self._changes
+        # Its own descriptor: the file object is closed and reopened when the map must grow.
+        descriptor = os.dup(self._mapped_file().fileno())
+        new_name = not self._directory_synced
+        synced_copy = self._records() if self.keeps_synced_copies else None
+
+        def finish() -> None:
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            if new_name:
+                fsync_directory(self._path.parent)
+                self._directory_synced = True
+            self._synced_changes = changes
+            if synced_copy is not None:
+                _keep_synced_copy(self._path, synced_copy)
+
+        return finish
 
     def _mapped_file(self) -> Any:
         # FileJournal's state is name-mangled private: reached through the instance dicts. The
@@ -197,11 +218,10 @@ class AtomicTrimJournal(pysyncobj_journal.FileJournal):  # type: ignore[misc]
         journal_file = self.__dict__["_FileJournal__journalFile"]
         return journal_file.__dict__["_ResizableFile__f"]
 
-    def _keep_synced_records(self) -> None:
-        if self.keeps_synced_copies:
-            state: dict[str, Any] = self.__dict__
-            end = state["_FileJournal__currentOffset"]
-            _keep_synced_copy(self._path, state["_FileJournal__journalFile"].read(0, end))
+    def _records(self) -> bytes:
+        """The header and every record, as the file holds them now."""
+        state: dict[str, Any] = self.__dict__
+        return bytes(state["_FileJournal__journalFile"].read(0, state["_FileJournal__currentOffset"]))
 
     # -- the trim ----------------------------------------------------------------------------------
 
@@ -232,9 +252,10 @@ class AtomicTrimJournal(pysyncobj_journal.FileJournal):  # type: ignore[misc]
         state["_FileJournal__currentOffset"] = adopted["_FileJournal__currentOffset"]
         state["_FileJournal__journal"] = kept
         # Everything the journal holds is in the file just synced.
-        self._dirty = False
+        self._synced_changes = self._changes
         self._directory_synced = True
-        self._keep_synced_records()
+        if self.keeps_synced_copies:
+            _keep_synced_copy(self._path, self._records())
 
 
 def _cut_torn_tail(path: Path) -> None:
