@@ -13,18 +13,21 @@ write survives a power loss of every node at once. What has to be on disk, and w
 - the Raft journal and its meta (term, vote): fsynced before any message that relies on them
   leaves and before a tick counts or applies an entry (raft_loop.py and replica_journal.py
   give the argument against PySyncObj's code);
-- the LMDB state: every write transaction is a synced commit (storage.py), and an entry is
-  applied only after the journal that holds it was synced, so the state is never ahead of the
-  journal (`_check_journal_covers_state` refuses to start otherwise). The journal is trimmed
-  only after the compaction dump that replaces the trimmed entries was fsynced and renamed into
-  place with its directory synced (replica_dump.py); the dump is written from the LMDB state
-  at the dump's index, which a synced commit made durable before;
+- the LMDB state: an entry is applied only after the journal that holds it was synced, so the
+  state is never ahead of the journal (`_check_journal_covers_state` refuses to start
+  otherwise), and whatever the state lacks after a power loss the journal replays. So LMDB runs
+  with `sync` but without `metasync`: one fsync per commit instead of two, and a power loss may
+  undo the last commit (LMDB keeps its integrity), which the journal replays at start-up
+  (each entry's index is stored with its effects, so nothing is applied twice). The journal
+  is trimmed only after the compaction dump that replaces the trimmed entries was fsynced and
+  renamed into place with its directory synced (replica_dump.py); the dump is read from the
+  applied state, and a replica whose state is behind its own dump restores it at start-up;
 - a snapshot installed from the leader: fsynced with its directory before PySyncObj replaces
   the journal with the snapshot's two entries, so the journal on disk never starts after a
   state that is not on disk.
-`Durability.PROCESS_CRASH` fsyncs none of the journal or meta changes (LMDB commits stay
-synced): every acknowledged write survives kill -9 of any or all processes, none is promised
-to survive a power loss or a kernel crash.
+`Durability.PROCESS_CRASH` fsyncs none of the journal or meta changes (LMDB commits keep both
+fsyncs, as before the journal was made durable): every acknowledged write survives kill -9 of
+any or all processes, none is promised to survive a power loss or a kernel crash.
 """
 
 from __future__ import annotations
@@ -297,7 +300,11 @@ class ShardReplica:
         self._raft = raft
         self._on_broken = on_broken
         self.core = AccountsCore.open(
-            data_dir / "replicas" / shard.shard_id, shard.lower_bound, shard.upper_bound
+            data_dir / "replicas" / shard.shard_id,
+            shard.lower_bound,
+            shard.upper_bound,
+            # The synced journal holds every entry the state has applied (see the docstring).
+            metasync=options.durability is not Durability.POWER_LOSS,
         )
         try:
             self._open(data_dir / "raft" / shard.shard_id, options)
