@@ -520,7 +520,7 @@ def _read_stream(
 
 
 def fsync_file(path: Path) -> None:
-    """Make a file written (and closed) elsewhere durable."""
+    """Make a file written (and closed) elsewhere durable, or a directory's entries."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -529,8 +529,4 @@ def fsync_file(path: Path) -> None:
 
 
 def fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_file(directory)  # a directory opens read-only like a file
