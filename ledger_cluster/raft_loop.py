@@ -99,7 +99,7 @@ LOOP_TASKS_MAX = 1024
 BIND_ATTEMPTS_MAX = 20
 BIND_RETRY_SECONDS = 0.5
 LOOP_JOIN_TIMEOUT_SECONDS = 10.0
-# fsyncs of different journals in flight at once at the end of a turn.
+# fsyncs of different journals in flight at once.
 SYNC_THREADS = 4
 
 
@@ -321,7 +321,7 @@ class RaftLoop:
         for future in self._syncs_running:
             future.result()
         self._syncs_running = []
-        pending = [group.begin_sync() for group in self._groups.values() if group.needs_sync()]
+        pending = [self._begin_sync(group) for group in self._groups.values() if group.needs_sync()]
         if len(pending) == 1:
             self._synced(pending[0])  # no thread hop for the usual case of one
         else:
@@ -330,10 +330,16 @@ class RaftLoop:
 
     def _begin_syncs(self) -> list[Future[None]]:
         return [
-            self._sync_pool.submit(self._synced, group.begin_sync())
+            self._sync_pool.submit(self._synced, self._begin_sync(group))
             for group in self._groups.values()
             if group.needs_sync()
         ]
+
+    def _begin_sync(self, group: _Group) -> Callable[[], None]:
+        try:
+            return group.begin_sync()
+        except Exception as error:  # no descriptor left, say: nothing may be sent unsynced
+            self._on_broken(error)
 
     def _synced(self, sync: Callable[[], None]) -> None:
         try:

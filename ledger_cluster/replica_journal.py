@@ -18,9 +18,10 @@ whom it voted for. In `Durability.POWER_LOSS` (the default) this journal:
 - stores its meta by writing a new file, fsyncing it, renaming it over the old one and fsyncing
   the directory, before `setCurrentTerm` returns: a vote or a candidacy is on disk before the
   message that announces it is even queued;
-- remembers that its records changed (`add`, `clear`, `deleteEntriesFrom`) and fsyncs them in
-  `sync()`, which the node's Raft loop calls for every group before ticking it and before the
-  turn's frames go out (raft_loop.py says why that is enough); a trim syncs its new file anyway.
+- counts the changes of its records (`add`, `clear`, `deleteEntriesFrom`) and fsyncs them
+  through `begin_sync()`: the node's Raft loop begins a sync of every changed journal after a
+  turn's frames went out and waits for it, and syncs whatever changed since, before the next
+  ticks (raft_loop.py says why that is enough); a trim syncs its new file anyway.
 In `Durability.PROCESS_CRASH` nothing is fsynced but the trim: every write survives kill -9 of
 the process (the page cache keeps it), none is promised to survive a power loss.
 
@@ -140,9 +141,10 @@ class AtomicTrimJournal(pysyncobj_journal.FileJournal):  # type: ignore[misc]
         self.keeps_synced_copies = os.environ.get(SYNCED_COPIES_ENVIRONMENT_VARIABLE) == "1"
         # A trim that crashed before its rename left its new file: the old journal is whole.
         self._path.with_name(self._path.name + TRIM_SUFFIX).unlink(missing_ok=True)
-        # A new file's name is durable once its directory is synced, at the first sync.
-        self._directory_synced = self._path.is_file()
-        if self._directory_synced:
+        # The file's name is durable once its directory is synced, at the first sync (it may
+        # have been created without, in process-crash mode).
+        self._directory_synced = False
+        if self._path.is_file():
             _cut_torn_tail(self._path)
         meta_storer = _MetaStorer(journal_file + META_SUFFIX, self)
         meta = meta_storer.getMeta()  # before any file is opened: it may refuse
