@@ -7,10 +7,36 @@ every group every `LOOP_TICK_PERIOD_SECONDS` for its timers (heartbeats, electio
 share one connection per peer node: the node with the smaller id dials, the other accepts.
 What the groups send during one turn of the loop goes out as one sealed frame per peer.
 
-Nothing here waits on disk: the replica applies committed entries, restores installed snapshots
-and writes its compaction dumps on other threads (`replica_apply`, `replica_dump`). The one
-exception is back pressure: when a shard's applier has APPLY_QUEUE_ENTRIES_MAX entries waiting,
-handing it the next one waits.
+Durability (group commit of the journals). A turn of the loop: deliver what arrived, then a
+barrier (wait for the journal syncs begun last turn, then sync every journal changed since,
+`needs_sync`/`begin_sync`, replica_journal.py), tick the groups, send, and begin syncing every
+journal the ticks changed, in the background. So:
+- a tick works on a durable log. PySyncObj's leader counts itself for every entry of its own
+  log when it computes the commit index (syncobj.py `_onTick`: `count = 1` for each index up to
+  `__getCurrentLogIndex()`), and a follower raises its commit index to the leader's up to its
+  own last entry (`__onMessageReceived`, append_entries) and applies it in the same tick
+  (`__applyLogEntries`). Entries arrive between ticks (delivered before the barrier) or are
+  appended late in a tick (`_checkCommandsToApply`, after the commit index and the applies;
+  their sync begins after the turn's send and the next barrier waits for it): neither the
+  commit index nor the state machine ever moves on an unsynced entry. The one exception is
+  the no-op entry a group of one replica appends when it elects itself in a tick: it commits
+  in that tick, carries nothing, and is synced before anything after it;
+- nothing a peer receives relies on an unsynced journal change of this node: a follower's
+  acknowledgement (`next_node_idx` success) is queued while its entries are delivered and sent
+  after the barrier that synced them; a candidacy (`request_vote`) is made in a tick; terms and
+  votes are fsynced inside PySyncObj's `setCurrentTerm`, before the message is even queued. A
+  leader's entries do go out before its own fsync ends (Raft allows it: the leader's copy counts
+  only once the next barrier synced it), which overlaps the leader's fsync with the followers';
+- one fsync per changed journal per turn, however many entries the turn appended: the
+  journals' group commit. Several journals' fsyncs run in parallel on SYNC_THREADS threads,
+  so the file system can commit them together.
+A failed fsync stops the node (`on_broken`): the kernel may have dropped the pages, and a
+second fsync would report success without them.
+
+Nothing else here waits on disk: the replica applies committed entries, restores installed
+snapshots and writes its compaction dumps on other threads (`replica_apply`, `replica_dump`).
+The exception is back pressure: when a shard's applier has APPLY_QUEUE_ENTRIES_MAX entries
+waiting, handing it the next one waits.
 """
 
 from __future__ import annotations
@@ -24,6 +50,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from pysyncobj.node import Node
@@ -72,6 +99,8 @@ LOOP_TASKS_MAX = 1024
 BIND_ATTEMPTS_MAX = 20
 BIND_RETRY_SECONDS = 0.5
 LOOP_JOIN_TIMEOUT_SECONDS = 10.0
+# fsyncs of different journals in flight at once.
+SYNC_THREADS = 4
 
 
 class ShardTransport(Transport):  # type: ignore[misc]  # pysyncobj ships no type information
@@ -134,9 +163,17 @@ class _Link:
 
 
 class _Group:
-    def __init__(self, tick: Callable[[], None], transport: ShardTransport) -> None:
+    def __init__(
+        self,
+        tick: Callable[[], None],
+        transport: ShardTransport,
+        needs_sync: Callable[[], bool],
+        begin_sync: Callable[[], Callable[[], None]],
+    ) -> None:
         self.tick = tick
         self.transport = transport
+        self.needs_sync = needs_sync
+        self.begin_sync = begin_sync
 
 
 class RaftLoop:
@@ -169,6 +206,8 @@ class RaftLoop:
         self._tasks: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=LOOP_TASKS_MAX)
         self._groups: dict[str, _Group] = {}
         self._dirty: set[str] = set()
+        self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix=f"raft-sync-{node_id}")
+        self._syncs_running: list[Future[None]] = []
         self._links: dict[str, _Link] = {}
         self._handshaking: set[_Link] = set()
         self._next_dial_seconds: dict[str, float] = {}
@@ -180,10 +219,19 @@ class RaftLoop:
     def new_transport(self, shard_id: str, partners: Iterable[Node]) -> ShardTransport:
         return ShardTransport(self, shard_id, partners)
 
-    def add_group(self, transport: ShardTransport, tick: Callable[[], None]) -> None:
+    def add_group(
+        self,
+        transport: ShardTransport,
+        tick: Callable[[], None],
+        needs_sync: Callable[[], bool],
+        begin_sync: Callable[[], Callable[[], None]],
+    ) -> None:
+        """`needs_sync` says whether the group's journal has changes not known durable;
+        `begin_sync` returns the call that makes them durable (on any thread; it may block on
+        the disk). See the module docstring."""
         if self._thread is not None:
             raise RuntimeError("groups are added before the loop starts")
-        self._groups[transport.shard_id] = _Group(tick, transport)
+        self._groups[transport.shard_id] = _Group(tick, transport, needs_sync, begin_sync)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"raft-loop-{self.node_id}", daemon=True)
@@ -198,6 +246,7 @@ class RaftLoop:
                 raise RuntimeError(
                     f"the Raft loop of {self.node_id} did not stop within {LOOP_JOIN_TIMEOUT_SECONDS} s"
                 )
+        self._sync_pool.shutdown()  # after the syncs begun in the last turn
         for link in list(self._links.values()) + list(self._handshaking):
             link.sock.close()
         self._listener.close()
@@ -242,9 +291,11 @@ class RaftLoop:
                 next_tick_seconds = now + LOOP_TICK_PERIOD_SECONDS
                 due = set(self._groups)
                 self._guarded(self._maintain_links, now)
+            self._sync_barrier()  # last turn's appends and this turn's arrivals are durable
             for shard_id in due:
                 self._tick(shard_id)
             self._guarded(self._flush_links)
+            self._syncs_running = self._begin_syncs()  # this turn's appends, while they travel
 
     def _guarded(self, step: Callable[..., None], *arguments: Any) -> None:
         """One step of a loop turn. The loop must outlive any one connection's trouble (a full
@@ -264,6 +315,38 @@ class RaftLoop:
             self._wake_signalled = False
         self._dirty = set()
         return due
+
+    def _sync_barrier(self) -> None:
+        """Every group's journal changes so far are durable when this returns."""
+        for future in self._syncs_running:
+            future.result()
+        self._syncs_running = []
+        pending = [self._begin_sync(group) for group in self._groups.values() if group.needs_sync()]
+        if len(pending) == 1:
+            self._synced(pending[0])  # no thread hop for the usual case of one
+        else:
+            for future in [self._sync_pool.submit(self._synced, sync) for sync in pending]:
+                future.result()
+
+    def _begin_syncs(self) -> list[Future[None]]:
+        return [
+            self._sync_pool.submit(self._synced, self._begin_sync(group))
+            for group in self._groups.values()
+            if group.needs_sync()
+        ]
+
+    def _begin_sync(self, group: _Group) -> Callable[[], None]:
+        try:
+            return group.begin_sync()
+        except Exception as error:  # no descriptor left, say: nothing may be sent unsynced
+            self._on_broken(error)
+
+    def _synced(self, sync: Callable[[], None]) -> None:
+        try:
+            sync()
+        except Exception as error:
+            # Sending anything now could acknowledge what the disk may have lost.
+            self._on_broken(error)
 
     def _tick(self, shard_id: str) -> None:
         group = self._groups.get(shard_id)

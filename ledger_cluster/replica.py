@@ -7,6 +7,27 @@ pickle. The index of the entry being applied is `raftLastApplied + 1`, which the
 its effects, so the journal replay after every restart is skipped entry by entry (exactly once).
 Every group of the node is driven by the node's one Raft loop (`NodeRaft`); committed entries
 are applied on the shard's applier thread.
+
+Durability (`ReplicaOptions.durability`, default `Durability.POWER_LOSS`): an acknowledged
+write survives a power loss of every node at once. What has to be on disk, and when:
+- the Raft journal and its meta (term, vote): fsynced before any message that relies on them
+  leaves and before a tick counts or applies an entry (raft_loop.py and replica_journal.py
+  give the argument against PySyncObj's code);
+- the LMDB state: an entry is applied only after the journal that holds it was synced, so the
+  state is never ahead of the journal (`_check_journal_covers_state` refuses to start
+  otherwise), and whatever the state lacks after a power loss the journal replays. So LMDB runs
+  with `sync` but without `metasync`: one fsync per commit instead of two, and a power loss may
+  undo the last commit (LMDB keeps its integrity), which the journal replays at start-up
+  (each entry's index is stored with its effects, so nothing is applied twice). The journal
+  is trimmed only after the compaction dump that replaces the trimmed entries was fsynced and
+  renamed into place with its directory synced (replica_dump.py); the dump is read from the
+  applied state, and a replica whose state is behind its own dump restores it at start-up;
+- a snapshot installed from the leader: fsynced with its directory before PySyncObj replaces
+  the journal with the snapshot's two entries, so the journal on disk never starts after a
+  state that is not on disk.
+`Durability.PROCESS_CRASH` fsyncs none of the journal or meta changes (LMDB commits keep both
+fsyncs, as before the journal was made durable): every acknowledged write survives kill -9 of
+any or all processes, none is promised to survive a power loss or a kernel crash.
 """
 
 from __future__ import annotations
@@ -25,7 +46,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
-from pysyncobj.journal import createJournal
 from pysyncobj.node import Node
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 
@@ -50,7 +70,8 @@ from ledger_cluster.process import stop_broken_process
 from ledger_cluster.raft_codec import master_key
 from ledger_cluster.raft_loop import RaftLoop
 from ledger_cluster.replica_apply import PendingApply, ShardApplier
-from ledger_cluster.replica_dump import CompactionDump
+from ledger_cluster.replica_dump import CompactionDump, dump_raft_index
+from ledger_cluster.replica_journal import AtomicTrimJournal, Durability
 from ledger_cluster.replica_leadership import LeadershipTransfer
 from ledger_cluster.sharding import SHARD_KEY_MAX
 from ledger_cluster.storage import make_private_directory
@@ -109,6 +130,7 @@ class ReplicaOptions:
     raft_password: str
     log_compaction_min_entries: int = LOG_COMPACTION_MIN_ENTRIES_DEFAULT
     log_compaction_min_seconds: float = LOG_COMPACTION_MIN_SECONDS_DEFAULT
+    durability: Durability = Durability.POWER_LOSS
 
 
 @dataclass(frozen=True)
@@ -282,7 +304,11 @@ class ShardReplica:
         self._on_broken = on_broken
         self._acknowledging_term = 0
         self.core = AccountsCore.open(
-            data_dir / "replicas" / shard.shard_id, shard.lower_bound, shard.upper_bound
+            data_dir / "replicas" / shard.shard_id,
+            shard.lower_bound,
+            shard.upper_bound,
+            # The synced journal holds every entry the state has applied (see the docstring).
+            metasync=options.durability is not Durability.POWER_LOSS,
         )
         try:
             self._open(data_dir / "raft" / shard.shard_id, options)
@@ -292,7 +318,7 @@ class ShardReplica:
 
     def _open(self, raft_dir: Path, options: ReplicaOptions) -> None:
         make_private_directory(raft_dir)
-        _check_journal_covers_state(raft_dir / "journal", self.core.applied_index(), self.shard.shard_id)
+        _check_journal_covers_state(raft_dir, self.core.applied_index(), self.shard.shard_id)
         self._applier = ShardApplier(self.shard.shard_id, self.core, self._on_broken)
         try:
             self._open_group(raft_dir, options)
@@ -309,6 +335,7 @@ class ShardReplica:
             on_broken=self._on_broken,
             on_snapshot_installed=self._on_snapshot_installed,
             journal=lambda: self._sync_obj._SyncObj__raftLog,  # pinned pysyncobj: no accessor
+            durable=options.durability is Durability.POWER_LOSS,
         )
         # Before the Raft group, which asks it at every apply.
         self._group_commit = GroupCommit(self.shard.shard_id, self._propose, self._translate_answer)
@@ -320,6 +347,8 @@ class ShardReplica:
         self._sync_obj = _LedgerSyncObj(
             Node(self.node_id), partners, self._conf(raft_dir, options), transport, self._apply_entry
         )
+        journal: AtomicTrimJournal = self._sync_obj._SyncObj__raftLog  # replica_journal.install()
+        journal.durability = options.durability
         # The node's loop does the waiting and the waking for every group.
         _close_pipe_notifier(self._sync_obj._SyncObj__pipeNotifier)
         self._sync_obj._poller = _NoPoller()
@@ -333,7 +362,7 @@ class ShardReplica:
             is_leader=self.is_leader,
         )
         self._preferred_healthy_since: float | None = None
-        loop.add_group(transport, lambda: self._sync_obj.doTick(0.0))
+        loop.add_group(transport, lambda: self._sync_obj.doTick(0.0), journal.needs_sync, journal.begin_sync)
         self._raft.add(self)
 
     def _start_transfer(self, target: Node | None, on_answer: Callable[[Any, int], None]) -> None:
@@ -425,6 +454,14 @@ class ShardReplica:
             self._on_broken(error)
 
     def _on_raft_state_changed(self, old_state: int, new_state: int) -> None:
+        if new_state == _RAFT_STATE.LEADER:
+            # Tests read these lines: no two replicas may lead one shard in the same term.
+            logger.info(
+                "shard %s: %s leads in term %d",
+                self.shard.shard_id,
+                self.node_id,
+                self._sync_obj.raftCurrentTerm,
+            )
         if old_state == _RAFT_STATE.LEADER and new_state != _RAFT_STATE.LEADER:
             self._group_commit.fail_in_flight("this replica stopped leading with the write in flight")
 
@@ -613,18 +650,24 @@ class ShardReplica:
         self.core.close()
 
 
-def _check_journal_covers_state(journal_path: Path, applied_index: int, shard_id: str) -> None:
+def _check_journal_covers_state(raft_dir: Path, applied_index: int, shard_id: str) -> None:
     """The LMDB state must never be ahead of the Raft log: the core would take the entries it
     lacks for replays of ones it applied, and the replica would diverge silently. That happens
-    when a journal lost its tail (deleted, or a power loss before the OS wrote it back)."""
+    when a journal lost its tail (deleted, or a power loss without fsync, as in
+    `Durability.PROCESS_CRASH`). The log reaches as far as the journal or the compaction dump:
+    a power loss right after a snapshot from the leader was restored can leave the journal from
+    before it, which PySyncObj replaces with the dump's position at start-up."""
     if applied_index == 0:
         return
-    journal = createJournal(str(journal_path)) if journal_path.is_file() else None
+    journal_path = raft_dir / "journal"
+    # Opened with this replica's own journal code, which also cuts a torn tail.
+    journal = AtomicTrimJournal(str(journal_path)) if journal_path.is_file() else None
     try:
         last_index = int(journal[len(journal) - 1][1]) if journal is not None and len(journal) else 0
     finally:
         if journal is not None:
             journal._destroy()
+    last_index = max(last_index, dump_raft_index(raft_dir / "dump"))
     if last_index < applied_index:
         raise ReplicaBrokenError(
             f"shard {shard_id}: the stored state is at log index {applied_index} but the Raft "

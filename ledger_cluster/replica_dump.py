@@ -6,6 +6,10 @@ PySyncObj asks for a dump on the Raft loop, naming the applied entry it must hol
 view is opened on the shard's applier thread right after that entry is applied (so the dump
 holds exactly it), the records are streamed to a file by a background thread, and the checker
 tells PySyncObj when the file is durable: the journal is truncated only after that.
+
+A snapshot sent by the leader is written by PySyncObj (closed and renamed, never fsynced); the
+deserializer fsyncs it and its directory before it returns, because PySyncObj then replaces
+the journal with the snapshot's two entries, and that journal may reach the disk first.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from google.protobuf.message import DecodeError
 from pysyncobj.config import SERIALIZER_STATE
 
 from ledger_cluster.core import AccountsCore
 from ledger_cluster.errors import ReplicaBrokenError, SnapshotError
 from ledger_cluster.internal.v1 import core_pb2
 from ledger_cluster.replica_apply import ShardApplier
-from ledger_cluster.storage import fsync_directory, read_snapshot_header
+from ledger_cluster.storage import fsync_directory, fsync_file, read_snapshot_header
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +59,7 @@ class CompactionDump:
         on_broken: Callable[[BaseException], NoReturn],
         on_snapshot_installed: Callable[[], None],
         journal: Callable[[], Sequence[Any]],
+        durable: bool,
     ) -> None:
         self._shard_id = shard_id
         self._core = core
@@ -61,6 +67,7 @@ class CompactionDump:
         self._on_broken = on_broken
         self._on_snapshot_installed = on_snapshot_installed
         self._journal = journal
+        self._durable = durable
         self.path = raft_dir / "dump"
         self._next_path = raft_dir / "dump.next"
         self._next_path.unlink(missing_ok=True)  # an unfinished one from before a crash
@@ -215,6 +222,9 @@ class CompactionDump:
         if not startup:
             with self._lock:
                 self._install_generation += 1  # a dump of ours still being written is now stale
+            if self._durable:
+                fsync_file(Path(path))
+                fsync_directory(Path(path).parent)
         header = read_snapshot_header(path)
         position = core_pb2.RaftPosition.FromString(header.metadata)
         if position.format_version != RAFT_POSITION_FORMAT_VERSION:
@@ -279,3 +289,15 @@ class CompactionDump:
             )
             return (tuple(journal[1]), tuple(journal[0]), None)
         return None
+
+
+def dump_raft_index(path: Path) -> int:
+    """The Raft index of the last entry a compaction dump holds; 0 without a readable dump (the
+    start-up's load of it says what is wrong with it)."""
+    if not path.is_file():
+        return 0
+    try:
+        position = core_pb2.RaftPosition.FromString(read_snapshot_header(path).metadata)
+    except (SnapshotError, DecodeError):
+        return 0
+    return int(position.last_entry.index)

@@ -205,7 +205,12 @@ class Storage:
         table_names: Sequence[str],
         map_size_bytes: int = INITIAL_MAP_SIZE_BYTES,
         sync: bool = True,
+        metasync: bool = True,
     ) -> None:
+        """With `sync` and `metasync` a committed write survives power loss, with `sync` alone
+        every commit but the last one does (one fsync per commit instead of two; LMDB keeps
+        its integrity either way): for a caller that can replay the last commit from a log of
+        its own that is durable first."""
         if len(table_names) > TABLES_MAX:
             raise StorageError(f"at most {TABLES_MAX} tables, got {len(table_names)}")
         self.directory = Path(directory)
@@ -219,9 +224,8 @@ class Storage:
                 subdir=True,
                 max_dbs=TABLES_MAX,
                 max_readers=READERS_MAX,
-                # sync + metasync: a committed write survives power loss, not only kill -9.
                 sync=sync,
-                metasync=sync,
+                metasync=sync and metasync,
                 # Random access to a large map: read-ahead only wastes page cache.
                 readahead=False,
                 mode=FILE_MODE,
@@ -515,9 +519,14 @@ def _read_stream(
     return header
 
 
-def fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
+def fsync_file(path: Path) -> None:
+    """Make a file written (and closed) elsewhere durable, or a directory's entries."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def fsync_directory(directory: Path) -> None:
+    fsync_file(directory)  # a directory opens read-only like a file

@@ -82,7 +82,7 @@ def node(key: bytes) -> Iterator[NodeUnderTest]:
     received = Received()
     transport.setOnMessageReceivedCallback(received.on_message)
     transport.setOnNodeConnectedCallback(received.on_connected)
-    loop.add_group(transport, lambda: None)
+    loop.add_group(transport, lambda: None, needs_sync=lambda: False, begin_sync=lambda: lambda: None)
     loop.start()
     try:
         yield NodeUnderTest(loop, transport, received, port)

@@ -28,6 +28,7 @@ from ledger_cluster.replica import (
     RAFT_PASSWORD_ENVIRONMENT_VARIABLE,
     ReplicaOptions,
 )
+from ledger_cluster.replica_journal import Durability
 from ledger_cluster.security import (
     SECRET_BYTES_MIN,
     InternalCredentials,
@@ -85,6 +86,16 @@ logger = logging.getLogger("ledger_cluster.node")
     envvar="LEDGER_LOG_COMPACTION_MIN_SECONDS",
     help="... or once this long has passed since the last snapshot.",
 )
+@click.option(
+    "--durability",
+    type=click.Choice([mode.value for mode in Durability]),
+    default=Durability.POWER_LOSS.value,
+    show_default=True,
+    envvar="LEDGER_DURABILITY",
+    help="What an acknowledged write survives: power-loss fsyncs the Raft journal and its meta"
+    " before anything relies on them; process-crash does not (faster; survives kill -9 of any or"
+    " all processes, not a power loss or kernel crash). See docs/performance.md, round 6.",
+)
 @config_option
 @log_level_option
 @version_option("ledger-node")
@@ -99,6 +110,7 @@ def main(
     cluster_token: str | None,
     log_compaction_min_entries: int,
     log_compaction_min_seconds: float,
+    durability: str,
     config_path: str,
     log_level: str,
 ) -> None:
@@ -122,6 +134,7 @@ def main(
         raft_password=secret,
         log_compaction_min_entries=log_compaction_min_entries,
         log_compaction_min_seconds=log_compaction_min_seconds,
+        durability=Durability(durability),
     )
     try:
         asyncio.run(

@@ -578,9 +578,12 @@ class AccountsCore:
         self._reload_recent_requests()
 
     @classmethod
-    def open(cls, directory: Path, lower_bound: int, upper_bound: int) -> AccountsCore:
-        """The core of the shard whose LMDB environment lives in `directory`."""
-        storage = Storage(directory, tables.TABLE_NAMES)
+    def open(
+        cls, directory: Path, lower_bound: int, upper_bound: int, *, metasync: bool = True
+    ) -> AccountsCore:
+        """The core of the shard whose LMDB environment lives in `directory`; `metasync` as
+        `Storage`'s."""
+        storage = Storage(directory, tables.TABLE_NAMES, metasync=metasync)
         try:
             return cls(storage, lower_bound, upper_bound)
         except BaseException:
