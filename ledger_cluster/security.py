@@ -304,8 +304,6 @@ class ClientCredentials:
 
     token: str | None = field(repr=False)
     tls: TlsIdentity | None
-    # A client's TLS identity may hold only roots; a client certificate is optional.
-    tls_roots_only: bool = False
     # Whether asyncio channels add the token themselves (False: the caller passes `metadata`).
     intercept: bool = True
 
@@ -315,7 +313,8 @@ class ClientCredentials:
 
     def _channel_credentials(self) -> grpc.ChannelCredentials:
         assert self.tls is not None
-        if self.tls_roots_only:
+        # An identity of roots only: a client certificate is optional.
+        if not self.tls.certificate_chain:
             return grpc.ssl_channel_credentials(root_certificates=self.tls.root_certificates)
         return grpc.ssl_channel_credentials(
             root_certificates=self.tls.root_certificates,
@@ -501,6 +500,6 @@ def public_client_from_environment(environment: Mapping[str, str] | None = None)
         return ClientCredentials(token=token, tls=None)
     roots = _read_pem("TLS CA", ca_path)
     if certificate_path is None and key_path is None:
-        return ClientCredentials(token=token, tls=TlsIdentity(b"", b"", roots), tls_roots_only=True)
+        return ClientCredentials(token=token, tls=TlsIdentity(b"", b"", roots))
     identity = tls_identity(certificate_path, key_path, ca_path)
     return ClientCredentials(token=token, tls=identity)

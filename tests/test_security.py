@@ -335,7 +335,6 @@ def test_internal_mutual_tls_admits_only_the_cluster(
             "TLS without a client certificate": ClientCredentials(
                 token=running.cluster_token,
                 tls=tls_of(certificates, with_certificate=False),
-                tls_roots_only=True,
             ),
         }
         for name, credentials in attempts.items():
@@ -459,15 +458,15 @@ def test_the_public_port_serves_tls_and_checks_client_tokens(
     refused = {
         "plaintext": (ClientCredentials(token=CLIENT_TOKEN, tls=None), grpc.StatusCode.UNAVAILABLE),
         "no token": (
-            ClientCredentials(token=None, tls=roots, tls_roots_only=True),
+            ClientCredentials(token=None, tls=roots),
             grpc.StatusCode.UNAUTHENTICATED,
         ),
         "wrong token": (
-            ClientCredentials(token=OTHER_TOKEN, tls=roots, tls_roots_only=True),
+            ClientCredentials(token=OTHER_TOKEN, tls=roots),
             grpc.StatusCode.UNAUTHENTICATED,
         ),
     }
-    admitted = ClientCredentials(token=CLIENT_TOKEN, tls=roots, tls_roots_only=True)
+    admitted = ClientCredentials(token=CLIENT_TOKEN, tls=roots)
     account_id = ledger_call(public_server, admitted).account.id
     for name, (credentials, expected) in refused.items():
         code, _ = code_and_reason(
@@ -509,9 +508,7 @@ def test_the_public_port_with_a_client_ca_requires_a_client_certificate(
         tmp_path, certificates, ["--tls-client-ca", str(certificates.ca_path)], CLIENT_TOKEN
     )
     try:
-        roots_only = ClientCredentials(
-            token=CLIENT_TOKEN, tls=tls_of(certificates, False), tls_roots_only=True
-        )
+        roots_only = ClientCredentials(token=CLIENT_TOKEN, tls=tls_of(certificates, False))
         code, _ = code_and_reason(lambda: ledger_call(address, roots_only))
         assert code == grpc.StatusCode.UNAVAILABLE
         answer = ledger_call(address, ClientCredentials(token=CLIENT_TOKEN, tls=tls_of(certificates)))
