@@ -28,7 +28,9 @@ class HttpTls:
 def _listening_socket(host: str, port: int) -> socket.socket:
     """Bound here rather than by uvicorn, which exits the process when it cannot bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+    # and without it each keep-alive response waits 40 ms on Nagle and the client's delayed ACK.
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
