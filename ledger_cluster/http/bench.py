@@ -19,7 +19,8 @@ import secrets
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import aiohttp
 import click
@@ -112,25 +113,31 @@ async def _http_rates(
             yield await _rate(_httpx_calls(clients, account_ids), account_ids, duration_seconds)
 
 
-async def compare(
-    grpc_address: str,
-    http_url: str,
-    *,
-    http_client: str,
-    concurrency: int,
-    duration_seconds: float,
-    rounds: int,
-) -> tuple[list[float], list[float]]:
-    """Rounds alternate: a gRPC run, then an HTTP run, so both see the same machine."""
-    async with grpc.aio.insecure_channel(grpc_address) as channel:
+@dataclass(frozen=True)
+class Comparison:
+    grpc_address: str
+    http_url: str
+    http_client: str
+    concurrency: int
+    duration_seconds: float
+    rounds: int
+
+
+async def compare(comparison: Comparison) -> tuple[list[float], list[float]]:
+    """Rounds alternate, an HTTP run then a gRPC run, so both see the same machine."""
+    async with grpc.aio.insecure_channel(comparison.grpc_address) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         accounts = await asyncio.gather(
-            *(stub.CreateAccount(ledger_pb2.CreateAccountRequest()) for _ in range(concurrency))
+            *(stub.CreateAccount(ledger_pb2.CreateAccountRequest()) for _ in range(comparison.concurrency))
         )
         account_ids = [response.account.id for response in accounts]
+        duration_seconds = comparison.duration_seconds
         grpc_rates: list[float] = []
         http_rates: list[float] = []
-        async for http_rate in _http_rates(http_client, http_url, account_ids, duration_seconds, rounds):
+        http_runs = _http_rates(
+            comparison.http_client, comparison.http_url, account_ids, duration_seconds, comparison.rounds
+        )
+        async for http_rate in http_runs:
             grpc_rates.append(await _rate(_grpc_call(stub), account_ids, duration_seconds))
             http_rates.append(http_rate)
         return grpc_rates, http_rates
@@ -145,25 +152,10 @@ async def compare(
     "--duration-seconds", type=click.FloatRange(0.1), default=DURATION_SECONDS_DEFAULT, show_default=True
 )
 @click.option("--rounds", type=click.IntRange(1, 20), default=ROUNDS_DEFAULT, show_default=True)
-def main(
-    *,
-    grpc_address: str,
-    http_url: str,
-    http_client: str,
-    concurrency: int,
-    duration_seconds: float,
-    rounds: int,
-) -> None:
-    grpc_rates, http_rates = asyncio.run(
-        compare(
-            grpc_address,
-            http_url,
-            http_client=http_client,
-            concurrency=concurrency,
-            duration_seconds=duration_seconds,
-            rounds=rounds,
-        )
-    )
+def main(**options: Any) -> None:
+    comparison = Comparison(**options)
+    concurrency, http_client = comparison.concurrency, comparison.http_client
+    grpc_rates, http_rates = asyncio.run(compare(comparison))
     grpc_median, http_median = statistics.median(grpc_rates), statistics.median(http_rates)
     click.echo(
         f"gRPC CreateTransaction, {concurrency} clients: " + ", ".join(f"{r:.0f}/s" for r in grpc_rates)
