@@ -59,6 +59,9 @@ PATH_MISMATCH_REASON = "PATH_MISMATCH"
 IDEMPOTENCY_KEY_MISMATCH_REASON = "IDEMPOTENCY_KEY_MISMATCH"
 IDEMPOTENCY_KEY_NOT_ACCEPTED_REASON = "IDEMPOTENCY_KEY_NOT_ACCEPTED"
 NO_SUCH_PATH_REASON = "NO_SUCH_PATH"
+BODY_TOO_LARGE_REASON = "BODY_TOO_LARGE"
+# The gRPC port's message limit (server.MESSAGE_BYTES_MAX): no request is bigger over HTTP.
+BODY_BYTES_MAX = 4 * 1024 * 1024
 METHOD_NOT_ALLOWED_REASON = "METHOD_NOT_ALLOWED"
 
 
@@ -86,9 +89,13 @@ class HttpSecurity:
 
 
 class _CallFailedError(Exception):
-    def __init__(self, failure: ApiError) -> None:
+    """A call that ends with `failure`, answered with `http_status` when the gRPC code's own
+    HTTP status would mislead (a body too large)."""
+
+    def __init__(self, failure: ApiError, http_status: int | None = None) -> None:
         super().__init__(failure.message)
         self.failure = failure
+        self.http_status = http_status
 
 
 class HttpCallContext:
@@ -112,11 +119,14 @@ def _api_error_of(status: grpc.Status) -> ApiError:
     return ApiError(status.code, status.code.name, status.details)
 
 
-def error_response(failure: ApiError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+def error_response(
+    failure: ApiError, headers: Mapping[str, str] | None = None, http_status: int | None = None
+) -> JSONResponse:
     body: dict[str, Any] = {"code": failure.code.name, "reason": failure.reason, "message": failure.message}
     if failure.metadata:
         body["metadata"] = dict(failure.metadata)
-    return JSONResponse(body, status_code=HTTP_STATUS_BY_CODE.get(failure.code, 500), headers=headers)
+    status = http_status or HTTP_STATUS_BY_CODE.get(failure.code, 500)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _invalid(reason: str, message: str) -> ApiError:
@@ -143,14 +153,38 @@ def _set_field(
     values[field.name] = value
 
 
+def _too_large() -> _CallFailedError:
+    failure = ApiError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        BODY_TOO_LARGE_REASON,
+        f"a body holds at most {BODY_BYTES_MAX} bytes",
+    )
+    return _CallFailedError(failure, http_status=413)
+
+
+async def _body(request: Request) -> bytes:
+    """The body, refused past BODY_BYTES_MAX before it is all read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > BODY_BYTES_MAX:
+        raise _too_large()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > BODY_BYTES_MAX:
+            raise _too_large()
+    return bytes(body)
+
+
 async def _body_values(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await _body(request)
     if not raw.strip():
         return {}
     try:
         values = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _invalid(MALFORMED_JSON_REASON, f"the body is not JSON: {error}") from None
+    except RecursionError:
+        raise _invalid(MALFORMED_JSON_REASON, "the body nests too deep") from None
     if not isinstance(values, dict):
         raise _invalid(MALFORMED_JSON_REASON, "the body must be a JSON object")
     return values
@@ -213,7 +247,7 @@ def _endpoint(
             message = await request_message(route, request)
             response = await method(message, cast(Context, HttpCallContext()))
         except _CallFailedError as failed:
-            return error_response(failed.failure)
+            return error_response(failed.failure, http_status=failed.http_status)
         except ApiError as failure:
             return error_response(failure)
         return JSONResponse(json_format.MessageToDict(response, always_print_fields_with_no_presence=True))
@@ -273,6 +307,4 @@ async def _method_not_allowed(request: Request, error: Exception) -> Response:
         METHOD_NOT_ALLOWED_REASON,
         f"{request.method} is not served on {request.url.path}",
     )
-    response = error_response(failure, headers)
-    response.status_code = 405
-    return response
+    return error_response(failure, headers, http_status=405)
