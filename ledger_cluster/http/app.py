@@ -290,7 +290,16 @@ def ledger_http_app(service: LedgerService, security: HttpSecurity) -> Starlette
         for route in ROUTES
     ]
     routes += [Route("/openapi.json", openapi, methods=["GET"]), Route("/docs", docs, methods=["GET"])]
-    return Starlette(routes=routes, exception_handlers={404: _no_such_path, 405: _method_not_allowed})
+    handlers = {404: _no_such_path, 405: _method_not_allowed, Exception: _internal_error}
+    return Starlette(routes=routes, exception_handlers=handlers)
+
+
+async def _internal_error(request: Request, error: Exception) -> Response:
+    """A bug in this layer (the servicer turns its own into INTERNAL already): the same JSON
+    error shape as every other answer; Starlette logs the exception."""
+    return error_response(
+        ApiError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error: {type(error).__name__}")
+    )
 
 
 async def _no_such_path(request: Request, error: Exception) -> Response:
