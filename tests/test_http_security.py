@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -31,27 +33,37 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> DevelopmentCertifi
     return write_development_certificates(tmp_path_factory.mktemp("certificates"))
 
 
-@pytest.fixture(scope="module")
-def https_url(
-    tmp_path_factory: pytest.TempPathFactory, certificates: DevelopmentCertificates
-) -> Iterator[str]:
-    base = tmp_path_factory.mktemp("https")
+@contextmanager
+def https_server(base: Path, certificates: DevelopmentCertificates, client_ca: bool) -> Iterator[str]:
+    """A ledger-standalone with TLS and client tokens on both ports; yields the HTTPS URL."""
     config_path = write_generated_config(base / "cluster_config.json", 3, 2, 3)
     port, http_port = free_port(), free_port()
     command = standalone_command(port, base / "data", config_path, http_port=http_port)
     command += ["--tls-cert", str(certificates.certificate_path), "--tls-key", str(certificates.key_path)]
+    if client_ca:
+        command += ["--tls-client-ca", str(certificates.ca_path)]
     environment = {**clean_environment(), "LEDGER_CLIENT_TOKENS": CLIENT_TOKEN}
     process = start_process("ledger-standalone (HTTPS)", command, base / "server.log", env=environment)
     try:
-        roots = TlsIdentity(
-            certificate_chain=b"", private_key=b"", root_certificates=certificates.ca_path.read_bytes()
+        # A server given a client CA asks for a client certificate even for health checks.
+        identity = TlsIdentity(
+            certificate_chain=certificates.certificate_path.read_bytes() if client_ca else b"",
+            private_key=certificates.key_path.read_bytes() if client_ca else b"",
+            root_certificates=certificates.ca_path.read_bytes(),
         )
-        wait_until_serving(
-            process, f"{LOOPBACK_HOST}:{port}", credentials=ClientCredentials(token=None, tls=roots)
-        )
+        credentials = ClientCredentials(token=None, tls=identity)
+        wait_until_serving(process, f"{LOOPBACK_HOST}:{port}", credentials=credentials)
         yield f"https://{LOOPBACK_HOST}:{http_port}"
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def https_url(
+    tmp_path_factory: pytest.TempPathFactory, certificates: DevelopmentCertificates
+) -> Iterator[str]:
+    with https_server(tmp_path_factory.mktemp("https"), certificates, client_ca=False) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +98,21 @@ def test_plaintext_is_refused(https_url: str) -> None:
     plain_url = https_url.replace("https://", "http://")
     with httpx.Client(timeout=CLIENT_TIMEOUT_SECONDS) as plain, pytest.raises(httpx.HTTPError):
         plain.get(f"{plain_url}/openapi.json")
+
+
+def test_client_ca_asks_for_a_client_certificate(
+    tmp_path: Path, certificates: DevelopmentCertificates
+) -> None:
+    headers = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    with https_server(tmp_path, certificates, client_ca=True) as url:
+        without = ssl.create_default_context(cafile=str(certificates.ca_path))
+        with (
+            httpx.Client(verify=without, timeout=CLIENT_TIMEOUT_SECONDS) as anonymous,
+            pytest.raises(httpx.HTTPError),
+        ):
+            anonymous.post(f"{url}/v1/accounts", json={}, headers=headers)
+        identified = ssl.create_default_context(cafile=str(certificates.ca_path))
+        identified.load_cert_chain(str(certificates.certificate_path), str(certificates.key_path))
+        with httpx.Client(verify=identified, timeout=CLIENT_TIMEOUT_SECONDS) as client:
+            created = client.post(f"{url}/v1/accounts", json={}, headers=headers)
+            assert created.status_code == 200, created.text
