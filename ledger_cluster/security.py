@@ -222,7 +222,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             raise ValueError("an interceptor needs at least one token")
         self._who = who
 
-    def _admits(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+    def admits(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
         for key, value in metadata or ():
             if key == AUTHORIZATION_METADATA_KEY:
                 text = value.decode(errors="replace") if isinstance(value, bytes) else value
@@ -244,7 +244,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         service = handler_call_details.method.lstrip("/").split("/", 1)[0]
         metadata = handler_call_details.invocation_metadata
         # No handler: grpc answers UNIMPLEMENTED, which tells nothing a token would protect.
-        if handler is None or service in OPEN_SERVICES or self._admits(metadata):
+        if handler is None or service in OPEN_SERVICES or self.admits(metadata):
             return handler
         return _refusing(handler, f"{handler_call_details.method} needs {self._who}")
 

@@ -17,6 +17,8 @@ from grpc_reflection.v1alpha import reflection
 
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.gateway import CoreApi, LedgerService
+from ledger_cluster.http import HttpSecurity, HttpServer, ledger_http_app
+from ledger_cluster.http.server import HttpTls
 from ledger_cluster.metrics import MetricsServer, serve_metrics
 from ledger_cluster.security import ServerCredentials, is_loopback_address
 
@@ -133,10 +135,13 @@ async def serve_ledger(
     credentials: ServerCredentials,
     stop_requested: threading.Event,
     describe: Callable[[int, int], str],
+    http_port: int | None = None,
+    http_tls: HttpTls | None = None,
 ) -> None:
-    """Serve LedgerService over a new backend until asked to stop. Raises OSError when a port
-    is taken (after closing what it opened). `describe(port, metrics_port)` is logged once
-    serving."""
+    """Serve LedgerService over a new backend until asked to stop, and over HTTP/JSON on
+    `http_port` when given (same host, same client tokens, TLS from `http_tls`). Raises OSError
+    when a port is taken (after closing what it opened). `describe(port, metrics_port)` is
+    logged once serving."""
     if not credentials.tls and not credentials.tokens and not is_loopback_address(f"{host}:{port}"):
         logger.warning(
             "LedgerService on %s:%d takes calls from anybody who can reach it, in plaintext:"
@@ -154,12 +159,23 @@ async def serve_ledger(
     except BaseException:
         await backend.close()
         raise
+    http_server: HttpServer | None = None
     try:
+        if http_port is not None:
+            # Bound before health can say SERVING: a client told so finds the HTTP port listening.
+            security = HttpSecurity(tokens=credentials.tokens, who=credentials.who)
+            http_server = HttpServer(ledger_http_app(server.service, security), host, http_port, http_tls)
         await server.start()
+        if http_server is not None:
+            await http_server.start()
+            logger.info("HTTP API on %s:%d (%s)", host, http_server.port, "https" if http_tls else "http")
         logger.info("%s", describe(server.port, metrics_server.port))
         await wait_for_stop(stop_requested)
     finally:
-        # Metrics first: a scrape must not read shards the backend is closing.
+        # Metrics first: a scrape must not read shards the backend is closing. HTTP before
+        # gRPC: its calls run on the servicer whose backend the gRPC server's stop closes.
         metrics_server.close()
+        if http_server is not None:
+            await http_server.stop()
         await server.stop()
         logger.info("stopped")

@@ -76,10 +76,15 @@ def write_generated_config(path: Path, nodes: int = 3, shards: int = 4, replicas
 
 
 def standalone_command(
-    port: int, data_dir: Path, config_path: Path, metrics_port: int | None = None
+    port: int,
+    data_dir: Path,
+    config_path: Path,
+    metrics_port: int | None = None,
+    http_port: int | None = None,
 ) -> list[str]:
     """Its metrics on a free port unless given: never the default one, which a developer's own
-    server may hold."""
+    server may hold. The HTTP API only when `http_port` is given."""
+    http_arguments = [] if http_port is None else ["--http-port", str(http_port)]
     return [
         sys.executable,
         "-m",
@@ -92,6 +97,7 @@ def standalone_command(
         str(data_dir),
         "--config",
         str(config_path),
+        *http_arguments,
     ]
 
 
@@ -102,20 +108,26 @@ class StandaloneServer:
     metrics_port: int
     data_dir: Path
     config_path: Path
+    http_port: int | None = None
 
     @property
     def address(self) -> str:
         return f"{LOOPBACK_HOST}:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        assert self.http_port is not None, "started without an HTTP port"
+        return f"http://{LOOPBACK_HOST}:{self.http_port}"
+
 
 def start_standalone(
-    data_dir: Path, config_path: Path, log_path: Path, port: int | None = None
+    data_dir: Path, config_path: Path, log_path: Path, port: int | None = None, http_port: int | None = None
 ) -> StandaloneServer:
     """Start ledger-standalone and wait until it is SERVING; the caller must stop it (prefer
     `standalone_server`). A server that does not become ready is stopped before failing."""
     chosen_port = free_port() if port is None else port
     metrics_port = free_port()
-    command = standalone_command(chosen_port, data_dir, config_path, metrics_port)
+    command = standalone_command(chosen_port, data_dir, config_path, metrics_port, http_port)
     process = start_process(f"ledger-standalone :{chosen_port}", command, log_path)
     try:
         wait_until_serving(process, f"{LOOPBACK_HOST}:{chosen_port}")
@@ -128,15 +140,16 @@ def start_standalone(
         metrics_port=metrics_port,
         data_dir=data_dir,
         config_path=config_path,
+        http_port=http_port,
     )
 
 
 @contextmanager
 def standalone_server(
-    data_dir: Path, config_path: Path, log_path: Path, port: int | None = None
+    data_dir: Path, config_path: Path, log_path: Path, port: int | None = None, http_port: int | None = None
 ) -> Iterator[StandaloneServer]:
     """A SERVING ledger-standalone for the duration of the block, stopped however it ends."""
-    server = start_standalone(data_dir, config_path, log_path, port=port)
+    server = start_standalone(data_dir, config_path, log_path, port=port, http_port=http_port)
     try:
         yield server
     finally:

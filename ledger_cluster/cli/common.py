@@ -17,6 +17,7 @@ from ledger_cluster import __version__
 from ledger_cluster.config import ClusterConfig, load
 from ledger_cluster.errors import ConfigError
 from ledger_cluster.gateway.service import CALLS_IN_FLIGHT_MAX
+from ledger_cluster.http.server import HttpTls
 from ledger_cluster.metrics import DEFAULT_METRICS_PORT
 from ledger_cluster.security import (
     CLIENT_TOKENS_ENVIRONMENT_VARIABLE,
@@ -112,6 +113,12 @@ class PublicSecurity:
         except ConfigError as error:
             raise click.UsageError(str(error)) from error
 
+    def http_tls(self) -> HttpTls | None:
+        """The HTTP API's TLS: the gRPC port's files (checked by `server_credentials`)."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return HttpTls(self.tls_cert, self.tls_key, self.tls_client_ca)
+
 
 def _collect_public_security(function: Command) -> Command:
     @functools.wraps(function)
@@ -177,9 +184,17 @@ def cluster_token_options(function: Command) -> Command:
 
 
 def listen_options(function: Command) -> Command:
-    """--host, --port, --metrics-port and --calls-in-flight-max of a public LedgerService
-    listener, and its `public_security_options`."""
+    """--host, --port, --http-port, --metrics-port and --calls-in-flight-max of a public
+    LedgerService listener, and its `public_security_options`."""
     function = public_security_options(function)
+    function = click.option(
+        "--http-port",
+        type=click.IntRange(0, 65535),
+        default=None,
+        envvar="LEDGER_HTTP_PORT",
+        help="Port of the HTTP/JSON API (docs at /docs), on --host, with the gRPC port's TLS and"
+        " client tokens; 0 picks a free one. Off unless given (env LEDGER_HTTP_PORT).",
+    )(function)
     function = click.option(
         "--calls-in-flight-max",
         type=click.IntRange(1, CALLS_IN_FLIGHT_LIMIT),

@@ -39,6 +39,7 @@ def main(
     *,
     host: str,
     port: int,
+    http_port: int | None,
     metrics_port: int,
     calls_in_flight_max: int,
     public_security: PublicSecurity,
@@ -79,6 +80,8 @@ def main(
                 credentials=credentials,
                 stop_requested=stop_requested,
                 describe=describe,
+                http_port=http_port,
+                http_tls=public_security.http_tls(),
             )
         )
     except (OSError, ConfigError) as error:

@@ -42,6 +42,7 @@ def main(
     *,
     host: str,
     port: int,
+    http_port: int | None,
     metrics_port: int,
     calls_in_flight_max: int,
     public_security: PublicSecurity,
@@ -75,6 +76,8 @@ def main(
                 credentials=credentials,
                 stop_requested=stop_requested,
                 describe=describe,
+                http_port=http_port,
+                http_tls=public_security.http_tls(),
             )
         )
     except (OSError, StorageError) as error:
