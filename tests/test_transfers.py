@@ -278,6 +278,24 @@ def test_a_request_id_makes_a_transfer_once(server: StandaloneServer, stub: Stub
     )
 
 
+@pytest.mark.parametrize("same_shard", [True, False], ids=["same-shard", "cross-shard"])
+def test_accounts_of_one_currency_transfer_and_of_two_do_not(
+    server: StandaloneServer, stub: Stub, same_shard: bool
+) -> None:
+    """On one shard the core reads the credit account's currency itself (the gateway reads it
+    only across shards): an EUR-to-EUR transfer there once failed as CURRENCY_MISMATCH."""
+    debit, credit = pair(server, stub, same_shard, currency="EUR")
+    done = transfer(stub, debit, credit, 30, settled=True)
+    assert done.status == T.TRANSFER_STATUS_SETTLED
+    assert balances(stub, debit) == (70, 70) and balances(stub, credit) == (30, 30)
+    dollars = new_account(stub, 0, currency="USD")
+    while (shard_of(server, dollars) == shard_of(server, debit)) != same_shard:
+        dollars = new_account(stub, 0, currency="USD")
+    code, reason, _ = refusal(lambda: transfer(stub, debit, dollars, 1))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CURRENCY_MISMATCH")
+    assert balances(stub, debit) == (70, 70) and balances(stub, dollars) == (0, 0)
+
+
 def test_refusals_change_nothing(server: StandaloneServer, stub: Stub) -> None:
     debit, credit = pair(server, stub, same_shard=False)
     euro = new_account(stub, 0, currency="EUR")

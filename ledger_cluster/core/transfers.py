@@ -153,19 +153,20 @@ def create_transfer(changes: Changes, command: commands.CreateTransfer) -> core_
         if _same_transfer_payload(changes, earlier, command, digest) and earlier.created_at == command.now:
             return _answer(changes, earlier, repeat=True)
         return failure(core_pb2.OUTCOME_TRANSACTION_ID_COLLISION, "transaction id already taken")
-    if debit.record.currency != command.currency:
-        return failure(
-            core_pb2.OUTCOME_CURRENCY_MISMATCH,
-            f"debit account's currency is {debit.record.currency!r}, credit account's {command.currency!r}",
-        )
-    same_shard = changes.owns(command.credit_account_id)
+    # Across shards the gateway read the credit account's currency into the command; on one
+    # shard the credit account is here to read (the gateway leaves the command's empty).
     credit = None
-    if same_shard:
+    credit_currency = command.currency
+    if changes.owns(command.credit_account_id):
         credit = changes.account(command.credit_account_id)
         if credit is None:
             return failure(core_pb2.OUTCOME_CREDIT_ACCOUNT_NOT_FOUND, "credit account not found")
-        if credit.record.currency != command.currency:
-            return failure(core_pb2.OUTCOME_CURRENCY_MISMATCH, "the accounts' currencies differ")
+        credit_currency = credit.record.currency
+    if debit.record.currency != credit_currency:
+        return failure(
+            core_pb2.OUTCOME_CURRENCY_MISMATCH,
+            f"debit account's currency is {debit.record.currency!r}, credit account's {credit_currency!r}",
+        )
     return _store_transfer(changes, command, debit, credit, digest, request_key)
 
 
