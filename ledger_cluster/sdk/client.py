@@ -13,6 +13,7 @@ from typing import TypeVar
 import grpc
 
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
+from ledger_cluster.errors import ConfigError
 from ledger_cluster.sdk.batching import AutoBatcher
 from ledger_cluster.sdk.errors import LedgerApiError, from_item_error, from_rpc_error
 from ledger_cluster.sdk.hold import Hold, HoldRequest, reserve_hold
@@ -29,7 +30,12 @@ from ledger_cluster.sdk.types import (
     TransactionPage,
     Transfer,
 )
-from ledger_cluster.security import ClientCredentials, TlsIdentity, public_client_from_environment
+from ledger_cluster.security import (
+    ClientCredentials,
+    TlsIdentity,
+    is_loopback_address,
+    public_client_from_environment,
+)
 
 Response = TypeVar("Response")
 TlsRoots = bytes | str | Path
@@ -126,19 +132,35 @@ class AsyncLedgerClient:
     ) -> grpc.aio.Channel:
         if not interceptors:
             return credentials.aio_channel(target)
-        # Extra interceptors (tests count RPCs with one) need the channel built here.
+        # Extra interceptors (tracing; tests count RPCs with one) need the channel built here,
+        # under the same rule as aio_channel: no token in the clear beyond this machine.
         if credentials.tls is None:
+            if credentials.token is not None and not is_loopback_address(target):
+                raise ConfigError(f"{target} is not a loopback address: a token is sent there only over TLS")
             return grpc.aio.insecure_channel(target, interceptors=list(interceptors))
+        tls = credentials.tls
         channel_credentials = grpc.ssl_channel_credentials(
-            root_certificates=credentials.tls.root_certificates
+            root_certificates=tls.root_certificates,
+            private_key=tls.private_key or None,
+            certificate_chain=tls.certificate_chain or None,
         )
         return grpc.aio.secure_channel(target, channel_credentials, interceptors=list(interceptors))
 
     @classmethod
-    def from_environment(cls, target: str, **options: float) -> AsyncLedgerClient:
+    def from_environment(
+        cls,
+        target: str,
+        call_timeout_seconds: float = DEFAULT_CALL_TIMEOUT_SECONDS,
+        retry_deadline_seconds: float = DEFAULT_RETRY_DEADLINE_SECONDS,
+    ) -> AsyncLedgerClient:
         """Token and TLS roots from LEDGER_CLIENT_TOKEN and LEDGER_TLS_CA (and the client
         certificate variables), as the dev CLI reads them."""
-        return cls(target, credentials=public_client_from_environment(), **options)  # type: ignore[arg-type]
+        return cls(
+            target,
+            credentials=public_client_from_environment(),
+            call_timeout_seconds=call_timeout_seconds,
+            retry_deadline_seconds=retry_deadline_seconds,
+        )
 
     async def close(self) -> None:
         await self._transactions.close()

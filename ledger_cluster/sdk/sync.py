@@ -59,7 +59,11 @@ class LedgerClient:
                 retry_deadline_seconds=retry_deadline_seconds,
             )
 
-        self._client = self._run(build())
+        try:
+            self._client = self._run(build())
+        except BaseException:
+            self._stop_loop()
+            raise
 
     @classmethod
     def from_environment(cls, target: str) -> LedgerClient:
@@ -72,6 +76,9 @@ class LedgerClient:
         if self._loop.is_closed():
             return
         self._run(self._client.close())
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(LOOP_STOP_TIMEOUT_SECONDS)
         self._loop.close()
