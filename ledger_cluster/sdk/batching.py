@@ -40,7 +40,6 @@ class AutoBatcher(Generic[Item, Result]):
         self._queue_items_max = queue_items_max
         self._waiting: deque[tuple[Item, float, asyncio.Future[Result]]] = deque()
         self._in_flight: set[asyncio.Task[None]] = set()
-        self.batches_sent = 0
 
     async def submit(self, item: Item, timeout_seconds: float) -> Result:
         """This item's own result, or its own error raised."""
@@ -67,7 +66,6 @@ class AutoBatcher(Generic[Item, Result]):
         self._start_batches()
 
     async def _send(self, batch: list[tuple[Item, float, asyncio.Future[Result]]]) -> None:
-        self.batches_sent += 1
         # The batch may take as long as its most patient member allows.
         timeout_seconds = max(timeout for _, timeout, _ in batch)
         try:
