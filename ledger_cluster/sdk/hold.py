@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from ledger_cluster.sdk.errors import FailedPreconditionError, LedgerApiError
-from ledger_cluster.sdk.types import Transaction, TransactionStatus, Transfer, TransferStatus
+from ledger_cluster.sdk.types import Transaction, TransactionStatus, Transfer
 
 if TYPE_CHECKING:
     from ledger_cluster.sdk.client import AsyncLedgerClient
@@ -76,7 +76,7 @@ def _status_name(item: Transaction | Transfer) -> str:
 
 
 def _is_pending(item: Transaction | Transfer) -> bool:
-    return item.status in (TransactionStatus.PENDING, TransferStatus.PENDING)
+    return item.status is TransactionStatus.PENDING
 
 
 @dataclass(frozen=True)

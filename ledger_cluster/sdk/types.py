@@ -24,13 +24,9 @@ class TransactionStatus(enum.Enum):
     EXPIRED = "EXPIRED"
 
 
-class TransferStatus(enum.Enum):
-    UNSPECIFIED = "UNSPECIFIED"
-    PENDING = "PENDING"
-    SETTLED = "SETTLED"
-    CANCELLED = "CANCELLED"
-    INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
-    EXPIRED = "EXPIRED"
+# The API's two status enums have the same members and meanings; the SDK has one enum under
+# both names, so code that handles a hold of either kind compares against one set of values.
+TransferStatus = TransactionStatus
 
 
 @dataclass(frozen=True)
