@@ -25,6 +25,7 @@ there, next to the only code that raises it or the types it carries (ApiError's 
     ├── LeadershipTransferIncompleteError  the handover was asked for; no new leader seen in time
     ├── BackupError               a backup, restore or backup verification that cannot complete
     ├── ApiError (status.py)      a request that fails with a precise gRPC status
+    ├── LedgerApiError (sdk/errors.py)  a call the SDK's client saw fail; a subclass per code and reason
     ├── BenchError (bench.py)     a bench run that cannot finish
     ├── HandshakeError (raft_codec.py)  a Raft peer's hello is malformed or names the wrong nodes
     ├── FrameError (raft_codec.py)      a Raft frame fails authentication or is too long

@@ -1,0 +1,88 @@
+"""The SDK's clients against a standalone server that serves TLS and checks bearer tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from ledger_cluster.dev_certificates import DevelopmentCertificates, write_development_certificates
+from ledger_cluster.errors import ConfigError
+from ledger_cluster.sdk import AsyncLedgerClient, LedgerClient, UnauthenticatedError
+from ledger_cluster.security import ClientCredentials, TlsIdentity
+from tests.processes import (
+    LOOPBACK_HOST,
+    REPO_CONFIG_PATH,
+    clean_environment,
+    free_port,
+    standalone_command,
+    start_process,
+    wait_until_serving,
+)
+
+CLIENT_TOKEN = "client-token-for-the-sdk-tests-000000001"
+OTHER_TOKEN = "client-token-nobody-was-ever-given-000002"
+# A quick refusal: an unauthenticated call is not retried, so it needs no long deadline.
+REFUSAL_DEADLINE_SECONDS = 5.0
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> DevelopmentCertificates:
+    return write_development_certificates(tmp_path_factory.mktemp("certificates"))
+
+
+@pytest.fixture(scope="module")
+def tls_server(
+    tmp_path_factory: pytest.TempPathFactory, certificates: DevelopmentCertificates
+) -> Iterator[str]:
+    directory = tmp_path_factory.mktemp("sdk-tls")
+    port = free_port()
+    command = standalone_command(port, directory / "data", REPO_CONFIG_PATH)
+    command += ["--tls-cert", str(certificates.certificate_path), "--tls-key", str(certificates.key_path)]
+    environment = {**clean_environment(), "LEDGER_CLIENT_TOKENS": CLIENT_TOKEN}
+    process = start_process("ledger-standalone (TLS)", command, directory / "server.log", env=environment)
+    address = f"{LOOPBACK_HOST}:{port}"
+    try:
+        roots_only = TlsIdentity(b"", b"", certificates.ca_path.read_bytes())
+        wait_until_serving(process, address, credentials=ClientCredentials(token=None, tls=roots_only))
+        yield address
+    finally:
+        process.stop()
+
+
+def test_the_sync_client_presents_tls_roots_from_a_path_and_a_token(
+    tls_server: str, certificates: DevelopmentCertificates
+) -> None:
+    with LedgerClient(tls_server, tls_root_certificates=certificates.ca_path, token=CLIENT_TOKEN) as client:
+        account = client.create_account("EUR")
+        assert client.get_account(account.id).id == account.id
+    refused = LedgerClient(
+        tls_server,
+        tls_root_certificates=str(certificates.ca_path),
+        token=OTHER_TOKEN,
+        retry_deadline_seconds=REFUSAL_DEADLINE_SECONDS,
+    )
+    with refused, pytest.raises(UnauthenticatedError, match="UNAUTHENTICATED"):
+        refused.create_account("EUR")
+
+
+def test_the_async_client_presents_tls_roots_as_bytes_and_needs_the_token(
+    tls_server: str, certificates: DevelopmentCertificates
+) -> None:
+    roots = certificates.ca_path.read_bytes()
+
+    async def scenario() -> None:
+        async with AsyncLedgerClient(tls_server, tls_root_certificates=roots, token=CLIENT_TOKEN) as client:
+            account = await client.create_account("EUR")
+            assert (await client.create_transaction(account.id, 5, settled=True)).amount == 5
+        async with AsyncLedgerClient(tls_server, tls_root_certificates=roots) as anonymous:
+            with pytest.raises(UnauthenticatedError, match="UNAUTHENTICATED"):
+                await anonymous.create_account("EUR")
+
+    asyncio.run(scenario())
+
+
+def test_a_token_is_never_sent_in_the_clear_beyond_loopback() -> None:
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        LedgerClient("192.0.2.1:8000", token=CLIENT_TOKEN)
