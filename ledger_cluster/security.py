@@ -342,12 +342,17 @@ class ClientCredentials:
             return channel
         return grpc.intercept_channel(channel, _MetadataInterceptor(self.metadata))
 
-    def aio_channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    def aio_channel(
+        self,
+        address: str,
+        options: Sequence[tuple[str, Any]] = (),
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    ) -> grpc.aio.Channel:
         """An asyncio channel whose calls carry the token through an interceptor, unless made
         `without_interceptors` (hot paths pass `metadata` per call: an asyncio interceptor
-        costs a task per call)."""
+        costs a task per call); `interceptors` run after that one (tracing, counting)."""
         self._check_exposure(address)
-        interceptors = self.aio_interceptors()
+        interceptors = [*self.aio_interceptors(), *interceptors]
         if self.tls is None:
             return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
         return grpc.aio.secure_channel(

@@ -13,7 +13,6 @@ from typing import TypeVar
 import grpc
 
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
-from ledger_cluster.errors import ConfigError
 from ledger_cluster.sdk.batching import AutoBatcher
 from ledger_cluster.sdk.errors import LedgerApiError, from_item_error, from_rpc_error
 from ledger_cluster.sdk.hold import Hold, HoldRequest, reserve_hold
@@ -33,7 +32,6 @@ from ledger_cluster.sdk.types import (
 from ledger_cluster.security import (
     ClientCredentials,
     TlsIdentity,
-    is_loopback_address,
     public_client_from_environment,
 )
 
@@ -114,7 +112,8 @@ class AsyncLedgerClient:
         chosen = credentials if credentials is not None else _credentials(tls_root_certificates, token)
         # The token goes with each call: an asyncio interceptor costs a task per call.
         self._metadata = chosen.metadata
-        self._channel = self._open_channel(chosen.without_interceptors(), target, interceptors)
+        # Extra interceptors: tracing; tests count RPCs with one.
+        self._channel = chosen.without_interceptors().aio_channel(target, interceptors=interceptors)
         self._stub = ledger_pb2_grpc.LedgerServiceStub(self._channel)
         self.retry_policy = RetryPolicy(
             call_timeout_seconds=call_timeout_seconds, retry_deadline_seconds=retry_deadline_seconds
@@ -125,26 +124,6 @@ class AsyncLedgerClient:
         self._transfers: AutoBatcher[ledger_pb2.CreateTransferRequest, Transfer] = AutoBatcher(
             self._send_transfers
         )
-
-    @staticmethod
-    def _open_channel(
-        credentials: ClientCredentials, target: str, interceptors: Sequence[grpc.aio.ClientInterceptor]
-    ) -> grpc.aio.Channel:
-        if not interceptors:
-            return credentials.aio_channel(target)
-        # Extra interceptors (tracing; tests count RPCs with one) need the channel built here,
-        # under the same rule as aio_channel: no token in the clear beyond this machine.
-        if credentials.tls is None:
-            if credentials.token is not None and not is_loopback_address(target):
-                raise ConfigError(f"{target} is not a loopback address: a token is sent there only over TLS")
-            return grpc.aio.insecure_channel(target, interceptors=list(interceptors))
-        tls = credentials.tls
-        channel_credentials = grpc.ssl_channel_credentials(
-            root_certificates=tls.root_certificates,
-            private_key=tls.private_key or None,
-            certificate_chain=tls.certificate_chain or None,
-        )
-        return grpc.aio.secure_channel(target, channel_credentials, interceptors=list(interceptors))
 
     @classmethod
     def from_environment(
