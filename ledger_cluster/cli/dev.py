@@ -17,7 +17,6 @@ import grpc
 from ledger_cluster import backup as cluster_backup
 from ledger_cluster import bench, bench_metrics
 from ledger_cluster import config as cluster_config
-from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.cli.common import (
     CONTEXT_SETTINGS,
     config_option,
@@ -40,6 +39,15 @@ from ledger_cluster.nemesis.faults import (
     FAULT_KINDS,
     PARTITION_KINDS,
 )
+from ledger_cluster.sdk import (
+    LedgerApiError,
+    LedgerClient,
+    Transaction,
+    TransactionStatus,
+    Transfer,
+    TransferStatus,
+)
+from ledger_cluster.sdk.retry import DEFAULT_RETRY_DEADLINE_SECONDS
 from ledger_cluster.security import (
     CLIENT_TLS_CA_ENVIRONMENT_VARIABLE,
     CLUSTER_TOKEN_ENVIRONMENT_VARIABLE,
@@ -114,13 +122,22 @@ def public_credentials() -> ClientCredentials:
 
 
 @contextmanager
-def ledger_stub(address: str) -> Iterator[ledger_pb2_grpc.LedgerServiceStub]:
-    """A stub whose failed calls end the command with the status and its ErrorInfo reason."""
-    with public_credentials().channel(address) as channel:
-        try:
-            yield ledger_pb2_grpc.LedgerServiceStub(channel)
-        except grpc.RpcError as error:
-            raise click.ClickException(f"{address}: {describe_rpc_error(error)}") from None
+def ledger_client(address: str, timeout_seconds: float) -> Iterator[LedgerClient]:
+    """The SDK's client: each call has `timeout_seconds`, and one that fails retryably is retried
+    with the same request id (a shard electing a leader does not fail a scenario). A call that
+    still fails ends the command with its status and ErrorInfo reason."""
+    client = LedgerClient(
+        address,
+        credentials=public_credentials(),
+        call_timeout_seconds=timeout_seconds,
+        retry_deadline_seconds=max(timeout_seconds, DEFAULT_RETRY_DEADLINE_SECONDS),
+    )
+    try:
+        yield client
+    except LedgerApiError as error:
+        raise click.ClickException(f"{address}: {error}") from None
+    finally:
+        client.close()
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -183,47 +200,37 @@ def dev_certificates(out_dir: Path) -> None:
 def seed_accounts(count: int, gateway: str, timeout_seconds: float) -> None:
     """Create COUNT accounts and print their ids, one per line (progress goes to stderr)."""
     with (
-        ledger_stub(gateway) as stub,
+        ledger_client(gateway, timeout_seconds) as client,
         click.progressbar(length=count, label="creating accounts", file=sys.stderr) as progress,
     ):
         for _ in range(count):
-            response = stub.CreateAccount(ledger_pb2.CreateAccountRequest(), timeout=timeout_seconds)
-            click.echo(response.account.id)
+            click.echo(client.create_account().id)
             progress.update(1)
 
 
-def _status_name(transaction: ledger_pb2.Transaction) -> str:
-    return ledger_pb2.TransactionStatus.Name(transaction.status).removeprefix("TRANSACTION_STATUS_")
-
-
 class _ScenarioPrinter:
-    def __init__(self, stub: ledger_pb2_grpc.LedgerServiceStub, account_id: str, timeout: float):
-        self._stub = stub
+    def __init__(self, client: LedgerClient, account_id: str):
+        self._client = client
         self._account_id = account_id
-        self._timeout = timeout
         self._step = 0
 
     def balances(self) -> str:
-        account = self._stub.GetAccount(
-            ledger_pb2.GetAccountRequest(account_id=self._account_id, consistent=True),
-            timeout=self._timeout,
-        ).account
+        account = self._client.get_account(self._account_id, consistent=True)
         return f"available/settled {account.available_balance}/{account.settled_balance}"
 
-    def line(self, action: str, transaction: ledger_pb2.Transaction | None) -> ledger_pb2.Transaction | None:
+    def line(self, action: str, transaction: Transaction | None) -> Transaction | None:
         self._step += 1
         if transaction is None:
             detail = f"{'-':32}  {'-':>7}  {'-':18}"
         else:
-            detail = f"{transaction.id:32}  {transaction.amount:>7}  {_status_name(transaction):18}"
+            detail = f"{transaction.id:32}  {transaction.amount:>7}  {transaction.status.value:18}"
         click.echo(f"{self._step}  {action:22}  {detail}  {self.balances()}")
         return transaction
 
-    def create(self, action: str, amount: int, settled: bool, description: str) -> ledger_pb2.Transaction:
-        request = ledger_pb2.CreateTransactionRequest(
-            account_id=self._account_id, amount=amount, settled=settled, description=description
+    def create(self, action: str, amount: int, settled: bool, description: str) -> Transaction:
+        transaction = self._client.create_transaction(
+            self._account_id, amount, settled=settled, description=description
         )
-        transaction = self._stub.CreateTransaction(request, timeout=self._timeout).transaction
         self.line(action, transaction)
         return transaction
 
@@ -236,8 +243,8 @@ def scenario_1(account_id: str, gateway: str, timeout_seconds: float) -> None:
     """Run the monstera-example scenario on one account: read, instant top-up +100, pending
     purchase -10, settle it, purchase -1000 (INSUFFICIENT_FUNDS), printing the transaction id,
     amount, status and the balances after every step."""
-    with ledger_stub(gateway) as stub:
-        printer = _ScenarioPrinter(stub, account_id, timeout_seconds)
+    with ledger_client(gateway, timeout_seconds) as client:
+        printer = _ScenarioPrinter(client, account_id)
         click.echo(f"scenario-1 on account {account_id} via {gateway}")
         click.echo(f"#  {'step':22}  {'transaction':32}  {'amount':>7}  {'status':18}  balances")
         printer.line("read balance", None)
@@ -245,10 +252,7 @@ def scenario_1(account_id: str, gateway: str, timeout_seconds: float) -> None:
         purchase = printer.create(
             "purchase -10 (pending)", -10, settled=False, description="scenario-1 purchase"
         )
-        settled = stub.SettleTransaction(
-            ledger_pb2.SettleTransactionRequest(transaction_id=purchase.id), timeout=timeout_seconds
-        ).transaction
-        printer.line("settle the purchase", settled)
+        printer.line("settle the purchase", client.settle_transaction(purchase.id))
         printer.create("purchase -1000", -1000, settled=True, description="scenario-1 large purchase")
 
 
@@ -268,10 +272,6 @@ SCENARIO_2_POLL_SECONDS = 0.1
 SCENARIO_2_LEGS_PAGE_SIZE = 1000
 
 
-def _transfer_status_name(transfer: ledger_pb2.Transfer) -> str:
-    return ledger_pb2.TransferStatus.Name(transfer.status).removeprefix("TRANSFER_STATUS_")
-
-
 def _shard_id_of(config: cluster_config.ClusterConfig, account_id: str, option: str) -> str:
     try:
         return config.shard_for_account(parse_account_id(account_id)).shard_id
@@ -279,12 +279,7 @@ def _shard_id_of(config: cluster_config.ClusterConfig, account_id: str, option: 
         raise click.BadParameter(str(error), param_hint=option) from None
 
 
-def _account_on_other_shard(
-    stub: ledger_pb2_grpc.LedgerServiceStub,
-    config: cluster_config.ClusterConfig,
-    shard_id: str,
-    timeout_seconds: float,
-) -> str:
+def _account_on_other_shard(client: LedgerClient, config: cluster_config.ClusterConfig, shard_id: str) -> str:
     """A new account on a shard other than `shard_id`: the gateway derives an account id from
     its CreateAccount request id, so the request id is drawn for a shard of the config."""
     others = [shard for shard in config.shards if shard.shard_id != shard_id]
@@ -294,59 +289,42 @@ def _account_on_other_shard(
         )
     shard = others[secrets.randbelow(len(others))]
     _, request_id = bench.account_request_in_shard(shard.lower_bound, shard.upper_bound)
-    request = ledger_pb2.CreateAccountRequest(request_id=request_id)
-    return stub.CreateAccount(request, timeout=timeout_seconds).account.id
+    return client.create_account(request_id=request_id).id
 
 
 class _TransferScenarioPrinter:
     """One line per step: what it made (id, amount, settled amount, status) and both accounts'
     balances read back consistently."""
 
-    def __init__(
-        self,
-        stub: ledger_pb2_grpc.LedgerServiceStub,
-        debit_account_id: str,
-        credit_account_id: str,
-        timeout: float,
-    ):
-        self._stub = stub
+    def __init__(self, client: LedgerClient, debit_account_id: str, credit_account_id: str):
+        self._client = client
         self._accounts = (("debit", debit_account_id), ("credit", credit_account_id))
-        self._timeout = timeout
         self._step = 0
-
-    def account(self, account_id: str) -> ledger_pb2.Account:
-        request = ledger_pb2.GetAccountRequest(account_id=account_id, consistent=True)
-        return self._stub.GetAccount(request, timeout=self._timeout).account
 
     def balances(self) -> str:
         cells = []
         for label, account_id in self._accounts:
-            account = self.account(account_id)
+            account = self._client.get_account(account_id, consistent=True)
             cells.append(f"{label} available/settled {account.available_balance}/{account.settled_balance}")
         return "  ".join(cells)
 
-    def line(self, action: str, object_id: str, amount: int, settled_amount: int, status: str) -> None:
+    def line(self, action: str, made: Transaction | Transfer) -> None:
         self._step += 1
         click.echo(
-            f"{self._step}  {action:28}  {object_id:32}  {amount:>7}  {settled_amount:>7}  {status:18}"
-            f"  {self.balances()}"
+            f"{self._step}  {action:28}  {made.id:32}  {made.amount:>7}  {made.settled_amount:>7}"
+            f"  {made.status.value:18}  {self.balances()}"
         )
 
-    def transfer(self, action: str, transfer: ledger_pb2.Transfer) -> ledger_pb2.Transfer:
-        self.line(
-            action, transfer.id, transfer.amount, transfer.settled_amount, _transfer_status_name(transfer)
-        )
+    def transfer(self, action: str, transfer: Transfer) -> Transfer:
+        self.line(action, transfer)
         return transfer
 
-    def legs(self, label: str, account_id: str, shard_id: str) -> list[ledger_pb2.Transaction]:
-        page = self._stub.ListTransactions(
-            ledger_pb2.ListTransactionsRequest(account_id=account_id, page_size=SCENARIO_2_LEGS_PAGE_SIZE),
-            timeout=self._timeout,
-        )
+    def legs(self, label: str, account_id: str, shard_id: str) -> list[Transaction]:
+        page = self._client.list_transactions(account_id, page_size=SCENARIO_2_LEGS_PAGE_SIZE)
         click.echo(f"transactions of the {label} account {account_id} ({shard_id}):")
         for leg in page.transactions:
             click.echo(
-                f"   {leg.id:32}  {leg.amount:>7}  {leg.settled_amount:>7}  {_status_name(leg):18}"
+                f"   {leg.id:32}  {leg.amount:>7}  {leg.settled_amount:>7}  {leg.status.value:18}"
                 f"  transfer {leg.transfer_id or '-':32}  counterparty {leg.counterparty_account_id or '-'}"
             )
         if page.next_page_token:
@@ -361,6 +339,50 @@ def _poll_until(what: str, done: Callable[[], bool], deadline_seconds: float) ->
         if time.monotonic() >= deadline:
             raise click.ClickException(f"{what} not seen within {deadline_seconds:g} s")
         time.sleep(SCENARIO_2_POLL_SECONDS)
+
+
+def _scenario_2_accounts(
+    client: LedgerClient,
+    config: cluster_config.ClusterConfig,
+    debit_account_id: str | None,
+    credit_account_id: str | None,
+) -> tuple[str, str, str, str]:
+    """The debit and credit accounts (new ones for those not given) and their shards."""
+    if debit_account_id is None:
+        debit_account_id = client.create_account().id
+    debit_shard = _shard_id_of(config, debit_account_id, "--debit-account-id")
+    if credit_account_id is None:
+        credit_account_id = _account_on_other_shard(client, config, debit_shard)
+    credit_shard = _shard_id_of(config, credit_account_id, "--credit-account-id")
+    if credit_shard == debit_shard:
+        raise click.BadParameter(
+            f"both accounts are on {debit_shard}; scenario-2 crosses shards",
+            param_hint="--credit-account-id",
+        )
+    return debit_account_id, debit_shard, credit_account_id, credit_shard
+
+
+def _wait_for_expiry(client: LedgerClient, expiring: Transfer) -> Transfer:
+    """Poll the transfer until it leaves PENDING, which must be EXPIRED, and then its credit leg
+    on the other shard, which follows the debit leg's expiry a moment later."""
+    latest = expiring
+
+    def resolved() -> bool:
+        nonlocal latest
+        latest = client.get_transfer(expiring.id, consistent=True)
+        return latest.status is not TransferStatus.PENDING
+
+    wait_seconds = SCENARIO_2_EXPIRY_TIMEOUT_SECONDS + SCENARIO_2_EXPIRY_WAIT_SECONDS
+    _poll_until(f"transfer {expiring.id} leaving PENDING", resolved, wait_seconds)
+    if latest.status is not TransferStatus.EXPIRED:
+        raise click.ClickException(f"transfer {expiring.id} ended {latest.status.value}, not EXPIRED")
+
+    def credit_leg_expired() -> bool:
+        leg = client.get_transaction(latest.credit_transaction_id)
+        return leg.status is TransactionStatus.EXPIRED
+
+    _poll_until(f"credit leg {latest.credit_transaction_id} EXPIRED", credit_leg_expired, wait_seconds)
+    return latest
 
 
 @main.command("scenario-2")
@@ -392,56 +414,25 @@ def scenario_2(
     amount, status and both accounts' balances. Then both accounts' transactions (the legs).
     Without account ids, new accounts are created on two shards of --config."""
     config = load_config(config_path)
-    with ledger_stub(gateway) as stub:
-        if debit_account_id is None:
-            debit_account_id = stub.CreateAccount(
-                ledger_pb2.CreateAccountRequest(request_id=bench.new_request_id()), timeout=timeout_seconds
-            ).account.id
-        debit_shard = _shard_id_of(config, debit_account_id, "--debit-account-id")
-        if credit_account_id is None:
-            credit_account_id = _account_on_other_shard(stub, config, debit_shard, timeout_seconds)
-        credit_shard = _shard_id_of(config, credit_account_id, "--credit-account-id")
-        if credit_shard == debit_shard:
-            raise click.BadParameter(
-                f"both accounts are on {debit_shard}; scenario-2 crosses shards",
-                param_hint="--credit-account-id",
-            )
-        printer = _TransferScenarioPrinter(stub, debit_account_id, credit_account_id, timeout_seconds)
-        click.echo(
-            f"scenario-2 from {debit_account_id} ({debit_shard}) to {credit_account_id} ({credit_shard})"
-            f" via {gateway}"
+    with ledger_client(gateway, timeout_seconds) as client:
+        debit, debit_shard, credit, credit_shard = _scenario_2_accounts(
+            client, config, debit_account_id, credit_account_id
         )
+        printer = _TransferScenarioPrinter(client, debit, credit)
+        click.echo(f"scenario-2 from {debit} ({debit_shard}) to {credit} ({credit_shard}) via {gateway}")
         click.echo(
             f"#  {'step':28}  {'transaction or transfer':32}  {'amount':>7}  {'settled':>7}  {'status':18}"
             "  balances"
         )
-        top_up = stub.CreateTransaction(
-            ledger_pb2.CreateTransactionRequest(
-                account_id=debit_account_id,
-                amount=SCENARIO_2_TOP_UP,
-                settled=True,
-                description="scenario-2 top-up",
-            ),
-            timeout=timeout_seconds,
-        ).transaction
-        printer.line(
-            f"top-up debit +{SCENARIO_2_TOP_UP} (instant)",
-            top_up.id,
-            top_up.amount,
-            top_up.settled_amount,
-            _status_name(top_up),
+        top_up = client.create_transaction(
+            debit, SCENARIO_2_TOP_UP, settled=True, description="scenario-2 top-up"
         )
+        printer.line(f"top-up debit +{SCENARIO_2_TOP_UP} (instant)", top_up)
 
-        def create(amount: int, settled: bool, description: str, timeout: int = 0) -> ledger_pb2.Transfer:
-            request = ledger_pb2.CreateTransferRequest(
-                debit_account_id=debit_account_id,
-                credit_account_id=credit_account_id,
-                amount=amount,
-                settled=settled,
-                description=description,
-                timeout_seconds=timeout,
+        def create(amount: int, settled: bool, description: str, timeout: int = 0) -> Transfer:
+            return client.create_transfer(
+                debit, credit, amount, settled=settled, description=description, timeout_seconds=timeout
             )
-            return stub.CreateTransfer(request, timeout=timeout_seconds).transfer
 
         pending = printer.transfer(
             f"transfer {SCENARIO_2_PENDING} (pending)",
@@ -449,13 +440,12 @@ def scenario_2(
         )
         printer.transfer(
             f"settle {SCENARIO_2_PARTIAL_SETTLE} of it",
-            stub.SettleTransfer(
-                ledger_pb2.SettleTransferRequest(transfer_id=pending.id, amount=SCENARIO_2_PARTIAL_SETTLE),
-                timeout=timeout_seconds,
-            ).transfer,
+            client.settle_transfer(pending.id, amount=SCENARIO_2_PARTIAL_SETTLE),
         )
-        debit = printer.account(debit_account_id)
-        too_large = max(SCENARIO_2_TOO_LARGE_MIN, debit.available_balance + debit.overdraft_limit + 1)
+        debit_account = client.get_account(debit, consistent=True)
+        too_large = max(
+            SCENARIO_2_TOO_LARGE_MIN, debit_account.available_balance + debit_account.overdraft_limit + 1
+        )
         printer.transfer(
             f"transfer {too_large}", create(too_large, settled=True, description="scenario-2 large transfer")
         )
@@ -468,36 +458,10 @@ def scenario_2(
                 timeout=SCENARIO_2_EXPIRY_TIMEOUT_SECONDS,
             ),
         )
-        latest = expiring
-
-        def resolved() -> bool:
-            nonlocal latest
-            latest = stub.GetTransfer(
-                ledger_pb2.GetTransferRequest(transfer_id=expiring.id, consistent=True),
-                timeout=timeout_seconds,
-            ).transfer
-            return latest.status != ledger_pb2.TRANSFER_STATUS_PENDING
-
-        wait_seconds = SCENARIO_2_EXPIRY_TIMEOUT_SECONDS + SCENARIO_2_EXPIRY_WAIT_SECONDS
-        _poll_until(f"transfer {expiring.id} leaving PENDING", resolved, wait_seconds)
-        printer.transfer("wait until it expires", latest)
-        if latest.status != ledger_pb2.TRANSFER_STATUS_EXPIRED:
-            raise click.ClickException(
-                f"transfer {expiring.id} ended {_transfer_status_name(latest)}, not EXPIRED"
-            )
-
-        def credit_leg_expired() -> bool:
-            leg = stub.GetTransaction(
-                ledger_pb2.GetTransactionRequest(transaction_id=latest.credit_transaction_id),
-                timeout=timeout_seconds,
-            ).transaction
-            return leg.status == ledger_pb2.TRANSACTION_STATUS_EXPIRED
-
-        # The credit leg on the other shard follows the debit leg's expiry a moment later.
-        _poll_until(f"credit leg {latest.credit_transaction_id} EXPIRED", credit_leg_expired, wait_seconds)
+        printer.transfer("wait until it expires", _wait_for_expiry(client, expiring))
         click.echo(f"final balances: {printer.balances()}")
-        printer.legs("debit", debit_account_id, debit_shard)
-        printer.legs("credit", credit_account_id, credit_shard)
+        printer.legs("debit", debit, debit_shard)
+        printer.legs("credit", credit, credit_shard)
 
 
 def _replica_health(replica: node_pb2.ReplicaStatus | None, node_error: str) -> str:
@@ -602,6 +566,13 @@ def _account_ids_of(path: Path, count: int) -> list[str]:
     help="Also report throughput per window of this length of the measured period, and the last"
     " window's over the first's.",
 )
+@click.option(
+    "--sdk",
+    is_flag=True,
+    help="Make every call through the Python SDK's AsyncLedgerClient, as an application would:"
+    " the clients' concurrent single creates and transfers travel auto-batched, and retryable"
+    " failures are retried with the same request id. Not with --batch.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 @gateway_option
 def bench_command(
@@ -615,6 +586,7 @@ def bench_command(
     batch: int,
     mix: str,
     metrics_urls: tuple[str, ...],
+    sdk: bool,
     as_json: bool,
     config_path: str,
     gateway: str,
@@ -631,6 +603,10 @@ def bench_command(
     if not operations or unknown:
         raise click.BadParameter(
             f"unknown operations {unknown}; choose from {bench.OPERATIONS}", param_hint="--mix"
+        )
+    if sdk and batch > 1:
+        raise click.BadParameter(
+            "the SDK batches concurrent single calls itself; drop --batch", param_hint="--sdk"
         )
     if len(metrics_urls) > bench_metrics.METRICS_URLS_MAX:
         raise click.BadParameter(
@@ -658,6 +634,7 @@ def bench_command(
             window_seconds=window_seconds,
             existing_account_ids=existing_account_ids,
             config=config,
+            sdk=sdk,
         )
     except grpc.RpcError as error:
         raise click.ClickException(f"{gateway}: {describe_rpc_error(error)}") from None
