@@ -53,6 +53,7 @@ from ledger_cluster.config import ClusterConfig, ShardConfig
 from ledger_cluster.errors import LedgerError
 from ledger_cluster.gateway import account_id_for_request
 from ledger_cluster.ids import parse_account_id
+from ledger_cluster.sdk import AsyncLedgerClient, LedgerApiError, TransactionStatus, TransferStatus
 from ledger_cluster.security import public_client_from_environment
 from ledger_cluster.sharding import shard_key
 from ledger_cluster.status import ErrorDetails, error_details
@@ -131,6 +132,8 @@ class BenchResult:
     operations: int = 0
     # What `transactions` counts: "transactions", or "transfers" for a mix of transfers only.
     unit: str = "transactions"
+    # How the clients call: "grpc" (generated stubs) or "sdk" (`AsyncLedgerClient`).
+    client: str = "grpc"
     transactions: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     latency_ms_max: float = 0.0
@@ -174,6 +177,7 @@ class BenchResult:
         by_process = self.cpu.cpu_seconds_by_process
         return {
             "unit": self.unit,
+            "client": self.client,
             "throughput_tx_per_s": round(self.transactions / seconds, 1),
             "operations_per_s": round(self.operations / seconds, 1),
             "transactions": self.transactions,
@@ -225,8 +229,9 @@ class BenchResult:
                 f" (last/first {self.window_ratio_last_to_first()})"
             )
         per_second = "transfers/s" if self.unit == "transfers" else "tx/s"
+        through = " through the SDK" if self.client == "sdk" else ""
         return (
-            f"{summary['throughput_tx_per_s']} {per_second} over {summary['measured_seconds']} s,"
+            f"{summary['throughput_tx_per_s']} {per_second}{through} over {summary['measured_seconds']} s,"
             f" latency ms p50 {summary['latency_ms_p50']} p95 {summary['latency_ms_p95']}"
             f" p99 {summary['latency_ms_p99']} max {summary['latency_ms_max']},"
             f" errors {summary['errors_by_code'] or 'none'},"
@@ -414,15 +419,25 @@ class _Tally:
     def acknowledge(self, write: AnyWrite) -> None:
         """Book an answered write's effect on settled balances."""
         if isinstance(write, _TransferWrite):
-            if write.answered is not None and (moved := transfer_moved(write.answered)):
-                self.net_by_account[write.answered.debit_account_id] -= moved
-                self.net_by_account[write.answered.credit_account_id] += moved
+            if write.answered is not None:
+                answered = write.answered
+                self.book_transfer(
+                    answered.debit_account_id, answered.credit_account_id, transfer_moved(answered)
+                )
             return
-        answered = write.answered
-        if answered is not None and answered.status == ledger_pb2.TRANSACTION_STATUS_SETTLED:
-            moved = settled_amount_of(answered)
-            self.net_by_account[answered.account_id] += moved
-            self.outside_net += moved
+        transaction = write.answered
+        if transaction is not None and transaction.status == ledger_pb2.TRANSACTION_STATUS_SETTLED:
+            self.book_transaction(transaction.account_id, settled_amount_of(transaction))
+
+    def book_transaction(self, account_id: str, moved: int) -> None:
+        """A settled top-up or purchase: money entering or leaving the ledger."""
+        self.net_by_account[account_id] += moved
+        self.outside_net += moved
+
+    def book_transfer(self, debit_account_id: str, credit_account_id: str, moved: int) -> None:
+        if moved:
+            self.net_by_account[debit_account_id] -= moved
+            self.net_by_account[credit_account_id] += moved
 
     def add_transactions(self, count: int, started_monotonic: float) -> None:
         """Count the transactions of an operation that started at `started_monotonic`, in the
@@ -480,6 +495,12 @@ def _error_code(details: ErrorDetails) -> str:
     return f"{details.code.name}:{details.reason}" if details.reason else details.code.name
 
 
+def _details_of(error: grpc.RpcError | LedgerApiError) -> ErrorDetails:
+    if isinstance(error, LedgerApiError):
+        return ErrorDetails(error.code, error.message, error.reason, dict(error.metadata))
+    return error_details(error)
+
+
 def _item_error_code(error: ledger_pb2.ItemError) -> str:
     return f"{error.code}:{error.reason}" if error.reason else error.code
 
@@ -523,8 +544,8 @@ class _Client:
         started = time.perf_counter()
         try:
             answer = await call
-        except grpc.RpcError as error:
-            details = error_details(error)
+        except (grpc.RpcError, LedgerApiError) as error:
+            details = _details_of(error)
             if count:
                 self._tally.errors[_error_code(details)] += 1
             if details.code == grpc.StatusCode.UNAVAILABLE:
@@ -534,16 +555,17 @@ class _Client:
             self._tally.latencies.add((time.perf_counter() - started) * 1000)
         return answer
 
-    async def _create(self, write: _Write, count: bool) -> bool:
+    async def _create(self, write: _Write, count: bool) -> str | None:
+        """CreateTransaction; the transaction's id when it was answered."""
         answer = await self._timed(
             self._stub.CreateTransaction(write.request, timeout=CALL_TIMEOUT_SECONDS), count
         )
         if answer is None:
             self._tally.add_unresolved([write])  # may still apply: resolve it after the run
-            return False
+            return None
         write.answered = answer.transaction
         self._tally.acknowledge(write)
-        return True
+        return answer.transaction.id
 
     async def _create_batch(self, writes: list[_Write], count: bool) -> list[_Write]:
         """CreateTransactions with every write; returns those acknowledged. Items whose outcome
@@ -635,6 +657,21 @@ class _Client:
         request = ledger_pb2.GetAccountRequest(account_id=account_id)
         await self._timed(self._stub.GetAccount(request, timeout=CALL_TIMEOUT_SECONDS), count)
 
+    async def _finish(self, operation: str, transaction_id: str, count: bool) -> bool:
+        """SettleTransaction or CancelTransaction; True when answered."""
+        finish: Awaitable[object]
+        if operation == "settle":
+            finish = self._stub.SettleTransaction(
+                ledger_pb2.SettleTransactionRequest(transaction_id=transaction_id),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        else:
+            finish = self._stub.CancelTransaction(
+                ledger_pb2.CancelTransactionRequest(transaction_id=transaction_id),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        return await self._timed(finish, count) is not None
+
     async def _run_batch(self, count: bool) -> None:
         """One batch call of `batch` items (a read stays one unary call)."""
         operation = self._random.choice(self._mix)
@@ -683,24 +720,85 @@ class _Client:
             if await self._create(_new_write(account_id, amount, settled=True), count) and count:
                 self._tally.add_transactions(1, self._started_monotonic)
             return
-        pending = _new_write(account_id, -1, settled=False)
-        if not await self._create(pending, count) or pending.answered is None:
+        transaction_id = await self._create(_new_write(account_id, -1, settled=False), count)
+        if transaction_id is None:
             return
-        transaction_id = pending.answered.id
-        if operation == "settle":
-            finish: Awaitable[object] = self._stub.SettleTransaction(
-                ledger_pb2.SettleTransactionRequest(transaction_id=transaction_id),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        else:
-            finish = self._stub.CancelTransaction(
-                ledger_pb2.CancelTransactionRequest(transaction_id=transaction_id),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
         # A settle or cancel of unknown fate is not re-sent: the balance check reads each
         # transaction's final status from the ledger, whatever it is.
-        if await self._timed(finish, count) is not None and count:
+        if await self._finish(operation, transaction_id, count) and count:
             self._tally.add_transactions(1, self._started_monotonic)
+
+
+class _SdkClient(_Client):
+    """A client whose every call goes through the SDK's `AsyncLedgerClient`, as an application
+    would make them: single creates and transfers are auto-batched with the other clients'
+    concurrent ones, and retryable failures are retried with the same request id. Batch calls
+    (--batch) are the plain client's; the SDK batches by itself."""
+
+    def __init__(
+        self,
+        sdk: AsyncLedgerClient,
+        stub: Stub,
+        accounts: list[str],
+        mix: list[str],
+        *,
+        seed: int,
+        tally: _Tally,
+        pairs: dict[str, TransferPairs] | None = None,
+    ) -> None:
+        super().__init__(stub, accounts, mix, seed=seed, tally=tally, batch=1, pairs=pairs)
+        self._sdk = sdk
+
+    async def _create(self, write: _Write, count: bool) -> str | None:
+        request = write.request
+        transaction = await self._timed(
+            self._sdk.create_transaction(
+                request.account_id,
+                request.amount,
+                settled=request.settled,
+                description=request.description,
+                request_id=request.request_id,
+            ),
+            count,
+        )
+        if transaction is None:
+            self._tally.add_unresolved([write])  # may still apply: resolve it after the run
+            return None
+        if transaction.status is TransactionStatus.SETTLED:
+            self._tally.book_transaction(
+                transaction.account_id, transaction.settled_amount or transaction.amount
+            )
+        return transaction.id
+
+    async def _transfer(self, write: _TransferWrite, count: bool) -> bool:
+        request = write.request
+        transfer = await self._timed(
+            self._sdk.create_transfer(
+                request.debit_account_id,
+                request.credit_account_id,
+                request.amount,
+                settled=request.settled,
+                description=request.description,
+                request_id=request.request_id,
+            ),
+            count,
+        )
+        if transfer is None:
+            self._tally.add_unresolved([write])  # may still apply: resolve it after the run
+            return False
+        moved = transfer.settled_amount or transfer.amount if transfer.status is TransferStatus.SETTLED else 0
+        self._tally.book_transfer(transfer.debit_account_id, transfer.credit_account_id, moved)
+        if not moved and count:
+            self._tally.errors[f"TRANSFER_STATUS_{transfer.status.value}"] += 1
+        return bool(moved)
+
+    async def _read(self, account_id: str, count: bool) -> None:
+        await self._timed(self._sdk.get_account(account_id), count)
+
+    async def _finish(self, operation: str, transaction_id: str, count: bool) -> bool:
+        if operation == "settle":
+            return await self._timed(self._sdk.settle_transaction(transaction_id), count) is not None
+        return await self._timed(self._sdk.cancel_transaction(transaction_id), count) is not None
 
 
 # --- phases ------------------------------------------------------------------------------------
@@ -956,10 +1054,14 @@ async def run_bench_async(
     window_seconds: float = WINDOW_SECONDS_DEFAULT,
     existing_account_ids: Sequence[str] | None = None,
     config: ClusterConfig | None = None,
+    sdk: bool = False,
 ) -> BenchResult:
     """The whole bench on the running loop. `metrics_urls` None tries the dev cluster's ports;
     `existing_account_ids` are used (after a check) instead of `accounts` new accounts; `config`
-    (the server's cluster config) places accounts on shards, which transfer mixes need."""
+    (the server's cluster config) places accounts on shards, which transfer mixes need; `sdk`
+    makes every client's calls through one shared `AsyncLedgerClient`."""
+    if sdk and batch > 1:
+        raise ValueError("the SDK batches concurrent single calls itself: use batch 1 with the SDK")
     for url in metrics_urls or ():
         problem = loopback_url_problem(url)
         if problem is not None:
@@ -971,7 +1073,17 @@ async def run_bench_async(
     for url, reason in silent.items():
         progress(f"metrics endpoint {url} does not answer ({reason}); its CPU is not reported")
     progress(f"reading CPU from {', '.join(answering)}" if answering else "no metrics endpoint answers")
-    async with public_client_from_environment().aio_channel(address) as channel:
+    credentials = public_client_from_environment()
+    async with (
+        credentials.aio_channel(address) as channel,
+        AsyncLedgerClient(
+            address,
+            credentials=credentials,
+            call_timeout_seconds=CALL_TIMEOUT_SECONDS,
+            # One call's time, retries included: WORKERS_STOP_TIMEOUT_SECONDS counts on it.
+            retry_deadline_seconds=CALL_TIMEOUT_SECONDS,
+        ) as sdk_client,
+    ):
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         if existing_account_ids is None:
             request_ids = (
@@ -995,12 +1107,16 @@ async def run_bench_async(
         windows = max(1, math.ceil(duration_seconds / window_seconds - WINDOW_ROUNDING_SLACK))
         tally = _Tally(window_seconds, windows)
         clients = [
-            _Client(stub, account_ids, mix, seed=seed, tally=tally, batch=batch, pairs=pairs)
+            _SdkClient(sdk_client, stub, account_ids, mix, seed=seed, tally=tally, pairs=pairs)
+            if sdk
+            else _Client(stub, account_ids, mix, seed=seed, tally=tally, batch=batch, pairs=pairs)
             for seed in range(concurrency)
         ]
         only_transfers = set(mix) <= set(TRANSFER_OPERATIONS)
         result = BenchResult(
-            window_seconds=window_seconds, unit="transfers" if only_transfers else "transactions"
+            window_seconds=window_seconds,
+            unit="transfers" if only_transfers else "transactions",
+            client="sdk" if sdk else "grpc",
         )
         await _measure(
             clients,
@@ -1051,6 +1167,7 @@ def run_bench(
     window_seconds: float = WINDOW_SECONDS_DEFAULT,
     existing_account_ids: Sequence[str] | None = None,
     config: ClusterConfig | None = None,
+    sdk: bool = False,
 ) -> BenchResult:
     """Set up accounts (or check `existing_account_ids`), load `address` for the warm-up and the
     window, re-send writes of unknown outcome, then check every account's balances. Raises
@@ -1069,5 +1186,6 @@ def run_bench(
             window_seconds=window_seconds,
             existing_account_ids=existing_account_ids,
             config=config,
+            sdk=sdk,
         )
     )

@@ -4,10 +4,13 @@ generated config file, and a `ledger-standalone` server started and stopped by P
 from __future__ import annotations
 
 import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from ledger_cluster import config as cluster_config
 from ledger_cluster.localcluster.processes import (
@@ -64,6 +67,7 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_CONFIG_PATH = REPO_ROOT / "cluster_config.json"
+METRICS_TIMEOUT_SECONDS = 5.0
 
 
 def write_generated_config(path: Path, nodes: int = 3, shards: int = 4, replicas: int = 3) -> Path:
@@ -154,3 +158,18 @@ def standalone_server(
         yield server
     finally:
         server.process.stop()
+
+
+def rpc_count(server: StandaloneServer, method: str) -> int:
+    """Calls of `method` the server has answered, from its own metrics."""
+    url = f"http://{LOOPBACK_HOST}:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_SECONDS) as response:
+        text = response.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "ledger_rpc_requests":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels["method"].rsplit("/", 1)[-1] == method:
+                total += sample.value
+    return int(total)

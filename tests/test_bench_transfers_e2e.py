@@ -1,6 +1,8 @@
 """`ledger-dev bench --mix transfer` and `transfer-same` against a real `ledger-standalone` on
 127.0.0.1: batches of CreateTransfers and the sequential unary mode, with the balance check that
-accounts for transfers passing."""
+accounts for transfers passing. And `bench --sdk`: every client call goes through the SDK's
+AsyncLedgerClient, single creates and transfers reach the server as batch RPCs (counted by the
+server's own metrics), and the balance checks still pass."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 from tests.processes import (
     REPO_ROOT,
     StandaloneServer,
+    rpc_count,
     run_dev_cli,
     standalone_server,
     write_generated_config,
@@ -23,6 +26,8 @@ CLI_TIMEOUT_SECONDS = 120.0
 SHARDS = 4
 # Two per shard at least, so same-shard pairs exist on every shard.
 ACCOUNTS = 2 * SHARDS
+# Enough concurrent single SDK callers that calls arrive while a batch is in flight.
+SDK_CONCURRENCY = 16
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +64,18 @@ def bench(server: StandaloneServer, config_path: Path, *arguments: str) -> dict[
     )
     assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
     summary: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert "transfers/s" in completed.stdout.splitlines()[-2]
+    per_second = "transfers/s" if summary["unit"] == "transfers" else "tx/s"
+    assert per_second in completed.stdout.splitlines()[-2]
+    return summary
+
+
+def bench_sdk(server: StandaloneServer, config_path: Path, mix: str) -> dict[str, Any]:
+    summary = bench(server, config_path, "--sdk", "--concurrency", str(SDK_CONCURRENCY), "--mix", mix)
+    assert summary["client"] == "sdk"
+    assert summary["transactions"] > 0
+    assert summary["errors_by_code"] == {}
+    assert summary["balances_checked"] == ACCOUNTS
+    assert summary["balance_mismatches"] == []
     return summary
 
 
@@ -104,3 +120,36 @@ def test_bench_transfer_needs_pairs_it_can_make(server: StandaloneServer, config
     )
     assert completed.returncode == 1
     assert f"no two of the {SHARDS} accounts are on one shard" in completed.stderr
+
+
+def test_single_creates_through_the_sdk_reach_the_server_in_batches(
+    server: StandaloneServer, config_path: Path
+) -> None:
+    unary_before = rpc_count(server, "CreateTransaction")
+    batches_before = rpc_count(server, "CreateTransactions")
+    summary = bench_sdk(server, config_path, "create")
+    batches = rpc_count(server, "CreateTransactions") - batches_before
+    # Setup tops up each new account with one unary call; the clients' creates never go unary.
+    assert rpc_count(server, "CreateTransaction") - unary_before == ACCOUNTS
+    # The warm-up's creates travel in batches too, so the measured ones bound them from below.
+    assert 0 < batches < summary["operations"]
+
+
+def test_transfers_settles_cancels_and_reads_through_the_sdk_keep_balances(
+    server: StandaloneServer, config_path: Path
+) -> None:
+    transfer_batches_before = rpc_count(server, "CreateTransfers")
+    settles_before = rpc_count(server, "SettleTransaction")
+    cancels_before = rpc_count(server, "CancelTransaction")
+    bench_sdk(server, config_path, "transfer,transfer-same,settle,cancel,read")
+    assert rpc_count(server, "CreateTransfers") > transfer_batches_before
+    assert rpc_count(server, "SettleTransaction") > settles_before
+    assert rpc_count(server, "CancelTransaction") > cancels_before
+
+
+def test_the_sdk_bench_refuses_batch_calls(server: StandaloneServer) -> None:
+    completed = run_dev_cli(
+        ["bench", "--sdk", "--batch", "10", "--gateway", server.address], CLI_TIMEOUT_SECONDS, cwd=REPO_ROOT
+    )
+    assert completed.returncode == 2
+    assert "the SDK batches concurrent single calls itself" in completed.stderr

@@ -7,16 +7,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ledger_cluster import config as cluster_config
+from ledger_cluster.bench import account_request_in_shard
 from ledger_cluster.ids import parse_account_id
 from ledger_cluster.sdk import (
     Account,
@@ -36,10 +35,10 @@ from ledger_cluster.sdk import (
     TransferStatus,
 )
 from tests.processes import (
-    LOOPBACK_HOST,
     POLL_INTERVAL_SECONDS,
     REPO_CONFIG_PATH,
     StandaloneServer,
+    rpc_count,
     standalone_server,
     start_standalone,
 )
@@ -48,17 +47,11 @@ CONCURRENT_CALLERS = 64
 # 64 concurrent callers fit in a few batches: one alone, then the rest as they queue.
 BATCH_RPCS_MAX = CONCURRENT_CALLERS // 4
 SYNC_THREADS = 16
-METRICS_TIMEOUT_SECONDS = 5.0
 # The first attempts against a stopped server fail within this.
 RETRY_SEEN_TIMEOUT_SECONDS = 10.0
 UNKNOWN_ACCOUNT_ID = "00000000000000ff"
 UNKNOWN_TRANSACTION_ID = "00000000000000ff0000000000000001"
 
-# Transfers here go between shards: a same-shard transfer between accounts of a non-empty
-# currency is refused with CURRENCY_MISMATCH (the gateway sends the core no credit currency for
-# a same-shard item, and the core compares the debit account's with it before looking at the
-# credit account), through unary CreateTransfer too. That is the server's to fix.
-OTHER_SHARD_ATTEMPTS_MAX = 64
 REPO_CONFIG = cluster_config.load(REPO_CONFIG_PATH)
 
 # A client method called by name, awaited whichever client runs it.
@@ -72,32 +65,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandaloneServe
         yield running
 
 
-def rpc_count(server: StandaloneServer, method: str) -> int:
-    """Calls of `method` the server has answered, from its own metrics."""
-    url = f"http://{LOOPBACK_HOST}:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_SECONDS) as response:
-        text = response.read().decode()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name != "ledger_rpc_requests":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_total") and sample.labels["method"].rsplit("/", 1)[-1] == method:
-                total += sample.value
-    return int(total)
-
-
 def shard_of(account_id: str) -> str:
     return REPO_CONFIG.shard_for_account(parse_account_id(account_id)).shard_id
 
 
-async def other_shard_account(call: Call, account_id: str) -> Account:
-    """A new EUR account on another shard than `account_id`'s."""
-    for _ in range(OTHER_SHARD_ATTEMPTS_MAX):
-        account: Account = await call("create_account", "EUR")
-        if shard_of(account.id) != shard_of(account_id):
-            return account
-    raise AssertionError(f"no account off the shard of {account_id} in {OTHER_SHARD_ATTEMPTS_MAX} tries")
+async def account_beside(call: Call, account_id: str, same_shard: bool) -> Account:
+    """A new EUR account on `account_id`'s shard or on another one: an account's id derives from
+    its CreateAccount request id, so the request id is drawn for the shard."""
+    home = REPO_CONFIG.shard_for_account(parse_account_id(account_id))
+    shard = home if same_shard else next(s for s in REPO_CONFIG.shards if s.shard_id != home.shard_id)
+    _, request_id = account_request_in_shard(shard.lower_bound, shard.upper_bound)
+    account: Account = await call("create_account", "EUR", request_id=request_id)
+    assert (shard_of(account.id) == shard_of(account_id)) is same_shard
+    return account
 
 
 def async_caller(client: AsyncLedgerClient) -> Call:
@@ -114,10 +94,30 @@ def sync_caller(client: LedgerClient) -> Call:
     return call
 
 
+async def exercise_transfers(call: Call, payer: Account, payee: Account) -> None:
+    """Every transfer method between two EUR accounts, on one shard or across two."""
+    transfer = await call("create_transfer", payer.id, payee.id, 700, settled=True, description="rent")
+    assert (transfer.status, transfer.settled_amount) == (TransferStatus.SETTLED, 700)
+    pending_transfer = await call("create_transfer", payer.id, payee.id, 400)
+    partial = await call("settle_transfer", pending_transfer.id, 150)
+    assert (partial.status, partial.settled_amount) == (TransferStatus.SETTLED, 150)
+    to_cancel = await call("create_transfer", payer.id, payee.id, 60)
+    assert (await call("cancel_transfer", to_cancel.id)).status is TransferStatus.CANCELLED
+    assert (await call("get_transfer", partial.id, consistent=True)).settled_amount == 150
+    batch = await call(
+        "create_transfers",
+        [NewTransfer(payer.id, payee.id, 5, settled=True), NewTransfer(payer.id, payer.id, 5)],
+    )
+    assert batch[0].status is TransferStatus.SETTLED
+    assert isinstance(batch[1], InvalidArgumentError)
+    assert batch[1].reason == "SAME_ACCOUNT"
+    payee_now = await call("get_account", payee.id, consistent=True)
+    assert payee_now.settled_balance == 700 + 150 + 5
+
+
 async def exercise_every_method(call: Call) -> None:
     """One story through every method of a client, each answer checked."""
     payer = await call("create_account", "EUR", overdraft_limit=100, metadata={"ref": "p"})
-    payee = await other_shard_account(call, payer.id)
     assert (payer.currency, payer.overdraft_limit, dict(payer.metadata)) == ("EUR", 100, {"ref": "p"})
     top_up = await call("create_transaction", payer.id, 10_000, settled=True, description="top-up")
     assert (top_up.status, top_up.settled_amount, top_up.account_id) == (
@@ -167,23 +167,8 @@ async def exercise_every_method(call: Call) -> None:
     assert [item.id for item in listed.transactions][:2] == [top_up.id, hold.id]
     assert not listed.next_page_token
 
-    transfer = await call("create_transfer", payer.id, payee.id, 700, settled=True, description="rent")
-    assert (transfer.status, transfer.settled_amount) == (TransferStatus.SETTLED, 700)
-    pending_transfer = await call("create_transfer", payer.id, payee.id, 400)
-    partial = await call("settle_transfer", pending_transfer.id, 150)
-    assert (partial.status, partial.settled_amount) == (TransferStatus.SETTLED, 150)
-    to_cancel = await call("create_transfer", payer.id, payee.id, 60)
-    assert (await call("cancel_transfer", to_cancel.id)).status is TransferStatus.CANCELLED
-    assert (await call("get_transfer", partial.id, consistent=True)).settled_amount == 150
-    batch = await call(
-        "create_transfers",
-        [NewTransfer(payer.id, payee.id, 5, settled=True), NewTransfer(payer.id, payer.id, 5)],
-    )
-    assert batch[0].status is TransferStatus.SETTLED
-    assert isinstance(batch[1], InvalidArgumentError)
-    assert batch[1].reason == "SAME_ACCOUNT"
-    payee_now = await call("get_account", payee.id, consistent=True)
-    assert payee_now.settled_balance == 700 + 150 + 5
+    for same_shard in (False, True):
+        await exercise_transfers(call, payer, await account_beside(call, payer.id, same_shard))
 
     with pytest.raises(AccountNotFoundError, match="ACCOUNT_NOT_FOUND") as not_found:
         await call("get_account", UNKNOWN_ACCOUNT_ID)
@@ -241,7 +226,7 @@ def test_concurrent_single_creates_travel_as_few_batches(server: StandaloneServe
 def test_sync_calls_from_many_threads_are_batched_too(server: StandaloneServer) -> None:
     with LedgerClient(server.address) as client:
         payer = client.create_account("EUR")
-        payee = asyncio.run(other_shard_account(sync_caller(client), payer.id))
+        payee = asyncio.run(account_beside(sync_caller(client), payer.id, same_shard=False))
         client.create_transaction(payer.id, 10_000, settled=True)
         batches_before = rpc_count(server, "CreateTransfers")
         start = threading.Barrier(SYNC_THREADS)
@@ -364,7 +349,7 @@ def test_reserve_settles_captures_part_and_cancels_on_error(server: StandaloneSe
 def test_sync_reserve_of_a_transfer(server: StandaloneServer) -> None:
     with LedgerClient(server.address) as client:
         payer = client.create_account("EUR")
-        payee = asyncio.run(other_shard_account(sync_caller(client), payer.id))
+        payee = asyncio.run(account_beside(sync_caller(client), payer.id, same_shard=False))
         client.create_transaction(payer.id, 1_000, settled=True)
         with client.reserve(payer.id, 400, credit_account_id=payee.id, key="invoice-9") as hold:
             hold.capture(250)
