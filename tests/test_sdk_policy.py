@@ -40,6 +40,9 @@ def test_errors_are_classed_by_reason_then_by_code() -> None:
     assert isinstance(item, NotPendingError)
     assert item.code == grpc.StatusCode.FAILED_PRECONDITION
     assert not item.retryable
+    assert str(not_found) == "NOT_FOUND ACCOUNT_NOT_FOUND: no"
+    refused = api_error(grpc.StatusCode.UNAVAILABLE, "", "connection refused")
+    assert str(refused) == "UNAVAILABLE: connection refused"
 
 
 def test_a_refusal_is_never_retried() -> None:

@@ -10,7 +10,12 @@ import pytest
 from ledger_cluster.dev_certificates import DevelopmentCertificates, write_development_certificates
 from ledger_cluster.errors import ConfigError
 from ledger_cluster.sdk import AsyncLedgerClient, LedgerClient, UnauthenticatedError
-from ledger_cluster.security import ClientCredentials, TlsIdentity
+from ledger_cluster.security import (
+    CLIENT_TLS_CA_ENVIRONMENT_VARIABLE,
+    CLIENT_TOKEN_ENVIRONMENT_VARIABLE,
+    ClientCredentials,
+    TlsIdentity,
+)
 from tests.processes import (
     LOOPBACK_HOST,
     REPO_CONFIG_PATH,
@@ -86,3 +91,33 @@ def test_the_async_client_presents_tls_roots_as_bytes_and_needs_the_token(
 def test_a_token_is_never_sent_in_the_clear_beyond_loopback() -> None:
     with pytest.raises(ConfigError, match="not a loopback address"):
         LedgerClient("192.0.2.1:8000", token=CLIENT_TOKEN)
+
+
+@pytest.mark.parametrize("client_kind", ["sync", "async"])
+def test_from_environment_reads_the_token_and_the_tls_roots(
+    tls_server: str, certificates: DevelopmentCertificates, monkeypatch: pytest.MonkeyPatch, client_kind: str
+) -> None:
+    monkeypatch.setenv(CLIENT_TLS_CA_ENVIRONMENT_VARIABLE, str(certificates.ca_path))
+    monkeypatch.setenv(CLIENT_TOKEN_ENVIRONMENT_VARIABLE, CLIENT_TOKEN)
+    if client_kind == "sync":
+        deadline = REFUSAL_DEADLINE_SECONDS
+        with LedgerClient.from_environment(tls_server, retry_deadline_seconds=deadline) as client:
+            account = client.create_account("EUR")
+            assert client.get_account(account.id).id == account.id
+    else:
+
+        async def scenario() -> None:
+            async with AsyncLedgerClient.from_environment(
+                tls_server, retry_deadline_seconds=REFUSAL_DEADLINE_SECONDS
+            ) as client:
+                account = await client.create_account("EUR")
+                assert (await client.get_account(account.id)).id == account.id
+
+        asyncio.run(scenario())
+    # The same roots with another token: the server refuses, so the token did come from there.
+    monkeypatch.setenv(CLIENT_TOKEN_ENVIRONMENT_VARIABLE, OTHER_TOKEN)
+    with (
+        LedgerClient.from_environment(tls_server, retry_deadline_seconds=REFUSAL_DEADLINE_SECONDS) as refused,
+        pytest.raises(UnauthenticatedError, match="UNAUTHENTICATED"),
+    ):
+        refused.create_account("EUR")

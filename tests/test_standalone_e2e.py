@@ -35,6 +35,7 @@ from ledger_cluster.ids import format_account_id
 from ledger_cluster.status import ERROR_DOMAIN, ErrorDetails, error_details
 from tests.processes import (
     LEDGER_SERVICE_NAME,
+    LOOPBACK_HOST,
     REPO_CONFIG_PATH,
     REPO_ROOT,
     StandaloneServer,
@@ -282,6 +283,26 @@ def test_scenario_1_via_dev_cli(server: StandaloneServer, stub: Stub) -> None:
     assert (account.available_balance, account.settled_balance) == (90, 90)
     for other in (account_ids[0], account_ids[2]):
         assert list_all(stub, other) == []
+
+
+def test_scenario_1_refusals_end_the_command_with_the_status_and_reason(server: StandaloneServer) -> None:
+    missing = run_dev_cli(
+        ["scenario-1", "--account-id", "00000000000000ff", "--gateway", server.address],
+        CLI_TIMEOUT_SECONDS,
+        cwd=REPO_ROOT,
+    )
+    assert missing.returncode == 1
+    assert "NOT_FOUND ACCOUNT_NOT_FOUND: account not found" in missing.stderr
+    # Nothing listens there: retried within --timeout-seconds, then its status without a
+    # reason (the channel's own failure carries none).
+    nobody = f"{LOOPBACK_HOST}:{free_port()}"
+    unreachable = run_dev_cli(
+        ["scenario-1", "--account-id", "00000000000000ff", "--gateway", nobody, "--timeout-seconds", "1"],
+        CLI_TIMEOUT_SECONDS,
+        cwd=REPO_ROOT,
+    )
+    assert unreachable.returncode == 1
+    assert f"Error: {nobody}: UNAVAILABLE: " in unreachable.stderr
 
 
 # -- INVALID_ARGUMENT -----------------------------------------------------------------------------

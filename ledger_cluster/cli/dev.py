@@ -47,7 +47,6 @@ from ledger_cluster.sdk import (
     Transfer,
     TransferStatus,
 )
-from ledger_cluster.sdk.retry import DEFAULT_RETRY_DEADLINE_SECONDS
 from ledger_cluster.security import (
     CLIENT_TLS_CA_ENVIRONMENT_VARIABLE,
     CLUSTER_TOKEN_ENVIRONMENT_VARIABLE,
@@ -84,7 +83,7 @@ def timeout_option(function: click.decorators.FC) -> click.decorators.FC:
         default=DEFAULT_TIMEOUT_SECONDS,
         show_default=True,
         envvar="LEDGER_TIMEOUT_SECONDS",
-        help="Deadline of each call (env LEDGER_TIMEOUT_SECONDS).",
+        help="Deadline of each operation, its retries included (env LEDGER_TIMEOUT_SECONDS).",
     )(function)
 
 
@@ -123,14 +122,15 @@ def public_credentials() -> ClientCredentials:
 
 @contextmanager
 def ledger_client(address: str, timeout_seconds: float) -> Iterator[LedgerClient]:
-    """The SDK's client: each call has `timeout_seconds`, and one that fails retryably is retried
-    with the same request id (a shard electing a leader does not fail a scenario). A call that
-    still fails ends the command with its status and ErrorInfo reason."""
+    """The SDK's client: each operation has `timeout_seconds`, retries included, and one that
+    fails retryably is retried with the same request id within it (a shard electing a leader,
+    about a second, does not fail a scenario). One that still fails ends the command with its
+    status and ErrorInfo reason."""
     client = LedgerClient(
         address,
         credentials=public_credentials(),
         call_timeout_seconds=timeout_seconds,
-        retry_deadline_seconds=max(timeout_seconds, DEFAULT_RETRY_DEADLINE_SECONDS),
+        retry_deadline_seconds=timeout_seconds,
     )
     try:
         yield client

@@ -50,7 +50,8 @@ class LedgerApiError(LedgerError):
         message: str,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(f"{code.name} {reason}: {message}")
+        # As describe_rpc_error words a status: the reason only when there is one.
+        super().__init__(f"{code.name} {reason}: {message}" if reason else f"{code.name}: {message}")
         self.code = code
         self.reason = reason
         self.message = message

@@ -66,8 +66,19 @@ class LedgerClient:
             raise
 
     @classmethod
-    def from_environment(cls, target: str) -> LedgerClient:
-        return cls(target, credentials=public_client_from_environment())
+    def from_environment(
+        cls,
+        target: str,
+        call_timeout_seconds: float = DEFAULT_CALL_TIMEOUT_SECONDS,
+        retry_deadline_seconds: float = DEFAULT_RETRY_DEADLINE_SECONDS,
+    ) -> LedgerClient:
+        """As `AsyncLedgerClient.from_environment`: LEDGER_CLIENT_TOKEN and LEDGER_TLS_CA."""
+        return cls(
+            target,
+            credentials=public_client_from_environment(),
+            call_timeout_seconds=call_timeout_seconds,
+            retry_deadline_seconds=retry_deadline_seconds,
+        )
 
     def _run(self, coroutine: Coroutine[Any, Any, Result]) -> Result:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
