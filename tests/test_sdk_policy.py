@@ -12,6 +12,7 @@ from ledger_cluster.api.v1 import ledger_pb2
 from ledger_cluster.errors import LedgerError
 from ledger_cluster.sdk import (
     AccountNotFoundError,
+    DeadlineExceededError,
     InternalError,
     InvalidArgumentError,
     LedgerApiError,
@@ -20,7 +21,7 @@ from ledger_cluster.sdk import (
     RetryPolicy,
     UnavailableError,
 )
-from ledger_cluster.sdk.batching import QUEUE_FULL_REASON, AutoBatcher
+from ledger_cluster.sdk.batching import EXPIRED_IN_QUEUE_REASON, QUEUE_FULL_REASON, AutoBatcher
 from ledger_cluster.sdk.errors import ResourceExhaustedError, api_error, from_item_error
 
 FAST_POLICY = RetryPolicy(call_timeout_seconds=1.0, retry_deadline_seconds=2.0, backoff_initial_seconds=0.001)
@@ -111,5 +112,35 @@ def test_the_batch_queue_is_bounded_and_each_caller_gets_its_own_outcome() -> No
         assert outcomes[3] == 40
         # The first call left alone; the rest waited for it and left in batches of at most 2.
         assert batches == [[1], [2, 0], [4]]
+
+    asyncio.run(scenario())
+
+
+def test_time_spent_waiting_for_a_batch_counts_against_an_items_timeout() -> None:
+    async def scenario() -> None:
+        release = asyncio.Event()
+        sent: list[tuple[list[int], float]] = []
+
+        async def send_batch(items: list[int], timeout_seconds: float) -> list[int | LedgerApiError]:
+            sent.append((items, timeout_seconds))
+            await release.wait()
+            return [item * 10 for item in items]
+
+        batcher: AutoBatcher[int, int] = AutoBatcher(send_batch)
+        first = asyncio.create_task(batcher.submit(1, 60.0))
+        await asyncio.sleep(0)  # the first call is in flight; the next two wait for it
+        impatient = asyncio.create_task(batcher.submit(2, 0.05))
+        patient = asyncio.create_task(batcher.submit(3, 60.0))
+        await asyncio.sleep(0.2)  # past the impatient call's timeout, while it still waits
+        release.set()
+        assert await first == 10
+        assert await patient == 30
+        with pytest.raises(DeadlineExceededError, match=EXPIRED_IN_QUEUE_REASON) as expired:
+            await impatient
+        assert expired.value.retryable
+        # The expired item was never sent, and the batch it was in left with what its one
+        # remaining item had left of its 60 s.
+        assert [items for items, _ in sent] == [[1], [3]]
+        assert sent[1][1] < 60.0 - 0.2
 
     asyncio.run(scenario())
