@@ -81,7 +81,14 @@ class LedgerClient:
         )
 
     def _run(self, coroutine: Coroutine[Any, Any, Result]) -> Result:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted (Ctrl-C) while the call runs on the loop: cancel it there, so close()
+            # does not stop the loop under a call still pending. A call already done is kept.
+            future.cancel()
+            raise
 
     def close(self) -> None:
         if self._loop.is_closed():
