@@ -27,6 +27,7 @@ right before and right after the measured window; the processes are named by the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import statistics
@@ -35,7 +36,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import grpc
 
@@ -334,16 +335,27 @@ class TransferPairs:
         return self._ordered[position], self._ordered[other]
 
 
-def settled_amount_of(transaction: ledger_pb2.Transaction) -> int:
-    """What a SETTLED transaction moved: its settled amount (a partial settle), else its amount."""
-    return transaction.settled_amount or transaction.amount
+class _Settleable(Protocol):
+    """A transaction or transfer, as the API's message or as the SDK's dataclass."""
+
+    @property
+    def amount(self) -> int: ...
+
+    @property
+    def settled_amount(self) -> int: ...
+
+
+def settled_amount_of(settled: _Settleable) -> int:
+    """What a SETTLED transaction or transfer moved: its settled amount (a partial settle), else
+    its amount."""
+    return settled.settled_amount or settled.amount
 
 
 def transfer_moved(transfer: ledger_pb2.Transfer) -> int:
     """What a transfer finally moved from its debit account to its credit account (0 unless SETTLED)."""
     if transfer.status != ledger_pb2.TRANSFER_STATUS_SETTLED:
         return 0
-    return transfer.settled_amount or transfer.amount
+    return settled_amount_of(transfer)
 
 
 def balance_totals(
@@ -435,6 +447,7 @@ class _Tally:
         self.outside_net += moved
 
     def book_transfer(self, debit_account_id: str, credit_account_id: str, moved: int) -> None:
+        """A transfer that moved `moved` (0 unless SETTLED): money changing accounts only."""
         if moved:
             self.net_by_account[debit_account_id] -= moved
             self.net_by_account[credit_account_id] += moved
@@ -496,6 +509,7 @@ def _error_code(details: ErrorDetails) -> str:
 
 
 def _details_of(error: grpc.RpcError | LedgerApiError) -> ErrorDetails:
+    """A failed call's status, whether the stub raised it or the SDK (which has read it already)."""
     if isinstance(error, LedgerApiError):
         return ErrorDetails(error.code, error.message, error.reason, dict(error.metadata))
     return error_details(error)
@@ -765,9 +779,7 @@ class _SdkClient(_Client):
             self._tally.add_unresolved([write])  # may still apply: resolve it after the run
             return None
         if transaction.status is TransactionStatus.SETTLED:
-            self._tally.book_transaction(
-                transaction.account_id, transaction.settled_amount or transaction.amount
-            )
+            self._tally.book_transaction(transaction.account_id, settled_amount_of(transaction))
         return transaction.id
 
     async def _transfer(self, write: _TransferWrite, count: bool) -> bool:
@@ -786,7 +798,7 @@ class _SdkClient(_Client):
         if transfer is None:
             self._tally.add_unresolved([write])  # may still apply: resolve it after the run
             return False
-        moved = transfer.settled_amount or transfer.amount if transfer.status is TransferStatus.SETTLED else 0
+        moved = settled_amount_of(transfer) if transfer.status is TransferStatus.SETTLED else 0
         self._tally.book_transfer(transfer.debit_account_id, transfer.credit_account_id, moved)
         if not moved and count:
             self._tally.errors[f"TRANSFER_STATUS_{transfer.status.value}"] += 1
@@ -1074,17 +1086,23 @@ async def run_bench_async(
         progress(f"metrics endpoint {url} does not answer ({reason}); its CPU is not reported")
     progress(f"reading CPU from {', '.join(answering)}" if answering else "no metrics endpoint answers")
     credentials = public_client_from_environment()
-    async with (
-        credentials.aio_channel(address) as channel,
-        AsyncLedgerClient(
-            address,
-            credentials=credentials,
-            call_timeout_seconds=CALL_TIMEOUT_SECONDS,
-            # One call's time, retries included: WORKERS_STOP_TIMEOUT_SECONDS counts on it.
-            retry_deadline_seconds=CALL_TIMEOUT_SECONDS,
-        ) as sdk_client,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        channel = await stack.enter_async_context(credentials.aio_channel(address))
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        sdk_client = (
+            await stack.enter_async_context(
+                AsyncLedgerClient(
+                    address,
+                    credentials=credentials,
+                    call_timeout_seconds=CALL_TIMEOUT_SECONDS,
+                    # One call's time, retries and its wait for a batch included:
+                    # WORKERS_STOP_TIMEOUT_SECONDS counts on it.
+                    retry_deadline_seconds=CALL_TIMEOUT_SECONDS,
+                )
+            )
+            if sdk
+            else None
+        )
         if existing_account_ids is None:
             request_ids = (
                 spread_request_ids(config.shards, accounts)
@@ -1108,7 +1126,7 @@ async def run_bench_async(
         tally = _Tally(window_seconds, windows)
         clients = [
             _SdkClient(sdk_client, stub, account_ids, mix, seed=seed, tally=tally, pairs=pairs)
-            if sdk
+            if sdk_client is not None
             else _Client(stub, account_ids, mix, seed=seed, tally=tally, batch=batch, pairs=pairs)
             for seed in range(concurrency)
         ]
