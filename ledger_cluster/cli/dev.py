@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 import grpc
@@ -76,15 +77,21 @@ def gateway_option(function: click.decorators.FC) -> click.decorators.FC:
     )(function)
 
 
-def timeout_option(function: click.decorators.FC) -> click.decorators.FC:
+def _timeout_option(what: str) -> Callable[[click.decorators.FC], click.decorators.FC]:
     return click.option(
         "--timeout-seconds",
         type=click.FloatRange(min=0.1),
         default=DEFAULT_TIMEOUT_SECONDS,
         show_default=True,
         envvar="LEDGER_TIMEOUT_SECONDS",
-        help="Deadline of each operation, its retries included (env LEDGER_TIMEOUT_SECONDS).",
-    )(function)
+        help=f"Deadline of {what} (env LEDGER_TIMEOUT_SECONDS).",
+    )
+
+
+# Commands that call the nodes once per question.
+timeout_option = _timeout_option("each call")
+# Commands that go through the SDK, which retries a call that may succeed on a second try.
+operation_timeout_option = _timeout_option("each operation, its retries included")
 
 
 def development_environment(path: Path) -> dict[str, str]:
@@ -196,7 +203,7 @@ def dev_certificates(out_dir: Path) -> None:
 @main.command("seed-accounts")
 @click.option("--count", type=click.IntRange(1, SEED_ACCOUNTS_MAX), default=100, show_default=True)
 @gateway_option
-@timeout_option
+@operation_timeout_option
 def seed_accounts(count: int, gateway: str, timeout_seconds: float) -> None:
     """Create COUNT accounts and print their ids, one per line (progress goes to stderr)."""
     with (
@@ -238,7 +245,7 @@ class _ScenarioPrinter:
 @main.command("scenario-1")
 @click.option("--account-id", required=True, help="Account to run the scenario on (16 hex chars).")
 @gateway_option
-@timeout_option
+@operation_timeout_option
 def scenario_1(account_id: str, gateway: str, timeout_seconds: float) -> None:
     """Run the monstera-example scenario on one account: read, instant top-up +100, pending
     purchase -10, settle it, purchase -1000 (INSUFFICIENT_FUNDS), printing the transaction id,
@@ -341,48 +348,60 @@ def _poll_until(what: str, done: Callable[[], bool], deadline_seconds: float) ->
         time.sleep(SCENARIO_2_POLL_SECONDS)
 
 
-def _scenario_2_accounts(
+class _TransferParties(NamedTuple):
+    debit_account_id: str
+    debit_shard_id: str
+    credit_account_id: str
+    credit_shard_id: str
+
+
+def _scenario_2_parties(
     client: LedgerClient,
     config: cluster_config.ClusterConfig,
     debit_account_id: str | None,
     credit_account_id: str | None,
-) -> tuple[str, str, str, str]:
+) -> _TransferParties:
     """The debit and credit accounts (new ones for those not given) and their shards."""
     if debit_account_id is None:
         debit_account_id = client.create_account().id
-    debit_shard = _shard_id_of(config, debit_account_id, "--debit-account-id")
+    debit_shard_id = _shard_id_of(config, debit_account_id, "--debit-account-id")
     if credit_account_id is None:
-        credit_account_id = _account_on_other_shard(client, config, debit_shard)
-    credit_shard = _shard_id_of(config, credit_account_id, "--credit-account-id")
-    if credit_shard == debit_shard:
+        credit_account_id = _account_on_other_shard(client, config, debit_shard_id)
+    credit_shard_id = _shard_id_of(config, credit_account_id, "--credit-account-id")
+    if credit_shard_id == debit_shard_id:
         raise click.BadParameter(
-            f"both accounts are on {debit_shard}; scenario-2 crosses shards",
+            f"both accounts are on {debit_shard_id}; scenario-2 crosses shards",
             param_hint="--credit-account-id",
         )
-    return debit_account_id, debit_shard, credit_account_id, credit_shard
+    return _TransferParties(debit_account_id, debit_shard_id, credit_account_id, credit_shard_id)
 
 
-def _wait_for_expiry(client: LedgerClient, expiring: Transfer) -> Transfer:
-    """Poll the transfer until it leaves PENDING, which must be EXPIRED, and then its credit leg
-    on the other shard, which follows the debit leg's expiry a moment later."""
-    latest = expiring
+SCENARIO_2_WAIT_SECONDS = SCENARIO_2_EXPIRY_TIMEOUT_SECONDS + SCENARIO_2_EXPIRY_WAIT_SECONDS
+
+
+def _wait_until_resolved(client: LedgerClient, pending: Transfer) -> Transfer:
+    """The transfer as it stands once it has left PENDING."""
+    latest = pending
 
     def resolved() -> bool:
         nonlocal latest
-        latest = client.get_transfer(expiring.id, consistent=True)
+        latest = client.get_transfer(pending.id, consistent=True)
         return latest.status is not TransferStatus.PENDING
 
-    wait_seconds = SCENARIO_2_EXPIRY_TIMEOUT_SECONDS + SCENARIO_2_EXPIRY_WAIT_SECONDS
-    _poll_until(f"transfer {expiring.id} leaving PENDING", resolved, wait_seconds)
-    if latest.status is not TransferStatus.EXPIRED:
-        raise click.ClickException(f"transfer {expiring.id} ended {latest.status.value}, not EXPIRED")
+    _poll_until(f"transfer {pending.id} leaving PENDING", resolved, SCENARIO_2_WAIT_SECONDS)
+    return latest
+
+
+def _wait_until_credit_leg_expired(client: LedgerClient, expired: Transfer) -> None:
+    """The credit leg on the other shard follows the debit leg's expiry a moment later."""
 
     def credit_leg_expired() -> bool:
-        leg = client.get_transaction(latest.credit_transaction_id)
+        leg = client.get_transaction(expired.credit_transaction_id)
         return leg.status is TransactionStatus.EXPIRED
 
-    _poll_until(f"credit leg {latest.credit_transaction_id} EXPIRED", credit_leg_expired, wait_seconds)
-    return latest
+    _poll_until(
+        f"credit leg {expired.credit_transaction_id} EXPIRED", credit_leg_expired, SCENARIO_2_WAIT_SECONDS
+    )
 
 
 @main.command("scenario-2")
@@ -399,7 +418,7 @@ def _wait_for_expiry(client: LedgerClient, expiring: Transfer) -> Transfer:
 )
 @config_option
 @gateway_option
-@timeout_option
+@operation_timeout_option
 def scenario_2(
     debit_account_id: str | None,
     credit_account_id: str | None,
@@ -415,23 +434,30 @@ def scenario_2(
     Without account ids, new accounts are created on two shards of --config."""
     config = load_config(config_path)
     with ledger_client(gateway, timeout_seconds) as client:
-        debit, debit_shard, credit, credit_shard = _scenario_2_accounts(
-            client, config, debit_account_id, credit_account_id
+        parties = _scenario_2_parties(client, config, debit_account_id, credit_account_id)
+        debit_account_id, credit_account_id = parties.debit_account_id, parties.credit_account_id
+        printer = _TransferScenarioPrinter(client, debit_account_id, credit_account_id)
+        click.echo(
+            f"scenario-2 from {debit_account_id} ({parties.debit_shard_id}) to {credit_account_id}"
+            f" ({parties.credit_shard_id}) via {gateway}"
         )
-        printer = _TransferScenarioPrinter(client, debit, credit)
-        click.echo(f"scenario-2 from {debit} ({debit_shard}) to {credit} ({credit_shard}) via {gateway}")
         click.echo(
             f"#  {'step':28}  {'transaction or transfer':32}  {'amount':>7}  {'settled':>7}  {'status':18}"
             "  balances"
         )
         top_up = client.create_transaction(
-            debit, SCENARIO_2_TOP_UP, settled=True, description="scenario-2 top-up"
+            debit_account_id, SCENARIO_2_TOP_UP, settled=True, description="scenario-2 top-up"
         )
         printer.line(f"top-up debit +{SCENARIO_2_TOP_UP} (instant)", top_up)
 
         def create(amount: int, settled: bool, description: str, timeout: int = 0) -> Transfer:
             return client.create_transfer(
-                debit, credit, amount, settled=settled, description=description, timeout_seconds=timeout
+                debit_account_id,
+                credit_account_id,
+                amount,
+                settled=settled,
+                description=description,
+                timeout_seconds=timeout,
             )
 
         pending = printer.transfer(
@@ -442,7 +468,7 @@ def scenario_2(
             f"settle {SCENARIO_2_PARTIAL_SETTLE} of it",
             client.settle_transfer(pending.id, amount=SCENARIO_2_PARTIAL_SETTLE),
         )
-        debit_account = client.get_account(debit, consistent=True)
+        debit_account = client.get_account(debit_account_id, consistent=True)
         too_large = max(
             SCENARIO_2_TOO_LARGE_MIN, debit_account.available_balance + debit_account.overdraft_limit + 1
         )
@@ -458,10 +484,13 @@ def scenario_2(
                 timeout=SCENARIO_2_EXPIRY_TIMEOUT_SECONDS,
             ),
         )
-        printer.transfer("wait until it expires", _wait_for_expiry(client, expiring))
+        resolved = printer.transfer("wait until it expires", _wait_until_resolved(client, expiring))
+        if resolved.status is not TransferStatus.EXPIRED:
+            raise click.ClickException(f"transfer {expiring.id} ended {resolved.status.value}, not EXPIRED")
+        _wait_until_credit_leg_expired(client, resolved)
         click.echo(f"final balances: {printer.balances()}")
-        printer.legs("debit", debit, debit_shard)
-        printer.legs("credit", credit, credit_shard)
+        printer.legs("debit", debit_account_id, parties.debit_shard_id)
+        printer.legs("credit", credit_account_id, parties.credit_shard_id)
 
 
 def _replica_health(replica: node_pb2.ReplicaStatus | None, node_error: str) -> str:
