@@ -13,6 +13,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger_cluster import config as cluster_config
+from ledger_cluster.dev_certificates import DevelopmentCertificates
 from ledger_cluster.localcluster.processes import (
     EXIT_TIMEOUT_SECONDS,
     HEALTH_RPC_TIMEOUT_SECONDS,
@@ -35,6 +36,7 @@ from ledger_cluster.localcluster.processes import (
     start_process,
     wait_until_serving,
 )
+from ledger_cluster.security import ClientCredentials, TlsIdentity
 
 __all__ = [
     "EXIT_TIMEOUT_SECONDS",
@@ -52,15 +54,18 @@ __all__ = [
     "ManagedProcess",
     "StandaloneServer",
     "clean_environment",
+    "development_tls",
     "free_port",
     "free_ports",
     "health_status",
     "log_tail",
     "managed_process",
+    "rpc_count",
     "run_dev_cli",
     "standalone_server",
     "start_process",
     "start_standalone",
+    "start_tls_standalone",
     "wait_until_serving",
     "write_generated_config",
 ]
@@ -158,6 +163,48 @@ def standalone_server(
         yield server
     finally:
         server.process.stop()
+
+
+def development_tls(certificates: DevelopmentCertificates, with_certificate: bool = True) -> TlsIdentity:
+    """A client's TLS identity from the development certificates: their CA as roots, and their
+    certificate as the client's own unless `with_certificate` is false."""
+    return TlsIdentity(
+        certificate_chain=certificates.certificate_path.read_bytes() if with_certificate else b"",
+        private_key=certificates.key_path.read_bytes() if with_certificate else b"",
+        root_certificates=certificates.ca_path.read_bytes(),
+    )
+
+
+def start_tls_standalone(
+    base: Path,
+    certificates: DevelopmentCertificates,
+    client_tokens: str,
+    *,
+    client_ca: bool = False,
+    http_port: int | None = None,
+) -> StandaloneServer:
+    """A ledger-standalone under `base` serving TLS (the development certificate) and asking for
+    one of `client_tokens` (LEDGER_CLIENT_TOKENS), on its gRPC port and on `http_port` if given;
+    with `client_ca`, clients must also present a certificate of the development CA. SERVING
+    when this returns; the caller stops it."""
+    config_path = write_generated_config(base / "cluster_config.json", 3, 2, 3)
+    port, metrics_port = free_port(), free_port()
+    command = standalone_command(port, base / "data", config_path, metrics_port, http_port)
+    command += ["--tls-cert", str(certificates.certificate_path), "--tls-key", str(certificates.key_path)]
+    if client_ca:
+        command += ["--tls-client-ca", str(certificates.ca_path)]
+    environment = {**clean_environment(), "LEDGER_CLIENT_TOKENS": client_tokens}
+    process = start_process("ledger-standalone (TLS)", command, base / "server.log", env=environment)
+    try:
+        # A server given a client CA asks for a client certificate even for health checks.
+        identity = development_tls(certificates, with_certificate=client_ca)
+        wait_until_serving(
+            process, f"{LOOPBACK_HOST}:{port}", credentials=ClientCredentials(token=None, tls=identity)
+        )
+    except BaseException:
+        process.stop()
+        raise
+    return StandaloneServer(process, port, metrics_port, base / "data", config_path, http_port)
 
 
 def rpc_count(server: StandaloneServer, method: str) -> int:

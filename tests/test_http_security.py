@@ -12,15 +12,10 @@ import httpx
 import pytest
 
 from ledger_cluster.dev_certificates import DevelopmentCertificates, write_development_certificates
-from ledger_cluster.security import ClientCredentials, TlsIdentity
 from tests.processes import (
     LOOPBACK_HOST,
-    clean_environment,
     free_port,
-    standalone_command,
-    start_process,
-    wait_until_serving,
-    write_generated_config,
+    start_tls_standalone,
 )
 
 CLIENT_TOKEN = "client-token-for-the-http-tests-00000001"
@@ -36,26 +31,13 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> DevelopmentCertifi
 @contextmanager
 def https_server(base: Path, certificates: DevelopmentCertificates, client_ca: bool) -> Iterator[str]:
     """A ledger-standalone with TLS and client tokens on both ports; yields the HTTPS URL."""
-    config_path = write_generated_config(base / "cluster_config.json", 3, 2, 3)
-    port, http_port = free_port(), free_port()
-    command = standalone_command(port, base / "data", config_path, http_port=http_port)
-    command += ["--tls-cert", str(certificates.certificate_path), "--tls-key", str(certificates.key_path)]
-    if client_ca:
-        command += ["--tls-client-ca", str(certificates.ca_path)]
-    environment = {**clean_environment(), "LEDGER_CLIENT_TOKENS": CLIENT_TOKEN}
-    process = start_process("ledger-standalone (HTTPS)", command, base / "server.log", env=environment)
+    server = start_tls_standalone(
+        base, certificates, CLIENT_TOKEN, client_ca=client_ca, http_port=free_port()
+    )
     try:
-        # A server given a client CA asks for a client certificate even for health checks.
-        identity = TlsIdentity(
-            certificate_chain=certificates.certificate_path.read_bytes() if client_ca else b"",
-            private_key=certificates.key_path.read_bytes() if client_ca else b"",
-            root_certificates=certificates.ca_path.read_bytes(),
-        )
-        credentials = ClientCredentials(token=None, tls=identity)
-        wait_until_serving(process, f"{LOOPBACK_HOST}:{port}", credentials=credentials)
-        yield f"https://{LOOPBACK_HOST}:{http_port}"
+        yield f"https://{LOOPBACK_HOST}:{server.http_port}"
     finally:
-        process.stop()
+        server.process.stop()
 
 
 @pytest.fixture(scope="module")

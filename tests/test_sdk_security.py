@@ -13,17 +13,9 @@ from ledger_cluster.sdk import AsyncLedgerClient, LedgerClient, UnauthenticatedE
 from ledger_cluster.security import (
     CLIENT_TLS_CA_ENVIRONMENT_VARIABLE,
     CLIENT_TOKEN_ENVIRONMENT_VARIABLE,
-    ClientCredentials,
-    TlsIdentity,
 )
 from tests.processes import (
-    LOOPBACK_HOST,
-    REPO_CONFIG_PATH,
-    clean_environment,
-    free_port,
-    standalone_command,
-    start_process,
-    wait_until_serving,
+    start_tls_standalone,
 )
 
 CLIENT_TOKEN = "client-token-for-the-sdk-tests-000000001"
@@ -41,19 +33,11 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> DevelopmentCertifi
 def tls_server(
     tmp_path_factory: pytest.TempPathFactory, certificates: DevelopmentCertificates
 ) -> Iterator[str]:
-    directory = tmp_path_factory.mktemp("sdk-tls")
-    port = free_port()
-    command = standalone_command(port, directory / "data", REPO_CONFIG_PATH)
-    command += ["--tls-cert", str(certificates.certificate_path), "--tls-key", str(certificates.key_path)]
-    environment = {**clean_environment(), "LEDGER_CLIENT_TOKENS": CLIENT_TOKEN}
-    process = start_process("ledger-standalone (TLS)", command, directory / "server.log", env=environment)
-    address = f"{LOOPBACK_HOST}:{port}"
+    server = start_tls_standalone(tmp_path_factory.mktemp("sdk-tls"), certificates, CLIENT_TOKEN)
     try:
-        roots_only = TlsIdentity(b"", b"", certificates.ca_path.read_bytes())
-        wait_until_serving(process, address, credentials=ClientCredentials(token=None, tls=roots_only))
-        yield address
+        yield server.address
     finally:
-        process.stop()
+        server.process.stop()
 
 
 def test_the_sync_client_presents_tls_roots_from_a_path_and_a_token(

@@ -45,16 +45,20 @@ from ledger_cluster.limits import (
 )
 from ledger_cluster.localcluster.processes import (
     LOOPBACK_HOST,
-    ManagedProcess,
     clean_environment,
     free_port,
     start_process,
-    wait_until_serving,
 )
-from ledger_cluster.security import SECRET_BYTES_MIN, ClientCredentials, TlsIdentity
+from ledger_cluster.security import SECRET_BYTES_MIN, ClientCredentials
 from ledger_cluster.status import error_details
 from tests.cluster import TEST_RAFT_PASSWORD, Cluster, new_cluster, started_cluster
-from tests.processes import REPO_ROOT, standalone_command, write_generated_config
+from tests.processes import (
+    REPO_ROOT,
+    development_tls,
+    standalone_command,
+    start_tls_standalone,
+    write_generated_config,
+)
 
 RPC_TIMEOUT_SECONDS = 10.0
 PROCESS_TIMEOUT_SECONDS = 30.0
@@ -75,14 +79,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> DevelopmentCertificates:
     return write_development_certificates(tmp_path_factory.mktemp("certificates"))
-
-
-def tls_of(certificates: DevelopmentCertificates, with_certificate: bool = True) -> TlsIdentity:
-    return TlsIdentity(
-        certificate_chain=certificates.certificate_path.read_bytes() if with_certificate else b"",
-        private_key=certificates.key_path.read_bytes() if with_certificate else b"",
-        root_certificates=certificates.ca_path.read_bytes(),
-    )
 
 
 def node_stub(
@@ -334,7 +330,7 @@ def test_internal_mutual_tls_admits_only_the_cluster(
             "plaintext": ClientCredentials(token=running.cluster_token, tls=None),
             "TLS without a client certificate": ClientCredentials(
                 token=running.cluster_token,
-                tls=tls_of(certificates, with_certificate=False),
+                tls=development_tls(certificates, with_certificate=False),
             ),
         }
         for name, credentials in attempts.items():
@@ -344,7 +340,7 @@ def test_internal_mutual_tls_admits_only_the_cluster(
                     lambda stub=stub: stub.Status(node_pb2.StatusRequest(), timeout=RPC_TIMEOUT_SECONDS)
                 )
                 assert code == grpc.StatusCode.UNAVAILABLE, name
-        channel, stub = node_stub(address, ClientCredentials(token=None, tls=tls_of(certificates)))
+        channel, stub = node_stub(address, ClientCredentials(token=None, tls=development_tls(certificates)))
         with channel:
             code, _ = code_and_reason(
                 lambda: stub.Status(node_pb2.StatusRequest(), timeout=RPC_TIMEOUT_SECONDS)
@@ -394,36 +390,13 @@ def test_the_gateway_refuses_a_token_on_its_command_line() -> None:
 # -- the public port: TLS and client tokens ---------------------------------------------------------
 
 
-def start_public_server(
-    tmp_path: Path, certificates: DevelopmentCertificates, extra_arguments: list[str], tokens: str
-) -> tuple[ManagedProcess, str]:
-    config_path = write_generated_config(tmp_path / "cluster_config.json", 3, 2, 3)
-    port = free_port()
-    command = standalone_command(port, tmp_path / "data", config_path)
-    command += ["--tls-cert", str(certificates.certificate_path), "--tls-key", str(certificates.key_path)]
-    command += extra_arguments
-    environment = {**clean_environment(), "LEDGER_CLIENT_TOKENS": tokens}
-    process = start_process("ledger-standalone (TLS)", command, tmp_path / "server.log", env=environment)
-    address = f"{LOOPBACK_HOST}:{port}"
-    try:
-        # With a client certificate: a server given a client CA asks for one even for health.
-        identity = ClientCredentials(token=None, tls=tls_of(certificates))
-        wait_until_serving(process, address, credentials=identity)
-    except BaseException:
-        process.stop()
-        raise
-    return process, address
-
-
 @pytest.fixture
 def public_server(tmp_path: Path, certificates: DevelopmentCertificates) -> Iterator[str]:
-    process, address = start_public_server(
-        tmp_path, certificates, [], f"{OTHER_TOKEN.upper()},{CLIENT_TOKEN}"
-    )
+    server = start_tls_standalone(tmp_path, certificates, f"{OTHER_TOKEN.upper()},{CLIENT_TOKEN}")
     try:
-        yield address
+        yield server.address
     finally:
-        process.stop()
+        server.process.stop()
 
 
 def ledger_call(address: str, credentials: ClientCredentials) -> ledger_pb2.CreateAccountResponse:
@@ -454,7 +427,7 @@ def available(address: str, credentials: ClientCredentials, account_id: str) -> 
 def test_the_public_port_serves_tls_and_checks_client_tokens(
     public_server: str, certificates: DevelopmentCertificates
 ) -> None:
-    roots = tls_of(certificates, with_certificate=False)
+    roots = development_tls(certificates, with_certificate=False)
     refused = {
         "plaintext": (ClientCredentials(token=CLIENT_TOKEN, tls=None), grpc.StatusCode.UNAVAILABLE),
         "no token": (
@@ -504,17 +477,18 @@ def test_ledger_dev_reaches_a_tls_gateway_with_a_token(
 def test_the_public_port_with_a_client_ca_requires_a_client_certificate(
     tmp_path: Path, certificates: DevelopmentCertificates
 ) -> None:
-    process, address = start_public_server(
-        tmp_path, certificates, ["--tls-client-ca", str(certificates.ca_path)], CLIENT_TOKEN
-    )
+    server = start_tls_standalone(tmp_path, certificates, CLIENT_TOKEN, client_ca=True)
+    address = server.address
     try:
-        roots_only = ClientCredentials(token=CLIENT_TOKEN, tls=tls_of(certificates, False))
+        roots_only = ClientCredentials(token=CLIENT_TOKEN, tls=development_tls(certificates, False))
         code, _ = code_and_reason(lambda: ledger_call(address, roots_only))
         assert code == grpc.StatusCode.UNAVAILABLE
-        answer = ledger_call(address, ClientCredentials(token=CLIENT_TOKEN, tls=tls_of(certificates)))
+        answer = ledger_call(
+            address, ClientCredentials(token=CLIENT_TOKEN, tls=development_tls(certificates))
+        )
         assert answer.account.id
     finally:
-        process.stop()
+        server.process.stop()
 
 
 def test_tokens_travel_in_the_clear_only_to_loopback() -> None:
