@@ -497,8 +497,6 @@ def test_duplicate_delivery_changes_state_once(healthy: Cluster, repeat: str) ->
     stub = cluster.ledger_stub()
     account_id = stub.CreateAccount(ledger_pb2.CreateAccountRequest(), timeout=RPC_TIMEOUT_SECONDS).account.id
     shard_id = shard_of(cluster.config, account_id)
-    leader = cluster.leader_of(shard_id)
-    node = cluster.node_stub(leader)
     request_id = f"duplicate-{uuid.uuid4().hex}" if repeat == "same-request-id" else ""
     first_command = create_transaction_command(account_id, 123, request_id)
     second_command = (
@@ -506,17 +504,13 @@ def test_duplicate_delivery_changes_state_once(healthy: Cluster, repeat: str) ->
     )
     assert (first_command == second_command) == (repeat == "same-bytes")
 
-    first = node.Update(
-        node_pb2.UpdateRequest(shard_id=shard_id, command=first_command), timeout=RPC_TIMEOUT_SECONDS
-    ).result
+    first = cluster.update_at_leader(shard_id, first_command)
     assert first.outcome == core_pb2.OUTCOME_OK, first
     after_first = cluster.wait_converged([shard_id])[shard_id]
     account_after_first = get_account(stub, account_id)
     assert account_after_first.settled_balance == 123
 
-    second = node.Update(
-        node_pb2.UpdateRequest(shard_id=shard_id, command=second_command), timeout=RPC_TIMEOUT_SECONDS
-    ).result
+    second = cluster.update_at_leader(shard_id, second_command)
     # The repeat is a new log entry, so the index that answered differs; the answer does not.
     assert second.log_index > first.log_index
     assert second.outcome == first.outcome == core_pb2.OUTCOME_OK

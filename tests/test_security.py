@@ -271,8 +271,8 @@ def test_node_service_refuses_calls_without_the_cluster_token(cluster: Cluster, 
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     # The refused Update created nothing; the same Update with the token does.
     assert_no_account(cluster, account_id)
-    answer = cluster.node_stub(leader).Update(update, timeout=RPC_TIMEOUT_SECONDS)
-    assert answer.result.outcome == core_pb2.OUTCOME_OK, answer.result.message
+    result = cluster.update_at_leader(shard.shard_id, update.command)
+    assert result.outcome == core_pb2.OUTCOME_OK, result.message
 
 
 def test_a_gateway_with_a_wrong_token_says_not_applied(cluster: Cluster, tmp_path: Path) -> None:

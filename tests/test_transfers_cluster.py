@@ -104,11 +104,8 @@ def send_debit_only(
         now=time.time_ns(),
         timeout_seconds=timeout_seconds,
     )
-    leader = cluster.leader_of(shard_id)
-    answer = cluster.node_stub(leader).Update(
-        node_pb2.UpdateRequest(shard_id=shard_id, command=command), timeout=RPC_TIMEOUT_SECONDS
-    )
-    assert answer.result.outcome == core_pb2.OUTCOME_OK, answer.result.message
+    result = cluster.update_at_leader(shard_id, command)
+    assert result.outcome == core_pb2.OUTCOME_OK, result.message
     return f"{debit}{number:016x}"
 
 

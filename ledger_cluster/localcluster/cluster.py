@@ -32,7 +32,7 @@ from ledger_cluster import config as cluster_config
 from ledger_cluster.api.v1 import ledger_pb2_grpc
 from ledger_cluster.config import ClusterConfig
 from ledger_cluster.dev_certificates import DevelopmentCertificates
-from ledger_cluster.internal.v1 import node_pb2, node_pb2_grpc
+from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.localcluster.processes import (
     LEDGER_SERVICE_NAME,
     LOOPBACK_HOST,
@@ -48,6 +48,7 @@ from ledger_cluster.localcluster.processes import (
     start_process,
     wait_until_serving,
 )
+from ledger_cluster.node_protocol import is_not_taken
 from ledger_cluster.replica import RAFT_PASSWORD_ENVIRONMENT_VARIABLE
 from ledger_cluster.security import (
     CLUSTER_TOKEN_ENVIRONMENT_VARIABLE,
@@ -57,6 +58,7 @@ from ledger_cluster.security import (
     ClientCredentials,
     InternalCredentials,
 )
+from ledger_cluster.status import error_details
 
 NODE_SERVICE_NAME = "ledger_cluster.internal.v1.NodeService"
 NODE_READY_TIMEOUT_SECONDS = 30.0
@@ -471,6 +473,26 @@ class Cluster:
 
     def leader_of(self, shard_id: str, timeout_seconds: float = CLUSTER_READY_TIMEOUT_SECONDS) -> str:
         return self.wait_leaders(timeout_seconds)[shard_id]
+
+    def update_at_leader(
+        self, shard_id: str, command: bytes, timeout_seconds: float = CLUSTER_READY_TIMEOUT_SECONDS
+    ) -> core_pb2.CommandResult:
+        """One NodeService.Update to the shard's leader. Leadership can move between finding the
+        leader and the call (a loaded machine misses a heartbeat); an answer that promises the
+        command never reached the log is sent again to whoever leads then, any other error is
+        raised."""
+        deadline = time.monotonic() + timeout_seconds
+        request = node_pb2.UpdateRequest(shard_id=shard_id, command=command)
+        while True:
+            leader = self.leader_of(shard_id, max(deadline - time.monotonic(), 0.0))
+            remaining_seconds = max(deadline - time.monotonic(), NODE_RPC_TIMEOUT_SECONDS)
+            try:
+                return self.node_stub(leader).Update(request, timeout=remaining_seconds).result
+            except grpc.RpcError as error:
+                reason = error_details(error).reason
+                if not is_not_taken(reason) or time.monotonic() > deadline:
+                    raise
+            time.sleep(POLL_INTERVAL_SECONDS)
 
     def gateway_health(self) -> str:
         try:
