@@ -270,9 +270,8 @@ class AsyncLedgerClient:
     ) -> list[Transaction | LedgerApiError]:
         """One batch call; each item gets its result or its own error, in order. A failure of
         the whole call is retried (each item keeps its request id) and then raised."""
-        request = ledger_pb2.CreateTransactionsRequest(items=[_transaction_request(item) for item in items])
-        response = await self._retried(self._stub.CreateTransactions, request)
-        return [_transaction_outcome(result) for result in response.results]
+        requests = [_transaction_request(item) for item in items]
+        return await self.retry_policy.run(lambda timeout: self._send_transactions(requests, timeout))
 
     async def settle_transactions(self, transaction_ids: Sequence[str]) -> list[Transaction | LedgerApiError]:
         request = ledger_pb2.SettleTransactionsRequest(transaction_ids=transaction_ids)
@@ -328,9 +327,8 @@ class AsyncLedgerClient:
         return Transfer.from_message(response.transfer)
 
     async def create_transfers(self, items: Sequence[NewTransfer]) -> list[Transfer | LedgerApiError]:
-        request = ledger_pb2.CreateTransfersRequest(items=[_transfer_request(item) for item in items])
-        response = await self._retried(self._stub.CreateTransfers, request)
-        return [_transfer_outcome(result) for result in response.results]
+        requests = [_transfer_request(item) for item in items]
+        return await self.retry_policy.run(lambda timeout: self._send_transfers(requests, timeout))
 
     # -- reserve, then capture or release ------------------------------------------------------
 
