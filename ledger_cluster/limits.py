@@ -16,6 +16,8 @@ BATCH_ITEMS_MAX = 1000
 # gateway makes, so an internal caller cannot fill a shard's log with oversized entries.
 ITEM_COMMAND_BYTES_MAX = 8 * 1024
 COMMAND_BYTES_MAX = BATCH_ITEMS_MAX * ITEM_COMMAND_BYTES_MAX
+# One message on the public port: a gRPC message either way, or an HTTP request body.
+PUBLIC_MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 # One message between a gateway and a node (a coalesced batch of 1000 commands fits well).
 NODE_MESSAGE_BYTES_MAX = 16 * 1024 * 1024
 CURRENCY_CHARACTERS_MAX = 16

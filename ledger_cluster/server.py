@@ -19,13 +19,13 @@ from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.gateway import CoreApi, LedgerService
 from ledger_cluster.http import HttpSecurity, HttpServer, ledger_http_app
 from ledger_cluster.http.server import HttpTls
+from ledger_cluster.limits import PUBLIC_MESSAGE_BYTES_MAX
 from ledger_cluster.metrics import MetricsServer, serve_metrics
 from ledger_cluster.security import ServerCredentials, is_loopback_address
 
 logger = logging.getLogger(__name__)
 
 LEDGER_SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
-MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 SHUTDOWN_GRACE_SECONDS = 5.0
 HEALTH_REFRESH_SECONDS = 0.5
 
@@ -41,8 +41,8 @@ class LedgerServer:
         self._server = grpc.aio.server(
             interceptors=credentials.interceptors(),
             options=[
-                ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
-                ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+                ("grpc.max_receive_message_length", PUBLIC_MESSAGE_BYTES_MAX),
+                ("grpc.max_send_message_length", PUBLIC_MESSAGE_BYTES_MAX),
                 # Fail loudly when the port is taken instead of sharing it with another server.
                 ("grpc.so_reuseport", 0),
             ],
@@ -164,7 +164,9 @@ async def serve_ledger(
         if http_port is not None:
             # Bound before health can say SERVING: a client told so finds the HTTP port listening.
             security = HttpSecurity(tokens=credentials.tokens, who=credentials.who)
-            http_server = HttpServer(ledger_http_app(server.service, security), host, http_port, http_tls)
+            app = ledger_http_app(server.service, security)
+            # Calls in flight get as long to finish at a stop as on the gRPC port.
+            http_server = HttpServer(app, host, http_port, http_tls, SHUTDOWN_GRACE_SECONDS)
         await server.start()
         if http_server is not None:
             await http_server.start()

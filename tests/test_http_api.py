@@ -14,9 +14,9 @@ import pytest
 from openapi_spec_validator import validate
 
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
-from ledger_cluster.http.app import BODY_BYTES_MAX, HTTP_STATUS_BY_CODE
+from ledger_cluster.http.app import HTTP_STATUS_BY_CODE
 from ledger_cluster.http.routes import ROUTES
-from ledger_cluster.server import MESSAGE_BYTES_MAX
+from ledger_cluster.limits import PUBLIC_MESSAGE_BYTES_MAX
 from ledger_cluster.status import error_details
 from tests.processes import StandaloneServer, free_port, standalone_server, write_generated_config
 
@@ -220,16 +220,15 @@ def test_errors_change_nothing(client: httpx.Client) -> None:
 
 
 def test_bodies_have_the_grpc_size_limit(client: httpx.Client) -> None:
-    assert BODY_BYTES_MAX == MESSAGE_BYTES_MAX
     account_id = new_account(client)["id"]
     path = f"/v1/accounts/{account_id}/transactions"
-    padding = b" " * (BODY_BYTES_MAX + 1)
+    padding = b" " * (PUBLIC_MESSAGE_BYTES_MAX + 1)
     declared = client.post(path, content=padding, headers={"content-type": "application/json"})
     expect_error(declared, 413, "RESOURCE_EXHAUSTED", "BODY_TOO_LARGE")
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds while reading
         chunk = b" " * (1024 * 1024)
-        for _ in range(BODY_BYTES_MAX // len(chunk) + 1):
+        for _ in range(PUBLIC_MESSAGE_BYTES_MAX // len(chunk) + 1):
             yield chunk
 
     streamed = client.post(path, content=chunks(), headers={"content-type": "application/json"})

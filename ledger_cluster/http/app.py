@@ -28,6 +28,7 @@ from starlette.routing import Route
 from ledger_cluster.gateway.service import Context, LedgerService
 from ledger_cluster.http.openapi import openapi_document, swagger_page
 from ledger_cluster.http.routes import REQUEST_ID_FIELD, ROUTES, HttpRoute
+from ledger_cluster.limits import PUBLIC_MESSAGE_BYTES_MAX
 from ledger_cluster.security import UNAUTHENTICATED_REASON, BearerTokenInterceptor
 from ledger_cluster.status import ApiError, status_details
 
@@ -60,9 +61,9 @@ IDEMPOTENCY_KEY_MISMATCH_REASON = "IDEMPOTENCY_KEY_MISMATCH"
 IDEMPOTENCY_KEY_NOT_ACCEPTED_REASON = "IDEMPOTENCY_KEY_NOT_ACCEPTED"
 NO_SUCH_PATH_REASON = "NO_SUCH_PATH"
 BODY_TOO_LARGE_REASON = "BODY_TOO_LARGE"
-# The gRPC port's message limit (server.MESSAGE_BYTES_MAX): no request is bigger over HTTP.
-BODY_BYTES_MAX = 4 * 1024 * 1024
 METHOD_NOT_ALLOWED_REASON = "METHOD_NOT_ALLOWED"
+# Where the OpenAPI document is served, and where the Swagger UI page loads it from.
+OPENAPI_PATH = "/openapi.json"
 
 
 class ResourceConvertor(Convertor[str]):
@@ -157,20 +158,20 @@ def _too_large() -> _CallFailedError:
     failure = ApiError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         BODY_TOO_LARGE_REASON,
-        f"a body holds at most {BODY_BYTES_MAX} bytes",
+        f"a body holds at most {PUBLIC_MESSAGE_BYTES_MAX} bytes",
     )
     return _CallFailedError(failure, http_status=413)
 
 
 async def _body(request: Request) -> bytes:
-    """The body, refused past BODY_BYTES_MAX before it is all read."""
+    """The body, refused past PUBLIC_MESSAGE_BYTES_MAX before it is all read."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > BODY_BYTES_MAX:
+    if declared.isdigit() and int(declared) > PUBLIC_MESSAGE_BYTES_MAX:
         raise _too_large()
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > BODY_BYTES_MAX:
+        if len(body) > PUBLIC_MESSAGE_BYTES_MAX:
             raise _too_large()
     return bytes(body)
 
@@ -283,13 +284,13 @@ def ledger_http_app(service: LedgerService, security: HttpSecurity) -> Starlette
         return JSONResponse(document)
 
     async def docs(request: Request) -> Response:
-        return HTMLResponse(swagger_page("/openapi.json"))
+        return HTMLResponse(swagger_page(OPENAPI_PATH))
 
     routes = [
         Route(route.path, _endpoint(route, service, authorize), methods=[route.http_method], name=route.rpc)
         for route in ROUTES
     ]
-    routes += [Route("/openapi.json", openapi, methods=["GET"]), Route("/docs", docs, methods=["GET"])]
+    routes += [Route(OPENAPI_PATH, openapi, methods=["GET"]), Route("/docs", docs, methods=["GET"])]
     handlers = {404: _no_such_path, 405: _method_not_allowed, Exception: _internal_error}
     return Starlette(routes=routes, exception_handlers=handlers)
 

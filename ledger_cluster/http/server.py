@@ -10,8 +10,6 @@ from dataclasses import dataclass
 import uvicorn
 from starlette.applications import Starlette
 
-# Calls in flight get this long to finish at a stop, as on the gRPC port.
-SHUTDOWN_GRACE_SECONDS = 5.0
 LISTEN_BACKLOG = 2048
 
 
@@ -47,7 +45,9 @@ class HttpServer:
     servicer directly. uvicorn's `serve()` would take over SIGTERM and SIGINT, which the
     process's own stop owns, so this drives its startup and shutdown itself."""
 
-    def __init__(self, app: Starlette, host: str, port: int, tls: HttpTls | None) -> None:
+    def __init__(
+        self, app: Starlette, host: str, port: int, tls: HttpTls | None, shutdown_grace_seconds: float
+    ) -> None:
         self._socket = _listening_socket(host, port)
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
@@ -58,7 +58,7 @@ class HttpServer:
             server_header=False,
             # A Date header would need uvicorn's main loop ticking to stay current.
             date_header=False,
-            timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS),
+            timeout_graceful_shutdown=int(shutdown_grace_seconds),
             ssl_certfile=tls.certificate_path if tls else None,
             ssl_keyfile=tls.key_path if tls else None,
             ssl_ca_certs=tls.client_ca_path if tls else None,
