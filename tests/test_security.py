@@ -43,11 +43,12 @@ from ledger_cluster.limits import (
     REQUEST_ID_BYTES_MAX,
     TIMEOUT_SECONDS_MAX,
 )
+from ledger_cluster.localcluster.cluster import gateway_command
 from ledger_cluster.localcluster.processes import (
     LOOPBACK_HOST,
     clean_environment,
     free_port,
-    start_process,
+    managed_process,
 )
 from ledger_cluster.security import SECRET_BYTES_MIN, ClientCredentials
 from ledger_cluster.status import error_details
@@ -194,7 +195,9 @@ def test_the_node_command_cap_holds_the_largest_command_a_gateway_builds() -> No
 
 def too_long_in_all(account_id: int) -> bytes:
     item = commands.create_account(account_id, "p" * (DESCRIPTION_BYTES_MAX * 4), time.time_ns())
-    return commands.batch([item] * (COMMAND_BYTES_MAX // len(item) + 1))
+    too_large = commands.batch([item] * (COMMAND_BYTES_MAX // len(item) + 1))
+    assert len(too_large) > COMMAND_BYTES_MAX
+    return too_large
 
 
 def too_many_items(account_id: int) -> bytes:
@@ -279,14 +282,11 @@ def test_a_gateway_with_a_wrong_token_says_not_applied(cluster: Cluster, tmp_pat
     """A refusal before the handler is a promise that nothing ran: the caller hears UNAVAILABLE
     (retry), never OUTCOME_UNKNOWN."""
     port = free_port()
-    command = [sys.executable, "-m", "ledger_cluster.cli.gateway", "--port", str(port)]
-    command += ["--metrics-port", str(free_port()), "--config", str(cluster.config_path)]
+    command = gateway_command(port, free_port(), cluster.config_path)
     environment = {**clean_environment(), "LEDGER_CLUSTER_TOKEN": OTHER_TOKEN}
     log_path = tmp_path / "gateway.log"
-    process = start_process("ledger-gateway (wrong token)", command, log_path, env=environment)
-    try:
-        address = f"{LOOPBACK_HOST}:{port}"
-        with grpc.insecure_channel(address) as channel:
+    with managed_process("ledger-gateway (wrong token)", command, log_path, env=environment):
+        with grpc.insecure_channel(f"{LOOPBACK_HOST}:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=PROCESS_TIMEOUT_SECONDS)
             stub = ledger_pb2_grpc.LedgerServiceStub(channel)
             code, reason = code_and_reason(
@@ -294,8 +294,6 @@ def test_a_gateway_with_a_wrong_token_says_not_applied(cluster: Cluster, tmp_pat
             )
         assert code == grpc.StatusCode.UNAVAILABLE
         assert reason != "OUTCOME_UNKNOWN"
-    finally:
-        process.stop()
     assert "does not answer: UNAUTHENTICATED" in log_path.read_text()
 
 
