@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from ledger_cluster import config as cluster_config
 from ledger_cluster.dev_certificates import DevelopmentCertificates
@@ -207,16 +208,25 @@ def start_tls_standalone(
     return StandaloneServer(process, port, metrics_port, base / "data", config_path, http_port)
 
 
-def rpc_count(server: StandaloneServer, method: str) -> int:
-    """Calls of `method` the server has answered, from its own metrics."""
-    url = f"http://{LOOPBACK_HOST}:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_SECONDS) as response:
+def scrape(address: str) -> dict[str, list[Sample]]:
+    """GET /metrics of one process: every sample, by metric name."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=METRICS_TIMEOUT_SECONDS) as response:
         text = response.read().decode()
-    total = 0.0
+    samples: dict[str, list[Sample]] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "ledger_rpc_requests":
-            continue
         for sample in family.samples:
-            if sample.name.endswith("_total") and sample.labels["method"].rsplit("/", 1)[-1] == method:
-                total += sample.value
-    return int(total)
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def value_of(samples: dict[str, list[Sample]], metric: str, **labels: str) -> float:
+    """The one sample of `metric` whose labels include `labels`."""
+    matching = [sample.value for sample in samples.get(metric, []) if labels.items() <= sample.labels.items()]
+    assert len(matching) == 1, f"{metric}{labels}: {matching}"
+    return matching[0]
+
+
+def rpc_count(server: StandaloneServer, method: str) -> int:
+    """Calls of `method` the server has answered (with any code), from its own metrics."""
+    samples = scrape(f"{LOOPBACK_HOST}:{server.metrics_port}").get("ledger_rpc_requests_total", [])
+    return int(sum(sample.value for sample in samples if sample.labels["method"] == method))

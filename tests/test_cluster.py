@@ -17,7 +17,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -28,8 +27,6 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import status_pb2
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.config import ClusterConfig
@@ -50,7 +47,7 @@ from tests.cluster import (
     running_cluster,
     wait_for_preferred_leaders,
 )
-from tests.processes import LOOPBACK_HOST, POLL_INTERVAL_SECONDS
+from tests.processes import LOOPBACK_HOST, POLL_INTERVAL_SECONDS, scrape, value_of
 
 Stub = ledger_pb2_grpc.LedgerServiceStub
 
@@ -788,24 +785,6 @@ def test_concurrent_batch_calls_to_one_shard_share_log_entries(healthy: Cluster)
     for account_id in accounts:
         expected = sum(item.amount for items in calls for item in items[:-2] if item.account_id == account_id)
         assert get_account(stub, account_id).settled_balance == expected
-
-
-def scrape(address: str) -> dict[str, list[Sample]]:
-    """GET /metrics of one process: every sample, by metric name."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=RPC_TIMEOUT_SECONDS) as response:
-        text = response.read().decode()
-    samples: dict[str, list[Sample]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append(sample)
-    return samples
-
-
-def value_of(samples: dict[str, list[Sample]], metric: str, **labels: str) -> float:
-    """The one sample of `metric` whose labels include `labels`."""
-    matching = [sample.value for sample in samples.get(metric, []) if labels.items() <= sample.labels.items()]
-    assert len(matching) == 1, f"{metric}{labels}: {matching}"
-    return matching[0]
 
 
 def test_every_process_serves_its_metrics(healthy: Cluster) -> None:

@@ -47,16 +47,14 @@ from ledger_cluster.node_protocol import NodeReason
 from ledger_cluster.replica import LEADER_FALLBACK_TIMEOUT_SECONDS
 from ledger_cluster.status import error_details
 from tests.cluster import Cluster, running_cluster
-from tests.processes import POLL_INTERVAL_SECONDS
+from tests.processes import POLL_INTERVAL_SECONDS, scrape, value_of
 from tests.test_cluster import (
     RETRYABLE_CODES,
     RPC_TIMEOUT_SECONDS,
     create_transaction_command,
     get_account,
     new_record,
-    scrape,
     send_until_answered,
-    value_of,
 )
 
 Value = TypeVar("Value")

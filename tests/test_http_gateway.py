@@ -9,9 +9,8 @@ import httpx
 
 from ledger_cluster.api.v1 import ledger_pb2
 from ledger_cluster.localcluster.cluster import gateway_command
-from ledger_cluster.replica import RAFT_PASSWORD_ENVIRONMENT_VARIABLE
 from tests.cluster import running_cluster
-from tests.processes import LOOPBACK_HOST, clean_environment, free_ports, start_process, wait_until_serving
+from tests.processes import LOOPBACK_HOST, free_ports, managed_process, wait_until_serving
 
 CLIENT_TIMEOUT_SECONDS = 10.0
 
@@ -20,12 +19,10 @@ def test_gateway_serves_http(tmp_path: Path) -> None:
     with running_cluster(tmp_path / "cluster", shards=2) as cluster:
         port, metrics_port, http_port = free_ports(3)
         command = [*gateway_command(port, metrics_port, cluster.config_path), "--http-port", str(http_port)]
-        environment = {**clean_environment(), **cluster.environment()}
-        del environment[RAFT_PASSWORD_ENVIRONMENT_VARIABLE]
-        gateway = start_process(
-            "ledger-gateway (HTTP)", command, tmp_path / "http-gateway.log", env=environment
-        )
-        try:
+        log_path = tmp_path / "http-gateway.log"
+        with managed_process(
+            "ledger-gateway (HTTP)", command, log_path, env=cluster.gateway_environment()
+        ) as gateway:
             wait_until_serving(gateway, f"{LOOPBACK_HOST}:{port}")
             with httpx.Client(
                 base_url=f"http://{LOOPBACK_HOST}:{http_port}", timeout=CLIENT_TIMEOUT_SECONDS
@@ -36,8 +33,6 @@ def test_gateway_serves_http(tmp_path: Path) -> None:
                 path = f"/v1/accounts/{account_id}/transactions"
                 top_up = client.post(path, json={"amount": 25, "settled": True})
                 assert top_up.status_code == 200, top_up.text
-        finally:
-            gateway.stop()
         # Read through the cluster's own gateway, over gRPC: the write is in the shards.
         account = (
             cluster.ledger_stub()

@@ -394,10 +394,15 @@ class Cluster:
         if self.gateway is not None and self.gateway.is_running():
             raise LocalClusterError("the gateway is already running")
         command = gateway_command(self.gateway_port, self.gateway_metrics_port, self.config_path)
-        env = {**clean_environment(), **self.environment()}
-        del env[RAFT_PASSWORD_ENVIRONMENT_VARIABLE]  # the gateway speaks no Raft
+        env = self.gateway_environment()
         self.gateway = start_process("ledger-gateway", command, self.gateway_log_path, env=env)
         return self.gateway
+
+    def gateway_environment(self) -> dict[str, str]:
+        """What a gateway of this cluster runs with: its secrets, but not the Raft password."""
+        env = {**clean_environment(), **self.environment()}
+        del env[RAFT_PASSWORD_ENVIRONMENT_VARIABLE]  # the gateway speaks no Raft
+        return env
 
     def stop_all(self) -> None:
         """The gateway first (so it stops calling the nodes), then every node at once."""
