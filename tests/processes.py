@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +66,7 @@ __all__ = [
     "standalone_server",
     "start_process",
     "start_standalone",
-    "start_tls_standalone",
+    "tls_standalone_server",
     "wait_until_serving",
     "write_generated_config",
 ]
@@ -131,16 +131,26 @@ class StandaloneServer:
 
 
 def start_standalone(
-    data_dir: Path, config_path: Path, log_path: Path, port: int | None = None, http_port: int | None = None
+    data_dir: Path,
+    config_path: Path,
+    log_path: Path,
+    port: int | None = None,
+    http_port: int | None = None,
+    *,
+    extra_arguments: Sequence[str] = (),
+    environment: dict[str, str] | None = None,
+    credentials: ClientCredentials | None = None,
 ) -> StandaloneServer:
     """Start ledger-standalone and wait until it is SERVING; the caller must stop it (prefer
-    `standalone_server`). A server that does not become ready is stopped before failing."""
+    `standalone_server`). A server that does not become ready is stopped before failing.
+    `credentials` are what its health check presents (plaintext without)."""
     chosen_port = free_port() if port is None else port
     metrics_port = free_port()
     command = standalone_command(chosen_port, data_dir, config_path, metrics_port, http_port)
-    process = start_process(f"ledger-standalone :{chosen_port}", command, log_path)
+    command += extra_arguments
+    process = start_process(f"ledger-standalone :{chosen_port}", command, log_path, env=environment)
     try:
-        wait_until_serving(process, f"{LOOPBACK_HOST}:{chosen_port}")
+        wait_until_serving(process, f"{LOOPBACK_HOST}:{chosen_port}", credentials=credentials)
     except BaseException:
         process.stop()
         raise
@@ -156,10 +166,27 @@ def start_standalone(
 
 @contextmanager
 def standalone_server(
-    data_dir: Path, config_path: Path, log_path: Path, port: int | None = None, http_port: int | None = None
+    data_dir: Path,
+    config_path: Path,
+    log_path: Path,
+    port: int | None = None,
+    http_port: int | None = None,
+    *,
+    extra_arguments: Sequence[str] = (),
+    environment: dict[str, str] | None = None,
+    credentials: ClientCredentials | None = None,
 ) -> Iterator[StandaloneServer]:
     """A SERVING ledger-standalone for the duration of the block, stopped however it ends."""
-    server = start_standalone(data_dir, config_path, log_path, port=port, http_port=http_port)
+    server = start_standalone(
+        data_dir,
+        config_path,
+        log_path,
+        port=port,
+        http_port=http_port,
+        extra_arguments=extra_arguments,
+        environment=environment,
+        credentials=credentials,
+    )
     try:
         yield server
     finally:
@@ -176,36 +203,40 @@ def development_tls(certificates: DevelopmentCertificates, with_certificate: boo
     )
 
 
-def start_tls_standalone(
+@contextmanager
+def tls_standalone_server(
     base: Path,
     certificates: DevelopmentCertificates,
     client_tokens: str,
     *,
     client_ca: bool = False,
     http_port: int | None = None,
-) -> StandaloneServer:
-    """A ledger-standalone under `base` serving TLS (the development certificate) and asking for
-    one of `client_tokens` (LEDGER_CLIENT_TOKENS), on its gRPC port and on `http_port` if given;
-    with `client_ca`, clients must also present a certificate of the development CA. SERVING
-    when this returns; the caller stops it."""
+) -> Iterator[StandaloneServer]:
+    """A SERVING ledger-standalone under `base` for the duration of the block, serving TLS (the
+    development certificate) and asking for one of `client_tokens` (LEDGER_CLIENT_TOKENS), on
+    its gRPC port and on `http_port` if given; with `client_ca`, clients must also present a
+    certificate of the development CA. Stopped however the block ends."""
     config_path = write_generated_config(base / "cluster_config.json", 3, 2, 3)
-    port, metrics_port = free_port(), free_port()
-    command = standalone_command(port, base / "data", config_path, metrics_port, http_port)
-    command += ["--tls-cert", str(certificates.certificate_path), "--tls-key", str(certificates.key_path)]
+    tls_arguments = [
+        "--tls-cert",
+        str(certificates.certificate_path),
+        "--tls-key",
+        str(certificates.key_path),
+    ]
     if client_ca:
-        command += ["--tls-client-ca", str(certificates.ca_path)]
-    environment = {**clean_environment(), "LEDGER_CLIENT_TOKENS": client_tokens}
-    process = start_process("ledger-standalone (TLS)", command, base / "server.log", env=environment)
-    try:
-        # A server given a client CA asks for a client certificate even for health checks.
-        identity = development_tls(certificates, with_certificate=client_ca)
-        wait_until_serving(
-            process, f"{LOOPBACK_HOST}:{port}", credentials=ClientCredentials(token=None, tls=identity)
-        )
-    except BaseException:
-        process.stop()
-        raise
-    return StandaloneServer(process, port, metrics_port, base / "data", config_path, http_port)
+        tls_arguments += ["--tls-client-ca", str(certificates.ca_path)]
+    # A server given a client CA asks for a client certificate even for health checks.
+    identity = development_tls(certificates, with_certificate=client_ca)
+    with standalone_server(
+        base / "data",
+        config_path,
+        base / "server.log",
+        http_port=http_port,
+        extra_arguments=tls_arguments,
+        environment={**clean_environment(), "LEDGER_CLIENT_TOKENS": client_tokens},
+        credentials=ClientCredentials(token=None, tls=identity),
+    ) as server:
+        yield server
 
 
 def scrape(address: str) -> dict[str, list[Sample]]:

@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ledger_cluster.dev_certificates import DevelopmentCertificates, write_development_certificates
+from ledger_cluster.dev_certificates import DevelopmentCertificates
 from tests.processes import (
     LOOPBACK_HOST,
     free_port,
-    start_tls_standalone,
+    tls_standalone_server,
 )
 
 CLIENT_TOKEN = "client-token-for-the-http-tests-00000001"
@@ -23,21 +23,13 @@ OTHER_TOKEN = "client-token-nobody-was-ever-given-00002"
 CLIENT_TIMEOUT_SECONDS = 10.0
 
 
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> DevelopmentCertificates:
-    return write_development_certificates(tmp_path_factory.mktemp("certificates"))
-
-
 @contextmanager
 def https_server(base: Path, certificates: DevelopmentCertificates, client_ca: bool) -> Iterator[str]:
     """A ledger-standalone with TLS and client tokens on both ports; yields the HTTPS URL."""
-    server = start_tls_standalone(
+    with tls_standalone_server(
         base, certificates, CLIENT_TOKEN, client_ca=client_ca, http_port=free_port()
-    )
-    try:
+    ) as server:
         yield f"https://{LOOPBACK_HOST}:{server.http_port}"
-    finally:
-        server.process.stop()
 
 
 @pytest.fixture(scope="module")

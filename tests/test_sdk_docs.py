@@ -3,7 +3,6 @@ address is in LEDGER_ADDRESS."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import REPO_CONFIG_PATH, REPO_ROOT, StandaloneServer, standalone_server
+from tests.processes import (
+    REPO_CONFIG_PATH,
+    REPO_ROOT,
+    StandaloneServer,
+    clean_environment,
+    standalone_server,
+)
 
 SDK_DOC_PATH = REPO_ROOT / "docs" / "sdk.md"
 EXAMPLE_PATTERN = re.compile(r"```python\n(.*?)```", re.DOTALL)
@@ -38,7 +43,7 @@ def test_the_examples_are_all_found() -> None:
 def test_the_example_runs(example: str, server: StandaloneServer, tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(example)
-    environment = {**os.environ, "LEDGER_ADDRESS": server.address, "PYTHONPATH": str(REPO_ROOT)}
+    environment = {**clean_environment(), "LEDGER_ADDRESS": server.address, "PYTHONPATH": str(REPO_ROOT)}
     finished = subprocess.run(
         [sys.executable, str(script)],
         capture_output=True,

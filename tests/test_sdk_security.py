@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ledger_cluster.dev_certificates import DevelopmentCertificates, write_development_certificates
+from ledger_cluster.dev_certificates import DevelopmentCertificates
 from ledger_cluster.errors import ConfigError
 from ledger_cluster.sdk import AsyncLedgerClient, LedgerClient, UnauthenticatedError
 from ledger_cluster.security import (
@@ -15,7 +15,7 @@ from ledger_cluster.security import (
     CLIENT_TOKEN_ENVIRONMENT_VARIABLE,
 )
 from tests.processes import (
-    start_tls_standalone,
+    tls_standalone_server,
 )
 
 CLIENT_TOKEN = "client-token-for-the-sdk-tests-000000001"
@@ -25,19 +25,11 @@ REFUSAL_DEADLINE_SECONDS = 5.0
 
 
 @pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> DevelopmentCertificates:
-    return write_development_certificates(tmp_path_factory.mktemp("certificates"))
-
-
-@pytest.fixture(scope="module")
 def tls_server(
     tmp_path_factory: pytest.TempPathFactory, certificates: DevelopmentCertificates
 ) -> Iterator[str]:
-    server = start_tls_standalone(tmp_path_factory.mktemp("sdk-tls"), certificates, CLIENT_TOKEN)
-    try:
+    with tls_standalone_server(tmp_path_factory.mktemp("sdk-tls"), certificates, CLIENT_TOKEN) as server:
         yield server.address
-    finally:
-        server.process.stop()
 
 
 def test_the_sync_client_presents_tls_roots_from_a_path_and_a_token(

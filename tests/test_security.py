@@ -27,7 +27,7 @@ from ledger_cluster import config as cluster_config
 from ledger_cluster.api.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_cluster.core import commands
 from ledger_cluster.core.records import TransactionRecord
-from ledger_cluster.dev_certificates import DevelopmentCertificates, write_development_certificates
+from ledger_cluster.dev_certificates import DevelopmentCertificates
 from ledger_cluster.errors import ConfigError
 from ledger_cluster.internal.v1 import core_pb2, node_pb2, node_pb2_grpc
 from ledger_cluster.limits import (
@@ -57,7 +57,7 @@ from tests.processes import (
     REPO_ROOT,
     development_tls,
     standalone_command,
-    start_tls_standalone,
+    tls_standalone_server,
     write_generated_config,
 )
 
@@ -75,11 +75,6 @@ UINT64_MAX = 2**64 - 1
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with started_cluster(new_cluster(tmp_path_factory.mktemp("cluster"), shards=2)) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> DevelopmentCertificates:
-    return write_development_certificates(tmp_path_factory.mktemp("certificates"))
 
 
 def node_stub(
@@ -390,11 +385,8 @@ def test_the_gateway_refuses_a_token_on_its_command_line() -> None:
 
 @pytest.fixture
 def public_server(tmp_path: Path, certificates: DevelopmentCertificates) -> Iterator[str]:
-    server = start_tls_standalone(tmp_path, certificates, f"{OTHER_TOKEN.upper()},{CLIENT_TOKEN}")
-    try:
+    with tls_standalone_server(tmp_path, certificates, f"{OTHER_TOKEN.upper()},{CLIENT_TOKEN}") as server:
         yield server.address
-    finally:
-        server.process.stop()
 
 
 def ledger_call(address: str, credentials: ClientCredentials) -> ledger_pb2.CreateAccountResponse:
@@ -475,18 +467,14 @@ def test_ledger_dev_reaches_a_tls_gateway_with_a_token(
 def test_the_public_port_with_a_client_ca_requires_a_client_certificate(
     tmp_path: Path, certificates: DevelopmentCertificates
 ) -> None:
-    server = start_tls_standalone(tmp_path, certificates, CLIENT_TOKEN, client_ca=True)
-    address = server.address
-    try:
+    with tls_standalone_server(tmp_path, certificates, CLIENT_TOKEN, client_ca=True) as server:
         roots_only = ClientCredentials(token=CLIENT_TOKEN, tls=development_tls(certificates, False))
-        code, _ = code_and_reason(lambda: ledger_call(address, roots_only))
+        code, _ = code_and_reason(lambda: ledger_call(server.address, roots_only))
         assert code == grpc.StatusCode.UNAVAILABLE
         answer = ledger_call(
-            address, ClientCredentials(token=CLIENT_TOKEN, tls=development_tls(certificates))
+            server.address, ClientCredentials(token=CLIENT_TOKEN, tls=development_tls(certificates))
         )
         assert answer.account.id
-    finally:
-        server.process.stop()
 
 
 def test_tokens_travel_in_the_clear_only_to_loopback() -> None:

@@ -21,6 +21,8 @@ from tests.processes import StandaloneServer, standalone_server, write_generated
 RPC_TIMEOUT_SECONDS = 10.0
 EXPIRY_WAIT_SECONDS = 15.0
 POLL_SECONDS = 0.05
+# New accounts tried before giving up on finding one on (or off) a given shard.
+SHARD_SEARCH_TRIES_MAX = 200
 Stub = ledger_pb2_grpc.LedgerServiceStub
 T = ledger_pb2
 
@@ -54,16 +56,22 @@ def new_account(stub: Stub, balance: int = 0, **fields: Any) -> str:
     return str(account.id)
 
 
+def account_beside(server: StandaloneServer, stub: Stub, other: str, same_shard: bool, **fields: Any) -> str:
+    """A new empty account on the shard of `other` (`same_shard`), or on another shard."""
+    other_shard = shard_of(server, other)
+    for _ in range(SHARD_SEARCH_TRIES_MAX):
+        candidate = new_account(stub, 0, **fields)
+        if (shard_of(server, candidate) == other_shard) == same_shard:
+            return candidate
+    raise AssertionError(f"no account on the wanted shard within {SHARD_SEARCH_TRIES_MAX} tries")
+
+
 def pair(
     server: StandaloneServer, stub: Stub, same_shard: bool, balance: int = 100, **fields: Any
 ) -> tuple[str, str]:
     """A funded debit account and a credit account, on one shard or on two."""
     debit = new_account(stub, balance, **fields)
-    for _ in range(200):
-        credit = new_account(stub, 0, **fields)
-        if (shard_of(server, debit) == shard_of(server, credit)) == same_shard:
-            return debit, credit
-    raise AssertionError("no account on the wanted shard within 200 tries")
+    return debit, account_beside(server, stub, debit, same_shard, **fields)
 
 
 def account(stub: Stub, account_id: str) -> T.Account:
@@ -288,9 +296,7 @@ def test_accounts_of_one_currency_transfer_and_of_two_do_not(
     done = transfer(stub, debit, credit, 30, settled=True)
     assert done.status == T.TRANSFER_STATUS_SETTLED
     assert balances(stub, debit) == (70, 70) and balances(stub, credit) == (30, 30)
-    dollars = new_account(stub, 0, currency="USD")
-    while (shard_of(server, dollars) == shard_of(server, debit)) != same_shard:
-        dollars = new_account(stub, 0, currency="USD")
+    dollars = account_beside(server, stub, debit, same_shard, currency="USD")
     code, reason, _ = refusal(lambda: transfer(stub, debit, dollars, 1))
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CURRENCY_MISMATCH")
     assert balances(stub, debit) == (70, 70) and balances(stub, dollars) == (0, 0)
