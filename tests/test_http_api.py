@@ -5,7 +5,6 @@ and the same answer as gRPC for the same bad request."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -278,10 +277,3 @@ def test_every_grpc_code_has_an_http_status() -> None:
     assert set(HTTP_STATUS_BY_CODE) == set(grpc.StatusCode)
     assert HTTP_STATUS_BY_CODE[grpc.StatusCode.FAILED_PRECONDITION] == 400
     assert HTTP_STATUS_BY_CODE[grpc.StatusCode.UNAVAILABLE] == 503
-
-
-def test_http_port_is_off_unless_given(tmp_path: Path) -> None:
-    config_path = write_generated_config(tmp_path / "cluster_config.json", 3, 2, 3)
-    with standalone_server(tmp_path / "data", config_path, tmp_path / "server.log") as running:
-        assert running.http_port is None
-        assert "HTTP API" not in running.process.log_path.read_text()

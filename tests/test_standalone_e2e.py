@@ -119,6 +119,11 @@ def stub(server: StandaloneServer) -> Iterator[Stub]:
         yield ledger_pb2_grpc.LedgerServiceStub(channel)
 
 
+def test_http_port_is_off_unless_given(server: StandaloneServer) -> None:
+    assert server.http_port is None
+    assert "HTTP API" not in server.process.log_path.read_text()
+
+
 # -- helpers --------------------------------------------------------------------------------------
 
 
