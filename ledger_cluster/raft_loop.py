@@ -49,7 +49,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn
 
@@ -295,7 +295,8 @@ class RaftLoop:
             for shard_id in due:
                 self._tick(shard_id)
             self._guarded(self._flush_links)
-            self._syncs_running = self._begin_syncs()  # this turn's appends, while they travel
+            # This turn's appends, while they travel.
+            self._syncs_running = [self._sync_pool.submit(self._synced, sync) for sync in self._begin_syncs()]
 
     def _guarded(self, step: Callable[..., None], *arguments: Any) -> None:
         """One step of a loop turn. The loop must outlive any one connection's trouble (a full
@@ -321,19 +322,17 @@ class RaftLoop:
         for future in self._syncs_running:
             future.result()
         self._syncs_running = []
-        pending = [self._begin_sync(group) for group in self._groups.values() if group.needs_sync()]
+        pending = list(self._begin_syncs())
         if len(pending) == 1:
             self._synced(pending[0])  # no thread hop for the usual case of one
         else:
             for future in [self._sync_pool.submit(self._synced, sync) for sync in pending]:
                 future.result()
 
-    def _begin_syncs(self) -> list[Future[None]]:
-        return [
-            self._sync_pool.submit(self._synced, self._begin_sync(group))
-            for group in self._groups.values()
-            if group.needs_sync()
-        ]
+    def _begin_syncs(self) -> Iterator[Callable[[], None]]:
+        """Each group with unsynced journal changes begins its sync; each call yielded finishes
+        one. Lazily, so a caller can hand one to the pool before the next group begins."""
+        return (self._begin_sync(group) for group in self._groups.values() if group.needs_sync())
 
     def _begin_sync(self, group: _Group) -> Callable[[], None]:
         try:

@@ -39,9 +39,8 @@ def end_of_records(path: Path) -> int:
 @contextmanager
 def opened(path: Path, durability: Durability = Durability.POWER_LOSS) -> Iterator[AtomicTrimJournal]:
     """The journal at `path`, closed (its files kept) however the block ends."""
-    journal = AtomicTrimJournal(str(path))
+    journal = AtomicTrimJournal(str(path), durability)
     try:
-        journal.durability = durability
         yield journal
     finally:
         journal._destroy()

@@ -221,6 +221,8 @@ class Cluster:
     gateway_metrics_port: int
     gateway_log_path: Path
     gateway: ManagedProcess | None = None
+    # Arguments every node starts with besides its own (`--durability process-crash`, say).
+    node_arguments: tuple[str, ...] = ()
     # Every NodeService call of this cluster carries it: its own, so no other cluster's
     # process (nor a developer's .env) can call this one's nodes.
     cluster_token: str = field(default_factory=lambda: secrets.token_hex(CLUSTER_TOKEN_BYTES), repr=False)
@@ -320,6 +322,7 @@ class Cluster:
             raise LocalClusterError(f"{node_id} is already running")
         env = {**clean_environment(), **self.environment()}
         command = node_command(node_id, self.config_path, node.data_dir, self.log_compaction_min_entries)
+        command += self.node_arguments
         node.process = start_process(f"ledger-node {node_id}", command, node.log_path, env=env)
         node.down_on_purpose = False
         return node.process
@@ -606,6 +609,7 @@ def new_cluster(
     log_compaction_min_entries: int | None = None,
     avoided_ports: frozenset[int] = frozenset(),
     distinct_hosts: bool = False,
+    node_arguments: Sequence[str] = (),
 ) -> Cluster:
     """A cluster's config and directories; nothing is started yet."""
     base_dir.mkdir(parents=True, exist_ok=True)
@@ -618,6 +622,7 @@ def new_cluster(
         config=config,
         config_path=config_path,
         log_compaction_min_entries=log_compaction_min_entries,
+        node_arguments=tuple(node_arguments),
         raft_password=raft_password,
         nodes={
             node.node_id: ClusterNode(
